@@ -1,0 +1,3 @@
+"""cts-pipeline: Concrete Ticket Search (CTS-KL) lottery tickets as a Kedro project."""
+
+__version__ = "0.1.0"

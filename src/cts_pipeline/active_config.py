@@ -1,0 +1,44 @@
+"""Which configuration the pipeline registry builds the sweep from.
+
+The grid shapes the DAG, but Kedro calls ``register_pipelines()`` without arguments. The session's
+config loader knows the chosen environment (``--env``) and ``--params`` overrides, so
+:class:`cts_pipeline.context.ProjectContext` hands it over here when it is created (always before a
+run or ``kedro viz`` reads the pipelines). Without a session (a bare ``import``, tests) the
+registry falls back to the project's configuration for ``$KEDRO_ENV``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+_config_loader: Any = None
+
+
+def remember(config_loader: Any) -> None:
+    global _config_loader
+    _config_loader = config_loader
+
+
+def forget() -> None:
+    global _config_loader
+    _config_loader = None
+
+
+def parameters() -> dict[str, Any]:
+    """The raw parameters (environment merged over base, runtime overrides applied)."""
+    loader = _config_loader if _config_loader is not None else _project_config_loader()
+    return dict(loader["parameters"])
+
+
+def _project_config_loader() -> Any:
+    from kedro.framework.project import settings
+    from kedro.utils import find_kedro_project
+
+    project = find_kedro_project(Path.cwd()) or Path(__file__).resolve().parents[2]
+    return settings.CONFIG_LOADER_CLASS(
+        conf_source=str(Path(project) / settings.CONF_SOURCE),
+        env=os.getenv("KEDRO_ENV"),
+        **settings.CONFIG_LOADER_ARGS,
+    )

@@ -1,0 +1,163 @@
+"""Typed parameter sections and the checks a run makes before any training.
+
+Kedro turns each ``params:<section>`` node input annotated with one of these dataclasses (or with
+:class:`~cts_pipeline.core.training.TrainRecipe` / :class:`~cts_pipeline.core.cts.SearchConfig`)
+into an instance when it builds the catalog, so a wrong value in one section fails at once with
+the section's name. :func:`validate_run` then checks what needs several sections together
+(a model against its dataset's input, the grid against the model's size, the data on disk).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .core.cts import SearchConfig
+from .core.data import DATASETS, ensure_available, get_dataset_info
+from .core.masks import count_prunable, kept_count
+from .core.models import MODELS, build_model, check_model_fits
+from .core.runtime import resolve_device
+from .core.training import TrainRecipe
+from .grid import GridConfig
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run; the message names every offending parameter."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data`` parameters."""
+
+    name: str
+    root: str = "data/01_raw"
+    download: bool = False
+    train_subset: int | None = None  # keep the first N training samples (tiny presets for tests)
+    test_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise ValueError(f"data.name: unknown dataset {self.name!r}; known: {', '.join(sorted(DATASETS))}")
+        if not isinstance(self.download, bool):
+            raise ValueError(f"data.download must be true or false, got {self.download!r}")
+        for key in ("train_subset", "test_subset"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{key} must be null or a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``model`` parameters: a registry name and that model's options (e.g. ``shortcut: conv3x3``)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ValueError(f"model.name: unknown model {self.name!r}; known: {', '.join(sorted(MODELS))}")
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"model.options must be a mapping, got {self.options!r}")
+        object.__setattr__(self, "options", dict(self.options))
+
+    def build(self, image_shape, num_classes, generator=None):
+        return build_model(self.name, image_shape=tuple(image_shape), num_classes=num_classes,
+                           generator=generator, **self.options)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """``runtime`` parameters: where and how verbosely to run; they never change a result."""
+
+    device: str = "auto"
+    progress: bool = True
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"runtime.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"runtime.num_threads must be null or a positive integer, got {self.num_threads!r}")
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "training": TrainRecipe,
+    "cts": SearchConfig,
+    "grid": GridConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+def typed_sections(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Each known section as its dataclass, whether Kedro already built it or not.
+
+    Collects every section's error instead of stopping at the first, so one run start reports all.
+    """
+    sections, problems = {}, []
+    for key, cls in SECTIONS.items():
+        raw = params.get(key)
+        if raw is None:
+            problems.append(f"{key}: missing from the parameters")
+        elif isinstance(raw, cls):
+            sections[key] = raw
+        elif not isinstance(raw, Mapping):
+            problems.append(f"{key}: expected a mapping of settings, got {raw!r}")
+        else:
+            try:
+                sections[key] = cls(**raw)
+            except TypeError as exc:  # unknown or missing keys
+                problems.append(f"{key}: {exc}".replace(f"{cls.__name__}.__init__()", "it"))
+            except ValueError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ConfigError("invalid parameters:\n- " + "\n- ".join(problems))
+    return sections
+
+
+def validate_run(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the whole configuration before any training; return the typed sections.
+
+    Raises :class:`ConfigError` listing every problem, each naming its parameter.
+    """
+    sections = typed_sections(params)
+    data, model, grid, runtime = sections["data"], sections["model"], sections["grid"], sections["runtime"]
+    problems = []
+    info = get_dataset_info(data.name)
+    try:
+        check_model_fits(model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options)
+    except ValueError as exc:
+        problems.append(f"{exc} (data.name = {data.name!r})")
+    else:
+        with torch.device("meta"):  # shapes only: no weight is allocated or initialised
+            prunable = count_prunable(MODELS[model.name](
+                image_shape=info.image_shape, num_classes=info.num_classes, **model.options))
+        for sparsity in grid.sparsities:
+            try:
+                kept_count(1.0 - sparsity, prunable)
+            except ValueError as exc:
+                problems.append(f"grid.sparsities: {sparsity}: {exc}")
+    try:
+        resolve_device(runtime.device)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if not data.download:
+        try:
+            ensure_available(data.name, data.root, download=False)
+        except FileNotFoundError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("invalid configuration:\n- " + "\n- ".join(problems))
+    return sections
+
+
+def as_plain_dict(section: Any) -> dict:
+    """A section as plain values (for MLflow and reports)."""
+    if hasattr(section, "as_dict"):
+        return section.as_dict()
+    return asdict(section)

@@ -1,0 +1,372 @@
+"""Concrete Ticket Search (Arora & Teuscher, arXiv:2512.07142): learn which weights of ``θ_k`` to keep.
+
+One real logit ``s_i`` per prunable weight, initialised to ``logit(κ)``. Each step draws one
+uniform ``u`` per weight (shared by the whole mini-batch), forms the Binary Concrete soft mask
+``m̃ = σ(s + L/τ)`` with ``L = log u − log(1 − u)`` and the fixed temperature ``τ = 2/3``, and runs
+the frozen network with weights ``θ_k ⊙ m̃``. The objective compares that network with the same
+weights unmasked (the "dense teacher"); both forwards normalise with the batch's statistics.
+GradBalance keeps the expected kept count ``Σσ(s)`` near a budget of ``1.1·κ·d`` without a tuned
+penalty, and the mask is the global top ``round(κ·d)`` logits at the end.
+
+The constants below are the method's, not knobs: see ``docs/method.md`` of the shared notes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .data import Split, iterate_batches
+from .masks import prunable_parameters, unflatten
+from .runtime import generator
+from .training import TrainRecipe, check_finite
+
+logger = logging.getLogger(__name__)
+
+TEMPERATURE = 2.0 / 3.0  # fixed: no annealing, no straight-through, no hard-concrete stretch
+BUDGET_SLACK = 1.1  # GradBalance budget D = 1.1·κ·d on the expected kept count
+MULTIPLIER_EMA = 0.01  # rate of the moving average of the GradBalance multiplier
+CONSTRAINT_SCALE = 100.0  # c = 100·(Σσ(s)/D − 1)
+LR_DROP_AT = 0.88  # Adam's rate is multiplied by 0.1 once, at 88 % of the search steps
+LR_DROP_FACTOR = 0.1
+LAGRANGE_LR_RATIO = 0.01  # the Lagrangian ablation's multiplier rate, relative to the mask rate
+SHORT_SEARCH_FRACTION = 1 / 8  # `short` search: one eighth of the training epochs (160 -> 20)
+NOISE_EPS = 1e-10  # keeps log u finite; torch.rand never returns 1, so only the floor matters
+
+SEARCH_LENGTHS = ("long", "short")
+SEARCH_STARTS = ("rewind", "init")
+BALANCERS = ("gradbalance", "lagrangian")
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives: functions of (masked logits, dense-teacher logits, labels) -> scalar to minimise.
+
+
+def reverse_kl(sparse_logits: torch.Tensor, dense_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``KL(p_sparse ‖ p_dense)``, mean over the batch, softmax temperature 1 (CTS-KL)."""
+    log_p_sparse = F.log_softmax(sparse_logits.float(), dim=1)
+    log_p_dense = F.log_softmax(dense_logits.float(), dim=1)
+    return (log_p_sparse.exp() * (log_p_sparse - log_p_dense)).sum(dim=1).mean()
+
+
+def forward_kl(sparse_logits: torch.Tensor, dense_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``KL(p_dense ‖ p_sparse)``, mean over the batch."""
+    log_p_sparse = F.log_softmax(sparse_logits.float(), dim=1)
+    log_p_dense = F.log_softmax(dense_logits.float(), dim=1)
+    return (log_p_dense.exp() * (log_p_dense - log_p_sparse)).sum(dim=1).mean()
+
+
+def cross_entropy(sparse_logits: torch.Tensor, dense_logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the masked network on the labels (CTS-CE); needs no teacher."""
+    return F.cross_entropy(sparse_logits.float(), labels)
+
+
+def loss_ratio(sparse_logits: torch.Tensor, dense_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``|CE_sparse / CE_dense − 1|``: keep the masked network's loss where the dense one's is."""
+    dense = F.cross_entropy(dense_logits.float(), labels)
+    return (F.cross_entropy(sparse_logits.float(), labels) / dense - 1).abs()
+
+
+@dataclass(frozen=True)
+class Objective:
+    fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+    needs_teacher: bool
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "kl": Objective(reverse_kl, needs_teacher=True),
+    "fkl": Objective(forward_kl, needs_teacher=True),
+    "ce": Objective(cross_entropy, needs_teacher=False),
+    "dloss": Objective(loss_ratio, needs_teacher=True),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a CTS search runs (``cts`` parameters). Constants of the method are module constants."""
+
+    objective: str = "kl"
+    search_length: str = "long"
+    epochs: int | None = None
+    balance: str = "gradbalance"
+    lr: float | None = None
+    search_at: str = "rewind"
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"cts.objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+        if self.search_length not in SEARCH_LENGTHS:
+            raise ValueError(f"cts.search_length must be one of {SEARCH_LENGTHS}, got {self.search_length!r}")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ValueError(f"cts.epochs must be null or a positive integer, got {self.epochs!r}")
+        if self.balance not in BALANCERS:
+            raise ValueError(f"cts.balance must be one of {BALANCERS}, got {self.balance!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"cts.lr must be null (the training rate) or positive, got {self.lr!r}")
+        if self.search_at not in SEARCH_STARTS:
+            raise ValueError(f"cts.search_at must be one of {SEARCH_STARTS}, got {self.search_at!r}")
+
+    def search_epochs(self, training_epochs: int) -> int:
+        """``long`` = the training length, ``short`` = one eighth of it (rounded up); ``epochs`` overrides."""
+        if self.epochs is not None:
+            return self.epochs
+        if self.search_length == "short":
+            return max(1, math.ceil(training_epochs * SHORT_SEARCH_FRACTION))
+        return training_epochs
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsity control: turn the objective's gradient into the gradient handed to Adam.
+
+
+class GradBalance:
+    """Scale the budget constraint's gradient to the objective's, smoothed over steps.
+
+    ``c = 100·(Σσ(s)/D − 1)`` with ``D = 1.1·κ·d``; ``g_sp = (100/D)·σ(s)(1 − σ(s))``;
+    ``λ* = ‖g_task‖/‖g_sp‖`` when over budget (``c > 0``), else 0; ``λ`` is a moving average of
+    ``λ*`` at rate 0.01 started at the first ``λ*``; Adam receives ``g_task + λ·g_sp``.
+    Everything stays on the device: no host sync per step.
+    """
+
+    def __init__(self, density: float, num_weights: int):
+        self.budget = BUDGET_SLACK * density * num_weights
+        self.multiplier: torch.Tensor | None = None
+
+    def combine(self, logits: torch.Tensor, task_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the gradient for the optimizer and the current expected kept count ``Σσ(s)``."""
+        keep_prob = torch.sigmoid(logits)
+        expected = keep_prob.sum()
+        over_budget = CONSTRAINT_SCALE * (expected / self.budget - 1) > 0
+        constraint_grad = (CONSTRAINT_SCALE / self.budget) * keep_prob * (1 - keep_prob)
+        ratio = task_grad.norm() / constraint_grad.norm().clamp_min(1e-12)
+        target = torch.where(over_budget, ratio, torch.zeros_like(ratio))
+        if self.multiplier is None:
+            self.multiplier = target
+        else:
+            self.multiplier = self.multiplier + MULTIPLIER_EMA * (target - self.multiplier)
+        return task_grad + self.multiplier * constraint_grad, expected
+
+    def drop_lr(self, factor: float) -> None:
+        """GradBalance has no rate of its own."""
+
+
+class Lagrangian:
+    """Ablation: minimise ``R + λ·c_eq`` with ``c_eq = 100·(Σσ(s)/(κ·d) − 1)`` (no slack).
+
+    ``λ`` starts at 0, may take any sign, and climbs ``c_eq`` by plain gradient ascent at 0.01 × the
+    mask rate, dropped with the same schedule.
+    """
+
+    def __init__(self, density: float, num_weights: int, mask_lr: float):
+        self.budget = density * num_weights
+        self.lr = LAGRANGE_LR_RATIO * mask_lr
+        self.multiplier: torch.Tensor | None = None
+
+    def combine(self, logits: torch.Tensor, task_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep_prob = torch.sigmoid(logits)
+        expected = keep_prob.sum()
+        if self.multiplier is None:
+            self.multiplier = torch.zeros((), device=logits.device)
+        constraint = CONSTRAINT_SCALE * (expected / self.budget - 1)
+        grad = task_grad + self.multiplier * (CONSTRAINT_SCALE / self.budget) * keep_prob * (1 - keep_prob)
+        self.multiplier = self.multiplier + self.lr * constraint  # ∂(R + λc)/∂λ = c: ascent
+        return grad, expected
+
+    def drop_lr(self, factor: float) -> None:
+        self.lr *= factor
+
+
+def make_balancer(name: str, density: float, num_weights: int, mask_lr: float) -> GradBalance | Lagrangian:
+    if name == "gradbalance":
+        return GradBalance(density, num_weights)
+    if name == "lagrangian":
+        return Lagrangian(density, num_weights, mask_lr)
+    raise ValueError(f"cts.balance must be one of {BALANCERS}, got {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The relaxation
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def concrete_noise(num: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``L = log u − log(1 − u)`` with ``u ~ U(0, 1)``: standard logistic noise, one value per weight."""
+    u = torch.rand(num, generator=generator, device=device).clamp_(min=NOISE_EPS)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def soft_mask(logits: torch.Tensor, noise: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """Binary Concrete sample ``σ(s + L/τ)``."""
+    return torch.sigmoid(logits + noise / temperature)
+
+
+class ConcreteMask:
+    """One flat logit buffer over every prunable weight, with per-layer views of the masked weights.
+
+    ``θ_k`` is copied once into a flat frozen buffer, so a step computes ``θ ⊙ m̃`` in one
+    elementwise product and hands the network views of it (no per-layer copies).
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], density: float):
+        self.shapes = {name: w.shape for name, w in weights.items()}
+        self.theta = torch.cat([w.detach().reshape(-1) for w in weights.values()])
+        self.logits = torch.full_like(self.theta, logit(density), requires_grad=True)
+
+    @property
+    def num_weights(self) -> int:
+        return self.theta.numel()
+
+    def masked_weights(self, soft: torch.Tensor) -> dict[str, torch.Tensor]:
+        return unflatten(self.theta * soft, self.shapes)
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The learned logits per layer (on the CPU): rank them to get the mask."""
+        return {n: t.clone() for n, t in unflatten(self.logits.detach().cpu(), self.shapes).items()}
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Normalise every BatchNorm layer with the current batch's statistics.
+
+    Running statistics are detached for the duration, so they are neither used nor updated; the
+    model is in eval mode otherwise (the search trains no weight and no BatchNorm parameter).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.running_mean, m.running_var) for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.running_mean = None
+        m.running_var = None
+    try:
+        yield
+    finally:
+        for m, (mean, var) in zip(norms, saved, strict=True):
+            m.running_mean = mean
+            m.running_var = var
+        model.train(was_training)
+
+
+@dataclass
+class SearchResult:
+    scores: dict[str, torch.Tensor]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+    budget: float = 0.0
+    peak_expected_over_budget: float = 0.0
+    final_expected_over_budget: float = 0.0
+
+
+def concrete_search(
+    model: nn.Module,
+    train_split: Split,
+    *,
+    density: float,
+    config: SearchConfig,
+    recipe: TrainRecipe,
+    seed: int,
+    stage: str = "search",
+    progress: bool = True,
+) -> SearchResult:
+    """Learn mask logits for ``model``'s current weights (``θ_k``), which stay frozen.
+
+    ``model`` and ``train_split`` must be on the same device. The data are the training split with
+    evaluation transforms (no augmentation), shuffled, at the training batch size. Returns the
+    logits per layer; :func:`cts_pipeline.core.masks.global_topk_mask` turns them into the mask.
+    """
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"density must be in (0, 1), got {density!r}")
+    device = train_split.images.device
+    objective = OBJECTIVES[config.objective]
+    epochs = config.search_epochs(recipe.epochs)
+    lr = config.lr if config.lr is not None else recipe.lr
+    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+    total_steps = epochs * steps_per_epoch
+    drop_step = round(LR_DROP_AT * total_steps)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    relaxation = ConcreteMask(prunable_parameters(model), density)
+    balancer = make_balancer(config.balance, density, relaxation.num_weights, lr)
+    optimizer = torch.optim.Adam([relaxation.logits], lr=lr)
+    noise_generator = generator(device, seed, "concrete-noise")
+    budget = BUDGET_SLACK * density * relaxation.num_weights
+    expected_trace = torch.zeros(total_steps, device=device)
+    result = SearchResult(scores={}, budget=budget)
+    started = time.perf_counter()
+
+    step = 0
+    with batch_statistics(model):
+        for epoch in tqdm(range(epochs), desc=stage, unit="epoch", disable=not progress or None, leave=False):
+            epoch_started = time.perf_counter()
+            step_losses = torch.zeros(steps_per_epoch, device=device)
+            batches = iterate_batches(
+                train_split, recipe.batch_size, shuffle=True,
+                generator=generator(device, seed, "search-order", epoch),
+            )
+            for i, (x, y) in enumerate(batches):
+                if step == drop_step:
+                    for group in optimizer.param_groups:
+                        group["lr"] *= LR_DROP_FACTOR
+                    balancer.drop_lr(LR_DROP_FACTOR)
+                soft = soft_mask(relaxation.logits, concrete_noise(relaxation.num_weights, noise_generator, device))
+                dense_logits = None
+                if objective.needs_teacher:
+                    with torch.no_grad():
+                        dense_logits = model(x)
+                sparse_logits = functional_call(model, relaxation.masked_weights(soft), (x,))
+                loss = objective.fn(sparse_logits, dense_logits, y)
+                (task_grad,) = torch.autograd.grad(loss, relaxation.logits)
+                grad, expected = balancer.combine(relaxation.logits.detach(), task_grad)
+                relaxation.logits.grad = grad
+                optimizer.step()
+                step_losses[i] = loss.detach()
+                expected_trace[step] = expected
+                step += 1
+            check_finite(step_losses, stage=stage, epoch=epoch, epochs=epochs)
+            record = {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                "loss": step_losses.mean().item(),
+                "expected_kept": expected_trace[step - 1].item(),
+                "expected_over_budget": expected_trace[step - 1].item() / budget,
+                "multiplier": float(balancer.multiplier) if balancer.multiplier is not None else 0.0,
+                "seconds": time.perf_counter() - epoch_started,
+            }
+            result.history.append(record)
+            logger.info(
+                "%s epoch %d/%d: %s %.5f, expected kept %.0f = %.3f x budget, multiplier %.3g (%.1f s)",
+                stage, epoch + 1, epochs, config.objective, record["loss"], record["expected_kept"],
+                record["expected_over_budget"], record["multiplier"], record["seconds"],
+            )
+    for p in trainable:
+        p.requires_grad_(True)
+    final_expected = torch.sigmoid(relaxation.logits.detach()).sum().item()
+    result.scores = relaxation.scores()
+    result.seconds = time.perf_counter() - started
+    result.steps = step
+    result.peak_expected_over_budget = max(expected_trace.max().item(), final_expected) / budget
+    result.final_expected_over_budget = final_expected / budget
+    return result

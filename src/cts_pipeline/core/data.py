@@ -1,0 +1,430 @@
+"""Image classification datasets as whole-split tensors, and a batch iterator that stays on device.
+
+Every dataset used here is small enough (at most 60 000 images of 3x32x32 bytes, ~180 MB) to hold
+as one uint8 tensor, so a split lives wholly on the training device and batching, augmentation and
+normalisation are a handful of tensor operations per batch. That avoids ``DataLoader`` workers and
+PIL entirely, which is where small-model training spends most of its time otherwise.
+
+Pixels are kept raw (uint8, ``0..max_value``) until :func:`normalize`, so augmentation pads with
+true black and the stored splits stay four times smaller than float32.
+
+Files follow torchvision's on-disk layout, so a folder torchvision has already downloaded into can
+be pointed at directly with ``data.root``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and the normaliser need to know about a dataset, without loading it."""
+
+    name: str
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, on the [0, 1] scale (pixel / max_value)
+    std: tuple[float, ...]
+    max_value: float  # 255.0 for uint8 image datasets, 16.0 for digits
+    source: str  # "scikit-learn" or "torchvision"
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    # Statistics of the fixed 1437-image train split below (pixel / 16, all pixels, population std).
+    "digits": DatasetInfo("digits", (1, 8, 8), 10, (0.3054,), (0.3761,), 16.0, "scikit-learn"),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), 255.0, "torchvision"),
+    "fashion_mnist": DatasetInfo(
+        "fashion_mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), 255.0, "torchvision"
+    ),
+    # Per-pixel statistics of the CIFAR training sets. The widely copied CIFAR-10 std
+    # (0.2023, 0.1994, 0.2010) is the std of per-image means, not of pixels, and under-scales inputs.
+    "cifar10": DatasetInfo(
+        "cifar10",
+        (3, 32, 32),
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        255.0,
+        "torchvision",
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100",
+        (3, 32, 32),
+        100,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        255.0,
+        "torchvision",
+    ),
+}
+
+_DIGITS_TEST_SIZE = 360
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+# Folder under root (torchvision's naming), the files expected there, and which files make up
+# each split (None for the idx formats, which torchvision reads for us).
+_FILE_LAYOUT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mnist": ("MNIST/raw", _MNIST_FILES),
+    "fashion_mnist": ("FashionMNIST/raw", _MNIST_FILES),
+    "cifar10": (
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
+    ),
+    "cifar100": ("cifar-100-python", ("train", "test", "meta")),
+}
+
+_CIFAR_SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "cifar10": (tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels"),
+    "cifar100": (("train",), ("test",), "fine_labels"),
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not under ``data.root`` and ``data.download`` is off (or failed)."""
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    """Look up a dataset by its ``data.name``."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        known = ", ".join(sorted(DATASETS))
+        raise ValueError(f"unknown dataset {name!r} (data.name); known: {known}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Files on disk
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_root(name: str, root: str | Path | None) -> Path:
+    """Absolute root; relative roots are taken from the cwd, which is the project root under Kedro."""
+    if root is None:
+        raise ValueError(
+            f"dataset {name!r} is read from files, but data.root is not set: point data.root at "
+            "the folder that holds (or should receive) them"
+        )
+    return Path(root).expanduser().resolve()
+
+
+def _expected_files(name: str, root: Path) -> list[Path]:
+    folder, files = _FILE_LAYOUT[name]
+    return [root / folder / f for f in files]
+
+
+def _missing_message(name: str, root: Path, expected: list[Path], missing: list[Path]) -> str:
+    listing = "\n".join(f"  {p}{'  (missing)' if p in missing else ''}" for p in expected)
+    return (
+        f"dataset {name!r} not found under data.root = {root}; expected these files:\n{listing}\n"
+        "Set `data.download: true` to download them, or point `data.root` at a folder that has them."
+    )
+
+
+def ensure_available(name: str, root: str | Path | None, download: bool) -> None:
+    """Make sure ``load_splits`` will find the files, downloading them only if allowed.
+
+    Called at run start to validate configuration, so when the files are present it only checks
+    that they exist; whether they parse is :func:`load_splits`' business.
+    """
+    info = get_dataset_info(name)
+    if info.source == "scikit-learn":
+        return  # bundled with scikit-learn, nothing on disk to look for
+    resolved = _resolve_root(name, root)
+    expected = _expected_files(name, resolved)
+    missing = [p for p in expected if not p.is_file()]
+    if not missing:
+        return
+    if not download:
+        raise DatasetNotFoundError(_missing_message(name, resolved, expected, missing))
+
+    try:
+        resolved.mkdir(parents=True, exist_ok=True)
+        # One call fetches both splits: each dataset is a single download in torchvision.
+        _torchvision_class(name)(str(resolved), train=True, download=True)
+    except Exception as exc:  # network, disk or checksum failures all mean "still not here"
+        raise DatasetNotFoundError(
+            f"downloading dataset {name!r} into {resolved} failed (data.download: true): {exc}\n"
+            + _missing_message(name, resolved, expected, missing)
+        ) from exc
+    still_missing = [p for p in expected if not p.is_file()]
+    if still_missing:
+        raise DatasetNotFoundError(
+            f"torchvision downloaded dataset {name!r} but some files are still missing.\n"
+            + _missing_message(name, resolved, expected, still_missing)
+        )
+
+
+def _torchvision_class(name: str) -> type:
+    # Imported here rather than at module level: it costs ~1.5 s, and digits and the run-start
+    # check of files already present never need it.
+    from torchvision import datasets
+
+    return {
+        "mnist": datasets.MNIST,
+        "fashion_mnist": datasets.FashionMNIST,
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+    }[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """One split as two tensors: raw pixels and their labels."""
+
+    images: torch.Tensor  # uint8, [N, C, H, W], contiguous, raw pixel values (0..max_value)
+    labels: torch.Tensor  # int64, [N]
+    info: DatasetInfo
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device | str) -> Split:
+        """The same split on ``device``; tensors already there are shared, not copied."""
+        return dataclasses.replace(
+            self, images=self.images.to(device), labels=self.labels.to(device)
+        )
+
+    def subset(self, n: int) -> Split:
+        """The first ``n`` samples (all of them when ``n`` exceeds the split), for tiny presets."""
+        if n < 1:
+            raise ValueError(f"subset size must be at least 1, got {n}")
+        return dataclasses.replace(self, images=self.images[:n], labels=self.labels[:n])
+
+
+def _make_split(
+    images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, info: DatasetInfo
+) -> Split:
+    """Wrap arrays as a Split with the dtypes, layout and shape every consumer relies on."""
+    images = torch.as_tensor(images).to(torch.uint8).contiguous()
+    labels = torch.as_tensor(labels).to(torch.int64).contiguous()
+    if tuple(images.shape[1:]) != info.image_shape or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"dataset {info.name!r}: got images {list(images.shape)} and labels "
+            f"{list(labels.shape)}, expected [N, {', '.join(map(str, info.image_shape))}] and [N]"
+        )
+    # A label outside the class range would only surface later as an opaque CUDA assert.
+    if len(labels) and (labels.min() < 0 or labels.max() >= info.num_classes):
+        raise ValueError(
+            f"dataset {info.name!r}: labels must lie in [0, {info.num_classes}), "
+            f"got range [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return Split(images, labels, info)
+
+
+def _load_digits(info: DatasetInfo) -> tuple[Split, Split]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # Values are whole numbers 0..16 stored as float64; uint8 holds them exactly.
+    images = bunch.images.astype(np.uint8)[:, None, :, :]
+    labels = bunch.target.astype(np.int64)
+    # scikit-learn ships no test split: a fixed stratified one keeps every class equally represented
+    # and every run comparable.
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=_DIGITS_TEST_SIZE, stratify=labels, random_state=0
+    )
+    return _make_split(x_train, y_train, info), _make_split(x_test, y_test, info)
+
+
+def _load_idx(name: str, root: Path, info: DatasetInfo) -> tuple[Split, Split]:
+    cls = _torchvision_class(name)
+    splits = []
+    for train in (True, False):
+        ds = cls(str(root), train=train, download=False)
+        splits.append(_make_split(ds.data.unsqueeze(1), ds.targets, info))
+    return splits[0], splits[1]
+
+
+def _read_cifar_batch(
+    path: Path, label_key: str, info: DatasetInfo
+) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR pickle batch as (uint8 [n, 3, 32, 32], int64 [n]).
+
+    Read directly rather than through torchvision, whose CIFAR classes insist on the MD5 sums of
+    the official files (so no test fixture or re-packed copy would load).
+    """
+    try:
+        with path.open("rb") as f:
+            # The official batches are Python 2 pickles; latin1 turns their byte strings into str.
+            # Unpickling runs code from the file: only point data.root at data you trust.
+            batch = pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a readable CIFAR pickle batch: {exc}") from exc
+
+    if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
+        found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path}: expected a dict with keys 'data' and {label_key!r}, got {found}")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch[label_key])
+    pixels = int(np.prod(info.image_shape))
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
+        raise ValueError(
+            f"{path}: 'data' must be uint8 [n, {pixels}], got {data.dtype} {list(data.shape)}"
+        )
+    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{path}: {label_key!r} must be {data.shape[0]} integers (one per image), "
+            f"got {labels.dtype} {list(labels.shape)}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
+        raise ValueError(
+            f"{path}: labels must lie in [0, {info.num_classes}), "
+            f"got range [{labels.min()}, {labels.max()}]"
+        )
+    # Rows are stored channel-major (1024 red, 1024 green, 1024 blue), i.e. already CHW.
+    return data.reshape(-1, *info.image_shape), labels.astype(np.int64)
+
+
+def _load_cifar(name: str, root: Path, info: DatasetInfo) -> tuple[Split, Split]:
+    folder = root / _FILE_LAYOUT[name][0]
+    train_files, test_files, label_key = _CIFAR_SPLITS[name]
+    splits = []
+    for files in (train_files, test_files):
+        parts = [_read_cifar_batch(folder / f, label_key, info) for f in files]
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        splits.append(_make_split(images, labels, info))
+    return splits[0], splits[1]
+
+
+def load_splits(
+    name: str, root: str | Path | None = None, download: bool = False
+) -> tuple[Split, Split]:
+    """(train, test) splits of dataset ``name`` on the CPU, downloading first if allowed."""
+    info = get_dataset_info(name)
+    ensure_available(name, root, download)
+    if name == "digits":
+        return _load_digits(info)
+    resolved = _resolve_root(name, root)
+    if name in _CIFAR_SPLITS:
+        return _load_cifar(name, resolved, info)
+    return _load_idx(name, resolved, info)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+# (device, dataset) -> (scale, shift) with normalised = pixel * scale - shift. Tiny, and bounded by
+# devices x datasets, so never evicted.
+_NORM_CACHE: dict[tuple[torch.device, DatasetInfo], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_constants(device: torch.device, info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (device, info)
+    if key not in _NORM_CACHE:
+        mean = torch.tensor(info.mean, dtype=torch.float64).view(-1, 1, 1)
+        std = torch.tensor(info.std, dtype=torch.float64).view(-1, 1, 1)
+        # Folding /max_value, -mean and /std into one multiply-subtract halves the passes over
+        # the batch; computed in float64 so the fold costs no accuracy.
+        scale = (1.0 / (info.max_value * std)).to(torch.float32)
+        shift = (mean / std).to(torch.float32)
+        _NORM_CACHE[key] = (scale.to(device), shift.to(device))
+    return _NORM_CACHE[key]
+
+
+def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """Raw pixels [B, C, H, W] (uint8 or raw-scale float) to float32 ``(x / max - mean) / std``."""
+    channels = info.image_shape[0]
+    if images.dim() < 3 or images.shape[-3] != channels:
+        raise ValueError(
+            f"normalize: expected images [B, {channels}, H, W] for dataset {info.name!r}, "
+            f"got {list(images.shape)}"
+        )
+    scale, shift = _norm_constants(images.device, info)
+    # copy=True: float32 input would otherwise be returned as-is and modified in place below.
+    out = images.to(torch.float32, copy=True)
+    return out.mul_(scale).sub_(shift)
+
+
+def _draw_crop_flip(
+    n: int, pad: int, generator: torch.Generator | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample crop offsets (top, left in [0, 2*pad]) and flip flags, like RandomCrop + Flip."""
+    gen_device = generator.device if generator is not None else device
+    top = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gen_device)
+    left = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gen_device)
+    flip = torch.rand(n, generator=generator, device=gen_device) < 0.5
+    return top.to(device), left.to(device), flip.to(device)
+
+
+def _crop_flip(
+    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, pad: int
+) -> torch.Tensor:
+    """Zero-pad a batch by ``pad``, crop each image at its own offset, mirror those flagged.
+
+    Equivalent per image to torchvision ``RandomCrop(size, padding=pad)`` followed by a horizontal
+    flip, but done as one gather over the whole batch.
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))  # zeros: black in raw pixel values
+    ys = torch.arange(h, device=images.device)
+    xs = torch.arange(w, device=images.device)
+    rows = top[:, None] + ys  # [B, H]
+    # Flipping the crop is reading its columns right to left, so flip the index, not the image.
+    cols = left[:, None] + torch.where(flip[:, None], (w - 1) - xs, xs)  # [B, W]
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    chans = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    augment: bool = False,
+    drop_last: bool = False,
+    pad: int = 4,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (normalised float32 images, int64 labels) on the split's device.
+
+    Random numbers are drawn in a fixed order (the epoch's permutation, then per batch the crop
+    rows, crop columns and flips), all from ``generator``, so a seeded generator replays an epoch
+    exactly. Draws happen on the generator's device, which should be the split's.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if pad < 0:
+        raise ValueError(f"pad must be non-negative, got {pad}")
+    n = len(split)
+    device = split.images.device
+    order = None
+    if shuffle:
+        gen_device = generator.device if generator is not None else device
+        order = torch.randperm(n, generator=generator, device=gen_device).to(device)
+
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        end = min(start + batch_size, n)
+        if order is None:
+            images, labels = split.images[start:end], split.labels[start:end]
+        else:
+            idx = order[start:end]
+            images, labels = split.images[idx], split.labels[idx]
+        if augment:
+            top, left, flip = _draw_crop_flip(images.shape[0], pad, generator, device)
+            images = _crop_flip(images, top, left, flip, pad)
+        yield normalize(images, split.info), labels

@@ -1,0 +1,60 @@
+"""Where the work runs: device choice, seeding streams and a plain description of the hardware."""
+
+from __future__ import annotations
+
+import os
+import platform
+import zlib
+
+import torch
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when present, else the CPU; ``cuda[:n]`` must be available."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"runtime.device must be one of {DEVICE_CHOICES} or cuda:N, got {choice!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"runtime.device is {choice!r} but CUDA is not available here; use 'auto' or 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"runtime.device must be one of {DEVICE_CHOICES} (or cuda:N), got {choice!r}")
+    return device
+
+
+def describe_hardware(device: torch.device) -> str:
+    """One line naming what a timing was measured on (goes next to every reported time)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    cpu = _cpu_model() or platform.processor() or platform.machine()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def stream_seed(seed: int, *parts: str | int) -> int:
+    """A 63-bit seed for one random stream (model init, data order of an epoch, search noise...).
+
+    Streams derived from one run seed are independent of each other and of the order in which they
+    are used, so resuming at epoch ``e`` replays exactly the data order an uninterrupted run saw.
+    """
+    key = ":".join(str(p) for p in (seed, *parts)).encode()
+    return (zlib.crc32(key) << 31 ^ zlib.adler32(key)) & ((1 << 63) - 1)
+
+
+def generator(device: torch.device | str, seed: int, *parts: str | int) -> torch.Generator:
+    """A fresh generator on ``device`` seeded for one stream (see :func:`stream_seed`)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(stream_seed(seed, *parts))

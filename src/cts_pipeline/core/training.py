@@ -1,0 +1,264 @@
+"""One SGD training loop for dense and sparse runs, and evaluation.
+
+Epochs are counted from 0. The rewind point ``k`` is a number of finished epochs: ``θ_k`` is the
+network after ``k`` epochs (``k = 0`` is the initialisation). A sparse run restarts at epoch ``k``
+with a fresh optimizer and the learning-rate milestones at their absolute positions, so a ticket
+retrained from ``θ_k`` sees exactly the schedule the dense run saw from epoch ``k`` on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Split, iterate_batches
+from .masks import check_mask_matches, prunable_parameters
+from .runtime import generator
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training or search produced a NaN or infinite loss; the message names the stage and step."""
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The SGD recipe of a dense run, reused unchanged for sparse retraining (``training`` parameters)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    rewind_epoch: int = 0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: Sequence[int] = ()
+    gamma: float = 0.1
+    nesterov: bool = False
+    loss_reduction: str = "mean"
+    grad_clip_norm: float | None = None
+    augment: bool = False
+    precision: str = "fp32"
+    eval_batch_size: int = 1000
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        _require(_is_count(self.epochs) and self.epochs >= 1, "training.epochs", self.epochs, "a positive integer")
+        _require(_is_count(self.batch_size) and self.batch_size >= 1, "training.batch_size", self.batch_size, "a positive integer")
+        _require(self.lr > 0, "training.lr", self.lr, "positive")
+        _require(
+            _is_count(self.rewind_epoch) and 0 <= self.rewind_epoch < self.epochs,
+            "training.rewind_epoch", self.rewind_epoch,
+            f"an epoch count in [0, training.epochs = {self.epochs}) (0 means the initialisation)",
+        )
+        _require(0 <= self.momentum < 1, "training.momentum", self.momentum, "in [0, 1)")
+        _require(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, "non-negative")
+        _require(
+            all(0 < m <= self.epochs for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+            "training.milestones", list(self.milestones), f"increasing epochs in (0, {self.epochs}]",
+        )
+        _require(0 < self.gamma <= 1, "training.gamma", self.gamma, "in (0, 1]")
+        _require(self.loss_reduction in ("mean", "sum"), "training.loss_reduction", self.loss_reduction, "'mean' or 'sum'")
+        _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "training.grad_clip_norm", self.grad_clip_norm, "null or positive")
+        _require(self.precision in PRECISIONS, "training.precision", self.precision, f"one of {PRECISIONS}")
+        _require(_is_count(self.eval_every) and self.eval_every >= 1, "training.eval_every", self.eval_every, "a positive integer")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of epoch ``epoch`` (0-based): dropped by ``gamma`` at each milestone reached."""
+        return self.lr * self.gamma ** sum(1 for m in self.milestones if epoch >= m)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "milestones": list(self.milestones)}
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+@dataclass
+class TrainResult:
+    """What a training run leaves behind besides the weights."""
+
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> dict[str, float]:
+    """Accuracy (%) and mean cross-entropy on ``split`` in eval mode, without autograd."""
+    was_training = model.training
+    model.eval()
+    device = split.images.device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in iterate_batches(split, batch_size, shuffle=False):
+        logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(split)
+    return {"accuracy": 100.0 * correct.item() / n, "loss": loss_sum.item() / n}
+
+
+def train(
+    model: nn.Module,
+    train_split: Split,
+    test_split: Split | None,
+    recipe: TrainRecipe,
+    *,
+    seed: int,
+    stage: str,
+    start_epoch: int = 0,
+    end_epoch: int | None = None,
+    mask: Mapping[str, torch.Tensor] | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place from ``start_epoch`` to ``end_epoch`` (default: the recipe's end).
+
+    ``model`` and both splits must already be on the training device. With ``mask``, pruned weights
+    are zeroed before the first step and after every step, so they stay exactly zero.
+    ``on_epoch_end(epochs_done, model)`` runs after each epoch (the dense run keeps ``θ_k`` there).
+    The data order of epoch ``e`` depends only on ``(seed, e)``.
+    """
+    end_epoch = recipe.epochs if end_epoch is None else end_epoch
+    device = train_split.images.device
+    precision = _effective_precision(recipe.precision, device)
+    masked = _mask_pairs(model, mask, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=recipe.lr_at(start_epoch), momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
+    )
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    steps_per_epoch = _num_batches(len(train_split), recipe.batch_size)
+    result = TrainResult()
+    started = time.perf_counter()
+
+    _zero_pruned(masked)
+    epochs = tqdm(range(start_epoch, end_epoch), desc=stage, unit="epoch", disable=not progress or None, leave=False)
+    for epoch in epochs:
+        epoch_started = time.perf_counter()
+        lr = recipe.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        step_losses = torch.zeros(steps_per_epoch, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        batches = iterate_batches(
+            train_split, recipe.batch_size, shuffle=True,
+            generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
+        )
+        for step, (x, y) in enumerate(batches):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, reduction=recipe.loss_reduction)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if recipe.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            _zero_pruned(masked)
+            step_losses[step] = loss.detach()
+            correct += (logits.detach().argmax(1) == y).sum()
+        # One host sync per epoch instead of one per step; the failing step is still named exactly.
+        check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)
+        per_sample = step_losses.sum().item() / (len(train_split) if recipe.loss_reduction == "sum" else steps_per_epoch)
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": per_sample,
+            "train_accuracy": 100.0 * correct.item() / len(train_split),
+        }
+        last = epoch + 1 == end_epoch
+        if test_split is not None and (last or (epoch + 1) % recipe.eval_every == 0):
+            test = evaluate(model, test_split, recipe.eval_batch_size)
+            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+        record["seconds"] = time.perf_counter() - epoch_started
+        result.history.append(record)
+        logger.info(_format_epoch(stage, record, recipe.epochs))
+        if progress:
+            epochs.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record.get('test_accuracy', record['train_accuracy']):.1f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def check_finite(step_losses: torch.Tensor, *, stage: str, epoch: int, epochs: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first step of ``epoch`` whose loss is not finite."""
+    finite = torch.isfinite(step_losses)
+    if bool(finite.all()):
+        return
+    step = int((~finite).nonzero()[0])
+    raise NonFiniteLossError(
+        f"{stage}: the loss became {step_losses[step].item()} at epoch {epoch + 1}/{epochs}, "
+        f"step {step + 1}/{step_losses.numel()}; stopping. Lower the learning rate or set "
+        "training.grad_clip_norm."
+    )
+
+
+def _format_epoch(stage: str, record: dict, epochs: int) -> str:
+    text = (
+        f"{stage} epoch {record['epoch']}/{epochs}: lr {record['lr']:.4g}, "
+        f"train loss {record['train_loss']:.4f}, train acc {record['train_accuracy']:.2f} %"
+    )
+    if "test_accuracy" in record:
+        text += f", test acc {record['test_accuracy']:.2f} %"
+    return text + f" ({record['seconds']:.1f} s)"
+
+
+def _num_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def _effective_precision(precision: str, device: torch.device) -> str:
+    if precision != "fp32" and device.type != "cuda":
+        logger.warning("training.precision=%s applies on CUDA only; training in fp32 on %s", precision, device)
+        return "fp32"
+    return precision
+
+
+def _mask_pairs(model: nn.Module, mask: Mapping[str, torch.Tensor] | None, device: torch.device):
+    if mask is None:
+        return None
+    check_mask_matches(model, mask)
+    weights = prunable_parameters(model)
+    names = list(weights)
+    return [weights[n] for n in names], [mask[n].to(device=device, dtype=weights[n].dtype) for n in names]
+
+
+@torch.no_grad()
+def _zero_pruned(masked) -> None:
+    if masked is not None:
+        for weight, keep in zip(*masked, strict=True):
+            weight.mul_(keep)

@@ -1,0 +1,48 @@
+"""CTS nodes: learn mask logits on the frozen start weights, then keep the global top-k."""
+
+from __future__ import annotations
+
+from ...config import ModelConfig, RuntimeConfig
+from ...core.cts import SearchConfig, concrete_search
+from ...core.masks import global_topk_mask, mask_to_payload
+from ...core.runtime import describe_hardware
+from ...core.training import TrainRecipe
+from ...grid import Branch
+from ..common import build_network, device_for, split_from_payload
+
+
+def search_mask(
+    theta_start: dict,
+    train_data: dict,
+    model: ModelConfig,
+    training: TrainRecipe,
+    cts: SearchConfig,
+    runtime: RuntimeConfig,
+    branch: Branch,
+) -> tuple[dict, dict]:
+    """Concrete Ticket Search at the branch's density; returns the logits per layer and the search log."""
+    device = device_for(runtime)
+    train_split = split_from_payload(train_data, device)
+    net = build_network(model, train_split, device, state=theta_start)
+    result = concrete_search(
+        net, train_split, density=branch.density, config=cts, recipe=training,
+        seed=branch.seed, stage=f"{branch.namespace} search", progress=runtime.progress,
+    )
+    log = {
+        **branch.as_dict(),
+        **{f"cts_{k}": v for k, v in cts.as_dict().items()},
+        "search_epochs": cts.search_epochs(training.epochs),
+        "steps": result.steps,
+        "budget": result.budget,
+        "peak_expected_over_budget": result.peak_expected_over_budget,
+        "final_expected_over_budget": result.final_expected_over_budget,
+        "seconds": result.seconds,
+        "history": result.history,
+        "hardware": describe_hardware(device),
+    }
+    return result.scores, log
+
+
+def extract_mask(scores: dict, branch: Branch) -> dict:
+    """The binary mask: exactly ``round(κ·d)`` highest logits over the whole network."""
+    return mask_to_payload(global_topk_mask(scores, branch.density), branch.density)

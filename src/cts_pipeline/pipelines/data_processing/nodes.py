@@ -1,0 +1,27 @@
+"""Prepare the dataset: raw files (or scikit-learn's bundled digits) -> compact uint8 tensors."""
+
+from __future__ import annotations
+
+import logging
+
+from ...config import DataConfig
+from ...core.data import load_splits
+from ..common import split_to_payload
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_data(data: DataConfig) -> tuple[dict, dict]:
+    """Train and test splits as ``{"dataset", "images" (uint8 NCHW), "labels"}``.
+
+    Normalisation and augmentation happen per batch on the training device, so what is stored is
+    the raw pixels: four times smaller than floats and exactly what torchvision would crop.
+    """
+    train, test = load_splits(data.name, data.root, data.download)
+    if data.train_subset is not None:
+        train = train.subset(data.train_subset)
+    if data.test_subset is not None:
+        test = test.subset(data.test_subset)
+    logger.info("%s: %d training and %d test images of shape %s, %d classes",
+                data.name, len(train), len(test), train.info.image_shape, train.info.num_classes)
+    return split_to_payload(train), split_to_payload(test)

@@ -1,0 +1,23 @@
+from kedro.pipeline import Pipeline, node
+
+from ...grid import GridConfig, dense_branches
+from .nodes import train_dense
+
+SHARED_PARAMETERS = {"params:model", "params:training", "params:runtime"}
+
+
+def create_pipeline(grid: GridConfig) -> Pipeline:
+    """One ``dense.seed<N>`` branch per seed of the grid."""
+    template = Pipeline([
+        node(
+            train_dense,
+            ["train_data", "test_data", "params:model", "params:training", "params:runtime", "params:branch"],
+            ["theta_init", "theta_rewind", "final_weights", "metrics"],
+            name="train_dense",
+            tags="metrics",
+        )
+    ])
+    return Pipeline([
+        Pipeline(template, namespace=b.namespace, inputs={"train_data", "test_data"}, parameters=SHARED_PARAMETERS)
+        for b in dense_branches(grid)
+    ], tags="dense")

@@ -1,0 +1,19 @@
+"""Project settings (https://docs.kedro.org/en/stable/configure/configuration_basics/)."""
+
+from cts_pipeline.context import ProjectContext
+from cts_pipeline.hooks import MlflowHook, ResultsPrinterHook, RunValidationHook
+
+# Order matters only where a hook says so: RunValidationHook runs first at run start (tryfirst),
+# so a bad configuration never opens an MLflow run.
+HOOKS = (RunValidationHook(), MlflowHook(), ResultsPrinterHook())
+
+# Hands the grid to the pipeline registry and gives each branch its parameters (see context.py).
+CONTEXT_CLASS = ProjectContext
+
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # Presets (conf/<preset>/) override single keys of base without restating whole sections.
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+}

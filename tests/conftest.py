@@ -1,0 +1,46 @@
+"""Shared fixtures: a throwaway copy of the project to run Kedro sessions in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")  # no network here, and none wanted in tests
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = PROJECT_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The project's configuration in a temporary folder, so a run's data and MLflow store land there."""
+    root = tmp_path / "project"
+    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    (root / "src").mkdir()  # bootstrap_project puts it on sys.path; the package itself is installed
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').as_posix()}")
+    monkeypatch.delenv("KEDRO_ENV", raising=False)
+    return root
+
+
+def run_pipeline(project: Path, env: str = "smoke", params: dict | None = None,
+                 pipeline: str = "cts", **run_kwargs) -> dict:
+    """Run one pipeline through a real Kedro session, as ``kedro run`` does."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env=env, runtime_params=params) as session:
+        return session.run(pipeline_names=[pipeline], **run_kwargs)
+
+
+def latest(project: Path, pattern: str) -> Path:
+    """The newest version of a versioned artifact, e.g. ``data/08_reporting/smoke/cts_results.csv``."""
+    versions = sorted((project / pattern).glob("*/"))
+    assert versions, f"no version of {pattern} was written"
+    return versions[-1] / Path(pattern).name

@@ -1,0 +1,74 @@
+"""The main job end to end: ``kedro run --pipelines=cts`` on the tiny ``smoke`` preset."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+
+from cts_pipeline.core.masks import payload_to_mask
+
+from .conftest import latest, run_pipeline
+
+SPARSITIES = {"sp50_00": 0.5, "sp90_00": 0.9}
+SMOKE_PRUNABLE = 3688  # convnet of width 8 on 8x8 digits
+
+
+def load_mask(project, branch: str) -> dict:
+    path = latest(project, f"data/07_model_output/smoke/cts_kl/seed0/{branch}/mask.pt")
+    return torch.load(path, weights_only=True)
+
+
+def test_cts_pipeline_end_to_end(project):
+    run_pipeline(project)
+
+    table = pd.read_csv(latest(project, "data/08_reporting/smoke/cts_results.csv"))
+    assert list(table["method"]) == ["dense", "cts_kl", "cts_kl"]
+    assert list(table["target_sparsity_pct"]) == [0.0, 50.0, 90.0]
+    dense_accuracy = table.loc[0, "test_accuracy"]
+    assert dense_accuracy > 50, "the smoke preset should learn digits well above chance"
+    assert (table["dense_test_accuracy"] == dense_accuracy).all()
+    assert (table["total_s"] > 0).all() and table["hardware"].str.contains("CPU").all()
+    assert (latest(project, "data/08_reporting/smoke/cts_accuracy_vs_sparsity.png")).stat().st_size > 1000
+
+    for branch, sparsity in SPARSITIES.items():
+        payload = load_mask(project, branch)
+        mask = payload_to_mask(payload)
+        kept = sum(int(m.sum()) for m in mask.values())
+        assert kept == round((1 - sparsity) * SMOKE_PRUNABLE) == payload["kept_weights"]
+        assert sum(m.numel() for m in mask.values()) == SMOKE_PRUNABLE
+        row = table[table["target_sparsity_pct"] == 100 * sparsity].iloc[0]
+        assert row["kept_weights"] == kept
+        # The retrained weights honour the mask to the weight.
+        weights = torch.load(latest(project, f"data/06_models/smoke/cts_kl/seed0/{branch}/final_weights.pt"),
+                             weights_only=True)
+        for name, keep in mask.items():
+            assert not weights[name][~keep].any(), f"{name}: pruned weights are not zero"
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("cts-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["grid.sparsities"] == "(0.5, 0.9)"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.info.run_name for c in children) == [
+        "cts_kl.seed0.sp50_00", "cts_kl.seed0.sp90_00", "dense.seed0"]
+    for child in children:
+        params, metrics = child.data.params, child.data.metrics
+        for key in ("method", "model", "dataset", "seed", "density", "rewind_epoch"):
+            assert key in params, f"{child.info.run_name} lacks param {key}"
+        for key in ("test_accuracy", "achieved_sparsity", "kept_weights"):
+            assert key in metrics, f"{child.info.run_name} lacks metric {key}"
+        if params["method"] == "cts_kl":
+            assert params["objective"] == "kl" and params["search_length"] == "long"
+            assert metrics["seconds_find_mask"] > 0 and metrics["seconds_retrain"] > 0
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"cts_results_table.csv", "cts_accuracy_plot.png"} <= artifacts
+
+    # Same seed, same configuration on CPU: the same mask, to the bit.
+    first = {b: load_mask(project, b)["masks"] for b in SPARSITIES}
+    run_pipeline(project, params={"grid": {"sparsities": [0.9]}})
+    again = load_mask(project, "sp90_00")["masks"]
+    assert all(torch.equal(first["sp90_00"][n], again[n]) for n in again)
