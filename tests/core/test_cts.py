@@ -110,11 +110,11 @@ def test_concrete_noise_stays_finite_when_the_uniform_draw_is_zero(monkeypatch):
     drawn = torch.tensor([0.0, 0.5, 1.0 - 2.0 ** -24, 1e-30], dtype=torch.float32)
     calls = []
 
-    def fake_rand(num, generator=None, device=None):
-        calls.append(num)
-        return drawn.clone()
+    def fake_uniform(self, *args, **kwargs):
+        calls.append(self.numel())
+        return self.copy_(drawn)
 
-    monkeypatch.setattr(torch, "rand", fake_rand)
+    monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform)
     noise = concrete_noise(4, torch.Generator(), CPU)
     assert calls == [4], "one uniform per weight"
     assert bool(torch.isfinite(noise).all()), noise
@@ -503,9 +503,10 @@ def test_search_gradient_matches_a_naive_reference(digits_train, monkeypatch, ob
 
     real_noise, real_batches, real_combine = cts.concrete_noise, cts.iterate_batches, GradBalance.combine
 
-    def noise(num, generator, device):
-        seen["noise"].append(real_noise(num, generator, device))
-        return seen["noise"][-1]
+    def noise(num, generator, device, out=None):
+        drawn = real_noise(num, generator, device, out=out)
+        seen["noise"].append(drawn.clone())
+        return drawn
 
     def batches(*args, **kwargs):
         for x, y in real_batches(*args, **kwargs):
@@ -562,10 +563,10 @@ def test_noise_is_drawn_once_per_weight_per_step_and_shared_by_the_batch(digits_
     noise_calls, soft_shapes = [], []
     real_noise, real_masked = cts.concrete_noise, ConcreteMask.masked_weights
 
-    def noise(num, generator, device):
-        out = real_noise(num, generator, device)
-        noise_calls.append((num, out))
-        return out
+    def noise(num, generator, device, out=None):
+        drawn = real_noise(num, generator, device, out=out)
+        noise_calls.append((num, drawn.clone()))  # the buffer is reused: keep a copy
+        return drawn
 
     def masked(self, soft):
         soft_shapes.append(tuple(soft.shape))

@@ -80,15 +80,16 @@ def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask
 
 
 def unflatten(flat: torch.Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Split a flat tensor into per-layer tensors of the given shapes (views, in order)."""
-    out, offset = {}, 0
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        out[name] = flat[offset : offset + n].view(shape)
-        offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat tensor has {flat.numel()} elements, shapes need {offset}")
-    return out
+    """Split a flat tensor into per-layer tensors of the given shapes (views, in order).
+
+    ``torch.split`` rather than slicing: its backward is one concatenation, where each slice's
+    backward would build a zero tensor the size of the whole network.
+    """
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    if sum(sizes) != flat.numel():
+        raise ValueError(f"flat tensor has {flat.numel()} elements, shapes need {sum(sizes)}")
+    parts = torch.split(flat, sizes)
+    return {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts, strict=True)}
 
 
 @torch.no_grad()
