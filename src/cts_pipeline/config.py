@@ -76,12 +76,19 @@ class RuntimeConfig:
     device: str = "auto"
     progress: bool = True
     num_threads: int | None = None
+    checkpoint_dir: str | None = "data/06_models/checkpoints"  # null: no per-epoch checkpoints
+    channels_last: str | bool = "auto"  # auto: NHWC for convolutional models (faster on CPUs)
+    compile: bool = False  # torch.compile the training forward (worth it on GPUs, not on CPUs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"runtime.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"runtime.num_threads must be null or a positive integer, got {self.num_threads!r}")
+        if self.channels_last not in ("auto", True, False):
+            raise ValueError(f"runtime.channels_last must be auto, true or false, got {self.channels_last!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"runtime.compile must be true or false, got {self.compile!r}")
 
 
 SECTIONS = {

@@ -1,4 +1,4 @@
-"""Lottery ticket rewinding: the density grid, exact nested magnitude masks, and a short run on digits."""
+"""Lottery ticket rewinding: the density grid, exact nested magnitude masks, a short run on digits."""
 
 from __future__ import annotations
 
@@ -236,7 +236,8 @@ def test_ltr_records_cost_to_find_each_mask(ltr_run, dense):
     assert records[1].cumulative_seconds == pytest.approx(dense_seconds + records[0].seconds)
     assert records[2].cumulative_seconds == pytest.approx(
         dense_seconds + records[0].seconds + records[1].seconds)
-    assert records[0].cumulative_seconds < records[1].cumulative_seconds < records[2].cumulative_seconds
+    cumulative = [r.cumulative_seconds for r in records]
+    assert cumulative == sorted(set(cumulative))  # strictly increasing
     assert all(20.0 < r.test_accuracy <= 100.0 for r in records[:2])  # trained, better than chance
     assert records[2].test_accuracy is None
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
 from .masks import prunable_parameters, unflatten
 from .runtime import generator
@@ -169,6 +170,12 @@ class GradBalance:
     def drop_lr(self, factor: float) -> None:
         """GradBalance has no rate of its own."""
 
+    def state_dict(self) -> dict:
+        return {"multiplier": self.multiplier}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.multiplier = state["multiplier"]
+
 
 class Lagrangian:
     """Ablation: minimise ``R + λ·c_eq`` with ``c_eq = 100·(Σσ(s)/(κ·d) − 1)`` (no slack).
@@ -195,6 +202,12 @@ class Lagrangian:
 
     def drop_lr(self, factor: float) -> None:
         self.lr *= factor
+
+    def state_dict(self) -> dict:
+        return {"multiplier": self.multiplier, "lr": self.lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.multiplier, self.lr = state["multiplier"], state["lr"]
 
 
 def make_balancer(name: str, density: float, num_weights: int, mask_lr: float) -> GradBalance | Lagrangian:
@@ -288,11 +301,16 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
 class SearchResult:
     scores: dict[str, torch.Tensor]
     history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
     steps: int = 0
     budget: float = 0.0
     peak_expected_over_budget: float = 0.0
     final_expected_over_budget: float = 0.0
+    resumed_at: int | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Wall-clock of all search epochs, across resumes."""
+        return sum(r["seconds"] for r in self.history)
 
 
 def concrete_search(
@@ -304,6 +322,7 @@ def concrete_search(
     recipe: TrainRecipe,
     seed: int,
     stage: str = "search",
+    checkpoint: Checkpoint | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Learn mask logits for ``model``'s current weights (``θ_k``), which stay frozen.
@@ -311,6 +330,8 @@ def concrete_search(
     ``model`` and ``train_split`` must be on the same device. The data are the training split with
     evaluation transforms (no augmentation), shuffled, at the training batch size. Returns the
     logits per layer; :func:`cts_pipeline.core.masks.global_topk_mask` turns them into the mask.
+    With ``checkpoint``, the search state is saved after every epoch and a matching one resumed;
+    data order and noise of epoch ``e`` depend only on ``(seed, e)``, so resuming changes nothing.
     """
     if not 0.0 < density < 1.0:
         raise ValueError(f"density must be in (0, 1), got {density!r}")
@@ -328,17 +349,28 @@ def concrete_search(
     relaxation = ConcreteMask(prunable_parameters(model), density)
     balancer = make_balancer(config.balance, density, relaxation.num_weights, lr)
     optimizer = torch.optim.Adam([relaxation.logits], lr=lr, fused=True)  # one kernel for all logits
-    noise_generator = generator(device, seed, "concrete-noise")
     budget = BUDGET_SLACK * density * relaxation.num_weights
     expected_trace = torch.zeros(total_steps, device=device)
     result = SearchResult(scores={}, budget=budget)
-    started = time.perf_counter()
 
-    step = 0
+    first = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        with torch.no_grad():
+            relaxation.logits.copy_(saved["logits"])
+        optimizer.load_state_dict(saved["optimizer"])
+        balancer.load_state_dict(saved["balancer"])
+        expected_trace[: saved["expected_trace"].numel()] = saved["expected_trace"].to(device)
+        result.history = list(saved["history"])
+        first = result.resumed_at = int(saved["epochs_done"])
+        logger.info("%s: resuming from the checkpoint after epoch %d/%d", stage, first, epochs)
+
+    step = first * steps_per_epoch
     with batch_statistics(model):
-        for epoch in tqdm(range(epochs), desc=stage, unit="epoch", disable=not progress or None, leave=False):
+        for epoch in tqdm(range(first, epochs), desc=stage, unit="epoch", disable=not progress or None, leave=False):
             epoch_started = time.perf_counter()
             step_losses = torch.zeros(steps_per_epoch, device=device)
+            noise_generator = generator(device, seed, "concrete-noise", epoch)
             batches = iterate_batches(
                 train_split, recipe.batch_size, shuffle=True,
                 generator=generator(device, seed, "search-order", epoch),
@@ -373,6 +405,15 @@ def concrete_search(
                 "seconds": time.perf_counter() - epoch_started,
             }
             result.history.append(record)
+            if checkpoint is not None and epoch + 1 < epochs:
+                checkpoint.save({
+                    "epochs_done": epoch + 1,
+                    "logits": relaxation.logits.detach(),
+                    "optimizer": optimizer.state_dict(),
+                    "balancer": balancer.state_dict(),
+                    "expected_trace": expected_trace[:step],
+                    "history": result.history,
+                })
             logger.info(
                 "%s epoch %d/%d: %s %.5f, expected kept %.0f = %.3f x budget, multiplier %.3g (%.1f s)",
                 stage, epoch + 1, epochs, config.objective, record["loss"], record["expected_kept"],
@@ -382,8 +423,9 @@ def concrete_search(
         p.requires_grad_(True)
     final_expected = torch.sigmoid(relaxation.logits.detach()).sum().item()
     result.scores = relaxation.scores()
-    result.seconds = time.perf_counter() - started
     result.steps = step
     result.peak_expected_over_budget = max(expected_trace.max().item(), final_expected) / budget
     result.final_expected_over_budget = final_expected / budget
+    if checkpoint is not None:
+        checkpoint.remove()
     return result

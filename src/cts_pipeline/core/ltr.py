@@ -1,4 +1,4 @@
-"""Lottery ticket rewinding (LTR): iterative global magnitude pruning, the baseline CTS is compared with.
+"""Lottery ticket rewinding (LTR): iterative global magnitude pruning, the baseline for CTS.
 
 Level 0 is the dense network trained to the end. Level ``L`` keeps the ``round(0.8**L · d)``
 largest-magnitude weights of the network trained at level ``L - 1`` (one global ranking, no
@@ -80,8 +80,8 @@ def magnitude_mask(
 class LevelRecord:
     """One pruning level: its mask's size, what training it cost, and the cost of finding it.
 
-    ``seconds`` and ``test_accuracy`` are the level's own training (``0.0`` and ``None`` for the last
-    level, which is not trained here); ``cumulative_seconds`` is the dense training plus the
+    ``seconds`` and ``test_accuracy`` are the level's own training (``0.0`` and ``None`` for the
+    last level, which is not trained here); ``cumulative_seconds`` is the dense training plus the
     training of every earlier level: the time it took to find this level's mask.
     """
 
@@ -143,8 +143,9 @@ def lottery_ticket_rewinding(
             prunable = prunable_parameters(model)
             weights = {n: prunable[n].detach().clone() for n in names}
             del model  # free the device before the next level builds its own
-        record = LevelRecord(level=level, density=density, kept=sum(int(m.sum()) for m in mask.values()),
-                             seconds=seconds, test_accuracy=accuracy, cumulative_seconds=cumulative)
+        kept = sum(int(keep.sum()) for keep in mask.values())
+        record = LevelRecord(level=level, density=density, kept=kept, seconds=seconds,
+                             test_accuracy=accuracy, cumulative_seconds=cumulative)
         records.append(record)
         logger.info(
             "ltr level %d: density %.6f (sparsity %.4f %%), %d kept, found after %.1f s%s",

@@ -51,7 +51,7 @@ def reinitialised(make_model: Callable[[torch.Generator], nn.Module], seed: int)
 
 
 def passes(check_accuracies: Sequence[float], reference_accuracies: Sequence[float]) -> dict:
-    """Whether the perturbation hurt: the mean accuracy dropped by more than the seed-to-seed spread.
+    """Whether the perturbation hurt: the mean accuracy dropped by more than the seeds' spread.
 
     ``spread`` is the sample standard deviation (ddof=1) of the unperturbed (reference) accuracies
     over seeds; with a single reference seed there is no spread to measure and any drop passes.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
 from .masks import check_mask_matches, prunable_parameters
 from .runtime import generator
@@ -93,18 +94,27 @@ def _require(ok: bool, name: str, value, expected: str) -> None:
 
 @dataclass
 class TrainResult:
-    """What a training run leaves behind besides the weights."""
+    """What a training run leaves behind besides the weights (which are trained in place)."""
 
     history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    resumed_at: int | None = None  # epochs already done when a checkpoint was resumed
 
     @property
     def final(self) -> dict:
         return self.history[-1] if self.history else {}
 
+    @property
+    def seconds(self) -> float:
+        """Wall-clock of all epochs, across resumes (each epoch records its own)."""
+        return sum(r["seconds"] for r in self.history)
+
+    def seconds_until(self, epochs_done: int) -> float:
+        return sum(r["seconds"] for r in self.history if r["epoch"] <= epochs_done)
+
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, *, channels_last: bool = False) -> dict[str, float]:
     """Accuracy (%) and mean cross-entropy on ``split`` in eval mode, without autograd."""
     was_training = model.training
     model.eval()
@@ -112,7 +122,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> dict[str
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in iterate_batches(split, batch_size, shuffle=False):
-        logits = model(x).float()
+        logits = model(_layout(x, channels_last)).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
@@ -131,6 +141,10 @@ def train(
     start_epoch: int = 0,
     end_epoch: int | None = None,
     mask: Mapping[str, torch.Tensor] | None = None,
+    snapshot_epochs: Collection[int] = (),
+    checkpoint: Checkpoint | None = None,
+    channels_last: bool = False,
+    compile_model: bool = False,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
@@ -138,12 +152,17 @@ def train(
 
     ``model`` and both splits must already be on the training device. With ``mask``, pruned weights
     are zeroed before the first step and after every step, so they stay exactly zero.
-    ``on_epoch_end(epochs_done, model)`` runs after each epoch (the dense run keeps ``θ_k`` there).
-    The data order of epoch ``e`` depends only on ``(seed, e)``.
+    ``snapshot_epochs``: keep a CPU copy of the weights after that many epochs (0 = before any
+    training), e.g. the rewind point ``θ_k``. With ``checkpoint``, the state is saved after every
+    epoch and a matching checkpoint is resumed: since the data order of epoch ``e`` depends only on
+    ``(seed, e)``, the result equals that of an uninterrupted run. ``channels_last`` runs
+    convolutions in NHWC (faster on CPUs); ``compile_model`` wraps the forward in ``torch.compile``.
     """
     end_epoch = recipe.epochs if end_epoch is None else end_epoch
     device = train_split.images.device
     precision = _effective_precision(recipe.precision, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     masked = _mask_pairs(model, mask, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
@@ -152,12 +171,26 @@ def train(
     )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    forward = torch.compile(model) if compile_model else model
     steps_per_epoch = _num_batches(len(train_split), recipe.batch_size)
     result = TrainResult()
-    started = time.perf_counter()
+
+    first = start_epoch
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        result.history = list(saved["history"])
+        result.snapshots = {int(k): v for k, v in saved["snapshots"].items()}
+        first = result.resumed_at = int(saved["epochs_done"])
+        logger.info("%s: resuming from the checkpoint after epoch %d/%d", stage, first, end_epoch)
+    elif start_epoch in snapshot_epochs:
+        result.snapshots[start_epoch] = _cpu_state(model)
 
     _zero_pruned(masked)
-    epochs = tqdm(range(start_epoch, end_epoch), desc=stage, unit="epoch", disable=not progress or None, leave=False)
+    epochs = tqdm(range(first, end_epoch), desc=stage, unit="epoch", disable=not progress or None, leave=False)
     for epoch in epochs:
         epoch_started = time.perf_counter()
         lr = recipe.lr_at(epoch)
@@ -172,7 +205,7 @@ def train(
         )
         for step, (x, y) in enumerate(batches):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(x)
+                logits = forward(_layout(x, channels_last))
                 loss = F.cross_entropy(logits.float(), y, reduction=recipe.loss_reduction)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -201,17 +234,39 @@ def train(
         }
         last = epoch + 1 == end_epoch
         if test_split is not None and (last or (epoch + 1) % recipe.eval_every == 0):
-            test = evaluate(model, test_split, recipe.eval_batch_size)
+            test = evaluate(model, test_split, recipe.eval_batch_size, channels_last=channels_last)
             record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
         record["seconds"] = time.perf_counter() - epoch_started
         result.history.append(record)
+        if epoch + 1 in snapshot_epochs:
+            result.snapshots[epoch + 1] = _cpu_state(model)
+        if checkpoint is not None and not last:
+            checkpoint.save({
+                "epochs_done": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "history": result.history,
+                "snapshots": {str(k): v for k, v in result.snapshots.items()},
+            })
         logger.info(_format_epoch(stage, record, recipe.epochs))
         if progress:
             epochs.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record.get('test_accuracy', record['train_accuracy']):.1f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, model)
-    result.seconds = time.perf_counter() - started
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)  # callers get the usual layout back
+    if checkpoint is not None:
+        checkpoint.remove()
     return result
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def check_finite(step_losses: torch.Tensor, *, stage: str, epoch: int, epochs: int) -> None:

@@ -7,11 +7,15 @@ them anywhere); nodes move what they use to the run's device and hand CPU copies
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig, RuntimeConfig
+from ..core.checkpoints import Checkpoint, digest
 from ..core.data import Split, get_dataset_info
 from ..core.runtime import generator, resolve_device
 
@@ -46,3 +50,24 @@ def build_network(
 def state_on_cpu(net: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of the weights and buffers (what a catalog entry stores)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+
+
+def uses_channels_last(runtime: RuntimeConfig, net: nn.Module) -> bool:
+    """``auto``: NHWC whenever the model has convolutions (1.5x faster ResNet-20 steps on CPU)."""
+    if runtime.channels_last == "auto":
+        return any(isinstance(m, nn.Conv2d) for m in net.modules())
+    return bool(runtime.channels_last)
+
+
+def data_fingerprint(payload: Mapping) -> dict[str, Any]:
+    """What identifies a prepared split cheaply: its dataset, shape and labels."""
+    return {"dataset": payload["dataset"], "shape": list(payload["images"].shape), "labels": payload["labels"]}
+
+
+def checkpoint_for(runtime: RuntimeConfig, namespace: str, stage: str, *key: Any) -> Checkpoint | None:
+    """The per-epoch checkpoint of one loop, named by a digest of everything that decides its result."""
+    if runtime.checkpoint_dir is None:
+        return None
+    parts = [asdict(k) if hasattr(k, "__dataclass_fields__") else k for k in key]
+    tag = digest(stage, *parts)
+    return Checkpoint(Path(runtime.checkpoint_dir) / namespace / f"{stage}-{tag}.pt", tag)

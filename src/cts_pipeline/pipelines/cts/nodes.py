@@ -8,7 +8,7 @@ from ...core.masks import global_topk_mask, mask_to_payload
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe
 from ...grid import Branch
-from ..common import build_network, device_for, split_from_payload
+from ..common import build_network, checkpoint_for, data_fingerprint, device_for, split_from_payload
 
 
 def search_mask(
@@ -27,6 +27,8 @@ def search_mask(
     result = concrete_search(
         net, train_split, density=branch.density, config=cts, recipe=training,
         seed=branch.seed, stage=f"{branch.namespace} search", progress=runtime.progress,
+        checkpoint=checkpoint_for(runtime, branch.namespace, "search", model, training, cts, branch.as_dict(),
+                                  theta_start, data_fingerprint(train_data)),
     )
     log = {
         **branch.as_dict(),

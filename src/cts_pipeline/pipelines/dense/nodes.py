@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import time
-
 from ...config import ModelConfig, RuntimeConfig
 from ...core.masks import count_prunable
 from ...core.models import count_parameters
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, train
 from ...grid import Branch
-from ..common import build_network, device_for, split_from_payload, state_on_cpu
+from ..common import (
+    build_network,
+    checkpoint_for,
+    data_fingerprint,
+    device_for,
+    split_from_payload,
+    state_on_cpu,
+    uses_channels_last,
+)
 
 
 def train_dense(
@@ -25,37 +31,34 @@ def train_dense(
 
     Returns ``θ_0``, ``θ_k`` (after ``training.rewind_epoch`` epochs; ``θ_0`` when that is 0),
     the final weights, and the dense metrics (last-epoch test accuracy, wall-clock to ``θ_k``).
+    Checkpointed every epoch: a killed run resumes where it stopped.
     """
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device)
     test_split = split_from_payload(test_data, device)
     net = build_network(model, train_split, device, seed=branch.seed)
     theta_init = state_on_cpu(net)
-    rewind = {"weights": theta_init, "seconds": 0.0}
-    started = time.perf_counter()
-
-    def keep_rewind_point(epochs_done: int, trained) -> None:
-        if epochs_done == training.rewind_epoch:
-            rewind["weights"] = state_on_cpu(trained)
-            rewind["seconds"] = time.perf_counter() - started
-
+    k = training.rewind_epoch
     result = train(
         net, train_split, test_split, training, seed=branch.seed, stage=f"{branch.namespace} dense",
-        on_epoch_end=keep_rewind_point, progress=runtime.progress,
+        snapshot_epochs={k}, progress=runtime.progress,
+        checkpoint=checkpoint_for(runtime, branch.namespace, "dense", model, training, branch.seed,
+                                  data_fingerprint(train_data)),
+        channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
     )
     metrics = {
         **branch.as_dict(),
         "model": model.name,
         "dataset": train_split.info.name,
-        "rewind_epoch": training.rewind_epoch,
+        "rewind_epoch": k,
         "parameters": count_parameters(net),
         "prunable_weights": count_prunable(net),
         "kept_weights": count_prunable(net),
         "achieved_sparsity": 0.0,
         "test_accuracy": result.final["test_accuracy"],
         "test_loss": result.final["test_loss"],
-        "seconds": {"to_rewind": rewind["seconds"], "train": result.seconds},
+        "seconds": {"to_rewind": result.seconds_until(k), "train": result.seconds},
         "history": result.history,
         "hardware": describe_hardware(device),
     }
-    return theta_init, rewind["weights"], state_on_cpu(net), metrics
+    return theta_init, result.snapshots[k], state_on_cpu(net), metrics

@@ -10,7 +10,15 @@ from ...core.masks import collapsed_layers, layer_report, payload_to_mask, pruna
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, evaluate, train
 from ...grid import Branch
-from ..common import build_network, device_for, split_from_payload, state_on_cpu
+from ..common import (
+    build_network,
+    checkpoint_for,
+    data_fingerprint,
+    device_for,
+    split_from_payload,
+    state_on_cpu,
+    uses_channels_last,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +44,13 @@ def retrain_ticket(
     test_split = split_from_payload(test_data, device)
     net = build_network(model, train_split, device, state=theta_start)
     first = start_epoch(training, branch)
+    keep = payload_to_mask(mask)
     result = train(
         net, train_split, test_split, training, seed=branch.seed, stage=f"{branch.namespace} retrain",
-        start_epoch=first, mask=payload_to_mask(mask), progress=runtime.progress,
+        start_epoch=first, mask=keep, progress=runtime.progress,
+        checkpoint=checkpoint_for(runtime, branch.namespace, "retrain", model, training, branch.as_dict(),
+                                  theta_start, keep, data_fingerprint(train_data)),
+        channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
     )
     log = {**branch.as_dict(), "start_epoch": first, "seconds": result.seconds, "history": result.history}
     return state_on_cpu(net), log
@@ -71,7 +83,7 @@ def evaluate_ticket(
     if any(leaked.values()):
         raise ValueError(f"{branch.namespace}: pruned weights are not zero after retraining: "
                          f"{ {n: c for n, c in leaked.items() if c} }")
-    test = evaluate(net, test_split, training.eval_batch_size)
+    test = evaluate(net, test_split, training.eval_batch_size, channels_last=uses_channels_last(runtime, net))
     collapsed = collapsed_layers(keep)
     if collapsed:
         logger.warning("%s: layer collapse, no weight left in %s: the network is disconnected",

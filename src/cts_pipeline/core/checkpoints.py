@@ -1,0 +1,87 @@
+"""Per-epoch checkpoints of long loops (training, search), written whole or not at all.
+
+A checkpoint is a plain ``torch.save`` payload tagged with a ``key`` (the caller's digest of
+everything that determines the result: configuration, start weights, mask, seed). A loop resumes
+only from a checkpoint with its own key, so a stale file from another configuration is never
+picked up. The file is removed once the loop finishes: its result is then the caller's to keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "cts-pipeline/checkpoint-v1"
+
+
+def digest(*parts: Any) -> str:
+    """A short stable hex digest of JSON-able values and tensors (or dicts of tensors)."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        _feed(h, part)
+    return h.hexdigest()
+
+
+def _feed(h, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"tensor{tuple(t.shape)}{t.dtype}".encode())
+        flat = t.reshape(-1)
+        h.update((flat if t.dtype == torch.bool else flat.view(torch.uint8)).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        h.update(b"{")
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _feed(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(json.dumps(value, sort_keys=True, default=str).encode())
+
+
+class Checkpoint:
+    """One loop's checkpoint file at ``path``, valid only for ``key``."""
+
+    def __init__(self, path: str | Path, key: str):
+        self.path = Path(path)
+        self.key = key
+
+    def load(self) -> dict | None:
+        """The saved state, or None when there is none for this key (a mismatch is logged)."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a corrupted file cannot be resumed from; start over
+            logger.warning("ignoring unreadable checkpoint %s (%s); starting from the beginning", self.path, exc)
+            return None
+        if state.get("format") != FORMAT or state.get("key") != self.key:
+            logger.warning("ignoring checkpoint %s: it belongs to another configuration", self.path)
+            return None
+        return state
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f"{self.path.name}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            torch.save({**state, "format": FORMAT, "key": self.key}, partial)
+            os.replace(partial, self.path)  # atomic: the old checkpoint or the new one, never half
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
