@@ -40,7 +40,8 @@ def run_pipeline(project: Path, env: str = "smoke", params: dict | None = None,
 
 
 def latest(project: Path, pattern: str) -> Path:
-    """The newest version of a versioned artifact, e.g. ``data/08_reporting/smoke/cts_results.csv``."""
-    versions = sorted((project / pattern).glob("*/"))
+    """The newest version of a versioned artifact; ``pattern`` may hold wildcards for the
+    configuration keys, e.g. ``data/08_reporting/smoke/report-*/cts_results.csv``."""
+    versions = sorted(project.glob(pattern + "/*/"), key=lambda v: v.name)
     assert versions, f"no version of {pattern} was written"
     return versions[-1] / Path(pattern).name

@@ -15,21 +15,21 @@ SMOKE_PRUNABLE = 3688  # convnet of width 8 on 8x8 digits
 
 
 def load_mask(project, branch: str) -> dict:
-    path = latest(project, f"data/07_model_output/smoke/cts_kl/seed0/{branch}/mask.pt")
+    path = latest(project, f"data/07_model_output/smoke/cts_kl-*/seed0/{branch}/mask.pt")
     return torch.load(path, weights_only=True)
 
 
 def test_cts_pipeline_end_to_end(project):
     run_pipeline(project)
 
-    table = pd.read_csv(latest(project, "data/08_reporting/smoke/cts_results.csv"))
+    table = pd.read_csv(latest(project, "data/08_reporting/smoke/report-*/cts_results.csv"))
     assert list(table["method"]) == ["dense", "cts_kl", "cts_kl"]
     assert list(table["target_sparsity_pct"]) == [0.0, 50.0, 90.0]
     dense_accuracy = table.loc[0, "test_accuracy"]
     assert dense_accuracy > 50, "the smoke preset should learn digits well above chance"
     assert (table["dense_test_accuracy"] == dense_accuracy).all()
     assert (table["total_s"] > 0).all() and table["hardware"].str.contains("CPU").all()
-    assert (latest(project, "data/08_reporting/smoke/cts_accuracy_vs_sparsity.png")).stat().st_size > 1000
+    assert (latest(project, "data/08_reporting/smoke/report-*/cts_accuracy_vs_sparsity.png")).stat().st_size > 1000
 
     for branch, sparsity in SPARSITIES.items():
         payload = load_mask(project, branch)
@@ -40,7 +40,7 @@ def test_cts_pipeline_end_to_end(project):
         row = table[table["target_sparsity_pct"] == 100 * sparsity].iloc[0]
         assert row["kept_weights"] == kept
         # The retrained weights honour the mask to the weight.
-        weights = torch.load(latest(project, f"data/06_models/smoke/cts_kl/seed0/{branch}/final_weights.pt"),
+        weights = torch.load(latest(project, f"data/06_models/smoke/cts_kl-*/seed0/{branch}/final_weights.pt"),
                              weights_only=True)
         for name, keep in mask.items():
             assert not weights[name][~keep].any(), f"{name}: pruned weights are not zero"

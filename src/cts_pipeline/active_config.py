@@ -13,6 +13,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+# What each stage's results depend on. `runtime` never changes a result; data.root and
+# data.download only say where the (canonical) files are.
+KEY_SCOPES = {
+    "dense": ("data", "model", "training"),
+    "cts": ("data", "model", "training", "cts"),
+    "report": ("data", "model", "training", "cts", "grid"),
+}
+
 _config_loader: Any = None
 
 
@@ -42,3 +50,21 @@ def _project_config_loader() -> Any:
         env=os.getenv("KEDRO_ENV"),
         **settings.CONFIG_LOADER_ARGS,
     )
+
+
+def config_key(scope: str) -> str:
+    """Digest of the parameters a stage's results depend on (``${config_key:dense}`` in the catalog).
+
+    Artifacts live under their key, so ``kedro run --only-missing-outputs`` skips exactly the
+    branches already computed with this configuration, and a changed setting never reuses a
+    stale result: changing ``cts.*`` recomputes the searches but keeps the dense networks.
+    """
+    from .core.checkpoints import digest
+
+    if scope not in KEY_SCOPES:
+        raise ValueError(f"config_key scope must be one of {sorted(KEY_SCOPES)}, got {scope!r}")
+    params = parameters()
+    sections = {name: params.get(name) for name in KEY_SCOPES[scope]}
+    if isinstance(sections.get("data"), dict):
+        sections["data"] = {k: v for k, v in sections["data"].items() if k not in ("root", "download")}
+    return digest(sections)

@@ -1,5 +1,6 @@
 """Project settings (https://docs.kedro.org/en/stable/configure/configuration_basics/)."""
 
+from cts_pipeline.active_config import config_key
 from cts_pipeline.context import ProjectContext
 from cts_pipeline.hooks import MlflowHook, ResultsPrinterHook, RunValidationHook
 
@@ -16,4 +17,6 @@ CONFIG_LOADER_ARGS = {
     # Presets (conf/<preset>/) override single keys of base without restating whole sections.
     "merge_strategy": {"parameters": "soft", "globals": "soft"},
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    # ${config_key:<scope>} in catalog paths: a digest of the parameters a stage depends on.
+    "custom_resolvers": {"config_key": config_key},
 }
