@@ -37,6 +37,7 @@ from cts_pipeline.core.cts import (
 from cts_pipeline.core.data import iterate_batches, load_splits
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.runtime import UniformNoise
 from cts_pipeline.core.training import NonFiniteLossError, TrainRecipe
 
 TAU = 2.0 / 3.0  # the method's fixed temperature, written out independently of the module
@@ -85,7 +86,7 @@ def test_temperature_is_fixed_at_two_thirds():
 @pytest.mark.parametrize("s", [-2.0, 0.0, 1.5])
 def test_concrete_sample_has_the_binary_concrete_distribution(s):
     n = 300_000
-    noise = concrete_noise(n, torch.Generator().manual_seed(int(10 * s) + 100), CPU)
+    noise = concrete_noise(n, UniformNoise(CPU, int(10 * s) + 100, "t"), CPU)
     m = soft_mask(torch.full((n,), s), noise).double().numpy()
     assert m.shape == (n,) and bool(((m >= 0) & (m <= 1)).all())
     for point in (0.02, 0.1, 0.3, 0.5, 0.7, 0.9, 0.98):
@@ -97,7 +98,7 @@ def test_concrete_sample_has_the_binary_concrete_distribution(s):
 
 
 def test_concrete_noise_is_standard_logistic():
-    noise = concrete_noise(1_000_000, torch.Generator().manual_seed(0), CPU).double()
+    noise = concrete_noise(1_000_000, UniformNoise(CPU, 0, "t"), CPU).double()
     assert noise.shape == (1_000_000,)
     assert noise.mean().item() == pytest.approx(0.0, abs=0.01)
     assert noise.var().item() == pytest.approx(math.pi ** 2 / 3, rel=0.01)
@@ -106,16 +107,16 @@ def test_concrete_noise_is_standard_logistic():
         assert (noise <= x).double().mean().item() == pytest.approx(sigmoid(x), abs=0.003)
 
 
-def test_concrete_noise_stays_finite_when_the_uniform_draw_is_zero(monkeypatch):
+def test_concrete_noise_stays_finite_when_the_uniform_draw_is_zero():
     drawn = torch.tensor([0.0, 0.5, 1.0 - 2.0 ** -24, 1e-30], dtype=torch.float32)
     calls = []
 
-    def fake_uniform(self, *args, **kwargs):
-        calls.append(self.numel())
-        return self.copy_(drawn)
+    class FixedDraws:
+        def fill_(self, out):
+            calls.append(out.numel())
+            return out.copy_(drawn)
 
-    monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform)
-    noise = concrete_noise(4, torch.Generator(), CPU)
+    noise = concrete_noise(4, FixedDraws(), CPU)
     assert calls == [4], "one uniform per weight"
     assert bool(torch.isfinite(noise).all()), noise
     floor = math.log(cts.NOISE_EPS)
@@ -453,7 +454,7 @@ def test_dense_teacher_is_the_same_network_with_the_mask_off(digits_train):
     model = convnet()
     x, _ = next(iterate_batches(digits_train, 64, shuffle=False))
     relaxation = ConcreteMask(prunable_parameters(model), density=0.1)
-    noise = concrete_noise(relaxation.num_weights, torch.Generator().manual_seed(0), CPU)
+    noise = concrete_noise(relaxation.num_weights, UniformNoise(CPU, 0, "t"), CPU)
     with torch.no_grad(), batch_statistics(model):
         dense = model(x)
         low = functional_call(model, relaxation.masked_weights(soft_mask(relaxation.logits, noise)), (x,))
@@ -682,3 +683,18 @@ def test_non_finite_objective_names_stage_epoch_and_step(digits_train, monkeypat
         concrete_search(lenet(), digits_train.subset(256), density=0.1, config=SearchConfig(epochs=2),
                         recipe=TrainRecipe(epochs=2, batch_size=64, lr=0.1), seed=0,
                         stage="cts-probe", progress=False)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_uniform_noise_is_uniform_deterministic_and_fresh(engine):
+    a, b = torch.empty(200_000), torch.empty(200_000)
+    first = UniformNoise(CPU, 5, "s", 0, engine=engine)
+    first.fill_(a)
+    UniformNoise(CPU, 5, "s", 0, engine=engine).fill_(b)
+    assert torch.equal(a, b), "same seed and stream, same draws"
+    assert 0.0 <= a.min().item() and a.max().item() < 1.0
+    assert abs(a.mean().item() - 0.5) < 0.005 and abs(a.var().item() - 1 / 12) < 0.002
+    first.fill_(b)
+    assert not torch.equal(a, b), "each fill draws anew"
+    UniformNoise(CPU, 5, "s", 1, engine=engine).fill_(b)
+    assert not torch.equal(a, b), "another stream, other draws"

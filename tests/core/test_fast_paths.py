@@ -66,3 +66,15 @@ def test_compile_switch_wraps_the_forward_only(digits, monkeypatch):
 def test_batches_are_normalised_on_the_split_device(digits):
     x, y = next(iterate_batches(digits[0], 64, shuffle=False))
     assert x.dtype == torch.float32 and x.device == digits[0].images.device and y.dtype == torch.int64
+
+
+def test_search_in_channels_last_learns_the_same_logits(digits):
+    from cts_pipeline.core.cts import SearchConfig, concrete_search
+
+    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.05)
+    a = concrete_search(convnet(), digits[0], density=0.2, config=SearchConfig(epochs=2), recipe=recipe, seed=0,
+                        progress=False)
+    b = concrete_search(convnet(), digits[0], density=0.2, config=SearchConfig(epochs=2), recipe=recipe, seed=0,
+                        channels_last=True, progress=False)
+    for name, scores in a.scores.items():
+        torch.testing.assert_close(b.scores[name], scores, rtol=1e-3, atol=1e-3, msg=name)

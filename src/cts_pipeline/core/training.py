@@ -8,6 +8,7 @@ retrained from ``θ_k`` sees exactly the schedule the dense run saw from epoch `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -171,6 +172,11 @@ def train(
     )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if autocast_dtype is None:
+        autocast = contextlib.nullcontext  # entering a disabled autocast still costs per step
+    else:
+        def autocast():
+            return torch.autocast(device.type, dtype=autocast_dtype)
     forward = torch.compile(model) if compile_model else model
     steps_per_epoch = _num_batches(len(train_split), recipe.batch_size)
     result = TrainResult()
@@ -204,7 +210,7 @@ def train(
             generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
         )
         for step, (x, y) in enumerate(batches):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with autocast():
                 logits = forward(_layout(x, channels_last))
                 loss = F.cross_entropy(logits.float(), y, reduction=recipe.loss_reduction)
             optimizer.zero_grad(set_to_none=True)

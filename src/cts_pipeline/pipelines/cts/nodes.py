@@ -8,7 +8,14 @@ from ...core.masks import global_topk_mask, mask_to_payload
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe
 from ...grid import Branch
-from ..common import build_network, checkpoint_for, data_fingerprint, device_for, split_from_payload
+from ..common import (
+    build_network,
+    checkpoint_for,
+    data_fingerprint,
+    device_for,
+    split_from_payload,
+    uses_channels_last,
+)
 
 
 def search_mask(
@@ -29,6 +36,7 @@ def search_mask(
         seed=branch.seed, stage=f"{branch.namespace} search", progress=runtime.progress,
         checkpoint=checkpoint_for(runtime, branch.namespace, "search", model, training, cts, branch.as_dict(),
                                   theta_start, data_fingerprint(train_data)),
+        channels_last=uses_channels_last(runtime, net),
     )
     log = {
         **branch.as_dict(),

@@ -1,0 +1,332 @@
+"""Speed ratios, each measured side by side in this one process (never a timed assertion in a test).
+
+    python benchmarks/speed.py                       # all rows (about 15 min on 2 CPU cores)
+    python benchmarks/speed.py --quick               # rows 1-3 only (about 2 min)
+    python benchmarks/speed.py --mnist ../shared/data
+
+Rows:
+  1. the project's training loop vs a minimal hand-written PyTorch loop (same model, data, batch);
+     ratio = hand-written time / project time, target >= 0.95;
+  2. a CTS search step vs a dense training step on the same batch (ResNet-20: target <= 1.5);
+  3. the device-resident batched data path vs a torchvision DataLoader with per-sample transforms;
+  4. end-to-end CTS-KL vs end-to-end LTR to 99.26 % sparsity, MNIST LeNet-300-100 (needs --mnist);
+  5. the default `kedro run --pipelines=cts` wall-clock vs the sum of its nodes' compute.
+Timings interleave the two sides and report the median of repeated ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from cts_pipeline.core import cts as C
+from cts_pipeline.core.data import DATASETS, Split, iterate_batches, load_splits, normalize
+from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
+from cts_pipeline.core.models import build_model
+from cts_pipeline.core.runtime import (
+    UniformNoise,
+    describe_hardware,
+    generator,
+    resolve_device,
+    tune_malloc,
+)
+from cts_pipeline.core.training import TrainRecipe, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS: list[tuple[str, str, str, str]] = []  # (what, measured, ratio, target)
+
+
+def row(what: str, measured: str, ratio: float, target: str) -> None:
+    ROWS.append((what, measured, f"{ratio:.2f}", target))
+    print(f"{what}: {measured} -> {ratio:.2f} ({target})", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(a, b, repeats: int, device: torch.device) -> tuple[float, float, float]:
+    """Median seconds of a and b, and the median of the per-repeat ratios b/a."""
+    ta, tb, ratios = [], [], []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        a()
+        sync(device)
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b()
+        sync(device)
+        tb.append(time.perf_counter() - t)
+        ratios.append(tb[-1] / ta[-1])
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def synthetic(name: str, n: int, device: torch.device) -> Split:
+    info = DATASETS[name]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, *info.image_shape), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, info.num_classes, (n,), generator=g)
+    return Split(images=images, labels=labels, info=info).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. training loop vs hand-written loop
+
+
+def loop_ratio(name: str, split: Split, batch: int, device: torch.device, channels_last: bool, repeats: int) -> None:
+    recipe = TrainRecipe(epochs=1, batch_size=batch, lr=0.01, weight_decay=1e-4)
+    shape = split.info.image_shape
+    x_all = normalize(split.images, split.info)
+    if channels_last:
+        x_all = x_all.contiguous(memory_format=torch.channels_last)
+
+    def fresh():
+        net = build_model(name, image_shape=shape, num_classes=split.info.num_classes,
+                          generator=torch.Generator().manual_seed(0)).to(device)
+        return net.to(memory_format=torch.channels_last) if channels_last else net
+
+    def project():
+        train(fresh(), split, None, recipe, seed=0, stage="bench", channels_last=channels_last, progress=False)
+
+    def hand_written():  # the minimal loop: pre-normalised data, index, step
+        net = fresh()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        perm = torch.randperm(len(split), generator=generator(device, 0, "bench"), device=device)
+        for i in range(0, len(split), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(net(x_all[idx]), split.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    project()
+    hand_written()
+    t_project, t_hand, ratio = interleaved(project, hand_written, repeats, device)
+    row(f"training loop / hand-written loop, {name}, {len(split)} images, batch {batch}"
+        f"{' NHWC' if channels_last else ''}",
+        f"{t_project:.2f} s vs {t_hand:.2f} s per epoch", ratio, "target >= 0.95")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. search step vs dense step
+
+
+def step_ratio(name: str, shape, batch: int, device: torch.device, channels_last: bool, repeats: int,
+               steps: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def fresh():
+        net = build_model(name, image_shape=shape, num_classes=10, generator=torch.Generator().manual_seed(0)).to(device)
+        return net.to(memory_format=torch.channels_last) if channels_last else net
+
+    dense_net = fresh()
+    opt = torch.optim.SGD(dense_net.parameters(), lr=0.01, momentum=0.9)
+
+    def dense():
+        for _ in range(steps):
+            loss = F.cross_entropy(dense_net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    search_net = fresh()
+    for p in search_net.parameters():
+        p.requires_grad_(False)
+    density = 0.0074
+    relaxation = C.ConcreteMask(prunable_parameters(search_net), density)
+    balancer = C.GradBalance(density, relaxation.num_weights)
+    adam = torch.optim.Adam([relaxation.logits], lr=0.1, fused=True)
+    noise = UniformNoise(device, 0, "bench-noise")
+    norms = C.batch_statistics(search_net)
+    norms.__enter__()
+
+    def search():  # exactly the body of concrete_search's step
+        for _ in range(steps):
+            soft = relaxation.sample(noise)
+            with torch.no_grad():
+                teacher = search_net(x)
+            sparse = functional_call(search_net, relaxation.masked_weights(soft), (x,))
+            loss = C.reverse_kl(sparse, teacher, y)
+            (task_grad,) = torch.autograd.grad(loss, relaxation.logits)
+            grad, _ = balancer.combine(relaxation.logits.detach(), task_grad)
+            relaxation.logits.grad = grad
+            adam.step()
+
+    dense()
+    search()
+    t_dense, t_search, ratio = interleaved(dense, search, repeats, device)
+    d = relaxation.num_weights
+    target = "target <= 1.5 (floor about 1.33)" if name == "resnet20" else "straightforward: 2.6-2.8"
+    row(f"search step / dense step, {name} ({d:,} logits), batch {batch}{' NHWC' if channels_last else ''}",
+        f"{t_search / steps * 1e3:.1f} ms vs {t_dense / steps * 1e3:.1f} ms", ratio, target)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. batched device data path vs DataLoader with per-sample transforms
+
+
+def data_path_ratio(device: torch.device, n: int, repeats: int) -> None:
+    from PIL import Image
+    from torchvision import transforms
+
+    split = synthetic("cifar10", n, device)
+    cpu_images = split.images.cpu().permute(0, 2, 3, 1).numpy()
+    labels = split.labels.cpu()
+    info = split.info
+    pipeline = transforms.Compose([
+        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(info.mean, info.std),
+    ])
+
+    class PerSample(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return pipeline(Image.fromarray(cpu_images[i])), labels[i]
+
+    loader = torch.utils.data.DataLoader(PerSample(), batch_size=128, shuffle=True, num_workers=0)
+
+    def ours():
+        for _batch in iterate_batches(split, 128, shuffle=True, generator=generator(device, 0, "b"), augment=True):
+            pass
+
+    def dataloader():
+        for images, labels in loader:
+            images.to(device)
+            labels.to(device)
+
+    t_ours, t_loader, ratio = interleaved(ours, dataloader, repeats, device)
+    row(f"DataLoader + per-sample transforms / batched on-device path, CIFAR-shaped, {n} images, crop+flip",
+        f"{t_loader:.2f} s vs {t_ours:.3f} s per epoch", ratio, "speed-up")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. end-to-end CTS-KL vs LTR to 99.26 % on MNIST, LeNet-300-100
+
+
+def cts_vs_ltr(root: Path, device: torch.device) -> None:
+    from cts_pipeline.core.ltr import level_for_sparsity, lottery_ticket_rewinding
+
+    train_split, test_split = (s.to(device) for s in load_splits("mnist", root))
+    recipe = TrainRecipe(epochs=20, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                         milestones=[10, 15], rewind_epoch=1)
+    sparsity, k = 0.9926, 1
+
+    def fresh(state=None):
+        net = build_model("lenet_300_100", image_shape=(1, 28, 28), num_classes=10,
+                          generator=generator("cpu", 0, "model-init"))
+        if state is not None:
+            net.load_state_dict(state)
+        return net.to(device)
+
+    dense = fresh()
+    dense_run = train(dense, train_split, test_split, recipe, seed=0, stage="dense", snapshot_epochs={k},
+                      progress=False)
+    theta_k = dense_run.snapshots[k]
+    to_rewind = dense_run.seconds_until(k)
+
+    search = C.concrete_search(fresh(theta_k), train_split, density=1 - sparsity, config=C.SearchConfig(),
+                               recipe=recipe, seed=0, progress=False)
+    cts_mask = global_topk_mask(search.scores, 1 - sparsity)
+    cts_ticket = train(fresh(theta_k), train_split, test_split, recipe, seed=0, stage="cts", start_epoch=k,
+                       mask=cts_mask, progress=False)
+    cts_total = to_rewind + search.seconds + cts_ticket.seconds
+
+    level = level_for_sparsity(sparsity)
+    masks, records = lottery_ticket_rewinding(
+        lambda: fresh(theta_k), dict(dense.state_dict()), train_split, test_split, recipe, seed=0,
+        max_level=level, start_epoch=k, dense_seconds=dense_run.seconds, keep_levels={level}, progress=False,
+    )
+    ltr_ticket = train(fresh(theta_k), train_split, test_split, recipe, seed=0, stage="ltr", start_epoch=k,
+                       mask=masks[level], progress=False)
+    ltr_total = records[-1].cumulative_seconds + ltr_ticket.seconds
+    row("LTR end-to-end / CTS-KL end-to-end, MNIST LeNet-300-100 to 99.26 %",
+        f"LTR {ltr_total:.0f} s ({ltr_ticket.final['test_accuracy']:.2f} %) vs CTS {cts_total:.0f} s "
+        f"({cts_ticket.final['test_accuracy']:.2f} %)", ltr_total / cts_total, "paper: about 12x")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. pipeline and tracking overhead of the default run
+
+
+def kedro_overhead() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp) / "project"
+        shutil.copytree(ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
+        (project / "conf" / "local").mkdir()
+        (project / "src").mkdir()
+        shutil.copy(ROOT / "pyproject.toml", project)
+        env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true",
+               "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "kedro", "run", "--pipelines=cts"], cwd=project, env=env,
+                       check=True, capture_output=True)
+        wall = time.perf_counter() - started
+        compute = 0.0
+        for path in project.glob("data/08_reporting/default/*/seed0/**/metrics.json/*/metrics.json"):
+            metrics = json.loads(path.read_text())
+            s = metrics["seconds"]
+            compute += s["train"] if metrics["method"] == "dense" else s["find_mask"] + s["retrain"] + s["evaluate"]
+    row("kedro run wall-clock / sum of node compute, default run (digits, 5 sparsities)",
+        f"{wall:.1f} s vs {compute:.1f} s", wall / compute, "overhead")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="rows 1-3 only")
+    parser.add_argument("--mnist", type=Path, default=ROOT.parent / "shared" / "data",
+                        help="folder holding MNIST/raw (row 4)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
+    args = parser.parse_args()
+    if not args.no_tune_malloc:
+        tune_malloc()
+    device = resolve_device(args.device)
+    conv_batch = 512 if device.type == "cuda" else 128
+    print(f"hardware: {describe_hardware(device)}", flush=True)
+
+    mnist_like = synthetic("mnist", 12_800, device)
+    cifar_like = synthetic("cifar10", 2_560 if device.type == "cpu" else 25_600, device)
+    loop_ratio("lenet_300_100", mnist_like, 128, device, channels_last=False, repeats=args.repeats)
+    loop_ratio("resnet20", cifar_like, conv_batch, device, channels_last=True, repeats=args.repeats)
+    step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=True, repeats=args.repeats, steps=5)
+    step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=False, repeats=args.repeats, steps=5)
+    step_ratio("lenet_300_100", (1, 28, 28), 128, device, channels_last=False, repeats=args.repeats, steps=100)
+    data_path_ratio(device, 5_000, repeats=3)
+    if not args.quick:
+        if (args.mnist / "MNIST" / "raw").is_dir():
+            cts_vs_ltr(args.mnist, device)
+        else:
+            print(f"skipping row 4: no MNIST under {args.mnist}", flush=True)
+        kedro_overhead()
+
+    print(f"\nhardware: {describe_hardware(device)}; torch threads {torch.get_num_threads()}; "
+          f"malloc tuning {'off' if args.no_tune_malloc else 'on'}\n")
+    print("| measurement | times | ratio | target |")
+    print("|---|---|---|---|")
+    for what, measured, ratio, target in ROWS:
+        print(f"| {what} | {measured} | {ratio} | {target} |")
+
+
+if __name__ == "__main__":
+    main()
