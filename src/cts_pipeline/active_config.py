@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-# What each stage's results depend on. `runtime` never changes a result; data.root and
-# data.download only say where the (canonical) files are.
+# What artifacts depend on beyond their dataset name. A branch's name already spells out every
+# choice that shapes it (cts_kl_short_at_init, snip_at_rewind, cts_kl_shuffled, seed, sparsity), so
+# branches are keyed on the recipe they share; a report depends on everything. `runtime` never
+# changes a result; data.root and data.download only say where the (canonical) files are.
 KEY_SCOPES = {
-    "dense": ("data", "model", "training"),
-    "cts": ("data", "model", "training", "cts"),
-    "report": ("data", "model", "training", "cts", "grid"),
+    "runs": ("data", "model", "training"),
+    "report": ("data", "model", "training", "cts", "methods", "pai", "grid", "sanity", "report"),
 }
 
 _config_loader: Any = None
@@ -53,11 +54,11 @@ def _project_config_loader() -> Any:
 
 
 def config_key(scope: str) -> str:
-    """Digest of the parameters a stage's results depend on (``${config_key:dense}`` in the catalog).
+    """Digest of the parameters artifacts depend on (``${config_key:runs}`` in the catalog).
 
     Artifacts live under their key, so ``kedro run --only-missing-outputs`` skips exactly the
     branches already computed with this configuration, and a changed setting never reuses a
-    stale result: changing ``cts.*`` recomputes the searches but keeps the dense networks.
+    stale result: a new ``cts.*`` choice is a new branch name, a new recipe a new key.
     """
     from .core.checkpoints import digest
 

@@ -10,7 +10,7 @@ the section's name. :func:`validate_run` then checks what needs several sections
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from .core.masks import count_prunable, kept_count
 from .core.models import MODELS, build_model, check_model_fits
 from .core.runtime import resolve_device
 from .core.training import TrainRecipe
-from .grid import GridConfig
+from .grid import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,18 @@ class RuntimeConfig:
                 raise ValueError(f"runtime.{key} must be true or false, got {getattr(self, key)!r}")
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """``report`` parameters."""
+
+    layer_density_sparsity: float | None = 0.9926  # the per-layer density plot's sparsity (nearest in the grid)
+
+    def __post_init__(self) -> None:
+        s = self.layer_density_sparsity
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1):
+            raise ValueError(f"report.layer_density_sparsity must be null or a fraction in (0, 1), got {s!r}")
+
+
 SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -100,6 +112,13 @@ SECTIONS = {
     "cts": SearchConfig,
     "grid": GridConfig,
     "runtime": RuntimeConfig,
+}
+# Sections with defaults for every field: a project may leave them out.
+OPTIONAL_SECTIONS = {
+    "methods": MethodsConfig,
+    "pai": PaiConfig,
+    "sanity": SanityConfig,
+    "report": ReportConfig,
 }
 
 
@@ -109,9 +128,11 @@ def typed_sections(params: Mapping[str, Any]) -> dict[str, Any]:
     Collects every section's error instead of stopping at the first, so one run start reports all.
     """
     sections, problems = {}, []
-    for key, cls in SECTIONS.items():
+    for key, cls in {**SECTIONS, **OPTIONAL_SECTIONS}.items():
         raw = params.get(key)
-        if raw is None:
+        if raw is None and key in OPTIONAL_SECTIONS:
+            sections[key] = cls()
+        elif raw is None:
             problems.append(f"{key}: missing from the parameters")
         elif isinstance(raw, cls):
             sections[key] = raw
@@ -124,19 +145,31 @@ def typed_sections(params: Mapping[str, Any]) -> dict[str, Any]:
                 problems.append(f"{key}: {exc}".replace(f"{cls.__name__}.__init__()", "it"))
             except ValueError as exc:
                 problems.append(str(exc))
+    if "cts" in sections and "methods" in sections:
+        for i, override in enumerate(sections["methods"].cts_variants):
+            try:
+                SearchConfig(**{**sections["cts"].as_dict(), **override})
+            except (TypeError, ValueError) as exc:
+                problems.append(f"methods.cts_variants[{i}] {dict(override)}: {exc}")
     if problems:
         raise ConfigError("invalid parameters:\n- " + "\n- ".join(problems))
     return sections
 
 
-def validate_run(params: Mapping[str, Any]) -> dict[str, Any]:
+def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = None) -> dict[str, Any]:
     """Check the whole configuration before any training; return the typed sections.
 
-    Raises :class:`ConfigError` listing every problem, each naming its parameter.
+    ``pipelines`` are the pipelines being run (None: the default); the sanity settings matter only
+    when they include the sanity checks. Raises :class:`ConfigError` listing every problem, each
+    naming its parameter.
     """
     sections = typed_sections(params)
     data, model, grid, runtime = sections["data"], sections["model"], sections["grid"], sections["runtime"]
     problems = []
+    try:
+        plan(sections).check(pipelines)
+    except ValueError as exc:
+        problems.append(str(exc))
     info = get_dataset_info(data.name)
     try:
         check_model_fits(model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options)

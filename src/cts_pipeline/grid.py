@@ -1,20 +1,28 @@
-"""The sweep: which (method, seed, sparsity) branches a run has, and what each is called.
+"""The sweep: which branches a run has, what each is called, and what each one runs.
 
-Kedro builds pipelines before it loads parameters, yet the grid shapes the DAG (one namespaced
-branch per sparsity and seed). So the grid lives in the ``grid`` parameters, the pipeline registry
-reads it through :mod:`cts_pipeline.active_config`, and each branch's own coordinates reach its nodes
-as the parameter ``params:<namespace>.branch`` (added by :class:`cts_pipeline.context.ProjectContext`). Names are stable: ``cts_kl.seed0.sp99_26`` is CTS-KL,
-seed 0, 99.26 % sparsity.
+Kedro builds pipelines before it loads parameters, yet the sweep shapes the DAG (one namespaced
+branch per method, seed and sparsity). So the sweep lives in the parameters (``grid``, ``cts``,
+``methods``, ``pai``, ``sanity``), :func:`plan` turns them into branches, the pipeline registry
+builds one branch pipeline per :class:`Branch`, and each branch's own settings reach its nodes as
+the parameter ``params:<namespace>.branch`` (added by :class:`cts_pipeline.context.ProjectContext`).
+
+Names are stable: ``cts_kl.seed0.sp99_26`` is CTS-KL, seed 0, 99.26 % sparsity; ``snip``, ``ltr``,
+``cts_kl_short`` (an ablation), ``cts_kl_shuffled`` (a sanity check of ``cts_kl``) likewise.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 BRANCH_PARAM = "branch"
 DENSE = "dense"
+LTR = "ltr"
+PAI_METHODS = ("snip", "grasp", "synflow", "magnitude", "random")
+STARTS = ("rewind", "init")
+CHECKS = {"shuffle": "shuffled", "invert": "inverted", "reinit": "reinit"}  # check -> name suffix
 
 
 def sparsity_label(sparsity: float) -> str:
@@ -24,19 +32,23 @@ def sparsity_label(sparsity: float) -> str:
 
 @dataclass(frozen=True)
 class Branch:
-    """One result of the sweep. ``sparsity`` is ``None`` for the dense reference."""
+    """One unit of the sweep; ``sparsity`` is ``None`` for per-seed work (dense training, LTR levels).
+
+    ``family`` says which pipeline builds it (dense, cts, ltr, pai, sanity) and ``settings`` holds
+    what that family needs: the full CTS configuration of a CTS variant, the scoring method of a
+    PaI branch, the check and the checked method of a sanity branch.
+    """
 
     method: str
     seed: int
     sparsity: float | None = None
     start: str = "rewind"  # the weights a mask is found on and retrained from: θ_k, or θ_0 ("init")
+    family: str = DENSE
+    settings: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def namespace(self) -> str:
-        parts = [self.method, f"seed{self.seed}"]
-        if self.sparsity is not None:
-            parts.append(sparsity_label(self.sparsity))
-        return ".".join(parts)
+        return branch_namespace(self.method, self.seed, self.sparsity)
 
     @property
     def density(self) -> float:
@@ -44,7 +56,44 @@ class Branch:
 
     def as_dict(self) -> dict:
         return {"method": self.method, "seed": self.seed, "sparsity": self.sparsity,
-                "density": self.density, "start": self.start, "namespace": self.namespace}
+                "density": self.density, "start": self.start, "family": self.family,
+                "settings": dict(self.settings), "namespace": self.namespace}
+
+
+def branch_namespace(method: str, seed: int, sparsity: float | None = None) -> str:
+    parts = [method, f"seed{seed}"]
+    if sparsity is not None:
+        parts.append(sparsity_label(sparsity))
+    return ".".join(parts)
+
+
+def _fractions(name: str, values: Any, *, allow_empty: bool = False) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or (not values and not allow_empty):
+        raise ValueError(f"{name} must be a {'' if allow_empty else 'non-empty '}list of fractions in (0, 1), "
+                         f"got {values!r}")
+    for s in values:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ValueError(f"{name}: {s!r} is not a number")
+        if not 0.0 < s < 1.0:
+            hint = f" (sparsity is a fraction: {s:g} % is {s / 100:g})" if 1.0 < s < 100.0 else ""
+            raise ValueError(f"{name}: {s!r} is outside (0, 1){hint}")
+    labels = [sparsity_label(s) for s in values]
+    clashes = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if clashes:
+        raise ValueError(f"{name}: several values round to the same branch {clashes}; "
+                         "sparsities must differ at 0.01 % resolution")
+    return tuple(float(s) for s in values)
+
+
+def _names(name: str, values: Any, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a list, got {values!r}")
+    for v in values:
+        if not isinstance(v, str) or (allowed is not None and v not in allowed):
+            raise ValueError(f"{name}: unknown {v!r}; known: {', '.join(allowed or [])}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {list(values)}")
+    return tuple(values)
 
 
 @dataclass(frozen=True)
@@ -55,19 +104,7 @@ class GridConfig:
     seeds: Sequence[int] = (0,)
 
     def __post_init__(self) -> None:
-        if isinstance(self.sparsities, (str, bytes)) or not isinstance(self.sparsities, Sequence) or not self.sparsities:
-            raise ValueError(f"grid.sparsities must be a non-empty list of fractions in (0, 1), got {self.sparsities!r}")
-        for s in self.sparsities:
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-                raise ValueError(f"grid.sparsities: {s!r} is not a number")
-            if not 0.0 < s < 1.0:
-                hint = f" (sparsity is a fraction: {s:g} % is {s / 100:g})" if 1.0 < s < 100.0 else ""
-                raise ValueError(f"grid.sparsities: {s!r} is outside (0, 1){hint}")
-        labels = [sparsity_label(s) for s in self.sparsities]
-        clashes = sorted({lab for lab in labels if labels.count(lab) > 1})
-        if clashes:
-            raise ValueError(f"grid.sparsities: several values round to the same branch {clashes}; "
-                             "sparsities must differ at 0.01 % resolution")
+        object.__setattr__(self, "sparsities", _fractions("grid.sparsities", self.sparsities))
         if isinstance(self.seeds, (str, bytes)) or not isinstance(self.seeds, Sequence) or not self.seeds:
             raise ValueError(f"grid.seeds must be a non-empty list of non-negative integers, got {self.seeds!r}")
         for seed in self.seeds:
@@ -75,45 +112,187 @@ class GridConfig:
                 raise ValueError(f"grid.seeds: {seed!r} is not a non-negative integer")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"grid.seeds has duplicates: {list(self.seeds)}")
-        object.__setattr__(self, "sparsities", tuple(float(s) for s in self.sparsities))
         object.__setattr__(self, "seeds", tuple(self.seeds))
 
-    @classmethod
-    def from_params(cls, params: Mapping) -> GridConfig:
-        raw = params.get("grid")
-        if isinstance(raw, GridConfig):
-            return raw
-        if not isinstance(raw, Mapping):
-            raise ValueError("parameters must define grid: {sparsities: [...], seeds: [...]}")
-        unknown = set(raw) - {"sparsities", "seeds"}
-        if unknown:
-            raise ValueError(f"grid has unknown keys {sorted(unknown)}; it takes sparsities and seeds")
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    """``methods`` parameters: what the comparison runs besides the main CTS configuration."""
+
+    cts_variants: Sequence[Mapping[str, Any]] = ()  # CTS ablations: each overrides keys of `cts`
+    ltr: bool = True
+    pai: Sequence[str] = PAI_METHODS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cts_variants, (str, bytes, Mapping)) or not isinstance(self.cts_variants, Sequence) \
+                or not all(isinstance(v, Mapping) for v in self.cts_variants):
+            raise ValueError("methods.cts_variants must be a list of mappings that override `cts`, e.g. "
+                             f"[{{search_length: short}}], got {self.cts_variants!r}")
+        object.__setattr__(self, "cts_variants", tuple(dict(v) for v in self.cts_variants))
+        if not isinstance(self.ltr, bool):
+            raise ValueError(f"methods.ltr must be true or false, got {self.ltr!r}")
+        object.__setattr__(self, "pai", _names("methods.pai", self.pai, PAI_METHODS))
+
+
+@dataclass(frozen=True)
+class PaiConfig:
+    """``pai`` parameters: where pruning-at-initialisation methods score the weights."""
+
+    at: str = "init"
+
+    def __post_init__(self) -> None:
+        if self.at not in STARTS:
+            raise ValueError(f"pai.at must be one of {STARTS}, got {self.at!r}")
+
+
+@dataclass(frozen=True)
+class SanityConfig:
+    """``sanity`` parameters: which methods and sparsities the sanity checks perturb."""
+
+    methods: Sequence[str] = ("cts",)  # "cts" is the main CTS method; PaI names without "_at_..." resolve
+    sparsities: Sequence[float] = (0.9926,)
+    checks: Sequence[str] = tuple(CHECKS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", _names("sanity.methods", self.methods))
+        object.__setattr__(self, "sparsities", _fractions("sanity.sparsities", self.sparsities, allow_empty=True))
+        object.__setattr__(self, "checks", _names("sanity.checks", self.checks, tuple(CHECKS)))
+
+
+def _section(cls, params: Mapping, key: str, required: bool = False):
+    raw = params.get(key)
+    if isinstance(raw, cls):
+        return raw
+    if raw is None and not required:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"parameters must define {key} as a mapping, got {raw!r}")
+    try:
         return cls(**raw)
+    except TypeError as exc:
+        raise ValueError(f"{key}: {exc}".replace(f"{cls.__name__}.__init__()", "it")) from exc
+
+
+def _plain(section: Any) -> dict:
+    if section is None:
+        return {}
+    if hasattr(section, "as_dict"):
+        return section.as_dict()
+    return dict(section)
 
 
 def cts_method_name(cts: Mapping) -> str:
     """``cts_<objective>``, plus every non-default choice, so variants never share a branch."""
     name = f"cts_{cts.get('objective', 'kl')}"
-    if cts.get("search_length", "long") != "long" or cts.get("epochs") is not None:
-        name += f"_{cts['epochs']}ep" if cts.get("epochs") is not None else f"_{cts['search_length']}"
+    if cts.get("epochs") is not None:
+        name += f"_{cts['epochs']}ep"
+    elif cts.get("search_length", "long") != "long":
+        name += f"_{cts['search_length']}"
     if cts.get("balance", "gradbalance") != "gradbalance":
         name += f"_{cts['balance']}"
+    if cts.get("lr") is not None:
+        name += f"_lr{cts['lr']:g}".replace(".", "p")
     if cts.get("search_at", "rewind") != "rewind":
         name += f"_at_{cts['search_at']}"
     return name
 
 
-def dense_branches(grid: GridConfig) -> list[Branch]:
-    return [Branch(DENSE, seed) for seed in grid.seeds]
+@dataclass
+class Plan:
+    """Every branch of every pipeline, by family, in a stable order."""
+
+    grid: GridConfig
+    dense: list[Branch]
+    cts: list[Branch]  # the main CTS configuration (`cts`), the `cts` pipeline
+    cts_variants: list[Branch]  # ablations (`methods.cts_variants`)
+    ltr_runs: list[Branch]  # one iterative pruning run per seed
+    ltr: list[Branch]
+    pai: list[Branch]
+    sanity: list[Branch]
+    problems: list[str] = field(default_factory=list)  # sanity settings that cannot run (see check())
+
+    def check(self, pipelines: Sequence[str] | None) -> None:
+        """Raise for sanity settings that cannot run, when the run includes the sanity checks."""
+        if self.problems and (not pipelines or {"sanity", "__default__"} & set(pipelines)):
+            raise ValueError("; ".join(self.problems))
+
+    def all(self) -> list[Branch]:
+        return [*self.dense, *self.cts, *self.cts_variants, *self.ltr_runs, *self.ltr, *self.pai, *self.sanity]
+
+    def by_method(self) -> dict[str, list[Branch]]:
+        out: dict[str, list[Branch]] = {}
+        for b in [*self.cts, *self.cts_variants, *self.ltr, *self.pai]:
+            out.setdefault(b.method, []).append(b)
+        return out
 
 
-def method_branches(method: str, grid: GridConfig, start: str = "rewind") -> list[Branch]:
-    return [Branch(method, seed, sparsity, start) for seed in grid.seeds for sparsity in grid.sparsities]
+def plan(params: Mapping) -> Plan:
+    """All branches of the sweep from the (raw or validated) parameters; errors name the parameter."""
+    grid = _section(GridConfig, params, "grid", required=True)
+    methods = _section(MethodsConfig, params, "methods")
+    pai_cfg = _section(PaiConfig, params, "pai")
+    sanity_cfg = _section(SanityConfig, params, "sanity")
+    seeds, sparsities = grid.seeds, grid.sparsities
+
+    def sweep(method: str, family: str, start: str, settings: Mapping) -> list[Branch]:
+        return [Branch(method, seed, s, start, family, dict(settings)) for seed in seeds for s in sparsities]
+
+    base_cts = _plain(params.get("cts"))
+    cts = sweep(cts_method_name(base_cts), "cts", base_cts.get("search_at", "rewind"), base_cts)
+    variants: list[Branch] = []
+    seen = {cts[0].method}
+    for override in methods.cts_variants:
+        merged = {**base_cts, **override}
+        name = cts_method_name(merged)
+        if name in seen:
+            raise ValueError(f"methods.cts_variants: {dict(override)} gives the branch name {name!r} twice "
+                             "(it does not change the search, or repeats another variant)")
+        seen.add(name)
+        variants += sweep(name, "cts", merged.get("search_at", "rewind"), merged)
+
+    ltr_runs, ltr = [], []
+    if methods.ltr:
+        from .core.ltr import level_for_sparsity
+
+        levels = {s: level_for_sparsity(s) for s in sparsities}
+        ltr_runs = [Branch(LTR, seed, None, "rewind", "ltr_run",
+                           {"max_level": max(levels.values()), "levels": sorted(set(levels.values()))})
+                    for seed in seeds]
+        ltr = [Branch(LTR, seed, s, "rewind", LTR, {"level": levels[s]}) for seed in seeds for s in sparsities]
+
+    suffix = "" if pai_cfg.at == "init" else f"_at_{pai_cfg.at}"
+    pai = [b for m in methods.pai for b in sweep(m + suffix, "pai", pai_cfg.at, {"method": m, "at": pai_cfg.at})]
+
+    planned = {b.method: b for b in [*cts, *variants, *ltr, *pai]}
+    aliases = {"cts": cts[0].method, **{b.settings["method"]: b.method for b in pai}}
+    problems, checked = [], []
+    for name in sanity_cfg.methods:
+        resolved = name if name in planned else aliases.get(name)
+        if resolved is None:
+            problems.append(f"sanity.methods: {name!r} is not among the planned methods "
+                            f"({', '.join(['cts', *sorted(planned)])})")
+        else:
+            checked.append(resolved)
+    grid_labels = {sparsity_label(g) for g in sparsities}
+    outside = [s for s in sanity_cfg.sparsities if sparsity_label(s) not in grid_labels]
+    if outside:
+        problems.append(f"sanity.sparsities: {outside} are not in grid.sparsities {list(sparsities)}")
+    sanity = []
+    for method in [] if outside else checked:
+        base = planned[method]
+        for check in sanity_cfg.checks:
+            if check == "invert" and base.family == LTR:
+                continue  # LTR's mask comes from weights of the previous level, not from a score to invert
+            if check == "reinit" and base.start != "init":
+                continue  # reinitialisation is a check of masks found at initialisation
+            for seed in seeds:
+                for s in sanity_cfg.sparsities:
+                    sparsity = next(g for g in sparsities if sparsity_label(g) == sparsity_label(s))
+                    sanity.append(Branch(f"{method}_{CHECKS[check]}", seed, sparsity, base.start, "sanity",
+                                         {"check": check, "of": method, "of_family": base.family}))
+    return Plan(grid, [Branch(DENSE, seed) for seed in seeds], cts, variants, ltr_runs, ltr, pai, sanity, problems)
 
 
 def branches_for(params: Mapping) -> list[Branch]:
     """Every branch the registered pipelines contain, from the raw or validated parameters."""
-    grid = GridConfig.from_params(params)
-    cts = params.get("cts") or {}
-    cts = cts.as_dict() if hasattr(cts, "as_dict") else cts
-    return dense_branches(grid) + method_branches(cts_method_name(cts), grid, cts.get("search_at", "rewind"))
+    return plan(params).all()

@@ -19,7 +19,7 @@ class RunValidationHook:
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        validate_run(catalog.load("parameters"))
+        validate_run(catalog.load("parameters"), run_params.get("pipeline_names"))
 
 
 class MlflowHook:
@@ -82,7 +82,7 @@ class MlflowHook:
 
 
 class ResultsPrinterHook:
-    """Print each report's summary table when the run ends (a log line would be wrapped)."""
+    """Print each report's summary when the run ends (a log line would be wrapped and lost)."""
 
     def __init__(self) -> None:
         self.tables: dict[str, Any] = {}
@@ -90,7 +90,8 @@ class ResultsPrinterHook:
     @hook_impl
     def after_node_run(self, node, outputs: dict[str, Any]) -> None:
         if "report" in node.tags:
-            self.tables.update({k: v for k, v in outputs.items() if hasattr(v, "to_csv")})
+            self.tables.update({k: v for k, v in outputs.items()
+                                if k.endswith("_results_table") or k == "sanity_table"})
 
     @hook_impl
     def after_pipeline_run(self) -> None:
@@ -101,12 +102,19 @@ class ResultsPrinterHook:
 
         console = Console(width=max(Console().width, 140))
         for name, table in self.tables.items():
-            header, rows = summary_rows(table)
-            out = Table(title=f"{name}: last-epoch test accuracy", title_justify="left")
+            if name == "sanity_table":
+                header = list(table.columns)
+                rows = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r] for r in table.itertuples(index=False)]
+                title = "sanity checks (a method passes when the check costs accuracy beyond the seed spread)"
+            else:
+                header, rows = summary_rows(table)
+                title = f"{name.removesuffix('_results_table')}: last-epoch test accuracy, mean ± std over seeds"
+            out = Table(title=title, title_justify="left")
             for i, column in enumerate(header):
                 out.add_column(column, justify="left" if i in (0, len(header) - 1) else "right")
             for row in rows:
                 out.add_row(*row)
             console.print(out)
-            console.print(f"hardware: {'; '.join(sorted(table['hardware'].unique()))}")
+            if "hardware" in table:
+                console.print(f"hardware: {'; '.join(sorted(table['hardware'].unique()))}")
         self.tables.clear()

@@ -1,4 +1,13 @@
-"""Project pipelines, built from the ``grid`` and ``cts`` parameters of the active environment."""
+"""Project pipelines, built from the sweep the active configuration plans (``grid.plan``).
+
+- ``cts``: the main job, CTS with the ``cts`` settings at every grid sparsity and seed;
+- ``ltr``, ``pai``: the baselines (lottery ticket rewinding; SNIP, GraSP, SynFlow, magnitude, random);
+- ``compare``: CTS, its ablations (``methods.cts_variants``) and every baseline, one report;
+- ``sanity``: layerwise shuffle, inversion and reinitialisation of the ``sanity.methods``;
+- ``__default__``: ``compare`` and ``sanity``.
+Every pipeline shares the data preparation and the dense runs; tickets share retraining and
+evaluation, so a branch that several pipelines contain is one and the same set of nodes.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +16,53 @@ import warnings
 from kedro.pipeline import Pipeline
 
 from . import active_config
-from .grid import GridConfig, dense_branches
+from .grid import Branch, plan
 from .pipelines.cts.pipeline import create_pipeline as cts_pipeline
 from .pipelines.data_processing.pipeline import create_pipeline as data_pipeline
 from .pipelines.dense.pipeline import create_pipeline as dense_pipeline
+from .pipelines.ltr.pipeline import create_pipeline as ltr_pipeline
+from .pipelines.pai.pipeline import create_pipeline as pai_pipeline
 from .pipelines.reporting.pipeline import create_pipeline as report_pipeline
+from .pipelines.sanity.pipeline import create_pipeline as sanity_pipeline
+from .pipelines.sanity.pipeline import create_report as sanity_report
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    # Branches read datasets of other namespaces on purpose (each CTS branch reads its seed's
-    # dense.seed<N>.theta_rewind; the report reads every branch's metrics). Kedro warns about
-    # dotted names crossing top-level namespaces; here that is the design, not a slip.
+    # Branches read datasets of other namespaces on purpose (each branch reads its seed's
+    # dense.seed<N>.theta_rewind; reports read every branch's metrics). Kedro warns about dotted
+    # names crossing top-level namespaces; here that is the design, not a slip.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="One or more dataset names contain '.' characters")
         return _build()
 
 
+def _metrics(branches: list[Branch]) -> list[str]:
+    return [f"{b.namespace}.metrics" for b in branches]
+
+
 def _build() -> dict[str, Pipeline]:
-    params = active_config.parameters()
-    grid = GridConfig.from_params(params)
-    dense = dense_pipeline(grid)
-    cts, cts_metrics = cts_pipeline(grid, params.get("cts") or {})
-    dense_metrics = [f"{b.namespace}.metrics" for b in dense_branches(grid)]
-    main = data_pipeline() + dense + cts + report_pipeline("cts", dense_metrics + cts_metrics)
-    return {"cts": main, "__default__": main}
+    p = plan(active_config.parameters())
+    base = data_pipeline() + dense_pipeline(p.dense)
+    cts = cts_pipeline(p.cts)
+    variants = cts_pipeline(p.cts_variants)
+    ltr = ltr_pipeline(p.ltr_runs, p.ltr)
+    pai = pai_pipeline(p.pai)
+
+    def with_report(name: str, branches: list[Branch], *parts: Pipeline) -> Pipeline:
+        return base + sum(parts, Pipeline([])) + report_pipeline(name, _metrics(p.dense) + _metrics(branches))
+
+    compared = p.cts + p.cts_variants + p.ltr + p.pai
+    pipelines = {
+        "cts": with_report("cts", p.cts, cts),
+        "ltr": with_report("ltr", p.ltr, ltr),
+        "pai": with_report("pai", p.pai, pai),
+        "compare": with_report("compare", compared, cts, variants, ltr, pai),
+    }
+    checked = {b.settings["of"] for b in p.sanity}
+    family_of = {b.method: pipe for branches, pipe in ((p.cts, cts), (p.cts_variants, variants), (p.ltr, ltr),
+                                                        (p.pai, pai)) for b in branches}
+    references = [b for b in compared if b.method in checked]
+    pipelines["sanity"] = (base + sum((family_of[m] for m in sorted(checked)), Pipeline([]))
+                           + sanity_pipeline(p.sanity) + sanity_report(_metrics(references) + _metrics(p.sanity)))
+    pipelines["__default__"] = pipelines["compare"] + pipelines["sanity"]
+    return pipelines

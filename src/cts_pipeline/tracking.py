@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 # What a child run records as parameters (the coordinates of a result); everything numeric in
 # the result's metrics becomes an MLflow metric.
 CHILD_PARAMS = (
-    "method", "objective", "model", "dataset", "sparsity", "density", "seed", "rewind_epoch",
-    "search_length", "search_epochs", "start", "start_epoch", "namespace", "hardware",
+    "method", "family", "objective", "model", "dataset", "sparsity", "density", "seed", "rewind_epoch",
+    "search_length", "search_epochs", "start", "start_epoch", "checked_method", "namespace", "hardware",
 )
 CHILD_METRICS = (
     "test_accuracy", "test_loss", "achieved_sparsity", "achieved_density", "kept_weights",

@@ -1,15 +1,17 @@
-"""The DAG the registry builds from the grid: one namespaced branch per (seed, sparsity)."""
+"""The DAG the registry builds from the sweep: one namespaced branch per method, seed and sparsity."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import yaml
 
 from cts_pipeline import active_config
 from cts_pipeline.context import with_branch_parameters
-from cts_pipeline.grid import Branch, cts_method_name, sparsity_label
+from cts_pipeline.core.cts import SearchConfig
+from cts_pipeline.grid import Branch, cts_method_name, plan, sparsity_label
 from cts_pipeline.pipeline_registry import register_pipelines
 
 from ..conftest import PROJECT_ROOT
@@ -32,10 +34,13 @@ def pipelines_for(params):
     return register_pipelines()
 
 
-def test_one_branch_per_seed_and_sparsity(params):
+def namespaces(pipeline) -> set[str]:
+    return {n.namespace for n in pipeline.nodes if n.namespace}
+
+
+def test_cts_has_one_branch_per_seed_and_sparsity(params):
     cts = pipelines_for(params)["cts"]
-    namespaces = {n.namespace for n in cts.nodes if n.namespace}
-    assert namespaces == {
+    assert namespaces(cts) == {
         "dense.seed0", "dense.seed1",
         "cts_kl.seed0.sp98_20", "cts_kl.seed0.sp99_26", "cts_kl.seed1.sp98_20", "cts_kl.seed1.sp99_26",
     }
@@ -43,21 +48,59 @@ def test_one_branch_per_seed_and_sparsity(params):
     assert branch == ["search", "binary_mask", "retrain", "evaluate"]  # topological order
     search = next(n for n in cts.nodes if n.name == "cts_kl.seed1.sp99_26.search")
     assert "dense.seed1.theta_rewind" in search.inputs
-    assert "params:cts_kl.seed1.sp99_26.branch" in search.inputs and "params:cts" in search.inputs
+    assert "params:cts_kl.seed1.sp99_26.branch" in search.inputs
     report = next(n for n in cts.nodes if n.name == "cts_report")
-    assert len(report.inputs) == 6 and set(report.outputs) == {"cts_results_table", "cts_accuracy_plot"}
+    assert report.inputs[0] == "params:report" and len(report.inputs) == 7  # 2 dense + 4 tickets
+    assert "cts_results_table" in report.outputs and "cts_layer_density_plot" in report.outputs
 
 
-def test_search_at_init_uses_theta_0_and_its_own_namespace(params):
-    params["cts"]["search_at"] = "init"
-    cts = pipelines_for(params)["cts"]
-    search = next(n for n in cts.nodes if n.name.endswith("seed0.sp98_20.search"))
-    assert search.namespace == "cts_kl_at_init.seed0.sp98_20"
-    assert "dense.seed0.theta_init" in search.inputs
+def test_compare_holds_every_method_and_shares_the_dense_runs(params):
+    params["methods"]["cts_variants"] = [{"search_length": "short"}, {"objective": "ce", "search_at": "init"}]
+    pipelines = pipelines_for(params)
+    compare = pipelines["compare"]
+    methods = {ns.split(".")[0] for ns in namespaces(compare)}
+    assert methods == {"dense", "cts_kl", "cts_kl_short", "cts_ce_at_init", "ltr",
+                       "snip", "grasp", "synflow", "magnitude", "random"}
+    assert len([n for n in compare.nodes if n.name.endswith("train_dense")]) == 2, "one dense run per seed"
+    prune = next(n for n in compare.nodes if n.name == "ltr.seed0.prune")
+    assert {"dense.seed0.theta_rewind", "dense.seed0.final_weights"} <= set(prune.inputs)
+    select = next(n for n in compare.nodes if n.name == "ltr.seed0.sp99_26.select_level")
+    assert "ltr.seed0.level_masks" in select.inputs
+    snip = next(n for n in compare.nodes if n.name == "snip.seed0.sp98_20.score")
+    assert "dense.seed0.theta_init" in snip.inputs, "SNIP scores at initialisation by default"
+    init_search = next(n for n in compare.nodes if n.name == "cts_ce_at_init.seed0.sp98_20.search")
+    assert "dense.seed0.theta_init" in init_search.inputs
+    # Every pipeline reuses the same retraining and evaluation nodes (no copies).
+    assert pipelines["cts"].only_nodes("cts_kl.seed0.sp99_26.retrain").nodes == \
+        compare.only_nodes("cts_kl.seed0.sp99_26.retrain").nodes
 
 
-def test_branch_parameters_match_the_pipeline(params):
-    nodes = pipelines_for(params)["cts"].nodes
+def test_sanity_branches_reuse_the_checked_branches(params):
+    pipelines = pipelines_for(params)
+    sanity = pipelines["sanity"]
+    checks = {ns for ns in namespaces(sanity) if ns.split(".")[0].endswith(("shuffled", "inverted", "reinit"))}
+    assert checks == {f"{m}.seed{s}.sp99_26" for s in (0, 1)
+                      for m in ("cts_kl_shuffled", "cts_kl_inverted", "snip_shuffled", "snip_inverted", "snip_reinit")}
+    shuffle = next(n for n in sanity.nodes if n.name == "cts_kl_shuffled.seed0.sp99_26.shuffle_mask")
+    assert "cts_kl.seed0.sp99_26.mask" in shuffle.inputs
+    invert = next(n for n in sanity.nodes if n.name == "snip_inverted.seed1.sp99_26.invert_mask")
+    assert "snip.seed1.sp99_26.scores" in invert.inputs
+    retrain = next(n for n in sanity.nodes if n.name == "snip_reinit.seed0.sp99_26.retrain")
+    assert "snip_reinit.seed0.sp99_26.theta_start" in retrain.inputs, "reinit trains from fresh weights"
+    assert "snip.seed0.sp99_26.mask" in retrain.inputs
+    assert {"snip.seed0.sp99_26.evaluate", "cts_kl.seed1.sp99_26.evaluate"} <= {n.name for n in sanity.nodes}
+    assert set(pipelines["__default__"].nodes) >= set(pipelines["compare"].nodes) | set(sanity.nodes)
+
+
+def test_pai_at_rewind_scores_theta_k(params):
+    params["pai"]["at"] = "rewind"
+    compare = pipelines_for(params)["compare"]
+    score = next(n for n in compare.nodes if n.name == "grasp_at_rewind.seed0.sp98_20.score")
+    assert "dense.seed0.theta_rewind" in score.inputs
+
+
+def test_branch_parameters_match_the_pipelines(params):
+    nodes = pipelines_for(params)["__default__"].nodes
     wanted = {i for n in nodes for i in n.inputs if i.endswith(".branch")}
     flat = {}
 
@@ -70,13 +113,60 @@ def test_branch_parameters_match_the_pipeline(params):
 
     walk(with_branch_parameters(copy.deepcopy(params)), "")
     assert set(flat) == wanted
-    assert flat["params:cts_kl.seed1.sp99_26.branch"] == Branch("cts_kl", 1, 0.9926)
+    cts = flat["params:cts_kl.seed1.sp99_26.branch"]
+    assert (cts.method, cts.seed, cts.sparsity, cts.family) == ("cts_kl", 1, 0.9926, "cts")
+    assert SearchConfig(**cts.settings) == SearchConfig(**params["cts"])
+    assert flat["params:ltr.seed0.branch"].settings == {"max_level": 22, "levels": [18, 22]}
+    assert flat["params:snip_reinit.seed1.sp99_26.branch"].start == "init"
 
 
 def test_branch_parameters_refuse_to_overwrite_a_user_parameter(params):
     params["dense"] = 3
     with pytest.raises(ValueError, match="dense"):
         with_branch_parameters(params)
+
+
+@pytest.mark.parametrize("change", [{"methods": ["nope"]}, {"sparsities": [0.5]}])
+def test_unrunnable_sanity_settings_stop_only_runs_that_check(params, change):
+    params["sanity"] = {**params["sanity"], **change}
+    p = plan(params)  # other pipelines still build
+    assert p.sanity == [] and p.problems and p.cts
+    p.check(["cts", "compare"])
+    for pipelines in (["sanity"], None, ["__default__"]):
+        with pytest.raises(ValueError, match=r"sanity\.(methods|sparsities)"):
+            p.check(pipelines)
+
+
+def test_sanity_aliases_resolve_to_the_planned_names(params):
+    params["cts"]["epochs"] = 3
+    params["pai"]["at"] = "rewind"
+    names = {b.method for b in plan(params).sanity}
+    assert names == {"cts_kl_3ep_shuffled", "cts_kl_3ep_inverted", "snip_at_rewind_shuffled",
+                     "snip_at_rewind_inverted"}, "reinit applies to masks found at initialisation only"
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"sanity": {"checks": ["flip"]}}, "sanity.checks"),
+    ({"methods": {"pai": ["obd"]}}, "methods.pai"),
+    ({"methods": {"cts_variants": [{"objective": "kl"}]}}, "methods.cts_variants"),
+    ({"pai": {"at": "end"}}, "pai.at"),
+])
+def test_bad_sweep_settings_are_named(params, change, named):
+    for section, values in change.items():
+        params[section] = {**params.get(section, {}), **values}
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        plan(params)
+
+
+def test_every_search_setting_is_in_the_branch_name():
+    """Branch artifacts are keyed on the recipe only, so the name must spell out every choice."""
+    base = SearchConfig()
+    changed = {"objective": "fkl", "search_length": "short", "epochs": 7, "balance": "lagrangian",
+               "lr": 0.05, "search_at": "init"}
+    assert set(changed) == {f.name for f in dataclasses.fields(SearchConfig)}
+    for field, value in changed.items():
+        other = dataclasses.replace(base, **{field: value})
+        assert cts_method_name(other.as_dict()) != cts_method_name(base.as_dict()), field
 
 
 def test_names():

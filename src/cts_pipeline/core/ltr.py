@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from .checkpoints import Checkpoint
 from .data import Split
 from .masks import Mask, global_topk_mask, kept_count, prunable_parameters
 from .training import TrainRecipe, train
@@ -105,6 +106,8 @@ def lottery_ticket_rewinding(
     start_epoch: int,
     dense_seconds: float = 0.0,
     keep_levels: Collection[int] = (),
+    checkpoint: Checkpoint | None = None,
+    level_checkpoint: Callable[[int], Checkpoint | None] | None = None,
     progress: bool = True,
 ) -> tuple[dict[int, Mask], list[LevelRecord]]:
     """Prune iteratively from ``dense_final`` down to level ``max_level``.
@@ -115,6 +118,8 @@ def lottery_ticket_rewinding(
     recipe's schedule; the last level's mask needs no training here.
 
     Returns the masks of ``keep_levels`` (CPU tensors) and one :class:`LevelRecord` per level.
+    With ``checkpoint``, the state after each finished level is saved and a matching one resumed;
+    ``level_checkpoint(level)`` gives each level's training its own per-epoch checkpoint.
     """
     if not isinstance(max_level, int) or max_level < 1:
         raise ValueError(f"max_level must be a positive integer, got {max_level!r}")
@@ -128,7 +133,16 @@ def lottery_ticket_rewinding(
     kept_masks: dict[int, Mask] = {}
     records: list[LevelRecord] = []
     cumulative = float(dense_seconds)
-    for level in range(1, max_level + 1):
+    first = 1
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        mask, weights = saved["mask"], saved["weights"]
+        kept_masks = {int(k): v for k, v in saved["kept_masks"].items()}
+        records = [LevelRecord(**r) for r in saved["records"]]
+        cumulative = float(saved["cumulative"])
+        first = int(saved["levels_done"]) + 1
+        logger.info("ltr: resuming from the checkpoint after level %d/%d", first - 1, max_level)
+    for level in range(first, max_level + 1):
         density = level_density(level)
         mask = {n: keep.cpu() for n, keep in magnitude_mask(weights, density, within=mask).items()}
         if level in keep_levels:
@@ -138,6 +152,7 @@ def lottery_ticket_rewinding(
             model = make_model()
             result = train(model, train_split, test_split, recipe, seed=seed,
                            stage=f"ltr level {level}", start_epoch=start_epoch, mask=mask,
+                           checkpoint=level_checkpoint(level) if level_checkpoint is not None else None,
                            progress=progress)
             seconds, accuracy = result.seconds, result.final.get("test_accuracy")
             prunable = prunable_parameters(model)
@@ -153,4 +168,9 @@ def lottery_ticket_rewinding(
             "" if accuracy is None else f", trained to {accuracy:.2f} % in {seconds:.1f} s",
         )
         cumulative += seconds
+        if checkpoint is not None and level < max_level:
+            checkpoint.save({"levels_done": level, "mask": mask, "weights": weights, "kept_masks": kept_masks,
+                             "records": [asdict(r) for r in records], "cumulative": cumulative})
+    if checkpoint is not None:
+        checkpoint.remove()
     return kept_masks, records

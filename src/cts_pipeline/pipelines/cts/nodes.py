@@ -1,10 +1,9 @@
-"""CTS nodes: learn mask logits on the frozen start weights, then keep the global top-k."""
+"""CTS nodes: learn mask logits on the frozen start weights (θ_k, or θ_0 for search at init)."""
 
 from __future__ import annotations
 
 from ...config import ModelConfig, RuntimeConfig
 from ...core.cts import SearchConfig, concrete_search
-from ...core.masks import global_topk_mask, mask_to_payload
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe
 from ...grid import Branch
@@ -23,18 +22,21 @@ def search_mask(
     train_data: dict,
     model: ModelConfig,
     training: TrainRecipe,
-    cts: SearchConfig,
     runtime: RuntimeConfig,
     branch: Branch,
 ) -> tuple[dict, dict]:
-    """Concrete Ticket Search at the branch's density; returns the logits per layer and the search log."""
+    """Concrete Ticket Search at the branch's density with the branch's CTS settings.
+
+    Returns the logits per layer (the scores the binary mask ranks) and the search log.
+    """
+    cts = SearchConfig(**branch.settings)
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device)
     net = build_network(model, train_split, device, state=theta_start)
     result = concrete_search(
         net, train_split, density=branch.density, config=cts, recipe=training,
         seed=branch.seed, stage=f"{branch.namespace} search", progress=runtime.progress,
-        checkpoint=checkpoint_for(runtime, branch.namespace, "search", model, training, cts, branch.as_dict(),
+        checkpoint=checkpoint_for(runtime, branch.namespace, "search", model, training, branch.as_dict(),
                                   theta_start, data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net),
     )
@@ -51,8 +53,3 @@ def search_mask(
         "hardware": describe_hardware(device),
     }
     return result.scores, log
-
-
-def extract_mask(scores: dict, branch: Branch) -> dict:
-    """The binary mask: exactly ``round(κ·d)`` highest logits over the whole network."""
-    return mask_to_payload(global_topk_mask(scores, branch.density), branch.density)

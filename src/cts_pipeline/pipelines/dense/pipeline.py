@@ -1,12 +1,11 @@
 from kedro.pipeline import Pipeline, node
 
-from ...grid import GridConfig, dense_branches
+from ...grid import Branch
+from ..tickets.pipeline import SHARED_PARAMETERS
 from .nodes import train_dense
 
-SHARED_PARAMETERS = {"params:model", "params:training", "params:runtime"}
 
-
-def create_pipeline(grid: GridConfig) -> Pipeline:
+def create_pipeline(branches: list[Branch]) -> Pipeline:
     """One ``dense.seed<N>`` branch per seed of the grid."""
     template = Pipeline([
         node(
@@ -19,5 +18,5 @@ def create_pipeline(grid: GridConfig) -> Pipeline:
     ])
     return Pipeline([
         Pipeline(template, namespace=b.namespace, inputs={"train_data", "test_data"}, parameters=SHARED_PARAMETERS)
-        for b in dense_branches(grid)
+        for b in branches
     ], tags="dense")

@@ -1,28 +1,27 @@
-"""Join every branch's metrics into one results table and an accuracy-versus-sparsity plot."""
+"""Join every branch's metrics into tables and plots: accuracy against sparsity (dense as a band),
+accuracy against wall-clock, and per-layer density at one sparsity."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
-matplotlib.use("Agg")  # reports are written to files; never open a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from ...config import ReportConfig
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = [
-    "method", "seed", "target_sparsity_pct", "achieved_sparsity_pct", "kept_weights", "prunable_weights",
-    "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s", "retrain_s",
-    "total_s", "collapsed_layers", "model", "dataset", "rewind_epoch", "hardware",
+    "method", "family", "seed", "target_sparsity_pct", "achieved_sparsity_pct", "kept_weights",
+    "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
+    "retrain_s", "total_s", "collapsed_layers", "start", "model", "dataset", "rewind_epoch", "hardware",
 ]
 
 
-def results_table(*metrics: dict) -> pd.DataFrame:
+def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
     """One row per (method, seed, sparsity), dense references first; accuracies in %."""
     rows = []
     for m in metrics:
@@ -30,6 +29,7 @@ def results_table(*metrics: dict) -> pd.DataFrame:
         seconds = m["seconds"]
         rows.append({
             "method": m["method"],
+            "family": m.get("family", "dense"),
             "seed": m["seed"],
             "target_sparsity_pct": 0.0 if dense else 100 * m["target_sparsity"],
             "achieved_sparsity_pct": 100 * m["achieved_sparsity"],
@@ -43,33 +43,33 @@ def results_table(*metrics: dict) -> pd.DataFrame:
             "retrain_s": seconds["train"] if dense else seconds["retrain"],
             "total_s": seconds["train"] if dense else seconds["total"],
             "collapsed_layers": "" if dense else ";".join(m["collapsed_layers"]),
+            "start": m.get("start", "init"),
             "model": m["model"],
             "dataset": m["dataset"],
             "rewind_epoch": m["rewind_epoch"],
             "hardware": m["hardware"],
         })
     table = pd.DataFrame(rows, columns=COLUMNS)
-    order = table["method"].ne("dense")
-    return (table.assign(_dense_last=order)
-            .sort_values(["_dense_last", "method", "target_sparsity_pct", "seed"])
+    return (table.assign(_dense_last=table["method"].ne("dense"))
+            .sort_values(["_dense_last", "method", "target_sparsity_pct", "seed"], kind="stable")
             .drop(columns="_dense_last").reset_index(drop=True))
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds per (method, target sparsity): what the printed report shows."""
+    """Mean ± std over seeds per (method, target sparsity), in first-seen order."""
     grouped = table.groupby(["method", "target_sparsity_pct"], sort=False)
     out = grouped.agg(
         seeds=("seed", "count"),
         achieved_sparsity_pct=("achieved_sparsity_pct", "mean"),
         kept_weights=("kept_weights", "mean"),
-        acc_mean=("test_accuracy", "mean"),
-        acc_std=("test_accuracy", "std"),
+        test_accuracy_mean=("test_accuracy", "mean"),
+        test_accuracy_std=("test_accuracy", "std"),
         find_mask_s=("find_mask_s", "mean"),
         retrain_s=("retrain_s", "mean"),
         total_s=("total_s", "mean"),
-        collapsed=("collapsed_layers", lambda c: int((c != "").sum())),
+        collapsed_seeds=("collapsed_layers", lambda c: int((c != "").sum())),
     ).reset_index()
-    out["acc_std"] = out["acc_std"].fillna(0.0)
+    out["test_accuracy_std"] = out["test_accuracy_std"].fillna(0.0)
     return out
 
 
@@ -79,8 +79,9 @@ def summary_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
               "retrain s", "total s", "note"]
     rows = []
     for r in summary(table).itertuples():
-        acc = f"{r.acc_mean:.2f} ± {r.acc_std:.2f}" if r.seeds > 1 else f"{r.acc_mean:.2f}"
-        note = f"layer collapse ({r.collapsed} seed(s))" if r.collapsed else ""
+        acc = (f"{r.test_accuracy_mean:.2f} ± {r.test_accuracy_std:.2f}" if r.seeds > 1
+               else f"{r.test_accuracy_mean:.2f}")
+        note = f"LAYER COLLAPSE ({r.collapsed_seeds} of {r.seeds} seeds)" if r.collapsed_seeds else ""
         rows.append([r.method, f"{r.target_sparsity_pct:.2f}", f"{r.achieved_sparsity_pct:.2f}",
                      f"{r.kept_weights:.0f}", str(r.seeds), acc, f"{r.find_mask_s:.1f}",
                      f"{r.retrain_s:.1f}", f"{r.total_s:.1f}", note])
@@ -91,23 +92,34 @@ def format_summary(table: pd.DataFrame) -> str:
     """The summary as fixed-width text (logs, docs)."""
     header, rows = summary_rows(table)
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
              for line in [header, *rows]]
     hardware = "; ".join(sorted(table["hardware"].unique()))
     return "\n".join(lines) + f"\nhardware: {hardware}"
 
 
-def accuracy_plot(table: pd.DataFrame, title: str) -> Figure:
-    """Test accuracy against sparsity (log-scaled density axis), dense accuracy as a reference."""
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+def _figure(width: float, height: float):
+    """A figure outside pyplot: no GUI backend, no global figure registry to leak into."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots()
+
+
+def _dense_band(ax, table: pd.DataFrame) -> None:
     dense = table[table["method"] == "dense"]["test_accuracy"]
     if len(dense):
         ax.axhline(dense.mean(), color="black", lw=1, ls="--", label=f"dense ({dense.mean():.2f} %)")
         if len(dense) > 1:
-            ax.axhspan(dense.min(), dense.max(), color="black", alpha=0.08)
+            ax.axhspan(dense.mean() - dense.std(), dense.mean() + dense.std(), color="black", alpha=0.08)
+
+
+def accuracy_plot(table: pd.DataFrame, title: str) -> Figure:
+    """Test accuracy against sparsity (log-scaled density axis), dense accuracy as a band (±1 std)."""
+    fig, ax = _figure(8, 5)
+    _dense_band(ax, table)
     for method, rows in summary(table[table["method"] != "dense"]).groupby("method", sort=False):
-        density = 100 - rows["target_sparsity_pct"]
-        ax.errorbar(density, rows["acc_mean"], yerr=rows["acc_std"], marker="o", capsize=3, label=method)
+        ax.errorbar(100 - rows["target_sparsity_pct"], rows["test_accuracy_mean"], yerr=rows["test_accuracy_std"],
+                    marker="o", capsize=3, label=method)
     ax.set_xscale("log")
     ax.invert_xaxis()
     ax.xaxis.set_major_formatter(FuncFormatter(lambda d, _: f"{100 - d:.4g}"))
@@ -119,16 +131,71 @@ def accuracy_plot(table: pd.DataFrame, title: str) -> Figure:
     ax.set_ylabel("test accuracy (%, last epoch)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     return fig
 
 
-def build_report(*metrics: dict) -> tuple[pd.DataFrame, Figure]:
-    """The results table and the plot for all branches; logs the summary table."""
-    table = results_table(*metrics)
+def time_plot(table: pd.DataFrame, title: str) -> Figure:
+    """Test accuracy against end-to-end wall-clock (find the mask and train the ticket)."""
+    fig, ax = _figure(8, 5)
+    _dense_band(ax, table)
+    for method, rows in summary(table[table["method"] != "dense"]).groupby("method", sort=False):
+        ax.errorbar(rows["total_s"], rows["test_accuracy_mean"], yerr=rows["test_accuracy_std"],
+                    marker="o", ls="", capsize=3, label=method)
+        for r in rows.itertuples():
+            ax.annotate(f"{r.target_sparsity_pct:.4g}", (r.total_s, r.test_accuracy_mean), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("wall-clock per ticket, s (log; labels: sparsity %)")
+    ax.set_ylabel("test accuracy (%, last epoch)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def layer_density_plot(metrics: Sequence[Mapping], sparsity: float | None, title: str) -> Figure:
+    """Per-layer density of each method's masks at one sparsity (mean over seeds), log scale."""
+    tickets = [m for m in metrics if m["method"] != "dense"]
+    available = sorted({round(m["target_sparsity"], 6) for m in tickets})
+    fig, ax = _figure(9, 5)
+    if not available:
+        ax.set_title(f"{title}: no tickets")
+        return fig
+    chosen = min(available, key=lambda s: abs(s - sparsity)) if sparsity is not None else available[-1]
+    chosen_metrics = [m for m in tickets if round(m["target_sparsity"], 6) == chosen]
+    layers = list(chosen_metrics[0]["layer_density"])
+    methods = list(dict.fromkeys(m["method"] for m in chosen_metrics))
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        rows = [m["layer_density"] for m in chosen_metrics if m["method"] == method]
+        means = [sum(r[layer] for r in rows) / len(rows) for layer in layers]
+        ax.bar([j + i * width for j in range(len(layers))], [max(v, 1e-6) for v in means], width, label=method)
+    ax.axhline(1 - chosen, color="black", lw=1, ls="--", label=f"overall density {100 * (1 - chosen):.2f} %")
+    ax.set_yscale("log")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
+    ax.set_xticklabels([layer.removesuffix(".weight") for layer in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("fraction of the layer's weights kept (log; 1e-6 = layer collapse)")
+    ax.set_title(f"{title}: per-layer density at {100 * chosen:.2f} % sparsity")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def build_report(report: ReportConfig, *metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame, Figure, Figure, Figure]:
+    """Results table, mean ± std summary, and the three plots for all branches of a pipeline."""
+    table = results_table(metrics)
     first = metrics[0]
     title = f"{first['dataset']} / {first['model']}, rewind epoch {first['rewind_epoch']}"
-    logger.info("Results of %d branches (%s): see the table printed at the end of the run", len(table), title)
-    return table, accuracy_plot(table, title)
-
-
+    collapsed = table[table["collapsed_layers"] != ""]
+    for r in collapsed.itertuples():
+        logger.warning("layer collapse: %s seed %d at %.2f %% sparsity leaves no weight in %s",
+                       r.method, r.seed, r.target_sparsity_pct, r.collapsed_layers)
+    logger.info("Results of %d runs (%s): the summary is printed at the end of the run", len(table), title)
+    return (
+        table,
+        summary(table),
+        accuracy_plot(table, title),
+        time_plot(table, title),
+        layer_density_plot(metrics, report.layer_density_sparsity, title),
+    )

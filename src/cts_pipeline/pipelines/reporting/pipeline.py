@@ -4,12 +4,14 @@ from .nodes import build_report
 
 
 def create_pipeline(report: str, metrics: list[str]) -> Pipeline:
-    """``<report>_results_table`` (CSV) and ``<report>_accuracy_plot`` (PNG) from the given metrics."""
+    """``<report>_results_table`` and ``<report>_summary_table`` (CSV), and the accuracy, time and
+    per-layer density plots (PNG), from the given metrics."""
     return Pipeline([
         node(
             build_report,
-            metrics,
-            [f"{report}_results_table", f"{report}_accuracy_plot"],
+            ["params:report", *metrics],
+            [f"{report}_results_table", f"{report}_summary_table", f"{report}_accuracy_plot",
+             f"{report}_time_plot", f"{report}_layer_density_plot"],
             name=f"{report}_report",
             tags="report",
         )

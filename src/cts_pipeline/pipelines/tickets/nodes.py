@@ -6,7 +6,14 @@ import logging
 import time
 
 from ...config import ModelConfig, RuntimeConfig
-from ...core.masks import collapsed_layers, layer_report, payload_to_mask, prunable_parameters
+from ...core.masks import (
+    collapsed_layers,
+    global_topk_mask,
+    layer_report,
+    mask_to_payload,
+    payload_to_mask,
+    prunable_parameters,
+)
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, evaluate, train
 from ...grid import Branch
@@ -21,6 +28,11 @@ from ..common import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def topk_mask(scores: dict, branch: Branch) -> dict:
+    """The binary mask: exactly ``round(κ·d)`` highest scores over the whole network."""
+    return mask_to_payload(global_topk_mask(scores, branch.density), branch.density)
 
 
 def start_epoch(training: TrainRecipe, branch: Branch) -> int:
@@ -89,7 +101,9 @@ def evaluate_ticket(
         logger.warning("%s: layer collapse, no weight left in %s: the network is disconnected",
                        branch.namespace, ", ".join(collapsed))
     seconds = {
-        "to_rewind": dense_metrics["seconds"]["to_rewind"] if branch.start == "rewind" else 0.0,
+        # LTR's mask already cost the whole dense training (to θ_k and beyond): count it once.
+        "to_rewind": (dense_metrics["seconds"]["to_rewind"]
+                      if branch.start == "rewind" and not mask_log.get("includes_dense_training") else 0.0),
         "find_mask": mask_log["seconds"],
         "retrain": retrain_log["seconds"],
         "evaluate": time.perf_counter() - started,
@@ -101,9 +115,11 @@ def evaluate_ticket(
         "dataset": test_split.info.name,
         "rewind_epoch": training.rewind_epoch,
         "start_epoch": retrain_log["start_epoch"],
+        "family": branch.family,
         "objective": mask_log.get("cts_objective"),
         "search_length": mask_log.get("cts_search_length"),
         "search_epochs": mask_log.get("search_epochs"),
+        "checked_method": branch.settings.get("of"),
         "target_sparsity": branch.sparsity,
         "target_density": branch.density,
         "achieved_sparsity": mask["sparsity"],

@@ -1,0 +1,103 @@
+"""The comparison end to end: every method side by side, the sanity checks, layer collapse flagged."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+
+from cts_pipeline.core.ltr import level_density
+
+from .conftest import latest, run_pipeline
+
+METHODS = ["cts_kl", "grasp", "ltr", "magnitude", "random", "snip", "synflow"]
+
+
+def test_default_run_compares_every_method_and_runs_the_sanity_checks(project):
+    run_pipeline(project, pipeline="__default__")
+    report = "data/08_reporting/smoke/report-*"
+
+    table = pd.read_csv(latest(project, f"{report}/compare_results.csv"))
+    assert sorted(set(table["method"])) == sorted(["dense", *METHODS])
+    tickets = table[table["method"] != "dense"]
+    assert len(tickets) == len(METHODS) * 2  # two sparsities, one seed
+    exact = tickets[tickets["method"] != "ltr"]
+    assert (exact["achieved_sparsity_pct"] - exact["target_sparsity_pct"]).abs().max() < 0.03
+    # LTR's mask at a grid sparsity is the first level that reaches it: 50 % -> level 4, 90 % -> level 11.
+    ltr = tickets[tickets["method"] == "ltr"].sort_values("target_sparsity_pct")
+    assert list(ltr["kept_weights"]) == [round(level_density(4) * 3688), round(level_density(11) * 3688)]
+    assert (ltr["find_mask_s"] > tickets[tickets["method"] == "snip"]["find_mask_s"].max()).all()
+
+    summary = pd.read_csv(latest(project, f"{report}/compare_summary.csv"))
+    assert {"test_accuracy_mean", "test_accuracy_std", "total_s", "seeds"} <= set(summary.columns)
+    for plot in ("compare_accuracy_vs_sparsity.png", "compare_accuracy_vs_time.png", "compare_layer_density.png"):
+        assert latest(project, f"{report}/{plot}").stat().st_size > 5000, plot
+
+    sanity = pd.read_csv(latest(project, f"{report}/sanity.csv"))
+    assert sorted(zip(sanity["method"], sanity["check"], strict=True)) == [
+        ("cts_kl", "inverted"), ("cts_kl", "shuffled"), ("snip", "inverted"), ("snip", "reinit"), ("snip", "shuffled")]
+    reference = table[(table["method"] == "snip") & (table["target_sparsity_pct"] == 90.0)]["test_accuracy"].item()
+    assert sanity["reference_accuracy"][sanity["method"] == "snip"].eq(reference).all()
+    assert (sanity["accuracy_change"] == sanity["check_accuracy"] - sanity["reference_accuracy"]).all()
+
+    shuffled = torch.load(latest(project, "data/07_model_output/smoke/cts_kl_shuffled-*/seed0/sp90_00/mask.pt"),
+                          weights_only=True)
+    original = torch.load(latest(project, "data/07_model_output/smoke/cts_kl-*/seed0/sp90_00/mask.pt"),
+                          weights_only=True)
+    assert shuffled["kept"] == original["kept"], "a layerwise shuffle keeps every layer's count"
+    assert any(not torch.equal(shuffled["masks"][n], original["masks"][n]) for n in original["masks"])
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("cts-pipeline").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 1 + len(METHODS) * 2 + len(sanity)
+    assert {r.data.params["method"] for r in children} >= set(METHODS)
+
+
+def test_layer_collapse_is_flagged_in_the_table_the_log_and_mlflow(project):
+    # The base configuration (the smoke preset's convnet options do not apply to LeNet), shortened.
+    params = {"model": {"name": "lenet_300_100"}, "methods": {"pai": ["magnitude"]}, "grid": {"sparsities": [0.98]},
+              "training": {"epochs": 2, "milestones": [1]}, "runtime": {"progress": False}}
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("cts_pipeline")  # Kedro's logging setup replaces the root handlers
+    logger.addHandler(handler)
+    try:
+        run_pipeline(project, env=None, params=params, pipeline="pai")
+    finally:
+        logger.removeHandler(handler)
+    table = pd.read_csv(latest(project, "data/08_reporting/default/report-*/pai_results.csv"), keep_default_na=False)
+    row = table[table["method"] == "magnitude"].iloc[0]
+    assert row["collapsed_layers"] == "fc2.weight"  # Kaiming scaling makes 300->100 weights smallest
+    warnings = [r.getMessage() for r in records]
+    assert any("layer collapse" in w and "fc2.weight" in w for w in warnings), warnings
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("cts-pipeline").experiment_id])
+    child = next(r for r in runs if r.data.params.get("method") == "magnitude")
+    assert child.data.tags["layer_collapse"] == "fc2.weight" and child.data.metrics["collapsed_layers"] == 1.0
+
+
+def test_notebook_redraws_the_comparison_from_the_catalog(project, monkeypatch):
+    import shutil
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from .conftest import PROJECT_ROOT
+
+    run_pipeline(project, pipeline="__default__")
+    (project / "notebooks").mkdir()
+    shutil.copy(PROJECT_ROOT / "notebooks" / "compare_methods.ipynb", project / "notebooks")
+    notebook = nbformat.read(project / "notebooks" / "compare_methods.ipynb", as_version=4)
+    monkeypatch.setenv("KEDRO_ENV", "smoke")
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(project / "notebooks")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3, "the accuracy, time and layer-density plots are redrawn"
+    tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any("test_accuracy_mean" in t for t in tables) and any("passes" in t for t in tables)
