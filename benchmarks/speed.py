@@ -40,7 +40,6 @@ from cts_pipeline.core.runtime import (
     describe_hardware,
     generator,
     resolve_device,
-    tune_malloc,
 )
 from cts_pipeline.core.training import TrainRecipe, train
 
@@ -293,35 +292,37 @@ def kedro_overhead() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="rows 1-3 only")
+    parser.add_argument("--rows", default="1,2,3,4,5", help="which rows to measure, e.g. 4,5")
     parser.add_argument("--mnist", type=Path, default=ROOT.parent / "shared" / "data",
                         help="folder holding MNIST/raw (row 4)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     args = parser.parse_args()
-    if not args.no_tune_malloc:
-        tune_malloc()
     device = resolve_device(args.device)
     conv_batch = 512 if device.type == "cuda" else 128
     print(f"hardware: {describe_hardware(device)}", flush=True)
 
-    mnist_like = synthetic("mnist", 12_800, device)
-    cifar_like = synthetic("cifar10", 2_560 if device.type == "cpu" else 25_600, device)
-    loop_ratio("lenet_300_100", mnist_like, 128, device, channels_last=False, repeats=args.repeats)
-    loop_ratio("resnet20", cifar_like, conv_batch, device, channels_last=True, repeats=args.repeats)
-    step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=True, repeats=args.repeats, steps=5)
-    step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=False, repeats=args.repeats, steps=5)
-    step_ratio("lenet_300_100", (1, 28, 28), 128, device, channels_last=False, repeats=args.repeats, steps=100)
-    data_path_ratio(device, 5_000, repeats=3)
-    if not args.quick:
+    rows = {int(r) for r in args.rows.split(",")} - ({4, 5} if args.quick else set())
+    if 1 in rows:
+        loop_ratio("lenet_300_100", synthetic("mnist", 12_800, device), 128, device, channels_last=False,
+                   repeats=args.repeats)
+        loop_ratio("resnet20", synthetic("cifar10", 2_560 if device.type == "cpu" else 25_600, device), conv_batch,
+                   device, channels_last=True, repeats=args.repeats)
+    if 2 in rows:
+        step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=True, repeats=args.repeats, steps=5)
+        step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=False, repeats=args.repeats, steps=5)
+        step_ratio("lenet_300_100", (1, 28, 28), 128, device, channels_last=False, repeats=args.repeats, steps=100)
+    if 3 in rows:
+        data_path_ratio(device, 5_000, repeats=3)
+    if 4 in rows:
         if (args.mnist / "MNIST" / "raw").is_dir():
             cts_vs_ltr(args.mnist, device)
         else:
             print(f"skipping row 4: no MNIST under {args.mnist}", flush=True)
+    if 5 in rows:
         kedro_overhead()
 
-    print(f"\nhardware: {describe_hardware(device)}; torch threads {torch.get_num_threads()}; "
-          f"malloc tuning {'off' if args.no_tune_malloc else 'on'}\n")
+    print(f"\nhardware: {describe_hardware(device)}; torch threads {torch.get_num_threads()}\n")
     print("| measurement | times | ratio | target |")
     print("|---|---|---|---|")
     for what, measured, ratio, target in ROWS:

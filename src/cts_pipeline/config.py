@@ -79,7 +79,6 @@ class RuntimeConfig:
     checkpoint_dir: str | None = "data/06_models/checkpoints"  # null: no per-epoch checkpoints
     channels_last: str | bool = "auto"  # auto: NHWC for convolutional models (faster on CPUs)
     compile: bool = False  # torch.compile the training forward (worth it on GPUs, not on CPUs)
-    tune_malloc: bool = True  # keep freed CPU memory for reuse: ~15x faster allocating CPU ops (glibc)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -88,7 +87,7 @@ class RuntimeConfig:
             raise ValueError(f"runtime.num_threads must be null or a positive integer, got {self.num_threads!r}")
         if self.channels_last not in ("auto", True, False):
             raise ValueError(f"runtime.channels_last must be auto, true or false, got {self.channels_last!r}")
-        for key in ("compile", "tune_malloc", "progress"):
+        for key in ("compile", "progress"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"runtime.{key} must be true or false, got {getattr(self, key)!r}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -150,7 +150,8 @@ def lottery_ticket_rewinding(
         seconds, accuracy = 0.0, None
         if level < max_level:
             model = make_model()
-            result = train(model, train_split, test_split, recipe, seed=seed,
+            # Only a level's final accuracy is kept: evaluating every epoch would cost time for nothing.
+            result = train(model, train_split, test_split, replace(recipe, eval_every=recipe.epochs), seed=seed,
                            stage=f"ltr level {level}", start_epoch=start_epoch, mask=mask,
                            checkpoint=level_checkpoint(level) if level_checkpoint is not None else None,
                            progress=progress)

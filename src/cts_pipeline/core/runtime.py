@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import platform
@@ -16,14 +14,6 @@ logger = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
-# glibc malloc hands blocks above its mmap threshold (128 KiB at first) back to the OS on free,
-# so every ~1 MB tensor a CPU op allocates costs fresh page faults: 300-400 us for an elementwise
-# op over LeNet-300-100's 266k weights that computes in 20-60 us. Serving such blocks from the
-# heap and keeping freed memory makes those ops ~15x faster (docs/performance.md).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum on 64-bit
-_TRIM_THRESHOLD = 512 * 1024 * 1024
-_malloc_tuned = False
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
@@ -39,22 +29,6 @@ def resolve_device(choice: str = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"runtime.device must be one of {DEVICE_CHOICES} (or cuda:N), got {choice!r}")
     return device
-
-
-def tune_malloc() -> bool:
-    """Keep freed CPU memory for reuse (glibc only; a no-op elsewhere). Returns whether it applied."""
-    global _malloc_tuned
-    if _malloc_tuned:
-        return True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        ok = bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
-    except (OSError, AttributeError):
-        ok = False
-    _malloc_tuned = ok
-    logger.debug("malloc tuning %s", "applied" if ok else "not available on this platform")
-    return ok
 
 
 def describe_hardware(device: torch.device) -> str:

@@ -17,15 +17,13 @@ from torch import nn
 from ..config import ModelConfig, RuntimeConfig
 from ..core.checkpoints import Checkpoint, digest
 from ..core.data import Split, get_dataset_info
-from ..core.runtime import generator, resolve_device, tune_malloc
+from ..core.runtime import generator, resolve_device
 
 
 def device_for(runtime: RuntimeConfig) -> torch.device:
-    """The run's device, with the process set up as ``runtime`` asks (threads, allocator)."""
+    """The run's device, with the CPU thread count ``runtime`` asks for."""
     if runtime.num_threads is not None:
         torch.set_num_threads(runtime.num_threads)
-    if runtime.tune_malloc:
-        tune_malloc()
     return resolve_device(runtime.device)
 
 
