@@ -78,10 +78,91 @@ def loss_ratio(sparse_logits: torch.Tensor, dense_logits: torch.Tensor, labels: 
     return (F.cross_entropy(sparse_logits.float(), labels) / dense - 1).abs()
 
 
+# Network objectives (ablations) need more than the two outputs: intermediate features or the
+# gradients of the loss with respect to the weights. They get (model, relaxation, soft mask, x, y)
+# and run their own forwards; the search's BatchNorm context (batch statistics) is active.
+
+
+def _standardise(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    if dim is None:
+        return (t - t.mean()) / (t.std() + 1e-9)
+    return (t - t.mean(dim=dim, keepdim=True)) / (t.std(dim=dim, keepdim=True) + 1e-9)
+
+
+@contextmanager
+def _layer_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the output of every prunable layer (conv and linear), flattened per sample."""
+    outputs: list[torch.Tensor] = []
+    names = {name.rsplit(".", 1)[0] if "." in name else "" for name in prunable_parameters(model)}
+    modules = [m for n, m in model.named_modules() if n in names]
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.reshape(out.shape[0], -1)))
+               for m in modules]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def feature_mse(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tensor, x: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+    """Mean over prunable layers of the MSE between per-sample standardised outputs of the masked
+    network and of the dense teacher (the authors' ``msefeature``)."""
+    with torch.no_grad(), _layer_outputs(model) as dense:
+        model(x)
+    with _layer_outputs(model) as sparse:
+        functional_call(model, relaxation.masked_weights(soft), (x,))
+    losses = [F.mse_loss(_standardise(s.float(), 1), _standardise(d.float(), 1)) for s, d in zip(sparse, dense, strict=True)]
+    return torch.stack(losses).mean()
+
+
+def _weight_gradients(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tensor | None, x: torch.Tensor,
+                      labels: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """∂CE/∂θ (flat, prunable weights) of the network with weights θ ⊙ m̃ (θ alone when ``soft`` is None)."""
+    theta = relaxation.theta.detach().requires_grad_(True)
+    weights = unflatten(theta if soft is None else theta * soft, relaxation.shapes)
+    loss = F.cross_entropy(functional_call(model, weights, (x,)).float(), labels)
+    (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+    return grad
+
+
+def grad_mse(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tensor, x: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
+    """Mean over prunable layers of the MSE between the standardised weight gradients of the masked
+    network and of the dense one (the authors' ``gradmatch``; needs double backprop)."""
+    dense = _weight_gradients(model, relaxation, None, x, labels, create_graph=False)
+    sparse = _weight_gradients(model, relaxation, soft, x, labels, create_graph=True)
+    shapes = relaxation.shapes
+    losses = [F.mse_loss(_standardise(s, None), _standardise(d, None))
+              for s, d in zip(unflatten(sparse, shapes).values(), unflatten(dense, shapes).values(), strict=True)]
+    return torch.stack(losses).mean()
+
+
+def gradient_norm(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tensor, x: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+    """``−‖∂CE/∂(all parameters)‖`` of the masked network: keep the weights that keep the gradient
+    flowing (the authors' ``gradnorm``, GraSP-like; needs double backprop)."""
+    theta = relaxation.theta.detach().requires_grad_(True)
+    others = [p for name, p in model.named_parameters() if name not in relaxation.shapes]
+    for p in others:
+        p.requires_grad_(True)
+    try:
+        logits = functional_call(model, unflatten(theta * soft, relaxation.shapes), (x,))
+        grads = torch.autograd.grad(F.cross_entropy(logits.float(), labels), [theta, *others], create_graph=True)
+    finally:
+        for p in others:
+            p.requires_grad_(False)
+    return -torch.sqrt(sum((g * g).sum() for g in grads))
+
+
 @dataclass(frozen=True)
 class Objective:
-    fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+    """``kind="logits"``: ``fn(sparse_logits, dense_logits, labels)``; ``kind="network"``:
+    ``fn(model, relaxation, soft_mask, x, labels)`` for objectives that need features or gradients."""
+
+    fn: Callable[..., torch.Tensor]
     needs_teacher: bool
+    kind: str = "logits"
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -89,6 +170,9 @@ OBJECTIVES: dict[str, Objective] = {
     "fkl": Objective(forward_kl, needs_teacher=True),
     "ce": Objective(cross_entropy, needs_teacher=False),
     "dloss": Objective(loss_ratio, needs_teacher=True),
+    "feature_mse": Objective(feature_mse, needs_teacher=True, kind="network"),
+    "grad_mse": Objective(grad_mse, needs_teacher=True, kind="network"),
+    "gradnorm": Objective(gradient_norm, needs_teacher=False, kind="network"),
 }
 
 
@@ -387,12 +471,15 @@ def concrete_search(
                         group["lr"] *= LR_DROP_FACTOR
                     balancer.drop_lr(LR_DROP_FACTOR)
                 soft = relaxation.sample(noise)
-                dense_logits = None
-                if objective.needs_teacher:
-                    with torch.no_grad():
-                        dense_logits = model(x)
-                sparse_logits = functional_call(model, relaxation.masked_weights(soft), (x,))
-                loss = objective.fn(sparse_logits, dense_logits, y)
+                if objective.kind == "network":
+                    loss = objective.fn(model, relaxation, soft, x, y)
+                else:
+                    dense_logits = None
+                    if objective.needs_teacher:
+                        with torch.no_grad():
+                            dense_logits = model(x)
+                    sparse_logits = functional_call(model, relaxation.masked_weights(soft), (x,))
+                    loss = objective.fn(sparse_logits, dense_logits, y)
                 (task_grad,) = torch.autograd.grad(loss, relaxation.logits)
                 grad, expected = balancer.combine(relaxation.logits.detach(), task_grad)
                 relaxation.logits.grad = grad
