@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from cts_pipeline.core import cts as C
 from cts_pipeline.core.data import DATASETS, Split, iterate_batches, load_splits, normalize
@@ -157,17 +156,11 @@ def step_ratio(name: str, shape, batch: int, device: torch.device, channels_last
     norms = C.batch_statistics(search_net)
     norms.__enter__()
 
-    def search():  # exactly the body of concrete_search's step
+    objective = C.OBJECTIVES["kl"]
+
+    def search():  # the search's own step function
         for _ in range(steps):
-            soft = relaxation.sample(noise)
-            with torch.no_grad():
-                teacher = search_net(x)
-            sparse = functional_call(search_net, relaxation.masked_weights(soft), (x,))
-            loss = C.reverse_kl(sparse, teacher, y)
-            (task_grad,) = torch.autograd.grad(loss, relaxation.logits)
-            grad, _ = balancer.combine(relaxation.logits.detach(), task_grad)
-            relaxation.logits.grad = grad
-            adam.step()
+            C.search_step(search_net, relaxation, objective, balancer, adam, noise, x, y)
 
     dense()
     search()

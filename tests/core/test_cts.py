@@ -188,7 +188,8 @@ def test_loss_ratio_and_cross_entropy_match_hand_computations():
 
 
 def test_objective_registry():
-    assert sorted(OBJECTIVES) == ["ce", "dloss", "fkl", "kl"]
+    assert sorted(OBJECTIVES) == ["ce", "dloss", "feature_mse", "fkl", "grad_mse", "gradnorm", "kl"]
+    assert {k for k, o in OBJECTIVES.items() if o.kind == "network"} == {"feature_mse", "grad_mse", "gradnorm"}
     assert OBJECTIVES["kl"].fn is reverse_kl and OBJECTIVES["fkl"].fn is forward_kl
     assert OBJECTIVES["ce"].needs_teacher is False
     assert all(OBJECTIVES[k].needs_teacher for k in ("kl", "fkl", "dloss"))

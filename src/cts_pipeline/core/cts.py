@@ -381,6 +381,38 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def search_step(
+    model: nn.Module,
+    relaxation: ConcreteMask,
+    objective: Objective,
+    balancer: GradBalance | Lagrangian,
+    optimizer: torch.optim.Optimizer,
+    noise: UniformNoise,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the search (inside :func:`batch_statistics`); returns the loss and ``Σσ(s)``.
+
+    One noise draw per weight for the whole batch, the teacher forward without autograd, the masked
+    forward on views of ``θ ⊙ m̃``, the gradient to the logits only, GradBalance, one Adam step.
+    """
+    soft = relaxation.sample(noise)
+    if objective.kind == "network":
+        loss = objective.fn(model, relaxation, soft, x, y)
+    else:
+        dense_logits = None
+        if objective.needs_teacher:
+            with torch.no_grad():
+                dense_logits = model(x)
+        sparse_logits = functional_call(model, relaxation.masked_weights(soft), (x,))
+        loss = objective.fn(sparse_logits, dense_logits, y)
+    (task_grad,) = torch.autograd.grad(loss, relaxation.logits)
+    grad, expected = balancer.combine(relaxation.logits.detach(), task_grad)
+    relaxation.logits.grad = grad
+    optimizer.step()
+    return loss.detach(), expected
+
+
 @dataclass
 class SearchResult:
     scores: dict[str, torch.Tensor]
@@ -470,21 +502,8 @@ def concrete_search(
                     for group in optimizer.param_groups:
                         group["lr"] *= LR_DROP_FACTOR
                     balancer.drop_lr(LR_DROP_FACTOR)
-                soft = relaxation.sample(noise)
-                if objective.kind == "network":
-                    loss = objective.fn(model, relaxation, soft, x, y)
-                else:
-                    dense_logits = None
-                    if objective.needs_teacher:
-                        with torch.no_grad():
-                            dense_logits = model(x)
-                    sparse_logits = functional_call(model, relaxation.masked_weights(soft), (x,))
-                    loss = objective.fn(sparse_logits, dense_logits, y)
-                (task_grad,) = torch.autograd.grad(loss, relaxation.logits)
-                grad, expected = balancer.combine(relaxation.logits.detach(), task_grad)
-                relaxation.logits.grad = grad
-                optimizer.step()
-                step_losses[i] = loss.detach()
+                loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y)
+                step_losses[i] = loss
                 expected_trace[step] = expected
                 step += 1
             check_finite(step_losses, stage=stage, epoch=epoch, epochs=epochs)

@@ -113,6 +113,15 @@ def _dense_band(ax, table: pd.DataFrame) -> None:
             ax.axhspan(dense.mean() - dense.std(), dense.mean() + dense.std(), color="black", alpha=0.08)
 
 
+def _finish(fig: Figure, ax, xlabel: str, title: str) -> Figure:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%, last epoch)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
 def accuracy_plot(table: pd.DataFrame, title: str) -> Figure:
     """Test accuracy against sparsity (log-scaled density axis), dense accuracy as a band (±1 std)."""
     fig, ax = _figure(8, 5)
@@ -127,12 +136,7 @@ def accuracy_plot(table: pd.DataFrame, title: str) -> Figure:
     ticks = sorted(set(100 - table.loc[table["method"] != "dense", "target_sparsity_pct"]))
     if ticks:
         ax.set_xticks(ticks)
-    ax.set_xlabel("sparsity (% of prunable weights removed)")
-    ax.set_ylabel("test accuracy (%, last epoch)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return fig
+    return _finish(fig, ax, "sparsity (% of prunable weights removed)", title)
 
 
 def time_plot(table: pd.DataFrame, title: str) -> Figure:
@@ -146,12 +150,7 @@ def time_plot(table: pd.DataFrame, title: str) -> Figure:
             ax.annotate(f"{r.target_sparsity_pct:.4g}", (r.total_s, r.test_accuracy_mean), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("wall-clock per ticket, s (log; labels: sparsity %)")
-    ax.set_ylabel("test accuracy (%, last epoch)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return fig
+    return _finish(fig, ax, "wall-clock per ticket, s (log; labels: sparsity %)", title)
 
 
 def layer_density_plot(metrics: Sequence[Mapping], sparsity: float | None, title: str) -> Figure:
