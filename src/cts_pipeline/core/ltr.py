@@ -108,6 +108,7 @@ def lottery_ticket_rewinding(
     keep_levels: Collection[int] = (),
     checkpoint: Checkpoint | None = None,
     level_checkpoint: Callable[[int], Checkpoint | None] | None = None,
+    stage: str = "ltr",
     progress: bool = True,
 ) -> tuple[dict[int, Mask], list[LevelRecord]]:
     """Prune iteratively from ``dense_final`` down to level ``max_level``.
@@ -152,7 +153,7 @@ def lottery_ticket_rewinding(
             model = make_model()
             # Only a level's final accuracy is kept: evaluating every epoch would cost time for nothing.
             result = train(model, train_split, test_split, replace(recipe, eval_every=recipe.epochs), seed=seed,
-                           stage=f"ltr level {level}", start_epoch=start_epoch, mask=mask,
+                           stage=f"{stage} level {level}", start_epoch=start_epoch, mask=mask,
                            checkpoint=level_checkpoint(level) if level_checkpoint is not None else None,
                            progress=progress)
             seconds, accuracy = result.seconds, result.final.get("test_accuracy")
@@ -164,8 +165,8 @@ def lottery_ticket_rewinding(
                              test_accuracy=accuracy, cumulative_seconds=cumulative)
         records.append(record)
         logger.info(
-            "ltr level %d: density %.6f (sparsity %.4f %%), %d kept, found after %.1f s%s",
-            level, density, 100.0 * (1.0 - density), record.kept, cumulative,
+            "%s level %d: density %.6f (sparsity %.4f %%), %d kept, found after %.1f s%s",
+            stage, level, density, 100.0 * (1.0 - density), record.kept, cumulative,
             "" if accuracy is None else f", trained to {accuracy:.2f} % in {seconds:.1f} s",
         )
         cumulative += seconds
