@@ -1,7 +1,7 @@
 """The method comparison on real MNIST with LeNet-300-100: 3 seeds, 5 sparsities, every method,
 and the sanity checks at 99.26 %. Runs the project's own pipelines, then prints markdown tables.
 
-    python benchmarks/compare_mnist.py                       # about 75 min on 2 CPU cores
+    python benchmarks/compare_mnist.py                       # about 2 h on 2 CPU cores
     python benchmarks/compare_mnist.py --data ../shared/data --seeds 0 1 2
     python benchmarks/compare_mnist.py --report-only         # tables from the runs already made
 

@@ -101,3 +101,15 @@ def test_notebook_redraws_the_comparison_from_the_catalog(project, monkeypatch):
     assert len(images) == 3, "the accuracy, time and layer-density plots are redrawn"
     tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("test_accuracy_mean" in t for t in tables) and any("passes" in t for t in tables)
+
+
+def test_summary_counts_collapsed_seeds_after_a_csv_round_trip(tmp_path):
+    from cts_pipeline.pipelines.reporting.nodes import summary
+
+    columns = dict(method=["snip"] * 3, target_sparsity_pct=[99.0] * 3, seed=[0, 1, 2], achieved_sparsity_pct=[99.0] * 3,
+                   kept_weights=[10] * 3, test_accuracy=[90.0, 91.0, 20.0], find_mask_s=[1.0] * 3, retrain_s=[2.0] * 3,
+                   total_s=[3.0] * 3, collapsed_layers=["", "", "fc1.weight"])
+    pd.DataFrame(columns).to_csv(tmp_path / "table.csv", index=False)
+    table = pd.read_csv(tmp_path / "table.csv")  # "" comes back as NaN
+    assert summary(table)["collapsed_seeds"].tolist() == [1]
+    assert summary(pd.DataFrame(columns))["collapsed_seeds"].tolist() == [1]

@@ -404,6 +404,18 @@ def test_unshuffled_epoch_is_in_order():
     assert torch.equal(torch.cat([x for x, _ in batches]), split.images.float())
 
 
+def test_epochs_without_augmentation_reuse_one_normalised_copy_equal_to_per_batch_normalising(digits):
+    train_split = digits[0]
+    batches = collect(train_split, 64, shuffle=True)
+    cached = train_split.normalized()
+    assert cached.data_ptr() == train_split.normalized().data_ptr(), "computed once"
+    order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(0))
+    expected = normalize(train_split.images[order], train_split.info)
+    assert torch.equal(torch.cat([x for x, _ in batches]), expected)
+    assert torch.equal(torch.cat([y for _, y in batches]), train_split.labels[order])
+    assert train_split.subset(10)._normalized is None, "a subset normalises its own images"
+
+
 def test_same_seed_same_batches_other_seed_other_order():
     split = toy_split(40)
     first = collect(split, 8, seed=3, shuffle=True, augment=True)

@@ -67,7 +67,8 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         find_mask_s=("find_mask_s", "mean"),
         retrain_s=("retrain_s", "mean"),
         total_s=("total_s", "mean"),
-        collapsed_seeds=("collapsed_layers", lambda c: int((c != "").sum())),
+        # A table read back from CSV holds NaN, not "", where no layer collapsed.
+        collapsed_seeds=("collapsed_layers", lambda c: int((c.fillna("").astype(str) != "").sum())),
     ).reset_index()
     out["test_accuracy_std"] = out["test_accuracy_std"].fillna(0.0)
     return out
