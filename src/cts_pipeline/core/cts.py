@@ -30,7 +30,7 @@ from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
 from .masks import prunable_parameters, unflatten
 from .runtime import UniformNoise, generator
-from .training import TrainRecipe, check_finite
+from .training import TrainRecipe, check_finite, to_layout
 
 logger = logging.getLogger(__name__)
 
@@ -496,8 +496,7 @@ def concrete_search(
                 generator=generator(device, seed, "search-order", epoch),
             )
             for i, (x, y) in enumerate(batches):
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = to_layout(x, channels_last)
                 if step == drop_step:
                     for group in optimizer.param_groups:
                         group["lr"] *= LR_DROP_FACTOR

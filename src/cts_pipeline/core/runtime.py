@@ -15,7 +15,6 @@ logger = logging.getLogger(__name__)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-
 def resolve_device(choice: str = "auto") -> torch.device:
     """``auto`` takes CUDA when present, else the CPU; ``cuda[:n]`` must be available."""
     if choice == "auto":

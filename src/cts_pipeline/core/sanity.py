@@ -47,7 +47,7 @@ def reinitialised(make_model: Callable[[torch.Generator], nn.Module], seed: int)
 
     Models are built on the CPU (see ``models.build_model``), hence a CPU generator.
     """
-    return make_model(stream_generator("cpu", seed, "reinit"))
+    return make_model(stream_generator("cpu", seed, "sanity-reinit"))
 
 
 def passes(check_accuracies: Sequence[float], reference_accuracies: Sequence[float]) -> dict:

@@ -123,7 +123,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, *, channels
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in iterate_batches(split, batch_size, shuffle=False):
-        logits = model(_layout(x, channels_last)).float()
+        logits = model(to_layout(x, channels_last)).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
@@ -211,7 +211,7 @@ def train(
         )
         for step, (x, y) in enumerate(batches):
             with autocast():
-                logits = forward(_layout(x, channels_last))
+                logits = forward(to_layout(x, channels_last))
                 loss = F.cross_entropy(logits.float(), y, reduction=recipe.loss_reduction)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -267,7 +267,8 @@ def train(
     return result
 
 
-def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An image batch in NHWC when ``channels_last`` (other tensors as they are)."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 

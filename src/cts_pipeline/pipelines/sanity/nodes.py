@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ...config import ModelConfig, RuntimeConfig
+from ...config import ModelConfig
+from ...core.data import get_dataset_info
 from ...core.masks import mask_to_payload, payload_to_mask
 from ...core.runtime import generator
-from ...core.sanity import invert, layerwise_shuffle, passes
+from ...core.sanity import invert, layerwise_shuffle, passes, reinitialised
 from ...grid import Branch
-from ..common import device_for, split_from_payload, state_on_cpu
+from ..common import state_on_cpu
 
 
 def shuffle_mask(mask: dict, branch: Branch) -> dict:
@@ -28,26 +29,24 @@ def invert_mask(scores: dict, branch: Branch) -> dict:
     return mask_to_payload(invert(scores, branch.density), branch.density)
 
 
-def reinitialise(train_data: dict, model: ModelConfig, runtime: RuntimeConfig, branch: Branch) -> dict:
+def reinitialise(train_data: dict, model: ModelConfig, branch: Branch) -> dict:
     """A fresh random initialisation (another stream than the dense run's θ_0), same architecture."""
-    split = split_from_payload(train_data, device_for(runtime))
-    init = generator("cpu", branch.seed, "sanity-reinit")
-    net = model.build(split.info.image_shape, split.info.num_classes, generator=init)
+    info = get_dataset_info(train_data["dataset"])
+    net = reinitialised(lambda init: model.build(info.image_shape, info.num_classes, generator=init), branch.seed)
     return state_on_cpu(net)
 
 
 def sanity_table(*metrics: dict) -> pd.DataFrame:
     """Per (method, sparsity, check): reference and perturbed accuracy (means over seeds), the
     change, the reference's seed-to-seed spread, and whether the method passes."""
-    results = {(m["method"], round(m["target_sparsity"], 6)): [] for m in metrics if m["family"] != "sanity"}
-    for m in metrics:
-        if m["family"] != "sanity":
-            results[(m["method"], round(m["target_sparsity"], 6))].append(m["test_accuracy"])
+    results: dict[tuple, list[float]] = {}
     checks: dict[tuple, list[float]] = {}
     for m in metrics:
+        sparsity = round(m["target_sparsity"], 6)
         if m["family"] == "sanity":
-            checks.setdefault((m["checked_method"], round(m["target_sparsity"], 6), m["method"]), []).append(
-                m["test_accuracy"])
+            checks.setdefault((m["checked_method"], sparsity, m["method"]), []).append(m["test_accuracy"])
+        else:
+            results.setdefault((m["method"], sparsity), []).append(m["test_accuracy"])
     rows = []
     for (method, sparsity, check_name), accuracies in sorted(checks.items()):
         reference = results.get((method, sparsity), [])
@@ -67,9 +66,3 @@ def sanity_table(*metrics: dict) -> pd.DataFrame:
         })
     return pd.DataFrame(rows, columns=["method", "check", "target_sparsity_pct", "seeds", "reference_accuracy",
                                        "check_accuracy", "accuracy_change", "seed_spread", "passes"])
-
-
-def build_sanity_report(*metrics: dict) -> pd.DataFrame:
-    return sanity_table(*metrics)
-
-

@@ -2,7 +2,7 @@ from kedro.pipeline import Pipeline, node
 
 from ...grid import Branch, branch_namespace
 from ..tickets.pipeline import branch_pipeline
-from .nodes import build_sanity_report, invert_mask, reinitialise, shuffle_mask
+from .nodes import invert_mask, reinitialise, sanity_table, shuffle_mask
 
 
 def create_pipeline(branches: list[Branch]) -> Pipeline:
@@ -19,7 +19,7 @@ def create_pipeline(branches: list[Branch]) -> Pipeline:
             make = node(invert_mask, ["checked_scores", "params:branch"], "mask", name="invert_mask")
             wiring = {"checked_scores": f"{checked}.scores"}
         else:  # reinit: the same mask on a fresh initialisation
-            make = node(reinitialise, ["train_data", "params:model", "params:runtime", "params:branch"],
+            make = node(reinitialise, ["train_data", "params:model", "params:branch"],
                         "theta_start", name="reinitialise")
             wiring = {"mask": f"{checked}.mask"}
         wiring["mask_log"] = f"{checked}.mask_log"
@@ -29,4 +29,4 @@ def create_pipeline(branches: list[Branch]) -> Pipeline:
 
 def create_report(metrics: list[str]) -> Pipeline:
     """``sanity_table`` (CSV): each check's accuracy change against the checked method."""
-    return Pipeline([node(build_sanity_report, metrics, "sanity_table", name="sanity_report", tags="report")])
+    return Pipeline([node(sanity_table, metrics, "sanity_table", name="sanity_report", tags="report")])
