@@ -23,7 +23,40 @@ def with_changes(params: dict, **sections) -> dict:
     out = copy.deepcopy(params)
     for section, values in sections.items():
         out[section].update(values)
+        if section == "grid" and "sparsities" in values and "levels" not in values:
+            out["grid"]["levels"] = None  # the base grid's levels would take precedence
     return out
+
+
+def test_grid_levels_give_every_method_the_density_of_ltr_level_l(params, caplog):
+    import logging
+
+    from cts_pipeline.core.ltr import level_density
+    from cts_pipeline.core.masks import kept_count
+    from cts_pipeline.grid import GridConfig, plan
+
+    assert params["grid"]["levels"] == [10, 14, 18, 22, 24]
+    grid = GridConfig(levels=[18, 28], sparsities=[0.5])
+    assert grid.sparsities == (1 - 0.8 ** 18, 1 - 0.8 ** 28)
+    p = plan({**params, "grid": {"levels": [18, 28], "seeds": [0]}})
+    for branches in (p.cts, p.pai, p.ltr):
+        assert [b.density for b in branches[:2]] == [level_density(18), level_density(28)]
+    assert [b.settings["level"] for b in p.ltr] == [18, 28] and p.ltr_runs[0].settings["max_level"] == 28
+    # Level 28 of LeNet-300-100: 1 - 0.9981 (4 decimals) keeps 1.8 % fewer weights than LTR.
+    d = 266_200
+    assert kept_count(p.cts[1].density, d) == round(0.8 ** 28 * d) == 515
+    assert kept_count(1 - 0.9981, d) == 506
+    with caplog.at_level(logging.INFO, logger="cts_pipeline"):
+        validate_run({**params, "grid": {"levels": [18, 22], "sparsities": [0.5], "seeds": [0]}})
+    assert "grid.levels [18, 22] take precedence over grid.sparsities [0.5]" in caplog.text
+
+
+@pytest.mark.parametrize("levels", [[0], [2.5], [], [22, 18], [18, 18], "18", [61], [True]])
+def test_bad_grid_levels_are_refused_by_name(levels):
+    from cts_pipeline.grid import GridConfig
+
+    with pytest.raises(ValueError, match=r"^grid\.levels"):
+        GridConfig(levels=levels)
 
 
 def test_default_configuration_is_valid(params):

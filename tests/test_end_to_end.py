@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -67,8 +70,14 @@ def test_cts_pipeline_end_to_end(project):
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"cts_results_table.csv", "cts_accuracy_plot.png"} <= artifacts
 
+    # The two sparsities were searched together, as one batched search sharing its cost.
+    log = json.loads(latest(project, "data/08_reporting/smoke/cts_kl-*/seed0/sp90_00/mask_log.json").read_text())
+    assert log["search_group"] == ["cts_kl.seed0.sp50_00", "cts_kl.seed0.sp90_00"]
+    assert log["seconds"] == pytest.approx(log["search_group_seconds"] / 2)
+    assert log["cts_effective_loss_scale"] == 100.0
+
     # Same seed, same configuration on CPU: the same mask, to the bit.
     first = {b: load_mask(project, b)["masks"] for b in SPARSITIES}
-    run_pipeline(project, params={"grid": {"sparsities": [0.9]}})
+    run_pipeline(project)
     again = load_mask(project, "sp90_00")["masks"]
     assert all(torch.equal(first["sp90_00"][n], again[n]) for n in again)

@@ -22,6 +22,11 @@ KEY_SCOPES = {
     "report": ("data", "model", "training", "cts", "methods", "pai", "grid", "sanity", "report"),
 }
 
+# Bumped whenever the code changes what a configuration computes (a new default inside the method),
+# so that artifacts made by older code are never served to a run of this one.
+# 2: CTS multiplies its objective by the authors' loss scale (cts.loss_scale: null).
+RESULTS_REVISION = 2
+
 _config_loader: Any = None
 
 
@@ -68,4 +73,4 @@ def config_key(scope: str) -> str:
     sections = {name: params.get(name) for name in KEY_SCOPES[scope]}
     if isinstance(sections.get("data"), dict):
         sections["data"] = {k: v for k, v in sections["data"].items() if k not in ("root", "download")}
-    return digest(sections)
+    return digest(RESULTS_REVISION, sections)

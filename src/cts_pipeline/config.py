@@ -9,6 +9,7 @@ the section's name. :func:`validate_run` then checks what needs several sections
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,8 @@ from .core.models import MODELS, build_model, check_model_fits
 from .core.runtime import resolve_device
 from .core.training import TrainRecipe
 from .grid import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -79,6 +82,7 @@ class RuntimeConfig:
     checkpoint_dir: str | None = "data/06_models/checkpoints"  # null: no per-epoch checkpoints
     channels_last: str | bool = "auto"  # auto: NHWC for convolutional models (faster on CPUs)
     compile: bool = False  # torch.compile the training forward (worth it on GPUs, not on CPUs)
+    batch_sparsities: bool = True  # one batched CTS search per seed and CTS configuration
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -87,7 +91,7 @@ class RuntimeConfig:
             raise ValueError(f"runtime.num_threads must be null or a positive integer, got {self.num_threads!r}")
         if self.channels_last not in ("auto", True, False):
             raise ValueError(f"runtime.channels_last must be auto, true or false, got {self.channels_last!r}")
-        for key in ("compile", "progress"):
+        for key in ("compile", "progress", "batch_sparsities"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"runtime.{key} must be true or false, got {getattr(self, key)!r}")
 
@@ -164,6 +168,10 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     """
     sections = typed_sections(params)
     data, model, grid, runtime = sections["data"], sections["model"], sections["grid"], sections["runtime"]
+    raw_grid = params.get("grid")
+    if grid.levels and isinstance(raw_grid, Mapping) and raw_grid.get("sparsities"):
+        logger.info("grid.levels %s take precedence over grid.sparsities %s: densities are 0.8^L exactly",
+                    list(grid.levels), list(raw_grid["sparsities"]))
     problems = []
     try:
         plan(sections).check(pipelines)

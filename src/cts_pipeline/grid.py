@@ -17,7 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .core.ltr import level_density, level_for_sparsity
+
 BRANCH_PARAM = "branch"
+MAX_LEVEL = 60  # 0.8**60 keeps 1.5e-6 of the weights: beyond any network's last weight
 DENSE = "dense"
 LTR = "ltr"
 PAI_METHODS = ("snip", "grasp", "synflow", "magnitude", "random")
@@ -45,6 +48,7 @@ class Branch:
     start: str = "rewind"  # the weights a mask is found on and retrained from: θ_k, or θ_0 ("init")
     family: str = DENSE
     settings: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    level: int | None = None  # from grid.levels: the density is exactly 0.8**level
 
     @property
     def namespace(self) -> str:
@@ -52,12 +56,19 @@ class Branch:
 
     @property
     def density(self) -> float:
+        if self.level is not None:
+            return level_density(self.level)  # not 1 - (1 - 0.8**L): the same count as LTR's level L
         return 1.0 if self.sparsity is None else 1.0 - self.sparsity
 
     def as_dict(self) -> dict:
         return {"method": self.method, "seed": self.seed, "sparsity": self.sparsity,
-                "density": self.density, "start": self.start, "family": self.family,
+                "density": self.density, "level": self.level, "start": self.start, "family": self.family,
                 "settings": dict(self.settings), "namespace": self.namespace}
+
+
+def search_group_namespace(branch: Branch) -> str:
+    """``cts_kl.seed0``: the batched search shared by a seed's sparsities of one CTS configuration."""
+    return branch_namespace(branch.method, branch.seed)
 
 
 def branch_namespace(method: str, seed: int, sparsity: float | None = None) -> str:
@@ -98,12 +109,30 @@ def _names(name: str, values: Any, allowed: Sequence[str] | None = None) -> tupl
 
 @dataclass(frozen=True)
 class GridConfig:
-    """``grid`` parameters: target sparsities (fractions in (0, 1)) and seeds."""
+    """``grid`` parameters: target sparsities (fractions in (0, 1)) or iterative-pruning levels, and seeds.
 
-    sparsities: Sequence[float]
+    ``levels: [18, 22]`` means density ``0.8**L`` exactly, for every method, so CTS, PaI and LTR keep
+    the same count at the same level; it takes precedence over ``sparsities``, which then become
+    ``1 − 0.8**L`` (``sparsities`` stays for arbitrary values).
+    """
+
+    sparsities: Sequence[float] = ()
     seeds: Sequence[int] = (0,)
+    levels: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.levels is not None:
+            levels = self.levels
+            if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
+                raise ValueError(f"grid.levels must be null or a non-empty list of positive integers, got {levels!r}")
+            for level in levels:
+                if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= MAX_LEVEL:
+                    raise ValueError(f"grid.levels: {level!r} is not an integer in [1, {MAX_LEVEL}] "
+                                     f"(level L keeps 0.8^L of the weights)")
+            if len(set(levels)) != len(levels) or list(levels) != sorted(levels):
+                raise ValueError(f"grid.levels must increase without repeats, got {list(levels)}")
+            object.__setattr__(self, "levels", tuple(levels))
+            object.__setattr__(self, "sparsities", tuple(1.0 - level_density(L) for L in levels))
         object.__setattr__(self, "sparsities", _fractions("grid.sparsities", self.sparsities))
         if isinstance(self.seeds, (str, bytes)) or not isinstance(self.seeds, Sequence) or not self.seeds:
             raise ValueError(f"grid.seeds must be a non-empty list of non-negative integers, got {self.seeds!r}")
@@ -192,6 +221,10 @@ def cts_method_name(cts: Mapping) -> str:
         name += f"_{cts['balance']}"
     if cts.get("lr") is not None:
         name += f"_lr{cts['lr']:g}".replace(".", "p")
+    if cts.get("loss_scale") is not None:
+        name += f"_ls{cts['loss_scale']:g}".replace(".", "p").replace("+", "")
+    if cts.get("min_kept_per_layer"):
+        name += f"_floor{cts['min_kept_per_layer']}"
     if cts.get("search_at", "rewind") != "rewind":
         name += f"_at_{cts['search_at']}"
     return name
@@ -234,8 +267,11 @@ def plan(params: Mapping) -> Plan:
     sanity_cfg = _section(SanityConfig, params, "sanity")
     seeds, sparsities = grid.seeds, grid.sparsities
 
+    levels = grid.levels or (None,) * len(sparsities)
+
     def sweep(method: str, family: str, start: str, settings: Mapping) -> list[Branch]:
-        return [Branch(method, seed, s, start, family, dict(settings)) for seed in seeds for s in sparsities]
+        return [Branch(method, seed, s, start, family, dict(settings), level)
+                for seed in seeds for s, level in zip(sparsities, levels, strict=True)]
 
     base_cts = _plain(params.get("cts"))
     cts = sweep(cts_method_name(base_cts), "cts", base_cts.get("search_at", "rewind"), base_cts)
@@ -252,13 +288,13 @@ def plan(params: Mapping) -> Plan:
 
     ltr_runs, ltr = [], []
     if methods.ltr:
-        from .core.ltr import level_for_sparsity
-
-        levels = {s: level_for_sparsity(s) for s in sparsities}
+        ltr_levels = dict(zip(sparsities, grid.levels, strict=True)) if grid.levels \
+            else {s: level_for_sparsity(s) for s in sparsities}
         ltr_runs = [Branch(LTR, seed, None, "rewind", "ltr_run",
-                           {"max_level": max(levels.values()), "levels": sorted(set(levels.values()))})
+                           {"max_level": max(ltr_levels.values()), "levels": sorted(set(ltr_levels.values()))})
                     for seed in seeds]
-        ltr = [Branch(LTR, seed, s, "rewind", LTR, {"level": levels[s]}) for seed in seeds for s in sparsities]
+        ltr = [Branch(LTR, seed, s, "rewind", LTR, {"level": ltr_levels[s]}, ltr_levels[s] if grid.levels else None)
+               for seed in seeds for s in sparsities]
 
     suffix = "" if pai_cfg.at == "init" else f"_at_{pai_cfg.at}"
     pai = [b for m in methods.pai for b in sweep(m + suffix, "pai", pai_cfg.at, {"method": m, "at": pai_cfg.at})]
@@ -283,13 +319,15 @@ def plan(params: Mapping) -> Plan:
         for check in sanity_cfg.checks:
             if check == "invert" and base.family == LTR:
                 continue  # LTR's mask comes from weights of the previous level, not from a score to invert
-            if check == "reinit" and base.start != "init":
-                continue  # reinitialisation is a check of masks found at initialisation
             for seed in seeds:
                 for s in sanity_cfg.sparsities:
-                    sparsity = next(g for g in sparsities if sparsity_label(g) == sparsity_label(s))
-                    sanity.append(Branch(f"{method}_{CHECKS[check]}", seed, sparsity, base.start, "sanity",
-                                         {"check": check, "of": method, "of_family": base.family}))
+                    sparsity, level = next((g, L) for g, L in zip(sparsities, levels, strict=True)
+                                           if sparsity_label(g) == sparsity_label(s))
+                    # Reinitialisation retrains the mask from a fresh initialisation over the whole
+                    # schedule, whether it was found at θ_0 or at θ_k (Frankle et al. 2021).
+                    start = "init" if check == "reinit" else base.start
+                    sanity.append(Branch(f"{method}_{CHECKS[check]}", seed, sparsity, start, "sanity",
+                                         {"check": check, "of": method, "of_family": base.family}, level))
     return Plan(grid, [Branch(DENSE, seed) for seed in seeds], cts, variants, ltr_runs, ltr, pai, sanity, problems)
 
 

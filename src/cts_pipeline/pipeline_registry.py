@@ -41,10 +41,12 @@ def _metrics(branches: list[Branch]) -> list[str]:
 
 
 def _build() -> dict[str, Pipeline]:
-    p = plan(active_config.parameters())
+    params = active_config.parameters()
+    p = plan(params)
+    batch = (params.get("runtime") or {}).get("batch_sparsities", True) is not False
     base = data_pipeline() + dense_pipeline(p.dense)
-    cts = cts_pipeline(p.cts)
-    variants = cts_pipeline(p.cts_variants)
+    cts = cts_pipeline(p.cts, batch)
+    variants = cts_pipeline(p.cts_variants, batch)
     ltr = ltr_pipeline(p.ltr_runs, p.ltr)
     pai = pai_pipeline(p.pai)
 

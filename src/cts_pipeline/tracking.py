@@ -26,7 +26,7 @@ CHILD_PARAMS = (
 )
 CHILD_METRICS = (
     "test_accuracy", "test_loss", "achieved_sparsity", "achieved_density", "kept_weights",
-    "prunable_weights", "dense_test_accuracy", "parameters",
+    "prunable_weights", "dense_test_accuracy", "parameters", "effective_kept_weights", "inactive_kept_weights",
 )
 
 
@@ -98,6 +98,8 @@ class RunTracker:
         tags = {"mlflow.parentRunId": self.parent_run_id, "method": str(metrics["method"])}
         if metrics.get("collapsed_layers"):
             tags["layer_collapse"] = ",".join(metrics["collapsed_layers"])
+        if metrics.get("disconnected"):
+            tags["disconnected"] = "true"
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         params = {k: str(metrics[k]) for k in CHILD_PARAMS if metrics.get(k) is not None}
         self._log_params(run_id, params)

@@ -18,6 +18,7 @@ from cts_pipeline.core.masks import (
     mask_to_payload,
     payload_to_mask,
     prunable_parameters,
+    thin_layers,
 )
 
 
@@ -125,6 +126,40 @@ def test_global_topk_keeps_exactly_round_density_times_d_highest(density):
     flat_keep = torch.cat([m.reshape(-1) for m in mask.values()])
     if kept < d:
         assert flat_scores[flat_keep].min() > flat_scores[~flat_keep].max(), "kept must be the top"
+
+
+def test_layer_floor_reserves_each_layers_best_then_ranks_the_rest_globally():
+    # The ablation cts.min_kept_per_layer: "a" and "c" would get nothing from the global ranking.
+    scores = {
+        "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),  # 0..11
+        "b": 100.0 + torch.arange(5, dtype=torch.float32),  # 100..104
+        "c": torch.tensor([-3.0, -1.0, -2.0]),
+    }
+    mask = global_topk_mask(scores, 7 / 20, min_per_layer=2)
+    assert sum(int(m.sum()) for m in mask.values()) == 7, "the floor never changes the kept count"
+    assert mask["a"].reshape(-1).nonzero().flatten().tolist() == [10, 11], "a's two best"
+    assert mask["c"].tolist() == [False, True, True], "c's two best: -1 and -2"
+    assert mask["b"].tolist() == [False, False, True, True, True], "the other 3 from the global ranking"
+    # A floor above a layer's size keeps the whole layer; 0 is the plain global top-k.
+    small = global_topk_mask(scores, 12 / 20, min_per_layer=4)  # floors 4 + 4 + 3, then b's last one
+    assert bool(small["c"].all()) and int(small["a"].sum()) == 4 and bool(small["b"].all())
+    assert all(torch.equal(global_topk_mask(scores, 7 / 20, min_per_layer=0)[n], global_topk_mask(scores, 7 / 20)[n])
+               for n in scores)
+
+
+def test_layer_floor_that_needs_more_than_the_budget_is_refused():
+    scores = {"a": torch.randn(10), "b": torch.randn(10)}
+    with pytest.raises(ValueError, match="a floor of 3 weights in each of 2 layers needs 6 weights, but density 0.25 keeps only 5"):
+        global_topk_mask(scores, 0.25, min_per_layer=3)
+    with pytest.raises(ValueError, match="min_per_layer must be a non-negative integer"):
+        global_topk_mask(scores, 0.5, min_per_layer=-1)
+
+
+def test_thin_layers_are_those_near_collapse():
+    mask = {"dead": torch.zeros(50, dtype=torch.bool), "thin": torch.tensor([True] * 3 + [False] * 40),
+            "small": torch.ones(4, dtype=torch.bool), "fine": torch.tensor([True] * 8 + [False] * 90)}
+    assert thin_layers(mask) == {"thin": 3}, "collapse is reported apart; a layer kept whole is not thin"
+    assert thin_layers(mask, fewer_than=9) == {"thin": 3, "fine": 8}
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -38,7 +38,27 @@ def namespaces(pipeline) -> set[str]:
     return {n.namespace for n in pipeline.nodes if n.namespace}
 
 
-def test_cts_has_one_branch_per_seed_and_sparsity(params):
+def test_cts_has_one_batched_search_per_seed_fanning_out_to_each_sparsity(params):
+    cts = pipelines_for(params)["cts"]
+    assert namespaces(cts) == {
+        "dense.seed0", "dense.seed1", "cts_kl.seed0", "cts_kl.seed1",
+        "cts_kl.seed0.sp98_20", "cts_kl.seed0.sp99_26", "cts_kl.seed1.sp98_20", "cts_kl.seed1.sp99_26",
+    }
+    search = next(n for n in cts.nodes if n.name == "cts_kl.seed1.search")
+    assert search.namespace == "cts_kl.seed1"
+    assert search.inputs[0] == "dense.seed1.theta_rewind"
+    assert search.inputs[-2:] == ["params:cts_kl.seed1.sp98_20.branch", "params:cts_kl.seed1.sp99_26.branch"]
+    assert set(search.outputs) == {"cts_kl.seed1.sp98_20.scores", "cts_kl.seed1.sp98_20.mask_log",
+                                   "cts_kl.seed1.sp99_26.scores", "cts_kl.seed1.sp99_26.mask_log"}
+    branch = [n.name.rsplit(".", 1)[1] for n in cts.nodes if n.namespace == "cts_kl.seed1.sp99_26"]
+    assert branch == ["binary_mask", "retrain", "evaluate"]  # topological order
+    report = next(n for n in cts.nodes if n.name == "cts_report")
+    assert report.inputs[0] == "params:report" and len(report.inputs) == 7  # 2 dense + 4 tickets
+    assert "cts_results_table" in report.outputs and "cts_layer_density_plot" in report.outputs
+
+
+def test_cts_without_batching_has_one_search_per_branch(params):
+    params["runtime"]["batch_sparsities"] = False
     cts = pipelines_for(params)["cts"]
     assert namespaces(cts) == {
         "dense.seed0", "dense.seed1",
@@ -49,9 +69,13 @@ def test_cts_has_one_branch_per_seed_and_sparsity(params):
     search = next(n for n in cts.nodes if n.name == "cts_kl.seed1.sp99_26.search")
     assert "dense.seed1.theta_rewind" in search.inputs
     assert "params:cts_kl.seed1.sp99_26.branch" in search.inputs
-    report = next(n for n in cts.nodes if n.name == "cts_report")
-    assert report.inputs[0] == "params:report" and len(report.inputs) == 7  # 2 dense + 4 tickets
-    assert "cts_results_table" in report.outputs and "cts_layer_density_plot" in report.outputs
+
+
+def test_network_objectives_keep_one_search_per_branch(params):
+    params["cts"]["objective"] = "feature_mse"
+    cts = pipelines_for(params)["cts"]
+    assert "cts_feature_mse.seed0.sp99_26.search" in {n.name for n in cts.nodes}
+    assert "cts_feature_mse.seed0.search" not in {n.name for n in cts.nodes}
 
 
 def test_compare_holds_every_method_and_shares_the_dense_runs(params):
@@ -68,7 +92,7 @@ def test_compare_holds_every_method_and_shares_the_dense_runs(params):
     assert "ltr.seed0.level_masks" in select.inputs
     snip = next(n for n in compare.nodes if n.name == "snip.seed0.sp98_20.score")
     assert "dense.seed0.theta_init" in snip.inputs, "SNIP scores at initialisation by default"
-    init_search = next(n for n in compare.nodes if n.name == "cts_ce_at_init.seed0.sp98_20.search")
+    init_search = next(n for n in compare.nodes if n.name == "cts_ce_at_init.seed0.search")
     assert "dense.seed0.theta_init" in init_search.inputs
     # Every pipeline reuses the same retraining and evaluation nodes (no copies).
     assert pipelines["cts"].only_nodes("cts_kl.seed0.sp99_26.retrain").nodes == \
@@ -80,7 +104,8 @@ def test_sanity_branches_reuse_the_checked_branches(params):
     sanity = pipelines["sanity"]
     checks = {ns for ns in namespaces(sanity) if ns.split(".")[0].endswith(("shuffled", "inverted", "reinit"))}
     assert checks == {f"{m}.seed{s}.sp99_26" for s in (0, 1)
-                      for m in ("cts_kl_shuffled", "cts_kl_inverted", "snip_shuffled", "snip_inverted", "snip_reinit")}
+                      for m in ("cts_kl_shuffled", "cts_kl_inverted", "cts_kl_reinit", "snip_shuffled", "snip_inverted",
+                                "snip_reinit")}
     shuffle = next(n for n in sanity.nodes if n.name == "cts_kl_shuffled.seed0.sp99_26.shuffle_mask")
     assert "cts_kl.seed0.sp99_26.mask" in shuffle.inputs
     invert = next(n for n in sanity.nodes if n.name == "snip_inverted.seed1.sp99_26.invert_mask")
@@ -118,6 +143,7 @@ def test_branch_parameters_match_the_pipelines(params):
     assert SearchConfig(**cts.settings) == SearchConfig(**params["cts"])
     assert flat["params:ltr.seed0.branch"].settings == {"max_level": 22, "levels": [18, 22]}
     assert flat["params:snip_reinit.seed1.sp99_26.branch"].start == "init"
+    assert flat["params:cts_kl_reinit.seed1.sp99_26.branch"].start == "init", "a fresh network: the whole schedule"
 
 
 def test_branch_parameters_refuse_to_overwrite_a_user_parameter(params):
@@ -141,8 +167,8 @@ def test_sanity_aliases_resolve_to_the_planned_names(params):
     params["cts"]["epochs"] = 3
     params["pai"]["at"] = "rewind"
     names = {b.method for b in plan(params).sanity}
-    assert names == {"cts_kl_3ep_shuffled", "cts_kl_3ep_inverted", "snip_at_rewind_shuffled",
-                     "snip_at_rewind_inverted"}, "reinit applies to masks found at initialisation only"
+    assert names == {"cts_kl_3ep_shuffled", "cts_kl_3ep_inverted", "cts_kl_3ep_reinit", "snip_at_rewind_shuffled",
+                     "snip_at_rewind_inverted", "snip_at_rewind_reinit"}, "reinit applies to masks found at θ_k too"
 
 
 @pytest.mark.parametrize(("change", "named"), [
@@ -162,7 +188,7 @@ def test_every_search_setting_is_in_the_branch_name():
     """Branch artifacts are keyed on the recipe only, so the name must spell out every choice."""
     base = SearchConfig()
     changed = {"objective": "fkl", "search_length": "short", "epochs": 7, "balance": "lagrangian",
-               "lr": 0.05, "search_at": "init"}
+               "lr": 0.05, "search_at": "init", "loss_scale": 1.0, "min_kept_per_layer": 16}
     assert set(changed) == {f.name for f in dataclasses.fields(SearchConfig)}
     for field, value in changed.items():
         other = dataclasses.replace(base, **{field: value})
@@ -174,3 +200,5 @@ def test_names():
     assert cts_method_name({"objective": "kl"}) == "cts_kl"
     assert cts_method_name({"objective": "ce", "search_length": "short", "search_at": "init"}) == "cts_ce_short_at_init"
     assert cts_method_name({"objective": "kl", "epochs": 3, "balance": "lagrangian"}) == "cts_kl_3ep_lagrangian"
+    assert cts_method_name({"objective": "kl", "loss_scale": 1.0}) == "cts_kl_ls1"
+    assert cts_method_name({"objective": "kl", "loss_scale": 0.5, "min_kept_per_layer": 8}) == "cts_kl_ls0p5_floor8"

@@ -63,10 +63,13 @@ def kept_count(density: float, total: int) -> int:
     return kept
 
 
-def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask:
+def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float, *, min_per_layer: int = 0) -> Mask:
     """Keep the ``round(density * d)`` highest scores over all layers at once (no per-layer quota).
 
-    Ties are broken by ``torch.topk`` on the concatenated scores, which is deterministic on CPU.
+    ``min_per_layer`` (an opt-in ablation, never the default) first reserves each layer's
+    ``min(min_per_layer, layer size)`` highest scores, then fills the rest of the same total count
+    from the global ranking; the kept count is unchanged. Ties are broken by ``torch.topk`` on the
+    concatenated scores, which is deterministic on CPU.
     """
     names = list(scores)
     flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
@@ -74,9 +77,25 @@ def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask
         bad = [n for n in names if not torch.isfinite(scores[n]).all()]
         raise ValueError(f"scores are not finite in {bad}: cannot rank weights")
     k = kept_count(density, flat.numel())
+    shapes = {n: scores[n].shape for n in names}
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    keep[torch.topk(flat, k, sorted=False).indices] = True
-    return unflatten(keep, {n: scores[n].shape for n in names})
+    if min_per_layer:
+        if isinstance(min_per_layer, bool) or not isinstance(min_per_layer, int) or min_per_layer < 0:
+            raise ValueError(f"min_per_layer must be a non-negative integer, got {min_per_layer!r}")
+        floors = {n: min(min_per_layer, math.prod(shape)) for n, shape in shapes.items()}
+        if sum(floors.values()) > k:
+            raise ValueError(f"a floor of {min_per_layer} weights in each of {len(names)} layers needs "
+                             f"{sum(floors.values())} weights, but density {density:g} keeps only {k}")
+        offset = 0
+        for n, layer in unflatten(flat, shapes).items():
+            top = torch.topk(layer.reshape(-1), floors[n], sorted=False).indices
+            keep[offset + top] = True
+            offset += layer.numel()
+        rest = flat.masked_fill(keep, float("-inf"))
+        keep[torch.topk(rest, k - int(keep.sum()), sorted=False).indices] = True
+    else:
+        keep[torch.topk(flat, k, sorted=False).indices] = True
+    return unflatten(keep, shapes)
 
 
 def unflatten(flat: torch.Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
@@ -127,6 +146,17 @@ def layer_report(mask: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float 
 def collapsed_layers(mask: Mapping[str, torch.Tensor]) -> list[str]:
     """Layers the mask prunes away entirely (layer collapse: the network is disconnected)."""
     return [name for name, keep in mask.items() if not bool(keep.any())]
+
+
+THIN_LAYER_KEPT = 8  # fewer kept weights than this in a layer (of more) is near collapse: warn
+
+
+def thin_layers(mask: Mapping[str, torch.Tensor], fewer_than: int = THIN_LAYER_KEPT) -> dict[str, int]:
+    """Layers that keep some weights but fewer than ``fewer_than`` (and fewer than their size):
+    the narrow bottlenecks that precede layer collapse at extreme sparsity."""
+    counts = {name: int(keep.sum()) for name, keep in mask.items()}
+    return {name: kept for name, kept in counts.items()
+            if 0 < kept < min(fewer_than, mask[name].numel())}
 
 
 def mask_to_payload(mask: Mapping[str, torch.Tensor], target_density: float) -> dict:

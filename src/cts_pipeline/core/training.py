@@ -107,8 +107,14 @@ class TrainResult:
 
     @property
     def seconds(self) -> float:
-        """Wall-clock of all epochs, across resumes (each epoch records its own)."""
+        """Wall-clock of all epochs' training, across resumes (each epoch records its own);
+        test evaluations are timed apart (:attr:`eval_seconds`), since stages evaluate at
+        different rates."""
         return sum(r["seconds"] for r in self.history)
+
+    @property
+    def eval_seconds(self) -> float:
+        return sum(r.get("eval_seconds", 0.0) for r in self.history)
 
     def seconds_until(self, epochs_done: int) -> float:
         return sum(r["seconds"] for r in self.history if r["epoch"] <= epochs_done)
@@ -239,10 +245,12 @@ def train(
             "train_accuracy": 100.0 * correct.item() / len(train_split),
         }
         last = epoch + 1 == end_epoch
+        record["seconds"] = time.perf_counter() - epoch_started  # training only: evaluation is timed apart
         if test_split is not None and (last or (epoch + 1) % recipe.eval_every == 0):
+            eval_started = time.perf_counter()
             test = evaluate(model, test_split, recipe.eval_batch_size, channels_last=channels_last)
-            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-        record["seconds"] = time.perf_counter() - epoch_started
+            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"],
+                          eval_seconds=time.perf_counter() - eval_started)
         result.history.append(record)
         if epoch + 1 in snapshot_epochs:
             result.snapshots[epoch + 1] = _cpu_state(model)
@@ -281,10 +289,16 @@ def check_finite(step_losses: torch.Tensor, *, stage: str, epoch: int, epochs: i
     finite = torch.isfinite(step_losses)
     if bool(finite.all()):
         return
-    step = int((~finite).nonzero()[0])
+    if finite.dim() > 1:  # a batched search: one column per density; name the first bad value
+        bad_step, bad_row = (int(i) for i in (~finite).nonzero()[0])
+        value, where = step_losses[bad_step, bad_row].item(), f" (row {bad_row + 1} of {finite.shape[1]})"
+        finite, step = finite.all(-1), bad_step
+    else:
+        step = int((~finite).nonzero()[0])
+        value, where = step_losses[step].item(), ""
     raise NonFiniteLossError(
-        f"{stage}: the loss became {step_losses[step].item()} at epoch {epoch + 1}/{epochs}, "
-        f"step {step + 1}/{step_losses.numel()}; stopping. Lower the learning rate or set "
+        f"{stage}{where}: the loss became {value} at epoch {epoch + 1}/{epochs}, "
+        f"step {step + 1}/{step_losses.shape[0]}; stopping. Lower the learning rate or set "
         "training.grad_clip_norm."
     )
 
@@ -296,7 +310,7 @@ def _format_epoch(stage: str, record: dict, epochs: int) -> str:
     )
     if "test_accuracy" in record:
         text += f", test acc {record['test_accuracy']:.2f} %"
-    return text + f" ({record['seconds']:.1f} s)"
+    return text + f" ({record['seconds']:.1f} s" + (f" + {record['eval_seconds']:.1f} s test" if "eval_seconds" in record else "") + ")"
 
 
 def _num_batches(n: int, batch_size: int) -> int:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ...config import ModelConfig, RuntimeConfig
-from ...core.cts import SearchConfig, concrete_search
+from ...core.cts import SearchConfig, SearchResult, concrete_search
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe
-from ...grid import Branch
+from ...grid import Branch, search_group_namespace
 from ..common import (
     build_network,
     checkpoint_for,
@@ -15,6 +15,25 @@ from ..common import (
     split_from_payload,
     uses_channels_last,
 )
+
+
+def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result: SearchResult,
+                hardware: str, group: list[Branch]) -> dict:
+    return {
+        **branch.as_dict(),
+        **{f"cts_{k}": v for k, v in cts.as_dict().items()},
+        "cts_effective_loss_scale": cts.effective_loss_scale,
+        "search_epochs": cts.search_epochs(training.epochs),
+        "steps": result.steps,
+        "budget": result.budget,
+        "peak_expected_over_budget": result.peak_expected_over_budget,
+        "final_expected_over_budget": result.final_expected_over_budget,
+        "seconds": result.seconds,  # this ticket's share: the batched search's time over its K masks
+        "search_group": [b.namespace for b in group],
+        "search_group_seconds": result.group_seconds,
+        "history": result.history,
+        "hardware": hardware,
+    }
 
 
 def search_mask(
@@ -29,27 +48,46 @@ def search_mask(
 
     Returns the logits per layer (the scores the binary mask ranks) and the search log.
     """
-    cts = SearchConfig(**branch.settings)
+    scores_and_logs = search_masks(theta_start, train_data, model, training, runtime, branch)
+    return scores_and_logs[f"{branch.namespace}.scores"], scores_and_logs[f"{branch.namespace}.mask_log"]
+
+
+def search_masks(
+    theta_start: dict,
+    train_data: dict,
+    model: ModelConfig,
+    training: TrainRecipe,
+    runtime: RuntimeConfig,
+    *group: Branch,
+) -> dict[str, dict]:
+    """One batched search for a seed's branches of one CTS configuration, at all their densities.
+
+    The branches share the start weights, the data order, the noise and the dense teacher, so
+    their searches run as one (``core.cts.concrete_search`` with several densities). Returns
+    ``{<branch>.scores: logits, <branch>.mask_log: log}`` for every branch.
+    """
+    first = group[0]
+    cts = SearchConfig(**first.settings)
+    if any(b.settings != first.settings or b.seed != first.seed or b.start != first.start for b in group):
+        raise ValueError(f"{search_group_namespace(first)}: a batched search needs one CTS configuration, "
+                         "seed and start")
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device)
     net = build_network(model, train_split, device, state=theta_start)
-    result = concrete_search(
-        net, train_split, density=branch.density, config=cts, recipe=training,
-        seed=branch.seed, stage=f"{branch.namespace} search", progress=runtime.progress,
-        checkpoint=checkpoint_for(runtime, branch.namespace, "search", model, training, branch.as_dict(),
-                                  theta_start, data_fingerprint(train_data)),
+    batched = len(group) > 1
+    stage = f"{search_group_namespace(first) if batched else first.namespace} search"
+    found = concrete_search(
+        net, train_split, density=[b.density for b in group] if batched else first.density, config=cts,
+        recipe=training, seed=first.seed, stage=stage, progress=runtime.progress,
+        checkpoint=checkpoint_for(runtime, search_group_namespace(first) if batched else first.namespace, "search",
+                                  model, training, *[b.as_dict() for b in group], theta_start,
+                                  data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net),
     )
-    log = {
-        **branch.as_dict(),
-        **{f"cts_{k}": v for k, v in cts.as_dict().items()},
-        "search_epochs": cts.search_epochs(training.epochs),
-        "steps": result.steps,
-        "budget": result.budget,
-        "peak_expected_over_budget": result.peak_expected_over_budget,
-        "final_expected_over_budget": result.final_expected_over_budget,
-        "seconds": result.seconds,
-        "history": result.history,
-        "hardware": describe_hardware(device),
-    }
-    return result.scores, log
+    results = found if batched else [found]
+    hardware = describe_hardware(device)
+    out = {}
+    for branch, result in zip(group, results, strict=True):
+        out[f"{branch.namespace}.scores"] = result.scores
+        out[f"{branch.namespace}.mask_log"] = _search_log(branch, cts, training, result, hardware, list(group))
+    return out

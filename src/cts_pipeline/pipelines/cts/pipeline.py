@@ -1,19 +1,40 @@
 from kedro.pipeline import Pipeline, node
 
-from ...grid import Branch
-from ..tickets.pipeline import branch_pipeline, score_to_mask
-from .nodes import search_mask
+from ...core.cts import OBJECTIVES
+from ...grid import Branch, search_group_namespace
+from ..tickets.pipeline import branch_pipeline, score_to_mask, start_weights
+from .nodes import search_mask, search_masks
+
+SEARCH_INPUTS = ["train_data", "params:model", "params:training", "params:runtime"]
 
 
-def create_pipeline(branches: list[Branch]) -> Pipeline:
-    """One branch per (CTS variant, seed, sparsity): search -> binary mask -> retrain -> evaluate."""
-    search = Pipeline([
-        node(
-            search_mask,
-            ["theta_start", "train_data", "params:model", "params:training", "params:runtime", "params:branch"],
-            ["scores", "mask_log"],
-            name="search",
-        ),
-        score_to_mask(),
-    ])
-    return Pipeline([branch_pipeline(search, b) for b in branches], tags="cts")
+def create_pipeline(branches: list[Branch], batch_sparsities: bool = True) -> Pipeline:
+    """One branch per (CTS variant, seed, sparsity): search -> binary mask -> retrain -> evaluate.
+
+    With ``batch_sparsities`` (``runtime.batch_sparsities``, the default), a seed's branches of one
+    CTS configuration share one batched search node, ``<method>.seed<N>.search``, which fans out
+    to each branch's ``scores`` and ``mask_log``; everything after the mask stays per branch.
+    Network objectives (features, gradients) cannot be batched and keep one search per branch.
+    """
+    groups: dict[str, list[Branch]] = {}
+    for b in branches:
+        objective = OBJECTIVES.get(b.settings.get("objective", "kl"))  # unknown: refused when the run starts
+        batchable = batch_sparsities and (objective is None or objective.kind == "logits")
+        groups.setdefault(search_group_namespace(b) if batchable else b.namespace, []).append(b)
+    parts = []
+    for key, group in groups.items():
+        if len(group) == 1:
+            search = Pipeline([
+                node(search_mask, ["theta_start", *SEARCH_INPUTS, "params:branch"], ["scores", "mask_log"],
+                     name="search"),
+                score_to_mask(),
+            ])
+            parts.append(branch_pipeline(search, group[0]))
+            continue
+        outputs = {name: name for b in group for name in (f"{b.namespace}.scores", f"{b.namespace}.mask_log")}
+        parts.append(Pipeline([node(
+            search_masks, [start_weights(group[0]), *SEARCH_INPUTS, *[f"params:{b.namespace}.branch" for b in group]],
+            outputs, name="search", namespace=key,
+        )]))
+        parts += [branch_pipeline(Pipeline([score_to_mask()]), b) for b in group]
+    return Pipeline(parts, tags="cts")

@@ -57,7 +57,8 @@ def train_dense(
         "achieved_sparsity": 0.0,
         "test_accuracy": result.final["test_accuracy"],
         "test_loss": result.final["test_loss"],
-        "seconds": {"to_rewind": result.seconds_until(k), "train": result.seconds},
+        "seconds": {"to_rewind": result.seconds_until(k), "train": result.seconds,
+                    "test_during_training": result.eval_seconds},
         "history": result.history,
         "hardware": describe_hardware(device),
     }

@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = [
     "method", "family", "seed", "target_sparsity_pct", "achieved_sparsity_pct", "kept_weights",
-    "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
-    "retrain_s", "total_s", "collapsed_layers", "start", "model", "dataset", "rewind_epoch", "hardware",
+    "effective_kept_weights", "disconnected", "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
+    "retrain_s", "total_s", "eval_s", "collapsed_layers", "thin_layers", "start", "model", "dataset", "rewind_epoch", "hardware",
 ]
 
 
@@ -34,6 +34,9 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
             "target_sparsity_pct": 0.0 if dense else 100 * m["target_sparsity"],
             "achieved_sparsity_pct": 100 * m["achieved_sparsity"],
             "kept_weights": m["kept_weights"],
+            # Kept weights on some input-output path (dense: all of them).
+            "effective_kept_weights": m.get("effective_kept_weights", m["kept_weights"]),
+            "disconnected": bool(m.get("disconnected", False)),
             "prunable_weights": m["prunable_weights"],
             "test_accuracy": m["test_accuracy"],
             "dense_test_accuracy": m["test_accuracy"] if dense else m["dense_test_accuracy"],
@@ -42,7 +45,11 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
             "find_mask_s": 0.0 if dense else seconds["find_mask"],
             "retrain_s": seconds["train"] if dense else seconds["retrain"],
             "total_s": seconds["train"] if dense else seconds["total"],
+            # Test evaluations, timed apart: some stages evaluate every epoch, others once.
+            "eval_s": (seconds.get("test_during_training", 0.0) if dense
+                       else seconds.get("test_during_retrain", 0.0) + seconds.get("evaluate", 0.0)),
             "collapsed_layers": "" if dense else ";".join(m["collapsed_layers"]),
+            "thin_layers": "" if dense else ";".join(f"{n}:{k}" for n, k in m.get("thin_layers", {}).items()),
             "start": m.get("start", "init"),
             "model": m["model"],
             "dataset": m["dataset"],
@@ -69,6 +76,8 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         total_s=("total_s", "mean"),
         # A table read back from CSV holds NaN, not "", where no layer collapsed.
         collapsed_seeds=("collapsed_layers", lambda c: int((c.fillna("").astype(str) != "").sum())),
+        effective_kept_weights=("effective_kept_weights", "mean"),
+        disconnected_seeds=("disconnected", lambda c: int(c.astype(str).str.lower().eq("true").sum())),
     ).reset_index()
     out["test_accuracy_std"] = out["test_accuracy_std"].fillna(0.0)
     return out
@@ -76,15 +85,18 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def summary_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """The printed summary: header and formatted rows (accuracy as mean ± std when seeds > 1)."""
-    header = ["method", "sparsity %", "achieved %", "kept", "seeds", "test acc %", "find mask s",
+    header = ["method", "sparsity %", "achieved %", "kept", "effective", "seeds", "test acc %", "find mask s",
               "retrain s", "total s", "note"]
     rows = []
     for r in summary(table).itertuples():
         acc = (f"{r.test_accuracy_mean:.2f} ± {r.test_accuracy_std:.2f}" if r.seeds > 1
                else f"{r.test_accuracy_mean:.2f}")
         note = f"LAYER COLLAPSE ({r.collapsed_seeds} of {r.seeds} seeds)" if r.collapsed_seeds else ""
+        if r.disconnected_seeds > r.collapsed_seeds:
+            note = f"DISCONNECTED ({r.disconnected_seeds} of {r.seeds} seeds)"
         rows.append([r.method, f"{r.target_sparsity_pct:.2f}", f"{r.achieved_sparsity_pct:.2f}",
-                     f"{r.kept_weights:.0f}", str(r.seeds), acc, f"{r.find_mask_s:.1f}",
+                     f"{r.kept_weights:.0f}", f"{r.effective_kept_weights:.0f}", str(r.seeds), acc,
+                     f"{r.find_mask_s:.1f}",
                      f"{r.retrain_s:.1f}", f"{r.total_s:.1f}", note])
     return header, rows
 

@@ -6,6 +6,7 @@ import logging
 import time
 
 from ...config import ModelConfig, RuntimeConfig
+from ...core.connectivity import effective_report
 from ...core.masks import (
     collapsed_layers,
     global_topk_mask,
@@ -13,6 +14,7 @@ from ...core.masks import (
     mask_to_payload,
     payload_to_mask,
     prunable_parameters,
+    thin_layers,
 )
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, evaluate, train
@@ -31,8 +33,21 @@ logger = logging.getLogger(__name__)
 
 
 def topk_mask(scores: dict, branch: Branch) -> dict:
-    """The binary mask: exactly ``round(κ·d)`` highest scores over the whole network."""
-    return mask_to_payload(global_topk_mask(scores, branch.density), branch.density)
+    """The binary mask: exactly ``round(κ·d)`` highest scores over the whole network.
+
+    A CTS ablation with ``min_kept_per_layer`` reserves that many weights in every layer first.
+    A mask that empties a layer, or keeps only a handful of its weights, is logged as a warning:
+    at extreme sparsity on small networks CTS-KL tends to starve the convolutions
+    (``docs/results.md``, "Where CTS spends its budget").
+    """
+    floor = branch.settings.get("min_kept_per_layer", 0) if branch.family == "cts" else 0
+    mask = global_topk_mask(scores, branch.density, min_per_layer=floor)
+    thin = thin_layers(mask)
+    if thin:
+        logger.warning("%s: the mask keeps only %s; a layer this thin is close to collapse "
+                       "(opt-in remedy for CTS: cts.min_kept_per_layer)", branch.namespace,
+                       ", ".join(f"{kept} of {mask[name].numel()} weights in {name}" for name, kept in thin.items()))
+    return mask_to_payload(mask, branch.density)
 
 
 def start_epoch(training: TrainRecipe, branch: Branch) -> int:
@@ -64,7 +79,8 @@ def retrain_ticket(
                                   theta_start, keep, data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
     )
-    log = {**branch.as_dict(), "start_epoch": first, "seconds": result.seconds, "history": result.history}
+    log = {**branch.as_dict(), "start_epoch": first, "seconds": result.seconds, "eval_seconds": result.eval_seconds,
+           "history": result.history}
     return state_on_cpu(net), log
 
 
@@ -100,6 +116,10 @@ def evaluate_ticket(
     if collapsed:
         logger.warning("%s: layer collapse, no weight left in %s: the network is disconnected",
                        branch.namespace, ", ".join(collapsed))
+    connectivity = effective_report(net, keep, test_split.info.image_shape)
+    if connectivity["disconnected"] and not collapsed:
+        logger.warning("%s: the mask disconnects the input from the output: none of its %d kept weights lies "
+                       "on an input-output path", branch.namespace, mask["kept_weights"])
     seconds = {
         # LTR's mask already cost the whole dense training (to θ_k and beyond): count it once.
         "to_rewind": (dense_metrics["seconds"]["to_rewind"]
@@ -107,6 +127,7 @@ def evaluate_ticket(
         "find_mask": mask_log["seconds"],
         "retrain": retrain_log["seconds"],
         "evaluate": time.perf_counter() - started,
+        "test_during_retrain": retrain_log.get("eval_seconds", 0.0),  # apart from the stage times
     }
     seconds["total"] = seconds["to_rewind"] + seconds["find_mask"] + seconds["retrain"]
     return {
@@ -132,6 +153,8 @@ def evaluate_ticket(
         "layer_density": {name: r["density"] for name, r in layer_report(keep).items()},
         "layer_kept": {name: r["kept"] for name, r in layer_report(keep).items()},
         "collapsed_layers": collapsed,
+        "thin_layers": thin_layers(keep),
+        **connectivity,  # effective (input-to-output) kept counts, per layer and overall
         "seconds": seconds,
         "retrain_history": retrain_log["history"],
         "hardware": describe_hardware(device),

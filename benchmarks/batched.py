@@ -1,0 +1,113 @@
+"""Batched CTS search (K densities on one θ_k in one pass) against K single searches, one after
+the other: the wall-clock ratio, measured side by side in one process (issue 8).
+
+    python benchmarks/batched.py                         # CPU rows (about 5 min on 2 cores)
+    python benchmarks/batched.py --mnist ../shared/data  # LeNet-300-100 on the real MNIST images
+    PYTHONPATH=src python benchmarks/batched.py --device cuda --resnet   # GPU: ResNet-20, K = 5 and 15
+
+Every row runs both sides on the same frozen weights, data order and noise, interleaved, and
+reports the median of the per-repeat ratios batched / sequential (targets: <= 0.5 on the default
+convnet/digits, <= 0.7 on LeNet-300-100/MNIST). It also reports how many mask entries differ
+between the two sides (float rounding only; see tests/core/test_batched_search.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cts_pipeline.core.cts import SearchConfig, concrete_search
+from cts_pipeline.core.data import DATASETS, Split, load_splits
+from cts_pipeline.core.masks import global_topk_mask
+from cts_pipeline.core.models import build_model
+from cts_pipeline.core.runtime import describe_hardware, resolve_device
+from cts_pipeline.core.training import TrainRecipe
+
+LEVELS = (10, 14, 18, 22, 24)  # the default grid: 89.26 ... 99.53 %
+
+
+def synthetic(name: str, n: int, device: torch.device) -> Split:
+    info = DATASETS[name]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, *info.image_shape), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, info.num_classes, (n,), generator=g)
+    return Split(images=images, labels=labels, info=info).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRecipe, densities: list[float],
+            device: torch.device, repeats: int, channels_last: bool) -> None:
+    info = split.info
+    net = build_model(model, image_shape=info.image_shape, num_classes=info.num_classes,
+                      generator=torch.Generator().manual_seed(0), **options).to(device)
+    config = SearchConfig()
+
+    def sequential():
+        return [concrete_search(net, split, density=k, config=config, recipe=recipe, seed=0, progress=False,
+                                channels_last=channels_last) for k in densities]
+
+    def batched():
+        return concrete_search(net, split, density=densities, config=config, recipe=recipe, seed=0,
+                               progress=False, channels_last=channels_last)
+
+    batched()  # warm-up (first-call allocations, the stacked-forward check)
+    times_seq, times_bat, ratios = [], [], []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        singles = sequential()
+        sync(device)
+        times_seq.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        rows = batched()
+        sync(device)
+        times_bat.append(time.perf_counter() - started)
+        ratios.append(times_bat[-1] / times_seq[-1])
+    differ = kept = 0
+    for k, a, b in zip(densities, singles, rows, strict=True):
+        ma, mb = global_topk_mask(a.scores, k), global_topk_mask(b.scores, k)
+        differ += sum(int((ma[n] != mb[n]).sum()) for n in ma) // 2
+        kept += sum(int(m.sum()) for m in ma.values())
+    print(f"| {label} | K = {len(densities)} | {statistics.median(times_seq):.2f} s | "
+          f"{statistics.median(times_bat):.2f} s | **{statistics.median(ratios):.2f}** | "
+          f"{differ} of {kept} kept weights swapped |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mnist", type=Path, help="root of the real MNIST files (else MNIST-shaped noise)")
+    parser.add_argument("--resnet", action="store_true", help="ResNet-20 on CIFAR-shaped noise, batch 512")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    densities = [0.8 ** L for L in LEVELS]
+    print(f"{describe_hardware(device)}, torch {torch.__version__}\n")
+    print("| network and data | masks | K single searches | one batched search | ratio | masks |")
+    print("|---|---|---|---|---|---|")
+    digits = load_splits("digits")[0].to(device)
+    measure("convnet (56,224 weights), digits, batch 64, 3 search epochs", "convnet", {}, digits,
+            TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats, channels_last=True)
+    mnist = (load_splits("mnist", args.mnist)[0] if args.mnist else synthetic("mnist", 60_000, "cpu")).to(device)
+    source = "MNIST" if args.mnist else "MNIST-shaped noise"
+    measure(f"LeNet-300-100 (266,200 weights), {source}, batch 128, 1 search epoch", "lenet_300_100", {}, mnist,
+            TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities, device, args.repeats, channels_last=False)
+    if args.resnet:
+        cifar = synthetic("cifar10", 10_240, device)
+        for k in (5, 15):
+            grid = [0.8 ** L for L in (16, 18, 20, 22, 24)] * (k // 5)
+            measure("ResNet-20 (270,896 weights), CIFAR-shaped noise, batch 512, 1 search epoch (10,240 images)",
+                    "resnet20", {}, cifar, TrainRecipe(epochs=1, batch_size=512, lr=0.1), grid, device,
+                    args.repeats, channels_last=True)
+
+
+if __name__ == "__main__":
+    main()
