@@ -17,10 +17,12 @@ of the expected kept count Σσ(s) at the start, at the end and in under- and ov
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,7 @@ from cts_pipeline.core.runtime import describe_hardware, generator
 from cts_pipeline.core.saliency import ScoringInputs, score
 from cts_pipeline.core.training import TrainRecipe, train
 
+ROOT = Path(__file__).resolve().parents[1]
 SPARSITIES = (0.9820, 0.9926, 0.9953)
 ADAM_EPS = 1e-8
 FEW_WEIGHTS = 8  # a layer keeping fewer than this is flagged (see cts_pipeline.core.masks.thin_layers)
@@ -159,7 +162,12 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def print_tables(rows: list[dict]) -> None:
+def tables(rows: list[dict]) -> str:
+    lines: list[str] = []
+
+    def emit(text: str) -> None:
+        lines.append(text)
+
     for width in dict.fromkeys(r["width"] for r in rows):
         at = [r for r in rows if r["width"] == width]
         methods = [m for m in METHODS if any(r["method"] == m for r in at)]
@@ -167,11 +175,11 @@ def print_tables(rows: list[dict]) -> None:
         layers = list(next(r for r in at if "kept" in r)["kept"])
         totals = next(r for r in at if "kept" in r)["total"]
         seeds = sorted({r["seed"] for r in at})
-        print(f"\n### {width}: dense {mean_std(dense)} % "
+        emit(f"\n### {width}: dense {mean_std(dense)} % "
               f"({len(seeds)} seed{'s' * (len(seeds) > 1)})\n")
-        print("| method | sparsity | test acc % | " + " | ".join(f"{n.split('.')[0]} ({totals[n]})" for n in layers)
+        emit("| method | sparsity | test acc % | " + " | ".join(f"{n.split('.')[0]} ({totals[n]})" for n in layers)
               + " | collapsed |")
-        print("|---|---|---|" + "---|" * len(layers) + "---|")
+        emit("|---|---|---|" + "---|" * len(layers) + "---|")
         for method in methods:
             for s in SPARSITIES:
                 cell = [r for r in at if r["method"] == method and r["sparsity"] == s]
@@ -179,13 +187,13 @@ def print_tables(rows: list[dict]) -> None:
                                   else f"{min(r['kept'][n] for r in cell)}–{max(r['kept'][n] for r in cell)}"
                                   for n in layers)
                 collapsed = sum(1 for r in cell if r["collapsed"])
-                print(f"| {method} | {100 * s:.2f} % | {mean_std([r['accuracy'] for r in cell])} | {kept} | "
+                emit(f"| {method} | {100 * s:.2f} % | {mean_std([r['accuracy'] for r in cell])} | {kept} | "
                       f"{f'{collapsed} of {len(cell)}' if collapsed else ''} |")
-        print(f"\nSearch diagnostics, width {width} (median over seeds and sparsities; |g| is the median "
+        emit(f"\nSearch diagnostics, width {width} (median over seeds and sparsities; |g| is the median "
               f"|gradient| handed to Adam, eps = {ADAM_EPS:g}):\n")
-        print("| method | " + " | ".join(f"|g| {n.split('.')[0]}" for n in layers)
+        emit("| method | " + " | ".join(f"|g| {n.split('.')[0]}" for n in layers)
               + " | steps under budget | fc share of Σσ: start → end | under-budget epochs | over-budget epochs |")
-        print("|---|" + "---|" * len(layers) + "---|---|---|---|")
+        emit("|---|" + "---|" * len(layers) + "---|---|---|---|")
         for method in methods:
             if METHODS[method] is None:
                 continue
@@ -197,9 +205,22 @@ def print_tables(rows: list[dict]) -> None:
                 values = [x[key] for x in share if x[key] is not None]
                 return f"{statistics.median(values):.3f}" if values else "–"
 
-            print(f"| {method} | {grads} | {statistics.fmean(d['under_budget_fraction'] for d in diag):.0%} | "
+            emit(f"| {method} | {grads} | {statistics.fmean(d['under_budget_fraction'] for d in diag):.0%} | "
                   f"{med('first_epoch')} → {med('last_epoch')} | {med('under_budget_epochs')} | "
                   f"{med('over_budget_epochs')} |")
+    return "\n".join(lines)
+
+
+def write_docs(text: str, hardware: str) -> None:
+    path = ROOT / "docs" / "results.md"
+    begin, end = "<!-- allocation:begin -->", "<!-- allocation:end -->"
+    content = path.read_text()
+    if begin not in content or end not in content:
+        raise SystemExit(f"{path} has no {begin} ... {end} block")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    stamp = f"Written by `python benchmarks/allocation.py --write-docs` on {datetime.date.today()}; {hardware}."
+    path.write_text(f"{head}{begin}\n{stamp}\n{text}\n{end}{tail}")
 
 
 def main() -> None:
@@ -210,10 +231,12 @@ def main() -> None:
                         f"{', '.join(MNIST_METHODS)}, seeds 0 and 1")
     parser.add_argument("--json", help="also write every row to this file")
     parser.add_argument("--from-json", help="print the tables from a file written by --json")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the tables in docs/results.md")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
-            rows = json.load(f)["rows"]
+            saved = json.load(f)
+        rows, hardware = saved["rows"], saved["hardware"]
     else:
         torch.set_num_threads(torch.get_num_threads())
         digits = load_splits("digits")
@@ -224,11 +247,15 @@ def main() -> None:
             setups.append((Setup("LeNet-300-100 on MNIST", "lenet_300_100", {}, MNIST, mnist, MNIST_METHODS), [0, 1]))
         started = time.perf_counter()
         rows = [r for setup, seeds in setups for r in run_setup(setup, seeds)]
-        print(f"\n{describe_hardware(torch.device('cpu'))}, {time.perf_counter() - started:.0f} s in all")
+        hardware = f"{describe_hardware(torch.device('cpu'))}, {time.perf_counter() - started:.0f} s in all"
+        print(f"\n{hardware}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"hardware": describe_hardware(torch.device("cpu")), "rows": rows}, f, indent=1)
-    print_tables(rows)
+    text = tables(rows)
+    print(text)
+    if args.write_docs:
+        write_docs(text, hardware)
 
 
 if __name__ == "__main__":

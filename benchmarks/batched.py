@@ -1,5 +1,6 @@
 """Batched CTS search (K densities on one θ_k in one pass) against K single searches, one after
-the other: the wall-clock ratio, measured side by side in one process (issue 8).
+the other, and K tickets retrained stacked against K retrainings: the wall-clock ratios, measured
+side by side in one process (issue 8).
 
     python benchmarks/batched.py                         # CPU rows (about 5 min on 2 cores)
     python benchmarks/batched.py --mnist ../shared/data  # LeNet-300-100 on the real MNIST images
@@ -20,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from cts_pipeline.core.batched_training import train_tickets
 from cts_pipeline.core.cts import SearchConfig, concrete_search
 from cts_pipeline.core.data import DATASETS, Split, load_splits
-from cts_pipeline.core.masks import global_topk_mask
+from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
 from cts_pipeline.core.runtime import describe_hardware, resolve_device
-from cts_pipeline.core.training import TrainRecipe
+from cts_pipeline.core.training import TrainRecipe, train
 
 LEVELS = (10, 14, 18, 22, 24)  # the default grid: 89.26 ... 99.53 %
 
@@ -81,6 +83,50 @@ def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRe
           f"{differ} of {kept} kept weights swapped |", flush=True)
 
 
+def measure_retraining(label: str, model: str, split: Split, test: Split, recipe: TrainRecipe, densities: list[float],
+                       device: torch.device, repeats: int, channels_last: bool) -> None:
+    info = split.info
+
+    def fresh():
+        return build_model(model, image_shape=info.image_shape, num_classes=info.num_classes,
+                           generator=torch.Generator().manual_seed(0)).to(device)
+
+    g = torch.Generator().manual_seed(1)
+    masks = [global_topk_mask({n: torch.rand(w.shape, generator=g) for n, w in prunable_parameters(fresh()).items()}, k)
+             for k in densities]
+
+    def sequential():
+        out = []
+        for mask in masks:
+            net = fresh()
+            out.append(train(net, split, test, recipe, seed=0, stage="one", mask=mask, progress=False,
+                             channels_last=channels_last).final["test_accuracy"])
+        return out
+
+    def batched():
+        _, results = train_tickets(fresh(), masks, split, test, recipe, seed=0, stage="stacked", progress=False,
+                                   channels_last=channels_last)
+        return [r.final["test_accuracy"] for r in results]
+
+    batched()
+    times_seq, times_bat, ratios = [], [], []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        one = sequential()
+        sync(device)
+        times_seq.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        stacked = batched()
+        sync(device)
+        times_bat.append(time.perf_counter() - started)
+        ratios.append(times_bat[-1] / times_seq[-1])
+    gap = max(abs(a - b) for a, b in zip(one, stacked, strict=True))
+    print(f"| retraining: {label} | K = {len(densities)} | {statistics.median(times_seq):.2f} s | "
+          f"{statistics.median(times_bat):.2f} s | **{statistics.median(ratios):.2f}** | "
+          f"largest test-accuracy gap {gap:.2f} points |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
@@ -93,13 +139,18 @@ def main() -> None:
     print(f"{describe_hardware(device)}, torch {torch.__version__}\n")
     print("| network and data | masks | K single searches | one batched search | ratio | masks |")
     print("|---|---|---|---|---|---|")
-    digits = load_splits("digits")[0].to(device)
+    digits, digits_test = (s.to(device) for s in load_splits("digits"))
     measure("convnet (56,224 weights), digits, batch 64, 3 search epochs", "convnet", {}, digits,
             TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats, channels_last=True)
     mnist = (load_splits("mnist", args.mnist)[0] if args.mnist else synthetic("mnist", 60_000, "cpu")).to(device)
     source = "MNIST" if args.mnist else "MNIST-shaped noise"
     measure(f"LeNet-300-100 (266,200 weights), {source}, batch 128, 1 search epoch", "lenet_300_100", {}, mnist,
             TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities, device, args.repeats, channels_last=False)
+    measure_retraining("convnet, digits, batch 64, 3 epochs", "convnet", digits, digits_test,
+                       TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats, True)
+    measure_retraining("LeNet-300-100, " + source + ", batch 128, 1 epoch", "lenet_300_100", mnist,
+                       mnist.subset(2000), TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities, device,
+                       args.repeats, False)
     if args.resnet:
         cifar = synthetic("cifar10", 10_240, device)
         for k in (5, 15):

@@ -59,7 +59,7 @@ def test_default_run_compares_every_method_and_runs_the_sanity_checks(project):
 
 def test_layer_collapse_is_flagged_in_the_table_the_log_and_mlflow(project):
     # The base configuration (the smoke preset's convnet options do not apply to LeNet), shortened.
-    params = {"model": {"name": "lenet_300_100"}, "methods": {"pai": ["magnitude"]}, "grid": {"sparsities": [0.98]},
+    params = {"model": {"name": "lenet_300_100"}, "methods": {"pai": ["magnitude"]}, "grid": {"levels": None, "sparsities": [0.98]},
               "training": {"epochs": 2, "milestones": [1]}, "runtime": {"progress": False}}
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)

@@ -47,8 +47,8 @@ def _build() -> dict[str, Pipeline]:
     base = data_pipeline() + dense_pipeline(p.dense)
     cts = cts_pipeline(p.cts, batch)
     variants = cts_pipeline(p.cts_variants, batch)
-    ltr = ltr_pipeline(p.ltr_runs, p.ltr)
-    pai = pai_pipeline(p.pai)
+    ltr = ltr_pipeline(p.ltr_runs, p.ltr, batch)
+    pai = pai_pipeline(p.pai, batch)
 
     def with_report(name: str, branches: list[Branch], *parts: Pipeline) -> Pipeline:
         return base + sum(parts, Pipeline([])) + report_pipeline(name, _metrics(p.dense) + _metrics(branches))
@@ -65,6 +65,6 @@ def _build() -> dict[str, Pipeline]:
                                                         (p.pai, pai)) for b in branches}
     references = [b for b in compared if b.method in checked]
     pipelines["sanity"] = (base + sum((family_of[m] for m in sorted(checked)), Pipeline([]))
-                           + sanity_pipeline(p.sanity) + sanity_report(_metrics(references) + _metrics(p.sanity)))
+                           + sanity_pipeline(p.sanity, batch) + sanity_report(_metrics(references) + _metrics(p.sanity)))
     pipelines["__default__"] = pipelines["compare"] + pipelines["sanity"]
     return pipelines

@@ -51,7 +51,16 @@ def test_cts_has_one_batched_search_per_seed_fanning_out_to_each_sparsity(params
     assert set(search.outputs) == {"cts_kl.seed1.sp98_20.scores", "cts_kl.seed1.sp98_20.mask_log",
                                    "cts_kl.seed1.sp99_26.scores", "cts_kl.seed1.sp99_26.mask_log"}
     branch = [n.name.rsplit(".", 1)[1] for n in cts.nodes if n.namespace == "cts_kl.seed1.sp99_26"]
-    assert branch == ["binary_mask", "retrain", "evaluate"]  # topological order
+    assert branch == ["binary_mask"]
+    group = [n.name.rsplit(".", 1)[1] for n in cts.nodes if n.namespace == "cts_kl.seed1"]
+    assert group == ["search", "retrain", "evaluate_sp98_20", "evaluate_sp99_26"]  # topological order
+    retrain = next(n for n in cts.nodes if n.name == "cts_kl.seed1.retrain")
+    assert retrain.inputs[0] == "dense.seed1.theta_rewind"
+    assert {"cts_kl.seed1.sp98_20.mask", "cts_kl.seed1.sp99_26.mask"} <= set(retrain.inputs)
+    assert set(retrain.outputs) == {"cts_kl.seed1.sp98_20.final_weights", "cts_kl.seed1.sp98_20.retrain_log",
+                                    "cts_kl.seed1.sp99_26.final_weights", "cts_kl.seed1.sp99_26.retrain_log"}
+    evaluate = next(n for n in cts.nodes if n.name == "cts_kl.seed1.evaluate_sp99_26")
+    assert evaluate.outputs == ["cts_kl.seed1.sp99_26.metrics"] and "metrics" in evaluate.tags
     report = next(n for n in cts.nodes if n.name == "cts_report")
     assert report.inputs[0] == "params:report" and len(report.inputs) == 7  # 2 dense + 4 tickets
     assert "cts_results_table" in report.outputs and "cts_layer_density_plot" in report.outputs
@@ -95,8 +104,9 @@ def test_compare_holds_every_method_and_shares_the_dense_runs(params):
     init_search = next(n for n in compare.nodes if n.name == "cts_ce_at_init.seed0.search")
     assert "dense.seed0.theta_init" in init_search.inputs
     # Every pipeline reuses the same retraining and evaluation nodes (no copies).
-    assert pipelines["cts"].only_nodes("cts_kl.seed0.sp99_26.retrain").nodes == \
-        compare.only_nodes("cts_kl.seed0.sp99_26.retrain").nodes
+    assert pipelines["cts"].only_nodes("cts_kl.seed0.retrain").nodes == compare.only_nodes("cts_kl.seed0.retrain").nodes
+    for method in ("snip", "ltr", "cts_kl_short"):  # every family retrains a seed's tickets together
+        assert f"{method}.seed0.retrain" in {n.name for n in compare.nodes}
 
 
 def test_sanity_branches_reuse_the_checked_branches(params):
@@ -113,7 +123,7 @@ def test_sanity_branches_reuse_the_checked_branches(params):
     retrain = next(n for n in sanity.nodes if n.name == "snip_reinit.seed0.sp99_26.retrain")
     assert "snip_reinit.seed0.sp99_26.theta_start" in retrain.inputs, "reinit trains from fresh weights"
     assert "snip.seed0.sp99_26.mask" in retrain.inputs
-    assert {"snip.seed0.sp99_26.evaluate", "cts_kl.seed1.sp99_26.evaluate"} <= {n.name for n in sanity.nodes}
+    assert {"snip.seed0.evaluate_sp99_26", "cts_kl.seed1.evaluate_sp99_26"} <= {n.name for n in sanity.nodes}
     assert set(pipelines["__default__"].nodes) >= set(pipelines["compare"].nodes) | set(sanity.nodes)
 
 

@@ -49,57 +49,82 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
-def _conv(module: nn.Conv2d, weight: torch.Tensor, rows: int):
-    bias = None if module.bias is None else module.bias.repeat(rows)
+def _row_param(module: nn.Module, name: str, params: Mapping[str, torch.Tensor], key: str, rows: int):
+    """This module's parameter ``key`` for K rows: the stacked one (``[K, *shape]``), or the
+    module's own shared by every row (``None`` when the module has none)."""
+    stacked = params.get(f"{name}.{key}" if name else key)
+    if stacked is not None:
+        return stacked
+    own = getattr(module, key)
+    return None if own is None else own.unsqueeze(0).expand(rows, *own.shape)
+
+
+def _conv(module: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
     shared_input_channels = module.in_channels
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         flat = weight.reshape(rows * module.out_channels, *weight.shape[2:])
         groups = 1 if x.shape[1] == shared_input_channels else rows  # shared image, or stacked rows
-        return F.conv2d(x, flat, bias, module.stride, module.padding, module.dilation, groups)
+        flat_bias = None if bias is None else bias.reshape(-1)
+        return F.conv2d(x, flat, flat_bias, module.stride, module.padding, module.dilation, groups)
 
     return forward
 
 
-def _linear(module: nn.Linear, weight: torch.Tensor, rows: int):
+def _linear(module: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] == module.in_features:  # shared input: one product with K·O outputs
             out = F.linear(x, weight.reshape(rows * module.out_features, module.in_features))
-            return out if module.bias is None else out + module.bias.repeat(rows)
+            return out if bias is None else out + bias.reshape(-1)
         per_row = x.reshape(x.shape[0], rows, module.in_features).transpose(0, 1)  # [K, B, F]
         out = torch.bmm(per_row, weight.transpose(1, 2))  # [K, B, O]
-        if module.bias is not None:
-            out = out + module.bias
+        if bias is not None:
+            out = out + bias[:, None, :]
         return out.transpose(0, 1).reshape(x.shape[0], rows * module.out_features)
 
     return forward
 
 
-def _norm(module: nn.modules.batchnorm._BatchNorm, rows: int):
-    weight = None if module.weight is None else module.weight.repeat(rows)
-    bias = None if module.bias is None else module.bias.repeat(rows)
+def _norm(module: nn.modules.batchnorm._BatchNorm, weight, bias, running: tuple | None, training: bool):
+    """BatchNorm over K·C channels. ``running`` (flat ``[K·C]`` views of the stacked running
+    statistics) are used in evaluation and updated in place in training; without them, every
+    call normalises with the batch's statistics and keeps none (the search's mode)."""
+    flat_weight = None if weight is None else weight.reshape(-1)
+    flat_bias = None if bias is None else bias.reshape(-1)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        # Batch statistics, per channel of every row; running statistics are neither used nor updated.
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, module.eps)
+        if running is None:
+            return F.batch_norm(x, None, None, flat_weight, flat_bias, True, 0.0, module.eps)
+        return F.batch_norm(x, running[0], running[1], flat_weight, flat_bias, training, module.momentum,
+                            module.eps)
 
     return forward
 
 
 @contextmanager
-def _rewired(model: nn.Module, weights: Mapping[str, torch.Tensor], rows: int) -> Iterator[None]:
+def rewired(model: nn.Module, params: Mapping[str, torch.Tensor], rows: int,
+            buffers: Mapping[str, torch.Tensor] | None = None, training: bool = True) -> Iterator[None]:
+    """Within the block, ``model(x)`` computes K rows at once in the stacked layout.
+
+    ``params`` maps parameter names to ``[K, *shape]`` tensors; parameters not in it are shared by
+    every row. ``buffers`` holds stacked BatchNorm running statistics (``[K, C]``, contiguous),
+    used in evaluation (``training=False``) and updated in place in training; without it,
+    BatchNorm uses batch statistics only.
+    """
     patched = []
     try:
         for name, module in model.named_modules():
-            key = f"{name}.weight" if name else "weight"
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                weight = weights.get(key)
-                if weight is None:  # not prunable (VGG's classifier): the same weight for every row
-                    weight = module.weight.unsqueeze(0).expand(rows, *module.weight.shape)
                 make = _conv if isinstance(module, nn.Conv2d) else _linear
-                module.forward = make(module, weight, rows)
+                module.forward = make(module, _row_param(module, name, params, "weight", rows),
+                                      _row_param(module, name, params, "bias", rows), rows)
             elif isinstance(module, _NORMS):
-                module.forward = _norm(module, rows)
+                running = None
+                if buffers is not None:
+                    prefix = f"{name}." if name else ""
+                    running = (buffers[prefix + "running_mean"].view(-1), buffers[prefix + "running_var"].view(-1))
+                module.forward = _norm(module, _row_param(module, name, params, "weight", rows),
+                                       _row_param(module, name, params, "bias", rows), running, training)
             else:
                 continue
             patched.append(module)
@@ -107,6 +132,11 @@ def _rewired(model: nn.Module, weights: Mapping[str, torch.Tensor], rows: int) -
     finally:
         for module in patched:
             del module.forward  # back to the class's forward
+
+
+def unstack(out: torch.Tensor, rows: int) -> torch.Tensor:
+    """The model's stacked output ``[B, K·classes]`` as ``[K, B, classes]``."""
+    return out.reshape(out.shape[0], rows, -1).transpose(0, 1)
 
 
 def stacked_forward(model: nn.Module, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +147,5 @@ def stacked_forward(model: nn.Module, weights: Mapping[str, torch.Tensor], x: to
     rows.
     """
     rows = next(iter(weights.values())).shape[0]
-    with _rewired(model, weights, rows):
-        out = model(x)
-    return out.reshape(out.shape[0], rows, -1).transpose(0, 1)
+    with rewired(model, weights, rows):
+        return unstack(model(x), rows)

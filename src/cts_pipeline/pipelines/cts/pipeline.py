@@ -2,7 +2,7 @@ from kedro.pipeline import Pipeline, node
 
 from ...core.cts import OBJECTIVES
 from ...grid import Branch, search_group_namespace
-from ..tickets.pipeline import branch_pipeline, score_to_mask, start_weights
+from ..tickets.pipeline import score_to_mask, start_weights, ticket_branches
 from .nodes import search_mask, search_masks
 
 SEARCH_INPUTS = ["train_data", "params:model", "params:training", "params:runtime"]
@@ -13,7 +13,8 @@ def create_pipeline(branches: list[Branch], batch_sparsities: bool = True) -> Pi
 
     With ``batch_sparsities`` (``runtime.batch_sparsities``, the default), a seed's branches of one
     CTS configuration share one batched search node, ``<method>.seed<N>.search``, which fans out
-    to each branch's ``scores`` and ``mask_log``; everything after the mask stays per branch.
+    to each branch's ``scores`` and ``mask_log``, and one retraining node,
+    ``<method>.seed<N>.retrain``; the mask and the evaluation stay per branch.
     Network objectives (features, gradients) cannot be batched and keep one search per branch.
     """
     groups: dict[str, list[Branch]] = {}
@@ -21,7 +22,7 @@ def create_pipeline(branches: list[Branch], batch_sparsities: bool = True) -> Pi
         objective = OBJECTIVES.get(b.settings.get("objective", "kl"))  # unknown: refused when the run starts
         batchable = batch_sparsities and (objective is None or objective.kind == "logits")
         groups.setdefault(search_group_namespace(b) if batchable else b.namespace, []).append(b)
-    parts = []
+    parts, branch_parts = [], []
     for key, group in groups.items():
         if len(group) == 1:
             search = Pipeline([
@@ -29,12 +30,12 @@ def create_pipeline(branches: list[Branch], batch_sparsities: bool = True) -> Pi
                      name="search"),
                 score_to_mask(),
             ])
-            parts.append(branch_pipeline(search, group[0]))
+            branch_parts.append((search, group[0], None))
             continue
         outputs = {name: name for b in group for name in (f"{b.namespace}.scores", f"{b.namespace}.mask_log")}
         parts.append(Pipeline([node(
             search_masks, [start_weights(group[0]), *SEARCH_INPUTS, *[f"params:{b.namespace}.branch" for b in group]],
             outputs, name="search", namespace=key,
         )]))
-        parts += [branch_pipeline(Pipeline([score_to_mask()]), b) for b in group]
-    return Pipeline(parts, tags="cts")
+        branch_parts += [(Pipeline([score_to_mask()]), b, None) for b in group]
+    return Pipeline(parts + ticket_branches(branch_parts, batch_sparsities), tags="cts")

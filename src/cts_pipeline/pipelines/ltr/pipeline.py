@@ -1,11 +1,11 @@
 from kedro.pipeline import Pipeline, node
 
 from ...grid import Branch
-from ..tickets.pipeline import SHARED_PARAMETERS, branch_pipeline
+from ..tickets.pipeline import SHARED_PARAMETERS, ticket_branches
 from .nodes import prune_iteratively, select_level
 
 
-def create_pipeline(runs: list[Branch], branches: list[Branch]) -> Pipeline:
+def create_pipeline(runs: list[Branch], branches: list[Branch], batch: bool = True) -> Pipeline:
     """Per seed, one iterative run (``ltr.seed<N>.prune``); per sparsity, select its level's mask,
     retrain it from θ_k and evaluate it (``ltr.seed<N>.sp<XX_YY>``)."""
     prune = Pipeline([
@@ -29,9 +29,8 @@ def create_pipeline(runs: list[Branch], branches: list[Branch]) -> Pipeline:
     ]
     select = Pipeline([node(select_level, ["level_masks", "levels_log", "params:branch"], ["mask", "mask_log"],
                             name="select_level")])
-    per_sparsity = [
-        branch_pipeline(select, b, {"level_masks": f"ltr.seed{b.seed}.level_masks",
-                                    "levels_log": f"ltr.seed{b.seed}.levels_log"})
+    per_sparsity = ticket_branches([
+        (select, b, {"level_masks": f"ltr.seed{b.seed}.level_masks", "levels_log": f"ltr.seed{b.seed}.levels_log"})
         for b in branches
-    ]
+    ], batch)
     return Pipeline([*per_seed, *per_sparsity], tags="ltr")

@@ -1,15 +1,15 @@
 from kedro.pipeline import Pipeline, node
 
 from ...grid import Branch
-from ..tickets.pipeline import branch_pipeline, score_to_mask
+from ..tickets.pipeline import score_to_mask, ticket_branches
 from .nodes import score_weights
 
 
-def create_pipeline(branches: list[Branch]) -> Pipeline:
+def create_pipeline(branches: list[Branch], batch: bool = True) -> Pipeline:
     """One branch per (method, seed, sparsity): score -> binary mask -> retrain -> evaluate."""
     find = Pipeline([
         node(score_weights, ["theta_start", "train_data", "params:model", "params:runtime", "params:branch"],
              ["scores", "mask_log"], name="score"),
         score_to_mask(),
     ])
-    return Pipeline([branch_pipeline(find, b) for b in branches], tags="pai")
+    return Pipeline(ticket_branches([(find, b, None) for b in branches], batch), tags="pai")

@@ -64,6 +64,9 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds per (method, target sparsity), in first-seen order."""
+    # Tables written before effective sparsity was reported have no such columns.
+    defaults = {"effective_kept_weights": table["kept_weights"], "disconnected": False}
+    table = table.assign(**{k: v for k, v in defaults.items() if k not in table})
     grouped = table.groupby(["method", "target_sparsity_pct"], sort=False)
     out = grouped.agg(
         seeds=("seed", "count"),
@@ -166,6 +169,54 @@ def time_plot(table: pd.DataFrame, title: str) -> Figure:
     return _finish(fig, ax, "wall-clock per ticket, s (log; labels: sparsity %)", title)
 
 
+def grid_cost(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method and seed, the wall-clock to produce its tickets at every grid sparsity, and the
+    running total as the grid is walked from the lowest sparsity up (``cumulative_s`` per ticket).
+
+    A ticket's own cost is its share of finding the mask plus its retraining (with batching, its
+    share of the batched search and of the batched retraining). The dense training to θ_k is
+    counted once per method and seed. LTR's masks are nested, so reaching its deepest level pays
+    for every shallower one: its cost is the deepest ticket's cumulative ``find_mask_s`` (dense
+    training included) plus the retraining of each grid ticket. Sanity checks are not methods and
+    are left out.
+    """
+    rows = []
+    tickets = table[~table["method"].eq("dense") & ~table["family"].eq("sanity")]
+    for (method, seed), group in tickets.groupby(["method", "seed"], sort=False):
+        group = group.sort_values("target_sparsity_pct")
+        retrain = group["retrain_s"].cumsum()
+        if (group["family"] == "ltr").all():
+            cumulative = group["find_mask_s"] + retrain
+        else:
+            cumulative = group["to_rewind_s"].max() + group["find_mask_s"].cumsum() + retrain
+        for r, total in zip(group.itertuples(), cumulative, strict=True):
+            rows.append({"method": method, "seed": seed, "target_sparsity_pct": r.target_sparsity_pct,
+                         "test_accuracy": r.test_accuracy, "cumulative_s": float(total)})
+    out = pd.DataFrame(rows, columns=["method", "seed", "target_sparsity_pct", "test_accuracy", "cumulative_s"])
+    out["grid_cost_s"] = out.groupby(["method", "seed"], sort=False)["cumulative_s"].transform("max")
+    return out
+
+
+def grid_cost_plot(table: pd.DataFrame, title: str) -> Figure:
+    """Accuracy at each grid sparsity against the cumulative cost of producing the grid up to it
+    (means over seeds): how much a whole accuracy-versus-sparsity curve costs, method by method."""
+    fig, ax = _figure(8, 5)
+    _dense_band(ax, table)
+    costs = grid_cost(table)
+    for method, rows in costs.groupby("method", sort=False):
+        means = rows.groupby("target_sparsity_pct", sort=True)[["cumulative_s", "test_accuracy"]].mean()
+        ax.plot(means["cumulative_s"], means["test_accuracy"], marker="o", label=f"{method} "
+                f"(grid: {rows.groupby('seed')['grid_cost_s'].max().mean():.0f} s)")
+        for sparsity, r in means.iterrows():
+            ax.annotate(f"{sparsity:.2f}", (r["cumulative_s"], r["test_accuracy"]), fontsize=8,
+                        xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    return _finish(fig, ax, "cumulative wall-clock to produce the grid up to this sparsity, s (log; labels: sparsity %)",
+                   title)
+
+
 def layer_density_plot(metrics: Sequence[Mapping], sparsity: float | None, title: str) -> Figure:
     """Per-layer density of each method's masks at one sparsity (mean over seeds), log scale."""
     tickets = [m for m in metrics if m["method"] != "dense"]
@@ -194,8 +245,10 @@ def layer_density_plot(metrics: Sequence[Mapping], sparsity: float | None, title
     return fig
 
 
-def build_report(report: ReportConfig, *metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame, Figure, Figure, Figure]:
-    """Results table, mean ± std summary, and the three plots for all branches of a pipeline."""
+def build_report(report: ReportConfig, *metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Figure,
+                                                                  Figure, Figure, Figure]:
+    """Results table, mean ± std summary, whole-grid cost, and the four plots for all branches of a
+    pipeline."""
     table = results_table(metrics)
     first = metrics[0]
     title = f"{first['dataset']} / {first['model']}, rewind epoch {first['rewind_epoch']}"
@@ -207,7 +260,9 @@ def build_report(report: ReportConfig, *metrics: dict) -> tuple[pd.DataFrame, pd
     return (
         table,
         summary(table),
+        grid_cost(table),
         accuracy_plot(table, title),
         time_plot(table, title),
+        grid_cost_plot(table, title),
         layer_density_plot(metrics, report.layer_density_sparsity, title),
     )

@@ -1,11 +1,11 @@
 from kedro.pipeline import Pipeline, node
 
 from ...grid import Branch, branch_namespace
-from ..tickets.pipeline import branch_pipeline
+from ..tickets.pipeline import ticket_branches
 from .nodes import invert_mask, reinitialise, sanity_table, shuffle_mask
 
 
-def create_pipeline(branches: list[Branch]) -> Pipeline:
+def create_pipeline(branches: list[Branch], batch: bool = True) -> Pipeline:
     """One branch per (checked method, check, seed, sparsity), reusing the checked branch's mask,
     scores and start weights, then the shared retraining and evaluation."""
     pipelines = []
@@ -23,8 +23,8 @@ def create_pipeline(branches: list[Branch]) -> Pipeline:
                         "theta_start", name="reinitialise")
             wiring = {"mask": f"{checked}.mask"}
         wiring["mask_log"] = f"{checked}.mask_log"
-        pipelines.append(branch_pipeline(Pipeline([make]), b, wiring))
-    return Pipeline(pipelines, tags="sanity")
+        pipelines.append((Pipeline([make]), b, wiring))
+    return Pipeline(ticket_branches(pipelines, batch), tags="sanity")
 
 
 def create_report(metrics: list[str]) -> Pipeline:

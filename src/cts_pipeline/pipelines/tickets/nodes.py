@@ -6,6 +6,8 @@ import logging
 import time
 
 from ...config import ModelConfig, RuntimeConfig
+from ...core.batched_training import supports as batched_training_supports
+from ...core.batched_training import train_tickets
 from ...core.connectivity import effective_report
 from ...core.masks import (
     collapsed_layers,
@@ -18,7 +20,7 @@ from ...core.masks import (
 )
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, evaluate, train
-from ...grid import Branch
+from ...grid import Branch, search_group_namespace
 from ..common import (
     build_network,
     checkpoint_for,
@@ -82,6 +84,55 @@ def retrain_ticket(
     log = {**branch.as_dict(), "start_epoch": first, "seconds": result.seconds, "eval_seconds": result.eval_seconds,
            "history": result.history}
     return state_on_cpu(net), log
+
+
+def retrain_tickets(
+    theta_start: dict,
+    train_data: dict,
+    test_data: dict,
+    model: ModelConfig,
+    training: TrainRecipe,
+    runtime: RuntimeConfig,
+    *masks_then_branches: dict | Branch,
+) -> dict[str, dict]:
+    """Retrain several tickets of one method and seed from the same start weights, together.
+
+    ``masks_then_branches`` is K mask payloads, then their K branches. They train as one stacked
+    network (``core.batched_training``) where the model allows it, else one after the other; the
+    results are the same up to float rounding. Returns ``{<branch>.final_weights: state,
+    <branch>.retrain_log: log}`` for every branch; each log's ``seconds`` is that ticket's share.
+    """
+    half = len(masks_then_branches) // 2
+    payloads, branches = masks_then_branches[:half], masks_then_branches[half:]
+    first_branch = branches[0]
+    device = device_for(runtime)
+    train_split = split_from_payload(train_data, device)
+    test_split = split_from_payload(test_data, device)
+    net = build_network(model, train_split, device, state=theta_start)
+    first = start_epoch(training, first_branch)
+    keeps = [payload_to_mask(p) for p in payloads]
+    if not batched_training_supports(net, training, device) or runtime.compile:
+        out = {}
+        for payload, branch in zip(payloads, branches, strict=True):
+            weights, log = retrain_ticket(theta_start, payload, train_data, test_data, model, training, runtime, branch)
+            out[f"{branch.namespace}.final_weights"], out[f"{branch.namespace}.retrain_log"] = weights, log
+        return out
+    stage = f"{search_group_namespace(first_branch)} retrain x{len(branches)}"
+    states, results = train_tickets(
+        net, keeps, train_split, test_split, training, seed=first_branch.seed, stage=stage, start_epoch=first,
+        progress=runtime.progress, channels_last=uses_channels_last(runtime, net),
+        checkpoint=checkpoint_for(runtime, search_group_namespace(first_branch), "retrain", model, training,
+                                  *[b.as_dict() for b in branches], theta_start, *keeps,
+                                  data_fingerprint(train_data)),
+    )
+    out = {}
+    for branch, state, result in zip(branches, states, results, strict=True):
+        out[f"{branch.namespace}.final_weights"] = state
+        out[f"{branch.namespace}.retrain_log"] = {
+            **branch.as_dict(), "start_epoch": first, "seconds": result.seconds, "eval_seconds": result.eval_seconds,
+            "retrain_group": [b.namespace for b in branches], "history": result.history,
+        }
+    return out
 
 
 def evaluate_ticket(

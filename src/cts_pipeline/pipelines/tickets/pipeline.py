@@ -3,12 +3,15 @@
 A method contributes the nodes that make ``mask`` and ``mask_log`` (how the mask was found, with
 its ``seconds``) from ``theta_start``; :func:`branch_pipeline` appends sparse retraining and
 evaluation and namespaces the whole branch, wiring its inputs to the seed's dense run.
+:func:`ticket_branches` does that for a family's branches and, with batching on, retrains the
+tickets of one method and seed that start from the same weights in one node,
+``<method>.seed<N>.retrain``, which fans out to each branch's ``final_weights`` and ``retrain_log``.
 """
 
 from kedro.pipeline import Pipeline, node
 
-from ...grid import Branch
-from .nodes import evaluate_ticket, retrain_ticket, topk_mask
+from ...grid import Branch, search_group_namespace
+from .nodes import evaluate_ticket, retrain_ticket, retrain_tickets, topk_mask
 
 SHARED_PARAMETERS = {"params:model", "params:training", "params:runtime"}
 
@@ -18,15 +21,18 @@ def score_to_mask():
     return node(topk_mask, ["scores", "params:branch"], "mask", name="binary_mask")
 
 
-def retrain_and_evaluate() -> Pipeline:
+RETRAIN_INPUTS = ["train_data", "test_data", "params:model", "params:training", "params:runtime"]
+
+
+def retrain() -> Pipeline:
+    return Pipeline([node(
+        retrain_ticket, ["theta_start", "mask", *RETRAIN_INPUTS, "params:branch"], ["final_weights", "retrain_log"],
+        name="retrain",
+    )])
+
+
+def evaluate() -> Pipeline:
     return Pipeline([
-        node(
-            retrain_ticket,
-            ["theta_start", "mask", "train_data", "test_data", "params:model", "params:training",
-             "params:runtime", "params:branch"],
-            ["final_weights", "retrain_log"],
-            name="retrain",
-        ),
         node(
             evaluate_ticket,
             ["final_weights", "mask", "test_data", "params:model", "params:training", "params:runtime",
@@ -43,9 +49,18 @@ def start_weights(branch: Branch) -> str:
     return f"dense.seed{branch.seed}.{'theta_rewind' if branch.start == 'rewind' else 'theta_init'}"
 
 
-def branch_pipeline(find_mask: Pipeline, branch: Branch, inputs: dict[str, str] | None = None) -> Pipeline:
-    """``find_mask`` + retrain + evaluate, namespaced as ``branch``; ``inputs`` maps extra free inputs."""
-    template = find_mask + retrain_and_evaluate()
+def retrain_and_evaluate() -> Pipeline:
+    return retrain() + evaluate()
+
+
+def branch_pipeline(find_mask: Pipeline, branch: Branch, inputs: dict[str, str] | None = None, *,
+                    with_retraining: bool = True) -> Pipeline:
+    """``find_mask`` + retrain + evaluate, namespaced as ``branch``; ``inputs`` maps extra free inputs.
+
+    ``with_retraining=False`` keeps only ``find_mask``: :func:`retrain_group` retrains and
+    evaluates the branch with others.
+    """
+    template = find_mask + retrain_and_evaluate() if with_retraining else find_mask
     wiring = {
         "theta_start": start_weights(branch),
         "dense_metrics": f"dense.seed{branch.seed}.metrics",
@@ -54,5 +69,55 @@ def branch_pipeline(find_mask: Pipeline, branch: Branch, inputs: dict[str, str] 
         **(inputs or {}),
     }
     free = template.inputs()
-    return Pipeline(template, namespace=branch.namespace,
-                    inputs={k: v for k, v in wiring.items() if k in free}, parameters=SHARED_PARAMETERS)
+    return Pipeline(template, namespace=branch.namespace, inputs={k: v for k, v in wiring.items() if k in free},
+                    parameters={p for p in SHARED_PARAMETERS if p in free})
+
+
+def retrain_group(group: list[Branch]) -> Pipeline:
+    """``<method>.seed<N>.retrain``: one node retraining ``group``'s tickets together from their
+    shared start weights, then ``<method>.seed<N>.evaluate_sp<XX_YY>`` per ticket.
+
+    The evaluations sit in the group's namespace, not the branches': a Kedro namespace must be one
+    contiguous piece of the DAG, and the shared retraining comes between a branch's mask and its
+    evaluation.
+    """
+    first = group[0]
+    namespace = search_group_namespace(first)
+    outputs = {name: name for b in group for name in (f"{b.namespace}.final_weights", f"{b.namespace}.retrain_log")}
+    nodes = [node(
+        retrain_tickets,
+        [start_weights(first), *RETRAIN_INPUTS, *[f"{b.namespace}.mask" for b in group],
+         *[f"params:{b.namespace}.branch" for b in group]],
+        outputs, name="retrain", namespace=namespace,
+    )]
+    for b in group:
+        ns = b.namespace
+        nodes.append(node(
+            evaluate_ticket,
+            [f"{ns}.final_weights", f"{ns}.mask", "test_data", "params:model", "params:training", "params:runtime",
+             f"params:{ns}.branch", f"{ns}.mask_log", f"{ns}.retrain_log", f"dense.seed{b.seed}.metrics"],
+            f"{ns}.metrics", name=f"evaluate_{ns.rsplit('.', 1)[1]}", namespace=namespace, tags="metrics",
+        ))
+    return Pipeline(nodes)
+
+
+def ticket_branches(parts: list[tuple[Pipeline, Branch, dict[str, str] | None]], batch: bool) -> list[Pipeline]:
+    """Each (find_mask, branch, inputs) as a branch; with ``batch``, the tickets of one method and
+    seed that start from the shared weights θ_k or θ_0 retrain in one node.
+
+    A branch whose ``find_mask`` makes its own start weights (reinitialisation) retrains alone.
+    """
+    groups: dict[tuple, list[tuple[Pipeline, Branch, dict[str, str] | None]]] = {}
+    for find_mask, b, inputs in parts:
+        shared_start = "theta_start" in (find_mask + retrain_and_evaluate()).inputs()
+        key = (b.method, b.seed, start_weights(b)) if batch and shared_start else (b.namespace,)
+        groups.setdefault(key, []).append((find_mask, b, inputs))
+    out = []
+    for members in groups.values():
+        if len(members) == 1:
+            find_mask, b, inputs = members[0]
+            out.append(branch_pipeline(find_mask, b, inputs))
+            continue
+        out += [branch_pipeline(find_mask, b, inputs, with_retraining=False) for find_mask, b, inputs in members]
+        out.append(retrain_group([b for _, b, _ in members]))
+    return out

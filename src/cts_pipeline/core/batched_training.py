@@ -1,0 +1,219 @@
+"""Retrain K tickets of one network at once: same recipe, same seed, same start weights, K masks.
+
+Tickets that share those see exactly the same batches (the data order and the augmentation depend
+on the seed and the epoch only), so they can train as one network of K stacked copies
+(:mod:`.stacked`): every parameter and BatchNorm statistic has a leading ``[K]`` dimension, one
+forward computes all K, and the loss is the sum of the K tickets' losses, whose gradient with
+respect to ticket ``k``'s parameters is ticket ``k``'s own. This is the ``stack_module_state``
+pattern of ``torch.func``, with the stacked layout instead of ``vmap`` because it measured faster
+on CPUs (see :mod:`.stacked`).
+
+Per ticket, as in :func:`.training.train`: its mask held at zero after every step, its own
+gradient-norm clipping, its own BatchNorm running statistics, its own evaluation. SGD with
+momentum and weight decay is elementwise, so one optimizer over the stacked tensors is K
+optimizers. The result equals K runs of :func:`.training.train` up to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoints import Checkpoint
+from .data import Split, iterate_batches
+from .masks import check_mask_matches
+from .runtime import generator
+from .stacked import rewired, unstack
+from .stacked import supports as stacked_supports
+from .training import TrainRecipe, TrainResult, _effective_precision, check_finite, to_layout
+
+logger = logging.getLogger(__name__)
+
+
+def supports(model: nn.Module, recipe: TrainRecipe, device: torch.device) -> bool:
+    """Whether these tickets can train stacked: layers the stacked layout knows, BatchNorm with a
+    fixed momentum, and no fp16 loss scaling (one scaler would be shared by the K tickets)."""
+    norms_ok = all(m.momentum is not None for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    return stacked_supports(model) and norms_ok and _effective_precision(recipe.precision, device) != "fp16"
+
+
+class StackedTickets:
+    """K copies of ``model``'s parameters and buffers, ``[K, *shape]`` each, on its device."""
+
+    def __init__(self, model: nn.Module, rows: int):
+        self.model, self.rows = model, rows
+        self.params = {n: p.detach().unsqueeze(0).repeat(rows, *[1] * p.dim()).requires_grad_(True)
+                       for n, p in model.named_parameters()}
+        self.buffers = {n: b.detach().unsqueeze(0).repeat(rows, *[1] * b.dim()).contiguous()
+                        for n, b in model.named_buffers()}
+
+    def logits(self, x: torch.Tensor, *, training: bool) -> torch.Tensor:
+        """``[K, B, classes]``; in training, BatchNorm uses batch statistics and updates each row's."""
+        with rewired(self.model, self.params, self.rows, self.buffers, training=training):
+            out = unstack(self.model(x), self.rows)
+        if training:
+            for name, count in self.buffers.items():
+                if name.endswith("num_batches_tracked"):
+                    count.add_(1)
+        return out
+
+    def state_dict(self, row: int) -> dict[str, torch.Tensor]:
+        """Ticket ``row``'s weights and buffers, keyed as ``model.state_dict()``, on the CPU."""
+        state = {n: p[row].detach().to("cpu", copy=True).contiguous() for n, p in self.params.items()}
+        state.update({n: b[row].to("cpu", copy=True).contiguous() for n, b in self.buffers.items()})
+        return {k: state[k] for k in self.model.state_dict()}
+
+
+@torch.inference_mode()
+def evaluate_stacked(tickets: StackedTickets, split: Split, batch_size: int, *,
+                     channels_last: bool = False) -> list[dict[str, float]]:
+    """Accuracy (%) and mean cross-entropy of each ticket on ``split`` (BatchNorm running statistics)."""
+    device = split.images.device
+    correct = torch.zeros(tickets.rows, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros(tickets.rows, dtype=torch.float64, device=device)
+    for x, y in iterate_batches(split, batch_size, shuffle=False):
+        logits = tickets.logits(to_layout(x, channels_last), training=False).float()
+        loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(tickets.rows, -1), reduction="none").sum(1)
+        correct += (logits.argmax(2) == y).sum(1)
+    n = len(split)
+    return [{"accuracy": 100.0 * c / n, "loss": s / n} for c, s in zip(correct.tolist(), loss_sum.tolist(), strict=True)]
+
+
+def train_tickets(
+    model: nn.Module,
+    masks: Sequence[Mapping[str, torch.Tensor]],
+    train_split: Split,
+    test_split: Split | None,
+    recipe: TrainRecipe,
+    *,
+    seed: int,
+    stage: str,
+    start_epoch: int = 0,
+    checkpoint: Checkpoint | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+) -> tuple[list[dict[str, torch.Tensor]], list[TrainResult]]:
+    """Train ``masks[k] ⊙ model`` for every k, from ``start_epoch`` to the recipe's end, at once.
+
+    ``model`` holds the shared start weights and is not modified. Returns each ticket's final state
+    dict (CPU) and its :class:`TrainResult`, whose epoch ``seconds`` are the stacked run's
+    wall-clock over K (each ticket's share). With ``checkpoint``, resumes as :func:`.training.train`.
+    """
+    device = train_split.images.device
+    precision = _effective_precision(recipe.precision, device)
+    if not supports(model, recipe, device):
+        raise ValueError("these tickets cannot train stacked; use training.train one by one")
+    for mask in masks:
+        check_mask_matches(model, mask)
+    rows = len(masks)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    tickets = StackedTickets(model, rows)
+    keep = {n: torch.stack([m[n].to(device=device, dtype=tickets.params[n].dtype) for m in masks])
+            for n in masks[0]}
+    params = list(tickets.params.values())
+    optimizer = torch.optim.SGD(params, lr=recipe.lr_at(start_epoch), momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+    autocast_dtype = {"bf16": torch.bfloat16}.get(precision)
+    autocast = (contextlib.nullcontext if autocast_dtype is None
+                else lambda: torch.autocast(device.type, dtype=autocast_dtype))
+    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+    results = [TrainResult() for _ in range(rows)]
+
+    first = start_epoch
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        with torch.no_grad():
+            for n, p in tickets.params.items():
+                p.copy_(saved["params"][n])
+            for n, b in tickets.buffers.items():
+                b.copy_(saved["buffers"][n])
+        optimizer.load_state_dict(saved["optimizer"])
+        for result, history in zip(results, saved["history"], strict=True):
+            result.history = list(history)
+            result.resumed_at = int(saved["epochs_done"])
+        first = int(saved["epochs_done"])
+        logger.info("%s: resuming from the checkpoint after epoch %d/%d", stage, first, recipe.epochs)
+
+    def zero_pruned() -> None:
+        with torch.no_grad():
+            for n, k in keep.items():
+                tickets.params[n].mul_(k)
+
+    zero_pruned()
+    for epoch in tqdm(range(first, recipe.epochs), desc=stage, unit="epoch", disable=not progress or None,
+                      leave=False):
+        epoch_started = time.perf_counter()
+        lr = recipe.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_losses = torch.zeros(steps_per_epoch, rows, device=device)
+        correct = torch.zeros(rows, dtype=torch.int64, device=device)
+        batches = iterate_batches(train_split, recipe.batch_size, shuffle=True,
+                                  generator=generator(device, seed, "data-order", epoch), augment=recipe.augment)
+        for step, (x, y) in enumerate(batches):
+            with autocast():
+                logits = tickets.logits(to_layout(x, channels_last), training=True)
+                losses = torch.stack([F.cross_entropy(logits[k].float(), y, reduction=recipe.loss_reduction)
+                                      for k in range(rows)])
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()  # rows share nothing: each ticket gets its own loss's gradient
+            if recipe.grad_clip_norm is not None:
+                _clip_per_row(params, recipe.grad_clip_norm)
+            optimizer.step()
+            zero_pruned()
+            step_losses[step] = losses.detach()
+            correct += (logits.detach().argmax(2) == y).sum(1)
+        check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)
+        seconds = (time.perf_counter() - epoch_started) / rows
+        denominator = len(train_split) if recipe.loss_reduction == "sum" else steps_per_epoch
+        per_sample = (step_losses.sum(0) / denominator).tolist()
+        accuracy = (100.0 * correct / len(train_split)).tolist()
+        last = epoch + 1 == recipe.epochs
+        tests = None
+        if test_split is not None and (last or (epoch + 1) % recipe.eval_every == 0):
+            eval_started = time.perf_counter()
+            tests = evaluate_stacked(tickets, test_split, recipe.eval_batch_size, channels_last=channels_last)
+            eval_seconds = (time.perf_counter() - eval_started) / rows
+        for k, result in enumerate(results):
+            record = {"epoch": epoch + 1, "lr": lr, "train_loss": per_sample[k], "train_accuracy": accuracy[k],
+                      "seconds": seconds, "shared_by": rows}
+            if tests is not None:
+                record.update(test_loss=tests[k]["loss"], test_accuracy=tests[k]["accuracy"],
+                              eval_seconds=eval_seconds)
+            result.history.append(record)
+        if checkpoint is not None and not last:
+            checkpoint.save({
+                "epochs_done": epoch + 1,
+                "params": {n: p.detach() for n, p in tickets.params.items()},
+                "buffers": tickets.buffers,
+                "optimizer": optimizer.state_dict(),
+                "history": [r.history for r in results],
+            })
+        logger.info("%s epoch %d/%d: lr %.4g, train loss %s, test acc %s (%.1f s per ticket)", stage, epoch + 1,
+                    recipe.epochs, lr, " ".join(f"{v:.4f}" for v in per_sample),
+                    " ".join(f"{t['accuracy']:.2f}" for t in tests) if tests else "-", seconds)
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    states = [tickets.state_dict(k) for k in range(rows)]
+    if checkpoint is not None:
+        checkpoint.remove()
+    return states, results
+
+
+@torch.no_grad()
+def _clip_per_row(params: list[torch.Tensor], max_norm: float) -> None:
+    """``clip_grad_norm_`` for each row (ticket) on its own: its norm over all its parameters."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.stack([g.float().pow(2).reshape(g.shape[0], -1).sum(1) for g in grads]).sum(0)
+    coef = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
