@@ -22,9 +22,9 @@ import json
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+from docs_blocks import replace_block
 
 from cts_pipeline.core.cts import SearchConfig, concrete_search
 from cts_pipeline.core.data import load_splits
@@ -34,7 +34,6 @@ from cts_pipeline.core.runtime import describe_hardware, generator
 from cts_pipeline.core.saliency import ScoringInputs, score
 from cts_pipeline.core.training import TrainRecipe, train
 
-ROOT = Path(__file__).resolve().parents[1]
 SPARSITIES = (0.9820, 0.9926, 0.9953)
 ADAM_EPS = 1e-8
 FEW_WEIGHTS = 8  # a layer keeping fewer than this is flagged (see cts_pipeline.core.masks.thin_layers)
@@ -211,18 +210,6 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str, hardware: str) -> None:
-    path = ROOT / "docs" / "results.md"
-    begin, end = "<!-- allocation:begin -->", "<!-- allocation:end -->"
-    content = path.read_text()
-    if begin not in content or end not in content:
-        raise SystemExit(f"{path} has no {begin} ... {end} block")
-    head, rest = content.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    stamp = f"Written by `python benchmarks/allocation.py --write-docs` on {datetime.date.today()}; {hardware}."
-    path.write_text(f"{head}{begin}\n{stamp}\n{text}\n{end}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 16])
@@ -255,7 +242,8 @@ def main() -> None:
     text = tables(rows)
     print(text)
     if args.write_docs:
-        write_docs(text, hardware)
+        stamp = f"Written by `python benchmarks/allocation.py --write-docs` on {datetime.date.today()}; {hardware}."
+        replace_block("docs/results.md", "allocation", f"{stamp}\n{text}")
 
 
 if __name__ == "__main__":

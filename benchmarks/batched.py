@@ -15,15 +15,18 @@ between the two sides (float rounding only; see tests/core/test_batched_search.p
 from __future__ import annotations
 
 import argparse
+import datetime
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from docs_blocks import replace_block
+from speed import sync, synthetic
 
 from cts_pipeline.core.batched_training import train_tickets
 from cts_pipeline.core.cts import SearchConfig, concrete_search
-from cts_pipeline.core.data import DATASETS, Split, load_splits
+from cts_pipeline.core.data import Split, load_splits
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
 from cts_pipeline.core.runtime import describe_hardware, resolve_device
@@ -32,17 +35,31 @@ from cts_pipeline.core.training import TrainRecipe, train
 LEVELS = (10, 14, 18, 22, 24)  # the default grid: 89.26 ... 99.53 %
 
 
-def synthetic(name: str, n: int, device: torch.device) -> Split:
-    info = DATASETS[name]
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, *info.image_shape), generator=g, dtype=torch.uint8)
-    labels = torch.randint(0, info.num_classes, (n,), generator=g)
-    return Split(images=images, labels=labels, info=info).to(device)
+LINES: list[str] = []
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def emit(line: str) -> None:
+    LINES.append(line)
+    print(line, flush=True)
+
+
+def side_by_side(sequential, batched, repeats: int, device: torch.device):
+    """Median seconds of each side and of the per-repeat ratios batched / sequential, interleaved,
+    with the last result of each side."""
+    batched()  # warm-up (first-call allocations, the stacked-forward check)
+    times_seq, times_bat, ratios = [], [], []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        one = sequential()
+        sync(device)
+        times_seq.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        together = batched()
+        sync(device)
+        times_bat.append(time.perf_counter() - started)
+        ratios.append(times_bat[-1] / times_seq[-1])
+    return statistics.median(times_seq), statistics.median(times_bat), statistics.median(ratios), one, together
 
 
 def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRecipe, densities: list[float],
@@ -60,27 +77,14 @@ def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRe
         return concrete_search(net, split, density=densities, config=config, recipe=recipe, seed=0,
                                progress=False, channels_last=channels_last)
 
-    batched()  # warm-up (first-call allocations, the stacked-forward check)
-    times_seq, times_bat, ratios = [], [], []
-    for _ in range(repeats):
-        sync(device)
-        started = time.perf_counter()
-        singles = sequential()
-        sync(device)
-        times_seq.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        rows = batched()
-        sync(device)
-        times_bat.append(time.perf_counter() - started)
-        ratios.append(times_bat[-1] / times_seq[-1])
+    t_seq, t_bat, ratio, singles, rows = side_by_side(sequential, batched, repeats, device)
     differ = kept = 0
     for k, a, b in zip(densities, singles, rows, strict=True):
         ma, mb = global_topk_mask(a.scores, k), global_topk_mask(b.scores, k)
         differ += sum(int((ma[n] != mb[n]).sum()) for n in ma) // 2
         kept += sum(int(m.sum()) for m in ma.values())
-    print(f"| {label} | K = {len(densities)} | {statistics.median(times_seq):.2f} s | "
-          f"{statistics.median(times_bat):.2f} s | **{statistics.median(ratios):.2f}** | "
-          f"{differ} of {kept} kept weights swapped |", flush=True)
+    emit(f"| {label} | K = {len(densities)} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | "
+         f"{differ} of {kept} kept weights swapped |")
 
 
 def measure_retraining(label: str, model: str, split: Split, test: Split, recipe: TrainRecipe, densities: list[float],
@@ -108,23 +112,10 @@ def measure_retraining(label: str, model: str, split: Split, test: Split, recipe
                                    channels_last=channels_last)
         return [r.final["test_accuracy"] for r in results]
 
-    batched()
-    times_seq, times_bat, ratios = [], [], []
-    for _ in range(repeats):
-        sync(device)
-        started = time.perf_counter()
-        one = sequential()
-        sync(device)
-        times_seq.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        stacked = batched()
-        sync(device)
-        times_bat.append(time.perf_counter() - started)
-        ratios.append(times_bat[-1] / times_seq[-1])
+    t_seq, t_bat, ratio, one, stacked = side_by_side(sequential, batched, repeats, device)
     gap = max(abs(a - b) for a, b in zip(one, stacked, strict=True))
-    print(f"| retraining: {label} | K = {len(densities)} | {statistics.median(times_seq):.2f} s | "
-          f"{statistics.median(times_bat):.2f} s | **{statistics.median(ratios):.2f}** | "
-          f"largest test-accuracy gap {gap:.2f} points |", flush=True)
+    emit(f"| retraining: {label} | K = {len(densities)} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | "
+         f"largest test-accuracy gap {gap:.2f} points |")
 
 
 def main() -> None:
@@ -133,12 +124,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mnist", type=Path, help="root of the real MNIST files (else MNIST-shaped noise)")
     parser.add_argument("--resnet", action="store_true", help="ResNet-20 on CIFAR-shaped noise, batch 512")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/performance.md")
     args = parser.parse_args()
     device = resolve_device(args.device)
     densities = [0.8 ** L for L in LEVELS]
-    print(f"{describe_hardware(device)}, torch {torch.__version__}\n")
-    print("| network and data | masks | K single searches | one batched search | ratio | masks |")
-    print("|---|---|---|---|---|---|")
+    emit(f"Hardware: {describe_hardware(device)}, torch {torch.__version__}; "
+         f"`python benchmarks/batched.py{' --mnist' if args.mnist else ''}`, {datetime.date.today()}.\n")
+    emit("| network and data | tickets | one at a time | batched | ratio | agreement |")
+    emit("|---|---|---|---|---|---|")
     digits, digits_test = (s.to(device) for s in load_splits("digits"))
     measure("convnet (56,224 weights), digits, batch 64, 3 search epochs", "convnet", {}, digits,
             TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats, channels_last=True)
@@ -158,6 +151,8 @@ def main() -> None:
             measure("ResNet-20 (270,896 weights), CIFAR-shaped noise, batch 512, 1 search epoch (10,240 images)",
                     "resnet20", {}, cifar, TrainRecipe(epochs=1, batch_size=512, lr=0.1), grid, device,
                     args.repeats, channels_last=True)
+    if args.write_docs:
+        replace_block("docs/performance.md", "batched", "\n".join(LINES))
 
 
 if __name__ == "__main__":

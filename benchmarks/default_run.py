@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from docs_blocks import replace_block
 
 from cts_pipeline.pipelines.reporting.nodes import summary_rows
 
@@ -87,15 +87,6 @@ def layer_table(project: Path) -> str:
     return "\n".join(lines)
 
 
-def replace_block(path: Path, name: str, text: str) -> None:
-    begin, end = f"<!-- default-run:{name}:begin -->", f"<!-- default-run:{name}:end -->"
-    content = path.read_text()
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if not pattern.search(content):
-        raise SystemExit(f"{path} has no {begin} ... {end} block")
-    path.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", content))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-docs", action="store_true", help="rewrite the marked blocks of the docs")
@@ -114,9 +105,9 @@ def main() -> None:
                f"{printed_lines} lines (output not a terminal).")
     print(summary, results, layers, sep="\n\n")
     if args.write_docs:
-        replace_block(ROOT / "README.md", "table", f"{results}\n\n{summary}")
-        replace_block(ROOT / "docs" / "results.md", "table", f"{results}\n\n{summary}")
-        replace_block(ROOT / "docs" / "results.md", "layers", layers)
+        replace_block("README.md", "default-run:table", f"{results}\n\n{summary}")
+        replace_block("docs/results.md", "default-run:table", f"{results}\n\n{summary}")
+        replace_block("docs/results.md", "default-run:layers", layers)
         print("rewrote README.md and docs/results.md")
 
 

@@ -116,3 +116,14 @@ def test_every_preset_is_valid_apart_from_its_data(params):
             merged[section].update(values)
         merged["data"]["download"] = True  # skip the files check: presets' data is not here
         validate_run(merged)
+
+
+@pytest.mark.parametrize(("pipeline", "changes", "named"), [
+    ("ltr", {"methods": {"ltr": False}}, "--pipelines=ltr has nothing to run: methods.ltr is false"),
+    ("pai", {"methods": {"pai": []}}, "--pipelines=pai has nothing to run: methods.pai is empty"),
+    ("sanity", {"sanity": {"checks": []}}, "--pipelines=sanity has nothing to run"),
+])
+def test_a_pipeline_that_would_produce_nothing_is_refused(params, pipeline, changes, named):
+    with pytest.raises(ConfigError, match=named):
+        validate_run(with_changes(params, **changes), [pipeline])
+    validate_run(with_changes(params, **changes), ["cts"])  # other pipelines still run

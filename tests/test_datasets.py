@@ -6,7 +6,15 @@ import pytest
 import torch
 from kedro.io.core import DatasetError, Version
 
-from cts_pipeline.datasets import JSONDataset, TorchDataset
+from cts_pipeline.datasets import CSVDataset, JSONDataset, MatplotlibDataset, TorchDataset
+
+
+def figure():
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.subplots().plot([0, 1], [1, 0])
+    return fig
 
 
 def test_round_trip_versioned(tmp_path):
@@ -42,6 +50,8 @@ def test_corrupted_file_is_named(tmp_path):
 @pytest.mark.parametrize("make", [
     lambda p: (TorchDataset(filepath=p), {"w": torch.ones(3)}),
     lambda p: (JSONDataset(filepath=p), {"accuracy": 97.5}),
+    lambda p: (CSVDataset(filepath=p), __import__("pandas").DataFrame({"a": [1.5]})),
+    lambda p: (MatplotlibDataset(filepath=p), figure()),
 ])
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch, make):
     dataset, data = make(str(tmp_path / "artifact"))
@@ -59,3 +69,14 @@ def test_json_round_trip(tmp_path):
     ds = JSONDataset(filepath=str(tmp_path / "m.json"))
     ds.save({"test_accuracy": 96.6, "layer_density": {"fc1.weight": 0.004}})
     assert ds.load()["layer_density"]["fc1.weight"] == 0.004
+
+
+def test_report_datasets_round_trip(tmp_path):
+    import pandas as pd
+
+    table = CSVDataset(filepath=str(tmp_path / "t.csv"), save_args={"index": False})
+    table.save(pd.DataFrame({"method": ["cts_kl"], "test_accuracy": [97.25]}))
+    assert table.load().to_dict("records") == [{"method": "cts_kl", "test_accuracy": 97.25}]
+    image = tmp_path / "p.png"
+    MatplotlibDataset(filepath=str(image)).save(figure())
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.partial-*"))

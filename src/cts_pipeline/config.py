@@ -174,9 +174,12 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
                     list(grid.levels), list(raw_grid["sparsities"]))
     problems = []
     try:
-        plan(sections).check(pipelines)
+        sweep = plan(sections)
+        sweep.check(pipelines)
     except ValueError as exc:
         problems.append(str(exc))
+    else:
+        problems += _empty_pipelines(sweep, pipelines or ["__default__"], sections["methods"])
     info = get_dataset_info(data.name)
     try:
         check_model_fits(model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options)
@@ -203,6 +206,17 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     if problems:
         raise ConfigError("invalid configuration:\n- " + "\n- ".join(problems))
     return sections
+
+
+def _empty_pipelines(sweep, pipelines: Sequence[str], methods) -> list[str]:
+    """Pipelines that were asked for but would train only the dense network and report nothing."""
+    nothing = {
+        "ltr": (not sweep.ltr, "methods.ltr is false"),
+        "pai": (not sweep.pai, "methods.pai is empty"),
+        "sanity": (not sweep.sanity, "sanity.methods, sanity.sparsities or sanity.checks is empty"),
+    }
+    return [f"--pipelines={name} has nothing to run: {why}" for name, (empty, why) in nothing.items()
+            if name in pipelines and empty]
 
 
 def as_plain_dict(section: Any) -> dict:

@@ -1,0 +1,32 @@
+"""kedro-datasets' CSV and matplotlib datasets with an atomic save: a full disk or a killed run
+never leaves a truncated table or image under its final name (their own save writes in place)."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+from kedro.io.core import get_filepath_str
+from kedro_datasets.matplotlib import MatplotlibDataset as _KedroMatplotlibDataset
+from kedro_datasets.pandas import CSVDataset as _KedroCSVDataset
+from matplotlib.figure import Figure
+
+from ._atomic import atomic_write
+
+
+class CSVDataset(_KedroCSVDataset):
+    """Same options as ``kedro_datasets.pandas.CSVDataset``; the file appears only once complete."""
+
+    def save(self, data: pd.DataFrame) -> None:
+        path = get_filepath_str(self._get_save_path(), self._protocol)
+        atomic_write(self._fs, path, data.to_csv(**self._save_args).encode("utf-8"))
+        self._invalidate_cache()
+
+
+class MatplotlibDataset(_KedroMatplotlibDataset):
+    """Same options as ``kedro_datasets.matplotlib.MatplotlibDataset``; each image is written whole."""
+
+    def _save_to_fs(self, full_key_path: str, plot: Figure) -> None:
+        buffer = io.BytesIO()
+        plot.savefig(buffer, **self._save_args)
+        atomic_write(self._fs, full_key_path, buffer.getvalue())
