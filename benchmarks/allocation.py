@@ -1,9 +1,10 @@
 """Where does each method spend its weight budget? Per-layer kept counts, accuracy and collapse of
 CTS-KL and its variants against SynFlow and SNIP at extreme sparsity on small convnets (issue 13).
 
-    python benchmarks/allocation.py                   # both widths, 3 seeds (about 20 min, 2 CPU cores)
+    python benchmarks/allocation.py                   # both widths, 3 seeds (about 25 min, 2 CPU cores)
     python benchmarks/allocation.py --widths 16 --seeds 0
-    python benchmarks/allocation.py --json docs/allocation.json   # also keep the raw numbers
+    python benchmarks/allocation.py --mnist ../shared/data --json docs/allocation.json --write-docs  # +20 min
+    python benchmarks/allocation.py --from-json docs/allocation.json   # the tables again, from the raw numbers
 
 Runs `core/` directly (no Kedro): digits, `convnet` at each width, the default recipe of
 `conf/base/parameters.yml` (30 epochs, SGD 0.1, x0.1 at 15 and 25, batch 64, weight decay 5e-4,
@@ -188,10 +189,10 @@ def tables(rows: list[dict]) -> str:
                 collapsed = sum(1 for r in cell if r["collapsed"])
                 emit(f"| {method} | {100 * s:.2f} % | {mean_std([r['accuracy'] for r in cell])} | {kept} | "
                       f"{f'{collapsed} of {len(cell)}' if collapsed else ''} |")
-        emit(f"\nSearch diagnostics, width {width} (median over seeds and sparsities; |g| is the median "
-              f"|gradient| handed to Adam, eps = {ADAM_EPS:g}):\n")
-        emit("| method | " + " | ".join(f"|g| {n.split('.')[0]}" for n in layers)
-              + " | steps under budget | fc share of Σσ: start → end | under-budget epochs | over-budget epochs |")
+        emit(f"\nSearch diagnostics, {width} (median over seeds and sparsities; abs(g) is the absolute "
+              f"gradient handed to Adam, median over the layer, eps = {ADAM_EPS:g}):\n")
+        emit("| method | " + " | ".join(f"median abs(g) {n.split('.')[0]}" for n in layers)
+              + " | steps under budget | classifier share of Σσ: start → end | under-budget epochs | over-budget epochs |")
         emit("|---|" + "---|" * len(layers) + "---|---|---|---|")
         for method in methods:
             if METHODS[method] is None:

@@ -78,13 +78,29 @@ def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRe
                                progress=False, channels_last=channels_last)
 
     t_seq, t_bat, ratio, singles, rows = side_by_side(sequential, batched, repeats, device)
+    differ, kept = swapped(densities, singles, rows)
+    agreement = f"{differ} of {kept} kept weights swapped"
+    if device.type == "cpu":
+        # The yardstick: the plain search against itself on another thread count (float rounding only).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else 2)
+        try:
+            other = sequential()
+        finally:
+            torch.set_num_threads(threads)
+        agreement += f" (one at a time, {threads} vs {1 if threads > 1 else 2} threads: " \
+                     f"{swapped(densities, singles, other)[0]})"
+    emit(f"| {label} | K = {len(densities)} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | {agreement} |")
+
+
+def swapped(densities, a_side, b_side) -> tuple[int, int]:
+    """Kept weights that differ between two sides' masks (each swap counted once), and kept in all."""
     differ = kept = 0
-    for k, a, b in zip(densities, singles, rows, strict=True):
+    for k, a, b in zip(densities, a_side, b_side, strict=True):
         ma, mb = global_topk_mask(a.scores, k), global_topk_mask(b.scores, k)
         differ += sum(int((ma[n] != mb[n]).sum()) for n in ma) // 2
         kept += sum(int(m.sum()) for m in ma.values())
-    emit(f"| {label} | K = {len(densities)} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | "
-         f"{differ} of {kept} kept weights swapped |")
+    return differ, kept
 
 
 def measure_retraining(label: str, model: str, split: Split, test: Split, recipe: TrainRecipe, densities: list[float],
@@ -114,8 +130,18 @@ def measure_retraining(label: str, model: str, split: Split, test: Split, recipe
 
     t_seq, t_bat, ratio, one, stacked = side_by_side(sequential, batched, repeats, device)
     gap = max(abs(a - b) for a, b in zip(one, stacked, strict=True))
+    agreement = f"largest test-accuracy gap {gap:.2f} points"
+    if device.type == "cpu":  # the yardstick, as for the search: one at a time on another thread count
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else 2)
+        try:
+            other = sequential()
+        finally:
+            torch.set_num_threads(threads)
+        agreement += f" (one at a time, {threads} vs {1 if threads > 1 else 2} threads: " \
+                     f"{max(abs(a - b) for a, b in zip(one, other, strict=True)):.2f})"
     emit(f"| retraining: {label} | K = {len(densities)} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | "
-         f"largest test-accuracy gap {gap:.2f} points |")
+         f"{agreement} |")
 
 
 def main() -> None:
@@ -128,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     densities = [0.8 ** L for L in LEVELS]
-    emit(f"Hardware: {describe_hardware(device)}, torch {torch.__version__}; "
+    emit(f"Hardware: {describe_hardware(device)}; "
          f"`python benchmarks/batched.py{' --mnist' if args.mnist else ''}`, {datetime.date.today()}.\n")
     emit("| network and data | tickets | one at a time | batched | ratio | agreement |")
     emit("|---|---|---|---|---|---|")
