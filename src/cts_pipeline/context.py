@@ -14,7 +14,7 @@ from typing import Any
 from attrs import define
 from kedro.framework.context import KedroContext
 
-from . import active_config
+from . import active_config, console
 from .grid import BRANCH_PARAM, branches_for
 
 PIPELINE_REGISTRY = "cts_pipeline.pipeline_registry"
@@ -25,6 +25,7 @@ class ProjectContext(KedroContext):
     def __attrs_post_init__(self) -> None:
         from kedro.framework.project import pipelines
 
+        console.install()  # a quiet console: warnings and one line per finished branch
         active_config.remember(self.config_loader)
         # Pipelines are cached per process; this context may carry another environment or other
         # --params (another grid), so they are rebuilt from it on next access.

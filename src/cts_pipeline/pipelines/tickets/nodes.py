@@ -6,6 +6,7 @@ import logging
 import time
 
 from ...config import ModelConfig, RuntimeConfig
+from ...console import PROGRESS_LOGGER
 from ...core.batched_training import supports as batched_training_supports
 from ...core.batched_training import train_tickets
 from ...core.connectivity import effective_report
@@ -32,6 +33,7 @@ from ..common import (
 )
 
 logger = logging.getLogger(__name__)
+progress = logging.getLogger(PROGRESS_LOGGER)
 
 
 def topk_mask(scores: dict, branch: Branch) -> dict:
@@ -181,6 +183,9 @@ def evaluate_ticket(
         "test_during_retrain": retrain_log.get("eval_seconds", 0.0),  # apart from the stage times
     }
     seconds["total"] = seconds["to_rewind"] + seconds["find_mask"] + seconds["retrain"]
+    progress.info("%s: %.2f %% test accuracy at %.2f %% sparsity (%d kept, %d effective), %.1f s",
+                  branch.namespace, test["accuracy"], 100 * mask["sparsity"], mask["kept_weights"],
+                  connectivity["effective_kept_weights"], seconds["total"])
     return {
         **branch.as_dict(),
         "model": model.name,

@@ -1,0 +1,66 @@
+"""What the terminal shows during a run: warnings, one line per finished branch, the results.
+
+The full per-epoch log still goes to ``info.log`` (``conf/logging.yml``). On the console, INFO
+records of Kedro (every dataset load and save) and of ``core`` (every epoch) are left out, unless
+``CTS_VERBOSE=1`` is set. Off a terminal
+(CI, a log file) lines are plain and never wrapped; on one, Kedro's rich handler draws them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+PROGRESS_LOGGER = "cts_pipeline.progress"  # one line per finished branch: always shown
+QUIET_PREFIXES = ("kedro", "cts_pipeline")  # their INFO records stay in info.log
+
+
+class QuietConsole(logging.Filter):
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = verbose or os.environ.get("CTS_VERBOSE", "") not in ("", "0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose or record.levelno >= logging.WARNING or record.name.startswith(PROGRESS_LOGGER):
+            return True
+        return not record.name.startswith(QUIET_PREFIXES)
+
+
+class _PlainStdout(logging.StreamHandler):
+    """Plain lines to whatever ``sys.stdout`` is now (a captured or redirected stream may change)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def install(verbose: bool | None = None) -> None:
+    """Put :class:`QuietConsole` on the console handlers of ``conf/logging.yml`` and, off a
+    terminal, draw them as plain unwrapped lines. Idempotent.
+
+    Kedro refuses project classes and factories in ``logging.yml`` (only ``logging`` and
+    ``kedro.logging`` unless ``KEDRO_LOGGING_MODULE_ALLOWLIST`` names them), so the project
+    adjusts the handlers Kedro built, from its context (every ``kedro run``, viz, notebook).
+    """
+    from kedro.logging import RichHandler
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if not isinstance(handler, RichHandler) or getattr(handler, "_cts_console", False):
+            continue
+        console = handler
+        if not sys.stdout.isatty():
+            console = _PlainStdout()
+            root.removeHandler(handler)
+            root.addHandler(console)
+        console.addFilter(QuietConsole(bool(verbose)))
+        console._cts_console = True
