@@ -82,15 +82,20 @@ def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRe
     agreement = f"{differ} of {kept} kept weights swapped"
     if device.type == "cpu":
         # The yardstick: the plain search against itself on another thread count (float rounding only).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1 if threads > 1 else 2)
-        try:
-            other = sequential()
-        finally:
-            torch.set_num_threads(threads)
-        agreement += f" (one at a time, {threads} vs {1 if threads > 1 else 2} threads: " \
-                     f"{swapped(densities, singles, other)[0]})"
+        other, threads = on_other_threads(sequential)
+        agreement += f" (one at a time, {threads}: {swapped(densities, singles, other)[0]})"
     emit(f"| {label} | K = {len(densities)} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | {agreement} |")
+
+
+def on_other_threads(run):
+    """``run()`` on another CPU thread count, and a label saying which two counts are compared."""
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    torch.set_num_threads(other)
+    try:
+        return run(), f"{threads} vs {other} threads"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def swapped(densities, a_side, b_side) -> tuple[int, int]:
@@ -132,14 +137,8 @@ def measure_retraining(label: str, model: str, split: Split, test: Split, recipe
     gap = max(abs(a - b) for a, b in zip(one, stacked, strict=True))
     agreement = f"largest test-accuracy gap {gap:.2f} points"
     if device.type == "cpu":  # the yardstick, as for the search: one at a time on another thread count
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1 if threads > 1 else 2)
-        try:
-            other = sequential()
-        finally:
-            torch.set_num_threads(threads)
-        agreement += f" (one at a time, {threads} vs {1 if threads > 1 else 2} threads: " \
-                     f"{max(abs(a - b) for a, b in zip(one, other, strict=True)):.2f})"
+        other, threads = on_other_threads(sequential)
+        agreement += f" (one at a time, {threads}: {max(abs(a - b) for a, b in zip(one, other, strict=True)):.2f})"
     emit(f"| retraining: {label} | K = {len(densities)} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | "
          f"{agreement} |")
 
