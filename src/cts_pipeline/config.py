@@ -179,7 +179,7 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     except ValueError as exc:
         problems.append(str(exc))
     else:
-        problems += _empty_pipelines(sweep, pipelines or ["__default__"], sections["methods"])
+        problems += _empty_pipelines(sweep, pipelines or ["__default__"])
     info = get_dataset_info(data.name)
     try:
         check_model_fits(model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options)
@@ -208,7 +208,7 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     return sections
 
 
-def _empty_pipelines(sweep, pipelines: Sequence[str], methods) -> list[str]:
+def _empty_pipelines(sweep, pipelines: Sequence[str]) -> list[str]:
     """Pipelines that were asked for but would train only the dense network and report nothing."""
     nothing = {
         "ltr": (not sweep.ltr, "methods.ltr is false"),

@@ -54,15 +54,15 @@ class StackedTickets:
                        for n, p in model.named_parameters()}
         self.buffers = {n: b.detach().unsqueeze(0).repeat(rows, *[1] * b.dim()).contiguous()
                         for n, b in model.named_buffers()}
+        self._batch_counts = [b for n, b in self.buffers.items() if n.endswith("num_batches_tracked")]
 
     def logits(self, x: torch.Tensor, *, training: bool) -> torch.Tensor:
         """``[K, B, classes]``; in training, BatchNorm uses batch statistics and updates each row's."""
         with rewired(self.model, self.params, self.rows, self.buffers, training=training):
             out = unstack(self.model(x), self.rows)
         if training:
-            for name, count in self.buffers.items():
-                if name.endswith("num_batches_tracked"):
-                    count.add_(1)
+            for count in self._batch_counts:
+                count.add_(1)
         return out
 
     def state_dict(self, row: int) -> dict[str, torch.Tensor]:

@@ -272,11 +272,27 @@ def _budgets(densities: float | Sequence[float], num_weights: int, slack: float)
     return slack * densities * num_weights
 
 
-def _column(values: float | tuple[float, ...], like: torch.Tensor, dtype: torch.dtype | None = None):
-    """A per-row constant: the float itself for one row, a ``[K, 1]`` tensor for K rows."""
-    if isinstance(values, tuple):
-        return torch.tensor(values, dtype=dtype or like.dtype, device=like.device)[:, None]
-    return values
+class _RowConstants:
+    """Per-row constants of a balancer: the floats themselves for one row, ``[K, 1]`` tensors on the
+    logits' device for K rows, made on first use rather than at every step (a host-to-device copy)."""
+
+    def __init__(self, **values: float | tuple[float, ...]):
+        self._values = values
+        self._made: dict[tuple, float | torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> float | torch.Tensor:
+        values = self._values[name]
+        if not isinstance(values, tuple):
+            return values
+        key = (name, like.device, dtype or like.dtype)
+        if key not in self._made:
+            self._made[key] = torch.tensor(values, dtype=key[2], device=like.device)[:, None]
+        return self._made[key]
+
+
+def _row_constants(budget: float | tuple[float, ...]) -> _RowConstants:
+    scale = tuple(CONSTRAINT_SCALE / b for b in budget) if isinstance(budget, tuple) else CONSTRAINT_SCALE / budget
+    return _RowConstants(budget=budget, scale=scale)
 
 
 class GradBalance:
@@ -291,6 +307,7 @@ class GradBalance:
 
     def __init__(self, density: float | Sequence[float], num_weights: int):
         self.budget = _budgets(density, num_weights, BUDGET_SLACK)
+        self._rows = _row_constants(self.budget)
         self.multiplier: torch.Tensor | None = None
         self.over_budget: torch.Tensor | None = None  # this step's c > 0, per row (diagnostics)
 
@@ -300,10 +317,9 @@ class GradBalance:
         expected = _row_sum(keep_prob)
         # g_sp = scale·σ(1 − σ); kept unscaled as `spread` and scaled inside the norms and the sum
         # below, so each step makes six passes over the logits instead of ten.
-        scale = _column(tuple(CONSTRAINT_SCALE / b for b in self.budget), logits) \
-            if isinstance(self.budget, tuple) else CONSTRAINT_SCALE / self.budget
+        scale = self._rows.get("scale", logits)
         spread = torch.addcmul(keep_prob, keep_prob, keep_prob, value=-1.0)
-        self.over_budget = expected > _column(self.budget, logits, torch.float64)  # ⇔ c > 0
+        self.over_budget = expected > self._rows.get("budget", logits, torch.float64)  # ⇔ c > 0
         ratio = _row_norm(task_grad) / _row_norm(scale * spread).clamp_min(1e-12)
         target = torch.where(self.over_budget, ratio, torch.zeros_like(ratio))
         if self.multiplier is None:
@@ -331,6 +347,7 @@ class Lagrangian:
 
     def __init__(self, density: float | Sequence[float], num_weights: int, mask_lr: float):
         self.budget = _budgets(density, num_weights, 1.0)
+        self._rows = _row_constants(self.budget)
         self.lr = LAGRANGE_LR_RATIO * mask_lr
         self.multiplier: torch.Tensor | None = None
         self.over_budget: torch.Tensor | None = None
@@ -338,7 +355,7 @@ class Lagrangian:
     def combine(self, logits: torch.Tensor, task_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep_prob = torch.sigmoid(logits)
         expected = _row_sum(keep_prob)
-        budget = _column(self.budget, logits)
+        budget = self._rows.get("budget", logits)
         if self.multiplier is None:
             self.multiplier = torch.zeros_like(expected)
         constraint = CONSTRAINT_SCALE * (expected / budget - 1)
@@ -704,7 +721,7 @@ def concrete_search(
                     "expected_over_budget": kept_now[r] / budgets[r],
                     "multiplier": multipliers[r],
                     "under_budget_fraction": under[r],  # steps with λ* = 0: the moving average only decays
-                    "seconds": seconds,  # the whole step's wall-clock, shared by the rows when batched
+                    "seconds": seconds,  # the whole epoch's wall-clock, shared by the rows when batched
                 }
                 if diagnostics:
                     record["layers"] = _layer_diagnostics(relaxation, r if batched else None)

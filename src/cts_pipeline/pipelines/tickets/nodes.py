@@ -83,9 +83,13 @@ def retrain_ticket(
                                   theta_start, keep, data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
     )
-    log = {**branch.as_dict(), "start_epoch": first, "seconds": result.seconds, "eval_seconds": result.eval_seconds,
-           "history": result.history}
-    return state_on_cpu(net), log
+    return state_on_cpu(net), _retrain_log(branch, first, result)
+
+
+def _retrain_log(branch: Branch, first: int, result, **extra) -> dict:
+    """What a retraining tells evaluation and the report; its times exclude test evaluations."""
+    return {**branch.as_dict(), "start_epoch": first, "seconds": result.seconds, "eval_seconds": result.eval_seconds,
+            **extra, "history": result.history}
 
 
 def retrain_tickets(
@@ -111,14 +115,14 @@ def retrain_tickets(
     train_split = split_from_payload(train_data, device)
     test_split = split_from_payload(test_data, device)
     net = build_network(model, train_split, device, state=theta_start)
-    first = start_epoch(training, first_branch)
-    keeps = [payload_to_mask(p) for p in payloads]
     if not batched_training_supports(net, training, device) or runtime.compile:
         out = {}
         for payload, branch in zip(payloads, branches, strict=True):
             weights, log = retrain_ticket(theta_start, payload, train_data, test_data, model, training, runtime, branch)
             out[f"{branch.namespace}.final_weights"], out[f"{branch.namespace}.retrain_log"] = weights, log
         return out
+    first = start_epoch(training, first_branch)
+    keeps = [payload_to_mask(p) for p in payloads]
     stage = f"{search_group_namespace(first_branch)} retrain x{len(branches)}"
     states, results = train_tickets(
         net, keeps, train_split, test_split, training, seed=first_branch.seed, stage=stage, start_epoch=first,
@@ -130,10 +134,8 @@ def retrain_tickets(
     out = {}
     for branch, state, result in zip(branches, states, results, strict=True):
         out[f"{branch.namespace}.final_weights"] = state
-        out[f"{branch.namespace}.retrain_log"] = {
-            **branch.as_dict(), "start_epoch": first, "seconds": result.seconds, "eval_seconds": result.eval_seconds,
-            "retrain_group": [b.namespace for b in branches], "history": result.history,
-        }
+        out[f"{branch.namespace}.retrain_log"] = _retrain_log(branch, first, result,
+                                                              retrain_group=[b.namespace for b in branches])
     return out
 
 
