@@ -56,7 +56,8 @@ def test_cts_pipeline_end_to_end(project):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.params["grid.sparsities"] == "(0.5, 0.9)"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert sorted(c.info.run_name for c in children) == [
+    assert sorted(c.info.run_name for c in children) == ["50.00% cts_kl s0", "90.00% cts_kl s0", "dense s0"]
+    assert sorted(c.data.tags["namespace"] for c in children) == [
         "cts_kl.seed0.sp50_00", "cts_kl.seed0.sp90_00", "dense.seed0"]
     for child in children:
         params, metrics = child.data.params, child.data.metrics

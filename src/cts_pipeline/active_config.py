@@ -40,10 +40,14 @@ def forget() -> None:
     _config_loader = None
 
 
+def config_loader() -> Any:
+    """The session's config loader, or the project's for ``$KEDRO_ENV`` without a session."""
+    return _config_loader if _config_loader is not None else _project_config_loader()
+
+
 def parameters() -> dict[str, Any]:
     """The raw parameters (environment merged over base, runtime overrides applied)."""
-    loader = _config_loader if _config_loader is not None else _project_config_loader()
-    return dict(loader["parameters"])
+    return dict(config_loader()["parameters"])
 
 
 def _project_config_loader() -> Any:

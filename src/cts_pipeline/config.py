@@ -32,6 +32,14 @@ class ConfigError(ValueError):
     """The configuration cannot run; the message names every offending parameter."""
 
 
+def closest(name: str, options: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest of ``options`` to a misspelt ``name``, else ``''``."""
+    import difflib
+
+    match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """``data`` parameters."""

@@ -14,6 +14,10 @@ import sys
 
 PROGRESS_LOGGER = "cts_pipeline.progress"  # one line per finished branch: always shown
 QUIET_PREFIXES = ("kedro", "cts_pipeline")  # their INFO records stay in info.log
+# Dependency warnings that ask nothing of the user: kept in info.log, off the console.
+NOT_ACTIONABLE = (
+    "Workflow tracking is disabled",  # kedro-viz: no run-events file under a non-sequential runner
+)
 
 
 class QuietConsole(logging.Filter):
@@ -22,6 +26,8 @@ class QuietConsole(logging.Filter):
         self.verbose = verbose or os.environ.get("CTS_VERBOSE", "") not in ("", "0")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not self.verbose and isinstance(record.msg, str) and record.msg.startswith(NOT_ACTIONABLE):
+            return False
         if self.verbose or record.levelno >= logging.WARNING or record.name.startswith(PROGRESS_LOGGER):
             return True
         return not record.name.startswith(QUIET_PREFIXES)

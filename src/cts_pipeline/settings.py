@@ -21,7 +21,7 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     # Presets (conf/<preset>/) override single keys of base without restating whole sections.
     "merge_strategy": {"parameters": "soft", "globals": "soft"},
-    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"], "dask": ["dask*", "dask*/**"]},
     # ${config_key:<scope>} in catalog paths: a digest of the parameters a stage depends on.
     "custom_resolvers": {"config_key": config_key},
 }

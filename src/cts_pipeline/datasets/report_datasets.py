@@ -24,7 +24,16 @@ class CSVDataset(_KedroCSVDataset):
 
 
 class MatplotlibDataset(_KedroMatplotlibDataset):
-    """Same options as ``kedro_datasets.matplotlib.MatplotlibDataset``; each image is written whole."""
+    """Same options as ``kedro_datasets.matplotlib.MatplotlibDataset``; each image is written whole.
+
+    Loading gives the PNG's bytes (kedro-datasets' version cannot load), so a process that did not
+    draw the figure (the driver of a distributed run) can still hand it to MLflow.
+    """
+
+    def load(self) -> bytes:
+        path = get_filepath_str(self._get_load_path(), self._protocol)
+        with self._fs.open(path, "rb") as f:
+            return f.read()
 
     def _save_to_fs(self, full_key_path: str, plot: Figure) -> None:
         buffer = io.BytesIO()

@@ -19,6 +19,10 @@ from ..core.checkpoints import Checkpoint, digest
 from ..core.data import Split, get_dataset_info
 from ..core.runtime import generator, resolve_device
 
+# Nodes that compute on the run's device; a distributed runner gives each one GPU
+# (cts_pipeline.runners.DaskRunner, workers started with --resources GPU=1).
+GPU_TAG = "gpu"
+
 
 def device_for(runtime: RuntimeConfig) -> torch.device:
     """The run's device, with the CPU thread count ``runtime`` asks for."""

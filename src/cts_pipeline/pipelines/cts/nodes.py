@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from ...config import ModelConfig, RuntimeConfig
 from ...core.cts import SearchConfig, SearchResult, concrete_search
 from ...core.runtime import describe_hardware
@@ -18,7 +20,7 @@ from ..common import (
 
 
 def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result: SearchResult,
-                hardware: str, group: list[Branch]) -> dict:
+                hardware: str, group: list[Branch], started_at: float) -> dict:
     return {
         **branch.as_dict(),
         **{f"cts_{k}": v for k, v in cts.as_dict().items()},
@@ -33,6 +35,7 @@ def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result
         "search_group_seconds": result.group_seconds,
         "history": result.history,
         "hardware": hardware,
+        "started_at": started_at,  # wall-clock (Unix seconds): the branch's start in MLflow
     }
 
 
@@ -66,6 +69,7 @@ def search_masks(
     their searches run as one (``core.cts.concrete_search`` with several densities). Returns
     ``{<branch>.scores: logits, <branch>.mask_log: log}`` for every branch.
     """
+    started_at = time.time()
     first = group[0]
     cts = SearchConfig(**first.settings)
     if any(b.settings != first.settings or b.seed != first.seed or b.start != first.start for b in group):
@@ -89,5 +93,6 @@ def search_masks(
     out = {}
     for branch, result in zip(group, results, strict=True):
         out[f"{branch.namespace}.scores"] = result.scores
-        out[f"{branch.namespace}.mask_log"] = _search_log(branch, cts, training, result, hardware, list(group))
+        out[f"{branch.namespace}.mask_log"] = _search_log(branch, cts, training, result, hardware, list(group),
+                                                            started_at)
     return out

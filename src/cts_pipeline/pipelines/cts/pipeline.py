@@ -2,6 +2,7 @@ from kedro.pipeline import Pipeline, node
 
 from ...core.cts import OBJECTIVES
 from ...grid import Branch, search_group_namespace
+from ..common import GPU_TAG
 from ..tickets.pipeline import score_to_mask, start_weights, ticket_branches
 from .nodes import search_mask, search_masks
 
@@ -27,7 +28,7 @@ def create_pipeline(branches: list[Branch], batch_sparsities: bool = True) -> Pi
         if len(group) == 1:
             search = Pipeline([
                 node(search_mask, ["theta_start", *SEARCH_INPUTS, "params:branch"], ["scores", "mask_log"],
-                     name="search"),
+                     name="search", tags=GPU_TAG),
                 score_to_mask(),
             ])
             branch_parts.append((search, group[0], None))
@@ -35,7 +36,7 @@ def create_pipeline(branches: list[Branch], batch_sparsities: bool = True) -> Pi
         outputs = {name: name for b in group for name in (f"{b.namespace}.scores", f"{b.namespace}.mask_log")}
         parts.append(Pipeline([node(
             search_masks, [start_weights(group[0]), *SEARCH_INPUTS, *[f"params:{b.namespace}.branch" for b in group]],
-            outputs, name="search", namespace=key,
+            outputs, name="search", namespace=key, tags=GPU_TAG,
         )]))
         branch_parts += [(Pipeline([score_to_mask()]), b, None) for b in group]
     return Pipeline(parts + ticket_branches(branch_parts, batch_sparsities), tags="cts")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from ...config import ModelConfig, RuntimeConfig
 from ...console import PROGRESS_LOGGER
@@ -36,6 +37,7 @@ def train_dense(
     the final weights, and the dense metrics (last-epoch test accuracy, wall-clock to ``θ_k``).
     Checkpointed every epoch: a killed run resumes where it stopped.
     """
+    started_at = time.time()
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device)
     test_split = split_from_payload(test_data, device)
@@ -64,6 +66,9 @@ def train_dense(
                     "test_during_training": result.eval_seconds},
         "history": result.history,
         "hardware": describe_hardware(device),
+        "resumed_after_epoch": result.resumed_at,  # a killed run picked up from its checkpoint
+        "started_at": started_at,
+        "finished_at": time.time(),
     }
     logging.getLogger(PROGRESS_LOGGER).info("%s: %.2f %% test accuracy, dense, %.1f s", branch.namespace,
                                             metrics["test_accuracy"], result.seconds)

@@ -1,6 +1,7 @@
 from kedro.pipeline import Pipeline, node
 
 from ...grid import Branch
+from ..common import GPU_TAG
 from ..tickets.pipeline import SHARED_PARAMETERS
 from .nodes import train_dense
 
@@ -13,7 +14,7 @@ def create_pipeline(branches: list[Branch]) -> Pipeline:
             ["train_data", "test_data", "params:model", "params:training", "params:runtime", "params:branch"],
             ["theta_init", "theta_rewind", "final_weights", "metrics"],
             name="train_dense",
-            tags="metrics",
+            tags=["metrics", GPU_TAG],
         )
     ])
     return Pipeline([

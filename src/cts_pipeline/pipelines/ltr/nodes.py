@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from ...config import ModelConfig, RuntimeConfig
 from ...core.ltr import lottery_ticket_rewinding
 from ...core.masks import mask_to_payload
@@ -29,6 +31,7 @@ def prune_iteratively(
     Returns the masks of the grid's levels and the per-level log (times are cumulative: the cost of
     finding a level's mask includes the dense training and every level before it).
     """
+    started_at = time.time()
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device)
     test_split = split_from_payload(test_data, device)
@@ -47,6 +50,7 @@ def prune_iteratively(
         **branch.as_dict(),
         "levels": [r.__dict__ for r in records],
         "hardware": describe_hardware(device),
+        "started_at": started_at,
     }
     return {level: mask_to_payload(mask, masks_density(records, level)) for level, mask in masks.items()}, log
 
@@ -66,5 +70,6 @@ def select_level(level_masks: dict, levels_log: dict, branch: Branch) -> tuple[d
         # The dense training and levels 1..L-1: finding this mask took all of them.
         "seconds": record["cumulative_seconds"],
         "includes_dense_training": True,
+        "started_at": levels_log.get("started_at"),
     }
     return level_masks[level], log

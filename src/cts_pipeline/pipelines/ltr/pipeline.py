@@ -1,6 +1,7 @@
 from kedro.pipeline import Pipeline, node
 
 from ...grid import Branch
+from ..common import GPU_TAG
 from ..tickets.pipeline import SHARED_PARAMETERS, ticket_branches
 from .nodes import prune_iteratively, select_level
 
@@ -15,6 +16,7 @@ def create_pipeline(runs: list[Branch], branches: list[Branch], batch: bool = Tr
              "params:model", "params:training", "params:runtime", "params:branch"],
             ["level_masks", "levels_log"],
             name="prune",
+            tags=GPU_TAG,
         )
     ])
     per_seed = [

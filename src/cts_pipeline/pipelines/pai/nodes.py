@@ -16,6 +16,7 @@ def score_weights(
 ) -> tuple[dict, dict]:
     """Scores of ``branch.settings["method"]`` (SNIP, GraSP, SynFlow, magnitude, random) on the
     start weights (θ_0 by default, θ_k with ``pai.at: rewind``); higher means keep."""
+    started_at = time.time()
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device)
     net = build_network(model, train_split, device, state=theta_start)
@@ -23,4 +24,5 @@ def score_weights(
     scores = score(branch.settings["method"], ScoringInputs(net, train_split, branch.density, branch.seed))
     seconds = time.perf_counter() - started
     scores = {name: s.detach().cpu() for name, s in scores.items()}
-    return scores, {**branch.as_dict(), "seconds": seconds, "hardware": describe_hardware(device)}
+    return scores, {**branch.as_dict(), "seconds": seconds, "hardware": describe_hardware(device),
+                    "started_at": started_at}

@@ -1,6 +1,7 @@
 from kedro.pipeline import Pipeline, node
 
 from ...grid import Branch
+from ..common import GPU_TAG
 from ..tickets.pipeline import score_to_mask, ticket_branches
 from .nodes import score_weights
 
@@ -9,7 +10,7 @@ def create_pipeline(branches: list[Branch], batch: bool = True) -> Pipeline:
     """One branch per (method, seed, sparsity): score -> binary mask -> retrain -> evaluate."""
     find = Pipeline([
         node(score_weights, ["theta_start", "train_data", "params:model", "params:runtime", "params:branch"],
-             ["scores", "mask_log"], name="score"),
+             ["scores", "mask_log"], name="score", tags=GPU_TAG),
         score_to_mask(),
     ])
     return Pipeline(ticket_branches([(find, b, None) for b in branches], batch), tags="pai")

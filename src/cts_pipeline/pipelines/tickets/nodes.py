@@ -70,6 +70,7 @@ def retrain_ticket(
     branch: Branch,
 ) -> tuple[dict, dict]:
     """Train ``mask ⊙ θ_start`` from its epoch to the end with a fresh optimizer; pruned weights stay 0."""
+    started_at = time.time()
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device)
     test_split = split_from_payload(test_data, device)
@@ -83,13 +84,13 @@ def retrain_ticket(
                                   theta_start, keep, data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
     )
-    return state_on_cpu(net), _retrain_log(branch, first, result)
+    return state_on_cpu(net), _retrain_log(branch, first, result, started_at)
 
 
-def _retrain_log(branch: Branch, first: int, result, **extra) -> dict:
+def _retrain_log(branch: Branch, first: int, result, started_at: float, **extra) -> dict:
     """What a retraining tells evaluation and the report; its times exclude test evaluations."""
     return {**branch.as_dict(), "start_epoch": first, "seconds": result.seconds, "eval_seconds": result.eval_seconds,
-            **extra, "history": result.history}
+            "started_at": started_at, **extra, "history": result.history}
 
 
 def retrain_tickets(
@@ -108,6 +109,7 @@ def retrain_tickets(
     results are the same up to float rounding. Returns ``{<branch>.final_weights: state,
     <branch>.retrain_log: log}`` for every branch; each log's ``seconds`` is that ticket's share.
     """
+    started_at = time.time()
     half = len(masks_then_branches) // 2
     payloads, branches = masks_then_branches[:half], masks_then_branches[half:]
     first_branch = branches[0]
@@ -134,7 +136,7 @@ def retrain_tickets(
     out = {}
     for branch, state, result in zip(branches, states, results, strict=True):
         out[f"{branch.namespace}.final_weights"] = state
-        out[f"{branch.namespace}.retrain_log"] = _retrain_log(branch, first, result,
+        out[f"{branch.namespace}.retrain_log"] = _retrain_log(branch, first, result, started_at,
                                                               retrain_group=[b.namespace for b in branches])
     return out
 
@@ -216,4 +218,8 @@ def evaluate_ticket(
         "seconds": seconds,
         "retrain_history": retrain_log["history"],
         "hardware": describe_hardware(device),
+        # Wall-clock (Unix seconds) of the branch's stages, for MLflow's start, end and duration.
+        "started_at": mask_log.get("started_at"),
+        "retrain_started_at": retrain_log.get("started_at"),
+        "finished_at": time.time(),
     }

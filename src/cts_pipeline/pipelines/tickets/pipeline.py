@@ -11,6 +11,7 @@ tickets of one method and seed that start from the same weights in one node,
 from kedro.pipeline import Pipeline, node
 
 from ...grid import Branch, search_group_namespace
+from ..common import GPU_TAG
 from .nodes import evaluate_ticket, retrain_ticket, retrain_tickets, topk_mask
 
 SHARED_PARAMETERS = {"params:model", "params:training", "params:runtime"}
@@ -27,7 +28,7 @@ RETRAIN_INPUTS = ["train_data", "test_data", "params:model", "params:training", 
 def retrain() -> Pipeline:
     return Pipeline([node(
         retrain_ticket, ["theta_start", "mask", *RETRAIN_INPUTS, "params:branch"], ["final_weights", "retrain_log"],
-        name="retrain",
+        name="retrain", tags=GPU_TAG,
     )])
 
 
@@ -39,7 +40,7 @@ def evaluate() -> Pipeline:
              "params:branch", "mask_log", "retrain_log", "dense_metrics"],
             "metrics",
             name="evaluate",
-            tags="metrics",
+            tags=["metrics", GPU_TAG],
         ),
     ])
 
@@ -88,7 +89,7 @@ def retrain_group(group: list[Branch]) -> Pipeline:
         retrain_tickets,
         [start_weights(first), *RETRAIN_INPUTS, *[f"{b.namespace}.mask" for b in group],
          *[f"params:{b.namespace}.branch" for b in group]],
-        outputs, name="retrain", namespace=namespace,
+        outputs, name="retrain", namespace=namespace, tags=GPU_TAG,
     )]
     for b in group:
         ns = b.namespace
@@ -96,7 +97,8 @@ def retrain_group(group: list[Branch]) -> Pipeline:
             evaluate_ticket,
             [f"{ns}.final_weights", f"{ns}.mask", "test_data", "params:model", "params:training", "params:runtime",
              f"params:{ns}.branch", f"{ns}.mask_log", f"{ns}.retrain_log", f"dense.seed{b.seed}.metrics"],
-            f"{ns}.metrics", name=f"evaluate_{ns.rsplit('.', 1)[1]}", namespace=namespace, tags="metrics",
+            f"{ns}.metrics", name=f"evaluate_{ns.rsplit('.', 1)[1]}", namespace=namespace,
+            tags=["metrics", GPU_TAG],
         ))
     return Pipeline(nodes)
 

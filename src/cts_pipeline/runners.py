@@ -1,0 +1,274 @@
+"""``DaskRunner``: the DAG on a dask.distributed cluster, one task per node.
+
+``kedro run --runner=cts_pipeline.runners.DaskRunner`` reads ``conf/<env>/dask.yml``:
+``address: null`` starts a ``LocalCluster`` of ``n_workers`` processes with
+``threads_per_worker`` threads; ``address: tcp://host:8786`` joins a running scheduler.
+``--runner-params address=...,n_workers=...`` override the file.
+
+Written against Kedro 1.7's ``AbstractRunner`` (Kedro's documented Dask recipe predates it):
+
+* A node is submitted as soon as its inputs exist, not level by level, so a long LTR chain never
+  holds back the CTS branches; the scheduler places it on a free worker.
+* Tasks exchange data only through the catalog's files, never through Dask: a run refuses a
+  pipeline whose intermediate data would live in one process's memory. Across machines the data
+  folder (``globals.yml``'s ``data_root``) must be shared storage; a worker that cannot read an
+  input names it.
+* Nodes tagged ``gpu`` (training, search, scoring, retraining, evaluation) ask for one unit of
+  the ``GPU`` resource when some worker declares it (``dask worker --resources GPU=1``), so such
+  a worker runs one at a time; on a cluster without resources they run unconstrained.
+* Torch uses as many threads as the worker has (``runtime.num_threads`` overrides), so two
+  one-thread workers on two cores do not oversubscribe them.
+* Hooks: node hooks run in the driver (``before_node_run`` at submission, ``after_node_run`` with
+  empty ``outputs`` once the outputs are saved, ``on_node_error``), so MLflow tracking stays in
+  one process; dataset hooks do not run, as under Kedro's ParallelRunner.
+* A worker that dies mid-task (SIGKILL, OOM, a lost machine) has its task rescheduled on another
+  worker, up to ``distributed.scheduler.allowed-failures`` times; the task resumes from its
+  per-epoch checkpoint. A node that raises stops the run with the node's name and its error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from kedro.framework.hooks.manager import _NullPluginManager
+from kedro.io import MemoryDataset
+from kedro.runner import AbstractRunner
+from kedro.runner.task import Task
+
+from .console import PROGRESS_LOGGER, QuietConsole
+from .pipelines.common import GPU_TAG
+
+logger = logging.getLogger(__name__)
+
+GPU_RESOURCE = "GPU"
+FORWARDED_LOGGERS = ("cts_pipeline", "kedro")
+# A task holds a worker's event loop for a whole training; Dask's "event loop was unresponsive"
+# warning then says nothing actionable. Worker lifecycle lines stay out of the terminal.
+QUIET_DASK = {"distributed.admin.tick.limit": "1h", "logging.distributed": "warning"}
+
+
+@contextlib.contextmanager
+def worker_environment():
+    """The environment a LocalCluster's workers inherit: quiet logging (their records are
+    forwarded instead). Set here because a spawned worker imports Kedro, which configures its
+    logging, before the Nanny's own ``env`` reaches it."""
+    wanted = {"KEDRO_LOGGING_CONFIG": str(Path(__file__).with_name("worker_logging.yml")),
+              "DASK_DISTRIBUTED__ADMIN__TICK__LIMIT": QUIET_DASK["distributed.admin.tick.limit"],
+              "DASK_LOGGING__DISTRIBUTED": "warning"}
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update({k: v for k, v in wanted.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+class DaskNodeError(RuntimeError):
+    """A node failed on a worker; the message names the node and its original error."""
+
+
+@dataclass(frozen=True)
+class DaskSettings:
+    """``dask.yml``."""
+
+    address: str | None = None          # null: a LocalCluster on this machine
+    n_workers: int = 2                  # LocalCluster only
+    threads_per_worker: int = 1         # LocalCluster only
+    dashboard_address: str | None = ":8787"  # LocalCluster only; null: no dashboard
+    forward_logs: bool = True           # workers' cts_pipeline log lines appear in this terminal
+
+    def __post_init__(self) -> None:
+        if self.address is not None and (not isinstance(self.address, str) or "://" not in self.address):
+            raise ValueError(f"dask.yml: address must be null or a URL such as tcp://host:8786, got {self.address!r}")
+        for key in ("n_workers", "threads_per_worker"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"dask.yml: {key} must be a positive integer, got {value!r}")
+        if not isinstance(self.forward_logs, bool):
+            raise ValueError(f"dask.yml: forward_logs must be true or false, got {self.forward_logs!r}")
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any]) -> DaskSettings:
+        from .config import closest
+
+        known = [f.name for f in fields(cls)]
+        for key in raw:
+            if key not in known:
+                raise ValueError(f"dask.yml: unknown key {key!r}{closest(key, known)}; allowed: {', '.join(known)}")
+        return cls(**raw)
+
+
+def _dask_config() -> dict[str, Any]:
+    """``dask.yml`` of the session's environment (the context handed its loader to active_config)."""
+    from kedro.config import MissingConfigException
+
+    from . import active_config
+
+    try:
+        return dict(active_config.config_loader()["dask"])
+    except (KeyError, MissingConfigException):
+        return {}
+
+
+class DaskRunner(AbstractRunner):
+    """Runs each node as a dask.distributed task; see the module docstring."""
+
+    def __init__(self, is_async: bool = False, client: Any = None, **settings: Any):
+        """``settings`` override ``dask.yml``; ``client`` runs on an existing ``distributed.Client``."""
+        super().__init__(is_async=is_async)
+        self._overrides = settings
+        self._client = client
+
+    def _get_executor(self, max_workers: int) -> None:  # tasks go to the cluster, not a pool
+        return None
+
+    def settings(self) -> DaskSettings:
+        return DaskSettings.from_config({**_dask_config(), **self._overrides})
+
+    def _run(self, pipeline, catalog, hook_manager=None, run_id: str | None = None) -> None:
+        import dask
+        from distributed import Client, LocalCluster
+
+        hooks = hook_manager or _NullPluginManager()
+        check_catalog(pipeline, catalog)
+        if not QuietConsole().verbose:  # the cluster's own INFO lines: start, stop, connections
+            logging.getLogger("distributed").setLevel(logging.WARNING)
+        settings = self.settings()
+        if self._client is not None:
+            self._schedule(pipeline, catalog, hooks, run_id, self._client, settings)
+            return
+        if settings.address is not None:
+            with Client(settings.address) as client:
+                self._schedule(pipeline, catalog, hooks, run_id, client, settings)
+            return
+        with dask.config.set(QUIET_DASK), worker_environment(), LocalCluster(
+                n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker, processes=True,
+                dashboard_address=settings.dashboard_address) as cluster, Client(cluster) as client:
+            self._schedule(pipeline, catalog, hooks, run_id, client, settings)
+
+    def _schedule(self, pipeline, catalog, hooks, run_id, client, settings: DaskSettings) -> None:
+        from distributed import as_completed
+
+        if settings.forward_logs:
+            for name in FORWARDED_LOGGERS:
+                client.forward_logging(name, level=logging.INFO)
+        workers = client.scheduler_info()["workers"]
+        dashboard = self._client is None and settings.address is None and settings.dashboard_address
+        logging.getLogger(PROGRESS_LOGGER).info(
+            "Dask: %d workers (%d threads) at %s%s", len(workers), sum(w["nthreads"] for w in workers.values()),
+            client.scheduler.address, f"; dashboard {client.dashboard_link}" if dashboard else "")
+        gpu = any(GPU_RESOURCE in w.get("resources", {}) for w in workers.values())
+        forget_resolved_versions(pipeline, catalog)  # what the driver resolved before the run may be stale
+        # The catalog travels with each task, not scattered once: Dask counts scattered data as
+        # lost when any worker holding it dies, and would then cancel instead of retrying.
+        project = str(Path.cwd())
+        dependencies = pipeline.node_dependencies
+        todo, done, running = set(dependencies), set(), {}
+        futures = as_completed()
+
+        def submit_ready() -> None:
+            ready = sorted((n for n in todo if dependencies[n] <= done), key=lambda n: n.name)
+            for node in ready:
+                todo.discard(node)
+                hooks.hook.before_node_run(node=node, catalog=catalog, inputs={}, is_async=self._is_async,
+                                           run_id=run_id)
+                resources = {GPU_RESOURCE: 1} if gpu and GPU_TAG in node.tags else None
+                future = client.submit(run_node_on_worker, node, catalog, run_id, self._is_async, project,
+                                       key=f"{node.name}-{uuid.uuid4().hex[:8]}", resources=resources, pure=False)
+                running[future] = node
+                futures.add(future)
+
+        submit_ready()
+        for future in futures:
+            node = running.pop(future)
+            try:
+                future.result()
+            except Exception as exc:
+                hooks.hook.on_node_error(error=exc, node=node, catalog=catalog, inputs={}, is_async=self._is_async,
+                                         run_id=run_id)
+                client.cancel(list(running))
+                self._suggest_resume_scenario(pipeline, done, catalog)
+                raise DaskNodeError(f"node {node.name!r} failed on a Dask worker: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+            done.add(node)
+            hooks.hook.after_node_run(node=node, catalog=catalog, inputs={}, outputs={}, is_async=self._is_async,
+                                      run_id=run_id)
+            self._logger.info("Completed node: %s (%d of %d)", node.name, len(done), len(dependencies))
+            submit_ready()
+        if todo:
+            self._raise_runtime_error(todo, done, set(), None)
+
+
+def check_catalog(pipeline, catalog) -> None:
+    """Refuse data that one task would hand another through memory: a Dask worker cannot see it."""
+    free_inputs = pipeline.inputs()
+    in_memory = sorted(
+        name for name in pipeline.datasets()
+        if name not in free_inputs and isinstance(catalog.get(name, fallback_to_runtime_pattern=True), MemoryDataset)
+    )
+    if in_memory:
+        raise ValueError(
+            f"DaskRunner: {', '.join(in_memory)} would be held in one process's memory, where another worker "
+            "cannot read it; give each a file-backed catalog entry (conf/base/catalog.yml)")
+
+
+def forget_resolved_versions(pipeline, catalog, names=None) -> None:
+    """A versioned dataset caches the version it last found; another process may since have saved
+    a newer one (``release`` clears the cache; memory datasets, the parameters, are left alone)."""
+    for name in names if names is not None else pipeline.datasets():
+        if not isinstance(catalog.get(name, fallback_to_runtime_pattern=True), MemoryDataset):
+            catalog.release(name)
+
+
+_prepared: dict[str, Any] = {}
+
+
+def prepare_worker(project: str) -> None:
+    """Once per worker process: the project folder as working directory (relative paths such as
+    ``data.root`` and ``runtime.checkpoint_dir`` resolve as on the driver), torch threads = the
+    worker's threads, and INFO records of ``cts_pipeline`` kept for forwarding."""
+    if _prepared.get("project") == project:
+        return
+    import torch
+    from distributed import get_worker
+
+    if Path(project).is_dir():
+        os.chdir(project)
+    root = logging.getLogger()  # a worker prints and files nothing itself: its records go to the driver
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    torch.set_num_threads(max(1, get_worker().state.nthreads))
+    logging.getLogger("cts_pipeline").setLevel(logging.INFO)
+    _prepared["project"] = project
+
+
+def check_inputs(node, catalog) -> None:
+    """Every input of ``node`` readable here; else name it and the shared-storage requirement."""
+    from distributed import get_worker
+
+    files = [name for name in node.inputs if not isinstance(catalog.get(name), MemoryDataset)]
+    forget_resolved_versions(None, catalog, files)
+    for name in files:
+        if not catalog.exists(name):
+            dataset = catalog.get(name)
+            where = getattr(dataset, "_filepath", None) or dataset
+            raise FileNotFoundError(
+                f"worker {get_worker().address} cannot read input {name!r} of node {node.name!r} at {where}: "
+                "on several machines the data folder must be shared storage at the same path "
+                "(an NFS mount, or an fsspec URL in globals.yml's data_root)")
+
+
+def run_node_on_worker(node, catalog, run_id: str | None, is_async: bool, project: str) -> str:
+    """One node on a Dask worker: inputs from the catalog's files, outputs back to them."""
+    prepare_worker(project)
+    check_inputs(node, catalog)
+    Task(node=node, catalog=catalog, hook_manager=_NullPluginManager(), is_async=is_async, run_id=run_id).execute()
+    return node.name
