@@ -45,3 +45,22 @@ def latest(project: Path, pattern: str) -> Path:
     versions = sorted(project.glob(pattern + "/*/"), key=lambda v: v.name)
     assert versions, f"no version of {pattern} was written"
     return versions[-1] / Path(pattern).name
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    """Every record of the project's loggers during the test. Kedro reconfigures logging whenever a
+    session is created (``dictConfig`` drops the handlers of ``cts_pipeline`` and its children, and
+    caplog's), so records are taken where every logger hands them to its handlers."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    call_handlers = logging.Logger.callHandlers
+
+    def keep(self, record):
+        if record.name.startswith("cts_pipeline"):
+            records.append(record)
+        call_handlers(self, record)
+
+    monkeypatch.setattr(logging.Logger, "callHandlers", keep)
+    return records

@@ -13,14 +13,20 @@ import time
 
 import pytest
 import torch
-from distributed import Client, LocalCluster
+from distributed import Client
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline, node
 from kedro.runner import ParallelRunner, ThreadRunner
 from mlflow.tracking import MlflowClient
 
 from cts_pipeline.datasets import JSONDataset
-from cts_pipeline.runners import DaskNodeError, DaskRunner, DaskSettings, check_catalog
+from cts_pipeline.runners import (
+    DaskNodeError,
+    DaskRunner,
+    DaskSettings,
+    check_catalog,
+    local_cluster,
+)
 
 from .conftest import run_pipeline
 
@@ -32,8 +38,7 @@ TIMES = ("seconds", "started_at", "retrain_started_at", "finished_at", "eval_sec
 @pytest.fixture(scope="module")
 def cluster():
     """Two one-thread worker processes, each declaring one GPU, as `dask worker --resources GPU=1`."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      resources={"GPU": 1}) as local, Client(local) as client:
+    with local_cluster(2, 1, resources={"GPU": 1}) as local, Client(local) as client:
         yield client
 
 
@@ -194,3 +199,13 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_task_resumes(project, 
     metrics = json.loads(newest(project, "data/08_reporting/smoke/dense-*/seed0/metrics.json")[0].read_text())
     assert metrics["resumed_after_epoch"] >= 1, "the replacement should resume, not start over"
     cluster.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
+
+
+def test_every_node_that_computes_on_the_device_asks_for_a_gpu():
+    from cts_pipeline.pipeline_registry import register_pipelines
+    from cts_pipeline.pipelines.common import GPU_TAG
+
+    nodes = register_pipelines()["__default__"].nodes
+    light = {n.name.rsplit(".", 1)[-1] for n in nodes if GPU_TAG not in n.tags}
+    assert light == {"prepare_data", "binary_mask", "select_level", "shuffle_mask", "invert_mask", "reinitialise",
+                     "compare_report", "sanity_report"}

@@ -91,6 +91,7 @@ class RuntimeConfig:
     channels_last: str | bool = "auto"  # auto: NHWC for convolutional models (faster on CPUs)
     compile: bool = False  # torch.compile the training forward (worth it on GPUs, not on CPUs)
     batch_sparsities: bool = True  # one batched CTS search per seed and CTS configuration
+    strict: bool = False  # stop the run when a search diverges, instead of flagging the branch
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -99,7 +100,7 @@ class RuntimeConfig:
             raise ValueError(f"runtime.num_threads must be null or a positive integer, got {self.num_threads!r}")
         if self.channels_last not in ("auto", True, False):
             raise ValueError(f"runtime.channels_last must be auto, true or false, got {self.channels_last!r}")
-        for key in ("compile", "progress", "batch_sparsities"):
+        for key in ("compile", "progress", "batch_sparsities", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"runtime.{key} must be true or false, got {getattr(self, key)!r}")
 
@@ -150,14 +151,26 @@ def typed_sections(params: Mapping[str, Any]) -> dict[str, Any]:
         elif not isinstance(raw, Mapping):
             problems.append(f"{key}: expected a mapping of settings, got {raw!r}")
         else:
+            unknown = [k for k in raw if k not in cls.__dataclass_fields__]
+            if unknown:
+                fields_ = list(cls.__dataclass_fields__)
+                problems += [f"{key}.{k}: unknown setting{closest(k, fields_)}; {key} takes {', '.join(fields_)}"
+                             for k in unknown]
+                continue
             try:
                 sections[key] = cls(**raw)
-            except TypeError as exc:  # unknown or missing keys
+            except TypeError as exc:  # missing keys, or a value of the wrong type
                 problems.append(f"{key}: {exc}".replace(f"{cls.__name__}.__init__()", "it"))
             except ValueError as exc:
                 problems.append(str(exc))
+    problems += _unknown_sections(params)
     if "cts" in sections and "methods" in sections:
+        fields_ = list(SearchConfig.__dataclass_fields__)
         for i, override in enumerate(sections["methods"].cts_variants):
+            unknown = [k for k in override if k not in fields_]
+            if unknown:
+                problems += [f"methods.cts_variants[{i}].{k}: unknown CTS setting{closest(k, fields_)}" for k in unknown]
+                continue
             try:
                 SearchConfig(**{**sections["cts"].as_dict(), **override})
             except (TypeError, ValueError) as exc:
@@ -165,6 +178,18 @@ def typed_sections(params: Mapping[str, Any]) -> dict[str, Any]:
     if problems:
         raise ConfigError("invalid parameters:\n- " + "\n- ".join(problems))
     return sections
+
+
+def _unknown_sections(params: Mapping[str, Any]) -> list[str]:
+    """Top-level keys that are neither a section nor a branch namespace (a misspelt section
+    would otherwise be dropped silently, and its settings never applied)."""
+    known = [*SECTIONS, *OPTIONAL_SECTIONS]
+    try:
+        namespaces = {b.namespace.split(".")[0] for b in plan(params).all()}
+    except (TypeError, ValueError):  # a bad grid is reported by its own check
+        namespaces = set()
+    return [f"{key}: unknown section{closest(key, known)}; the sections are {', '.join(known)}"
+            for key in params if key not in known and key not in namespaces]
 
 
 def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
 from .config import typed_sections, validate_run
+from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
 from .tracking import RunTracker, TrackingSettings, TrackingUnavailable, first_line
 
 logger = logging.getLogger(__name__)
@@ -37,12 +38,59 @@ def load_fresh(catalog, name: str) -> Any:
     return catalog.load(name)
 
 
+# Whether the current run has started a node: an error before that is the configuration's
+# (the CLI exits with 2), after it the run's (exit 1).
+run_state = {"nodes_started": False}
+
+
 class RunValidationHook:
     """Check the whole configuration once, before the first node and before tracking starts."""
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        run_state["nodes_started"] = False
         validate_run(catalog.load("parameters"), run_params.get("pipeline_names"))
+
+    @hook_impl
+    def before_node_run(self) -> None:
+        run_state["nodes_started"] = True
+
+
+class CheckpointHook:
+    """A node's per-epoch checkpoints are removed only once all its outputs are saved: a failed
+    save (a full disk, a dead store) then costs nothing, since the rerun resumes from them."""
+
+    def __init__(self) -> None:
+        self.unsaved: dict[Any, set[str]] = {}
+
+    @hook_impl
+    def before_node_run(self, node) -> None:
+        defer_removal()
+        self.unsaved[node] = set(node.outputs)
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, node) -> None:
+        left = self.unsaved.get(node)
+        if left is not None:
+            left.discard(dataset_name)
+            if not left:
+                del self.unsaved[node]
+                remove_deferred()
+
+    @hook_impl
+    def after_node_run(self, node, outputs: dict[str, Any]) -> None:
+        if node.outputs and outputs:
+            return  # their saves come next
+        self.unsaved.pop(node, None)
+        if not node.outputs:
+            remove_deferred()
+        else:  # a runner that ran the node elsewhere (DaskRunner) cleans up there
+            keep_deferred()
+
+    @hook_impl
+    def on_node_error(self, node) -> None:
+        self.unsaved.pop(node, None)
+        keep_deferred()
 
 
 class MlflowHook:

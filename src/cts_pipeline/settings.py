@@ -4,14 +4,14 @@ import warnings
 
 from cts_pipeline.active_config import config_key
 from cts_pipeline.context import ProjectContext
-from cts_pipeline.hooks import MlflowHook, ResultsPrinterHook, RunValidationHook
+from cts_pipeline.hooks import CheckpointHook, MlflowHook, ResultsPrinterHook, RunValidationHook
 
 # Kedro's own OmegaConf call warns on every config load; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
 
 # Order matters only where a hook says so: RunValidationHook runs first at run start (tryfirst),
 # so a bad configuration never opens an MLflow run.
-HOOKS = (RunValidationHook(), MlflowHook(), ResultsPrinterHook())
+HOOKS = (RunValidationHook(), CheckpointHook(), MlflowHook(), ResultsPrinterHook())
 
 # Hands the grid to the pipeline registry and gives each branch its parameters (see context.py).
 CONTEXT_CLASS = ProjectContext

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -190,6 +191,8 @@ class RunTracker:
             tags["layer_collapse"] = ",".join(metrics["collapsed_layers"])
         if metrics.get("disconnected"):
             tags["disconnected"] = "true"
+        if metrics.get("diverged"):
+            tags["diverged"] = str(metrics["diverged"])
         finished = metrics.get("finished_at")
         if finished is not None and finished < self.started_at:
             tags["computed_in_an_earlier_run"] = "true"  # found in the catalog, not recomputed
@@ -202,7 +205,7 @@ class RunTracker:
             values["accuracy_drop"] = float(metrics["dense_test_accuracy"] - metrics["test_accuracy"])
             values["collapsed_layers"] = float(len(metrics.get("collapsed_layers", [])))
         values.update({f"seconds_{k}": float(v) for k, v in metrics.get("seconds", {}).items()})
-        values.update({f"layer_density/{k}": float(v) for k, v in metrics.get("layer_density", {}).items()})
+        values.update({metric_name(f"layer_density/{k}"): float(v) for k, v in metrics.get("layer_density", {}).items()})
         stamp = _ms(finished) or _ms(time.time())
         batch = [Metric(k, v, stamp, 0) for k, v in values.items()]
         history = metrics.get("retrain_history") or metrics.get("history") or []
@@ -241,8 +244,8 @@ class RunTracker:
             if name.endswith("_results_table") and {"method", "target_sparsity_pct", "test_accuracy"} <= set(value):
                 means = value.groupby(["method", "target_sparsity_pct"])["test_accuracy"].mean()
                 stamp = _ms(time.time())
-                batch = [Metric(f"test_accuracy/{method}/sp{pct:05.2f}".replace(".", "_"), float(acc), stamp, 0)
-                         for (method, pct), acc in means.items()]
+                batch = [Metric(metric_name(f"test_accuracy/{method}/sp{pct:05.2f}".replace(".", "_")), float(acc),
+                                stamp, 0) for (method, pct), acc in means.items()]
                 self.client.log_batch(self.parent_run_id, metrics=batch)
         elif hasattr(value, "savefig"):
             self.client.log_figure(self.parent_run_id, value, f"{name}.png")
@@ -266,6 +269,11 @@ class RunTracker:
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
+
+
+def metric_name(name: str) -> str:
+    """``name`` with what MLflow refuses in metric names (``+`` in ``cts_kl_lr1e+06``) as ``_``."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
 
 
 def child_run_name(metrics: Mapping[str, Any]) -> str:

@@ -205,7 +205,7 @@ def train_tickets(
         model.to(memory_format=torch.contiguous_format)
     states = [tickets.state_dict(k) for k in range(rows)]
     if checkpoint is not None:
-        checkpoint.remove()
+        checkpoint.finish()
     return states, results
 
 

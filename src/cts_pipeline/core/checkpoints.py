@@ -4,14 +4,21 @@ A checkpoint is a plain ``torch.save`` payload tagged with a ``key`` (the caller
 everything that determines the result: configuration, start weights, mask, seed). A loop resumes
 only from a checkpoint with its own key, so a stale file from another configuration is never
 picked up. The file is removed once the loop finishes: its result is then the caller's to keep.
+A caller that must first store that result safely (a pipeline node, whose outputs are written
+after it returns) defers the removal: :func:`defer_removal` before the loop, then
+:func:`remove_deferred` once the result is stored, or :func:`keep_deferred` if storing failed,
+so a rerun resumes instead of starting over.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,11 +84,49 @@ class Checkpoint:
     def save(self, state: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f"{self.path.name}.partial-{uuid.uuid4().hex[:8]}")
+        # Serialised in memory first: torch.save straight to a full disk fails with an opaque
+        # "unexpected pos" error, a plain write with ENOSPC.
+        buffer = io.BytesIO()
+        torch.save({**state, "format": FORMAT, "key": self.key}, buffer)
         try:
-            torch.save({**state, "format": FORMAT, "key": self.key}, partial)
+            partial.write_bytes(buffer.getbuffer())
             os.replace(partial, self.path)  # atomic: the old checkpoint or the new one, never half
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on the device holding the checkpoint {self.path} "
+                                            f"({buffer.getbuffer().nbytes} bytes); the previous epoch's "
+                                            "checkpoint is kept") from exc
+            raise
         finally:
             partial.unlink(missing_ok=True)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """The loop is done: remove the file now, or once the caller has stored the result."""
+        pending = getattr(_deferred, "paths", None)
+        if pending is None:
+            self.remove()
+        else:
+            pending.append(self.path)
+
+
+_deferred = threading.local()  # per thread: a node's loops and its output saving share one
+
+
+def defer_removal() -> None:
+    """Finished loops on this thread keep their checkpoints until :func:`remove_deferred`."""
+    _deferred.paths = []
+
+
+def remove_deferred() -> None:
+    """The results are stored: remove the checkpoints of the loops that finished since deferring."""
+    for path in getattr(_deferred, "paths", None) or []:
+        path.unlink(missing_ok=True)
+    _deferred.paths = None
+
+
+def keep_deferred() -> None:
+    """Storing the results failed: keep those checkpoints for the rerun to resume from."""
+    _deferred.paths = None

@@ -214,7 +214,8 @@ class SearchConfig:
             raise ValueError(f"cts.epochs must be null or a positive integer, got {self.epochs!r}")
         if self.balance not in BALANCERS:
             raise ValueError(f"cts.balance must be one of {BALANCERS}, got {self.balance!r}")
-        if self.lr is not None and not self.lr > 0:
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not self.lr > 0):
             raise ValueError(f"cts.lr must be null (the training rate) or positive, got {self.lr!r}")
         if self.search_at not in SEARCH_STARTS:
             raise ValueError(f"cts.search_at must be one of {SEARCH_STARTS}, got {self.search_at!r}")
@@ -761,5 +762,5 @@ def concrete_search(
         for r in range(rows)
     ]
     if checkpoint is not None:
-        checkpoint.remove()
+        checkpoint.finish()
     return results if batched else results[0]

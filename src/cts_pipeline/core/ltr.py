@@ -174,5 +174,5 @@ def lottery_ticket_rewinding(
             checkpoint.save({"levels_done": level, "mask": mask, "weights": weights, "kept_masks": kept_masks,
                              "records": [asdict(r) for r in records], "cumulative": cumulative})
     if checkpoint is not None:
-        checkpoint.remove()
+        checkpoint.finish()
     return kept_masks, records

@@ -55,6 +55,12 @@ class TrainRecipe:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay", "gamma"):  # before any comparison with a number
+            _require(_is_number(getattr(self, name)), f"training.{name}", getattr(self, name), "a number")
+        _require(self.grad_clip_norm is None or _is_number(self.grad_clip_norm), "training.grad_clip_norm",
+                 self.grad_clip_norm, "null or a number")
+        _require(isinstance(self.milestones, (list, tuple)) and all(_is_count(m) for m in self.milestones),
+                 "training.milestones", self.milestones, "a list of epoch numbers")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         _require(_is_count(self.epochs) and self.epochs >= 1, "training.epochs", self.epochs, "a positive integer")
         _require(_is_count(self.batch_size) and self.batch_size >= 1, "training.batch_size", self.batch_size, "a positive integer")
@@ -82,6 +88,10 @@ class TrainRecipe:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "milestones": list(self.milestones)}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_count(value) -> bool:
@@ -271,7 +281,7 @@ def train(
     if channels_last:
         model.to(memory_format=torch.contiguous_format)  # callers get the usual layout back
     if checkpoint is not None:
-        checkpoint.remove()
+        checkpoint.finish()
     return result
 
 

@@ -8,6 +8,7 @@ whole objects anyway.
 
 from __future__ import annotations
 
+import errno
 import uuid
 
 import fsspec
@@ -19,7 +20,10 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> No
         with fs.open(partial, "wb") as f:
             f.write(payload)
         fs.mv(partial, path)
-    except BaseException:
+    except BaseException as exc:
         if fs.exists(partial):
             fs.rm(partial)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device holding {path} "
+                                        f"({len(payload)} bytes to write); nothing was written") from exc
         raise

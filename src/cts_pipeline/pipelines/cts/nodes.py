@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from ...config import ModelConfig, RuntimeConfig
@@ -17,6 +18,31 @@ from ..common import (
     split_from_payload,
     uses_channels_last,
 )
+
+logger = logging.getLogger(__name__)
+
+# A search has diverged when its expected kept count Σσ(s) ends outside this band around the
+# budget (GradBalance holds it within 1.1x; healthy searches end at 0.95-1.05), or when its logits
+# saturate: |s| beyond SATURATED_LOGIT, where σ's gradient vanishes in float32 and the search can
+# no longer move. Adam's step is at most about cts.lr, so a healthy search stays far below.
+BUDGET_BAND = (0.5, 1.5)
+SATURATED_LOGIT = 1.0e3
+
+
+class SearchDiverged(RuntimeError):
+    """A search ended far from its budget or with saturated logits (``runtime.strict: true``)."""
+
+
+def divergence(result: SearchResult) -> str | None:
+    """Why a search's mask cannot be trusted, or None."""
+    low, high = BUDGET_BAND
+    ratio = result.final_expected_over_budget
+    if not low <= ratio <= high:
+        return f"ended at {ratio:.2f}x its weight budget (healthy: {low}-{high}x)"
+    largest = max(float(s.abs().max()) for s in result.scores.values())
+    if largest > SATURATED_LOGIT:
+        return f"logits saturated (|s| up to {largest:.3g} > {SATURATED_LOGIT:g})"
+    return None
 
 
 def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result: SearchResult,
@@ -36,6 +62,7 @@ def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result
         "history": result.history,
         "hardware": hardware,
         "started_at": started_at,  # wall-clock (Unix seconds): the branch's start in MLflow
+        "diverged": divergence(result),
     }
 
 
@@ -92,7 +119,13 @@ def search_masks(
     hardware = describe_hardware(device)
     out = {}
     for branch, result in zip(group, results, strict=True):
+        log = _search_log(branch, cts, training, result, hardware, list(group), started_at)
+        if log["diverged"]:
+            message = (f"{branch.namespace}: the search diverged: {log['diverged']}; its mask is not a "
+                       f"CTS ticket (check cts.lr = {cts.lr}, cts.loss_scale)")
+            if runtime.strict:
+                raise SearchDiverged(message + "; runtime.strict is on")
+            logger.warning("%s; the branch is flagged DIVERGED", message)
         out[f"{branch.namespace}.scores"] = result.scores
-        out[f"{branch.namespace}.mask_log"] = _search_log(branch, cts, training, result, hardware, list(group),
-                                                            started_at)
+        out[f"{branch.namespace}.mask_log"] = log
     return out

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = [
     "method", "family", "seed", "target_sparsity_pct", "achieved_sparsity_pct", "kept_weights",
-    "effective_kept_weights", "disconnected", "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
+    "effective_kept_weights", "disconnected", "diverged", "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
     "retrain_s", "total_s", "eval_s", "collapsed_layers", "thin_layers", "start", "model", "dataset", "rewind_epoch", "hardware",
 ]
 
@@ -37,6 +37,7 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
             # Kept weights on some input-output path (dense: all of them).
             "effective_kept_weights": m.get("effective_kept_weights", m["kept_weights"]),
             "disconnected": bool(m.get("disconnected", False)),
+            "diverged": bool(m.get("diverged")),
             "prunable_weights": m["prunable_weights"],
             "test_accuracy": m["test_accuracy"],
             "dense_test_accuracy": m["test_accuracy"] if dense else m["dense_test_accuracy"],
@@ -65,7 +66,7 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds per (method, target sparsity), in first-seen order."""
     # Tables written before effective sparsity was reported have no such columns.
-    defaults = {"effective_kept_weights": table["kept_weights"], "disconnected": False}
+    defaults = {"effective_kept_weights": table["kept_weights"], "disconnected": False, "diverged": False}
     table = table.assign(**{k: v for k, v in defaults.items() if k not in table})
     grouped = table.groupby(["method", "target_sparsity_pct"], sort=False)
     out = grouped.agg(
@@ -78,9 +79,10 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         retrain_s=("retrain_s", "mean"),
         total_s=("total_s", "mean"),
         # A table read back from CSV holds NaN, not "", where no layer collapsed.
-        collapsed_seeds=("collapsed_layers", lambda c: int((c.fillna("").astype(str) != "").sum())),
+        collapsed_seeds=("collapsed_layers", lambda c: int((c.astype("string").fillna("") != "").sum())),
         effective_kept_weights=("effective_kept_weights", "mean"),
         disconnected_seeds=("disconnected", lambda c: int(c.astype(str).str.lower().eq("true").sum())),
+        diverged_seeds=("diverged", lambda c: int(c.astype(str).str.lower().eq("true").sum())),
     ).reset_index()
     out["test_accuracy_std"] = out["test_accuracy_std"].fillna(0.0)
     return out
@@ -97,6 +99,8 @@ def summary_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         note = f"LAYER COLLAPSE ({r.collapsed_seeds} of {r.seeds} seeds)" if r.collapsed_seeds else ""
         if r.disconnected_seeds > r.collapsed_seeds:
             note = f"DISCONNECTED ({r.disconnected_seeds} of {r.seeds} seeds)"
+        if r.diverged_seeds:
+            note = f"DIVERGED ({r.diverged_seeds} of {r.seeds} seeds)" + (f"; {note}" if note else "")
         rows.append([r.method, f"{r.target_sparsity_pct:.2f}", f"{r.achieved_sparsity_pct:.2f}",
                      f"{r.kept_weights:.0f}", f"{r.effective_kept_weights:.0f}", str(r.seeds), acc,
                      f"{r.find_mask_s:.1f}",

@@ -10,9 +10,11 @@ from ...console import PROGRESS_LOGGER
 from ...core.batched_training import supports as batched_training_supports
 from ...core.batched_training import train_tickets
 from ...core.connectivity import effective_report
+from ...core.data import get_dataset_info
 from ...core.masks import (
     collapsed_layers,
     global_topk_mask,
+    kept_count,
     layer_report,
     mask_to_payload,
     payload_to_mask,
@@ -54,6 +56,23 @@ def topk_mask(scores: dict, branch: Branch) -> dict:
     return mask_to_payload(mask, branch.density)
 
 
+def branch_mask(payload: dict, branch: Branch) -> dict:
+    """``payload`` as a mask, refused when it is not this branch's: a file replaced by hand, or
+    left by another configuration, is named instead of being retrained as if it were."""
+    keep = payload_to_mask(payload)
+    if branch.family == "ltr":  # a level's mask: its own density (the level reaching the sparsity)
+        return keep
+    kept, total = sum(int(k.sum()) for k in keep.values()), sum(k.numel() for k in keep.values())
+    expected = kept_count(branch.density, total)
+    stored = payload.get("target_density")
+    if kept != expected or (stored is not None and abs(stored - branch.density) > 1e-9):
+        raise ValueError(
+            f"{branch.namespace}.mask keeps {kept} of {total} weights (target density {stored}), but the branch "
+            f"wants {expected} at density {branch.density:.6g}: the file was replaced or comes from another "
+            f"configuration; delete that version folder and rerun")
+    return keep
+
+
 def start_epoch(training: TrainRecipe, branch: Branch) -> int:
     """Retraining resumes the schedule where the start weights were taken: ``k``, or 0 at init."""
     return training.rewind_epoch if branch.start == "rewind" else 0
@@ -76,7 +95,7 @@ def retrain_ticket(
     test_split = split_from_payload(test_data, device)
     net = build_network(model, train_split, device, state=theta_start)
     first = start_epoch(training, branch)
-    keep = payload_to_mask(mask)
+    keep = branch_mask(mask, branch)
     result = train(
         net, train_split, test_split, training, seed=branch.seed, stage=f"{branch.namespace} retrain",
         start_epoch=first, mask=keep, progress=runtime.progress,
@@ -124,7 +143,7 @@ def retrain_tickets(
             out[f"{branch.namespace}.final_weights"], out[f"{branch.namespace}.retrain_log"] = weights, log
         return out
     first = start_epoch(training, first_branch)
-    keeps = [payload_to_mask(p) for p in payloads]
+    keeps = [branch_mask(p, b) for p, b in zip(payloads, branches, strict=True)]
     stage = f"{search_group_namespace(first_branch)} retrain x{len(branches)}"
     states, results = train_tickets(
         net, keeps, train_split, test_split, training, seed=first_branch.seed, stage=stage, start_epoch=first,
@@ -152,8 +171,9 @@ def evaluate_ticket(
     mask_log: dict,
     retrain_log: dict,
     dense_metrics: dict,
-) -> dict:
-    """Last-epoch test accuracy of the retrained ticket, its sparsity to the weight, and the times.
+) -> tuple[dict, dict]:
+    """Last-epoch test accuracy of the retrained ticket, its sparsity to the weight, and the times;
+    and the ticket itself in a portable form (``core.tickets``: safetensors and a manifest).
 
     Checks that every pruned weight is exactly zero in the saved weights: a ticket that is not as
     sparse as it claims fails here rather than in someone's paper.
@@ -162,7 +182,7 @@ def evaluate_ticket(
     device = device_for(runtime)
     test_split = split_from_payload(test_data, device)
     net = build_network(model, test_split, device, state=final_weights)
-    keep = payload_to_mask(mask)
+    keep = branch_mask(mask, branch)
     weights = prunable_parameters(net)
     leaked = {name: int((weights[name].detach().cpu() != 0)[~keep[name]].sum()) for name in keep}
     if any(leaked.values()):
@@ -190,7 +210,7 @@ def evaluate_ticket(
     progress.info("%s: %.2f %% test accuracy at %.2f %% sparsity (%d kept, %d effective), %.1f s",
                   branch.namespace, test["accuracy"], 100 * mask["sparsity"], mask["kept_weights"],
                   connectivity["effective_kept_weights"], seconds["total"])
-    return {
+    metrics = {
         **branch.as_dict(),
         "model": model.name,
         "dataset": test_split.info.name,
@@ -213,6 +233,7 @@ def evaluate_ticket(
         "layer_density": {name: r["density"] for name, r in layer_report(keep).items()},
         "layer_kept": {name: r["kept"] for name, r in layer_report(keep).items()},
         "collapsed_layers": collapsed,
+        "diverged": mask_log.get("diverged"),  # a search that ended far from its budget
         "thin_layers": thin_layers(keep),
         **connectivity,  # effective (input-to-output) kept counts, per layer and overall
         "seconds": seconds,
@@ -222,4 +243,21 @@ def evaluate_ticket(
         "started_at": mask_log.get("started_at"),
         "retrain_started_at": retrain_log.get("started_at"),
         "finished_at": time.time(),
+    }
+    return metrics, {"mask": keep, "weights": final_weights, "manifest": ticket_manifest(metrics, model)}
+
+
+def ticket_manifest(metrics: dict, model: ModelConfig) -> dict:
+    """What a ticket file says about itself: enough to rebuild and check the network."""
+    from ... import __version__
+
+    info = get_dataset_info(metrics["dataset"])
+    return {
+        "format": "cts-pipeline/ticket-v1",
+        "project_version": __version__,
+        "model": model.name, "model_options": dict(model.options),
+        "dataset": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
+        **{k: metrics[k] for k in ("method", "namespace", "seed", "rewind_epoch", "start", "target_sparsity",
+                                   "achieved_sparsity", "kept_weights", "prunable_weights", "test_accuracy")},
+        "layer_kept": metrics["layer_kept"],
     }

@@ -38,7 +38,7 @@ def evaluate() -> Pipeline:
             evaluate_ticket,
             ["final_weights", "mask", "test_data", "params:model", "params:training", "params:runtime",
              "params:branch", "mask_log", "retrain_log", "dense_metrics"],
-            "metrics",
+            ["metrics", "ticket"],
             name="evaluate",
             tags=["metrics", GPU_TAG],
         ),
@@ -97,7 +97,7 @@ def retrain_group(group: list[Branch]) -> Pipeline:
             evaluate_ticket,
             [f"{ns}.final_weights", f"{ns}.mask", "test_data", "params:model", "params:training", "params:runtime",
              f"params:{ns}.branch", f"{ns}.mask_log", f"{ns}.retrain_log", f"dense.seed{b.seed}.metrics"],
-            f"{ns}.metrics", name=f"evaluate_{ns.rsplit('.', 1)[1]}", namespace=namespace,
+            [f"{ns}.metrics", f"{ns}.ticket"], name=f"evaluate_{ns.rsplit('.', 1)[1]}", namespace=namespace,
             tags=["metrics", GPU_TAG],
         ))
     return Pipeline(nodes)

@@ -1,0 +1,62 @@
+"""The catalogue of bad inputs: each gives a non-zero exit, a first line naming the culprit, and no
+traceback unless ``--verbose`` asks for one. Run through the project's ``kedro run`` in-process."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from kedro.framework.startup import bootstrap_project
+
+from cts_pipeline.cli import run
+
+CASES = [
+    # (--params or other options, what the first line must name)
+    (["--params", "grid.sparsities=[0]"], "grid.sparsities: 0 is outside (0, 1)"),
+    (["--params", "grid.sparsities=[1]"], "grid.sparsities: 1 is outside (0, 1)"),
+    (["--params", "grid.sparsities=[1.5]"], "grid.sparsities: 1.5 is outside (0, 1)"),
+    (["--params", "grid.sparsities=[-0.1]"], "grid.sparsities: -0.1 is outside (0, 1)"),
+    (["--params", "grid.sparsities=[99.26]"], "0.9926"),
+    (["--params", "grid.sparsities=[high]"], "grid.sparsities"),
+    (["--params", "data.name=imagenet"], "data.name"),
+    (["--params", "model.name=alexnet"], "model.name"),
+    (["--params", "cts.objective=hinge"], "cts.objective"),
+    (["--params", "cts.search_length=medium"], "cts.search_length"),
+    (["--params", "model.name=vgg16"], "vgg16"),
+    (["--params", "training.rewind_epoch=7"], "training.rewind_epoch"),
+    (["--params", "grid.seeds=[]"], "grid.seeds"),
+    (["--params", "training.lr=fast"], "training.lr"),
+    (["--params", "training.learning_rate=0.1"], "learning_rate"),
+    (["--params", "trainig.lr=0.001"], "trainig"),
+    (["--params", "runtime.device=cuda:3"], "runtime.device"),
+    (["--pipelines=sanity", "--params", "sanity.sparsities=[0.42]"], "sanity.sparsities"),
+    (["--pipelines=ltr", "--params", "methods.ltr=false"], "methods.ltr is false"),
+]
+
+
+@pytest.fixture
+def invoke(project, monkeypatch):
+    monkeypatch.delenv("CTS_VERBOSE", raising=False)
+    bootstrap_project(project)
+
+    def call(*args: str):
+        pipeline = [] if any(a.startswith("--pipelines") for a in args) else ["--pipelines=cts"]
+        return CliRunner().invoke(run, ["--env=smoke", *pipeline, *args])
+    return call
+
+
+@pytest.mark.parametrize(("args", "named"), CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_gives_one_message_naming_the_culprit(invoke, project, args, named):
+    result = invoke(*args)
+    output = result.output
+    assert result.exit_code == 2, output
+    first = next(line for line in output.splitlines() if line.startswith("Error:"))
+    assert named in output.split("(the traceback")[0], output
+    assert first.startswith("Error: ")
+    assert "Traceback" not in output
+    assert not (project / "data" / "06_models").exists(), "nothing may be computed"
+
+
+def test_verbose_shows_the_traceback(invoke):
+    result = invoke("--params", "grid.sparsities=[1.5]", "--verbose")
+    assert result.exit_code != 0
+    assert "outside (0, 1)" in str(result.exception)

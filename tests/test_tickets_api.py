@@ -1,0 +1,70 @@
+"""Tickets anyone can use: the safetensors export round-trips, and the one-call API finds masks."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from cts_pipeline import find_ticket, load_ticket
+from cts_pipeline.core.data import load_splits, normalize
+from cts_pipeline.core.masks import payload_to_mask
+from cts_pipeline.core.models import build_model
+from cts_pipeline.core.tickets import prune_with_mask
+from cts_pipeline.core.training import evaluate
+
+from .conftest import latest, run_pipeline
+
+
+def test_an_exported_ticket_reloads_to_its_own_accuracy(project):
+    run_pipeline(project)
+    path = latest(project, "data/07_model_output/smoke/cts_kl-*/seed0/sp90_00/ticket.safetensors")
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert manifest["method"] == "cts_kl" and manifest["target_sparsity"] == 0.9
+    assert manifest["kept_weights"] == sum(manifest["layer_kept"].values()) == 369
+
+    model, mask = load_ticket(path)
+    mask_file = payload_to_mask(torch.load(latest(project, "data/07_model_output/smoke/cts_kl-*/seed0/sp90_00/mask.pt"),
+                                           weights_only=True))
+    assert all(torch.equal(mask[k], mask_file[k]) for k in mask_file)
+    _, test = load_splits("digits", "data/01_raw", False)
+    test = test.subset(200)  # the smoke preset's test split
+    table = pd.read_csv(latest(project, "data/08_reporting/smoke/report-*/cts_results.csv"))
+    expected = table.loc[table["target_sparsity_pct"] == 90.0, "test_accuracy"].item()
+    assert evaluate(model, test, 1000, channels_last=True)["accuracy"] == pytest.approx(expected, abs=1e-9)
+    for name, keep in mask.items():  # pruned through torch.nn.utils.prune: zero stays zero
+        owner, _, attr = name.rpartition(".")
+        assert not getattr(model.get_submodule(owner), attr)[~keep].any()
+
+    fresh, _ = load_ticket(path, weights=False)
+    assert hasattr(fresh.get_submodule(next(iter(mask)).rpartition(".")[0]), "weight_mask")
+
+
+def test_a_ticket_refuses_a_model_of_other_shapes():
+    small = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=8)
+    other = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=16)
+    mask = {name: torch.ones_like(p, dtype=torch.bool) for name, p in small.named_parameters() if name.endswith("weight")
+            and p.dim() > 1}
+    with pytest.raises(ValueError, match=r"mask for \S+ has shape"):
+        prune_with_mask(other, mask)
+
+
+def test_find_ticket_on_a_plain_module_and_tensors():
+    train, _ = load_splits("digits", "data/01_raw", False)
+    train = train.subset(256)
+    images = normalize(train.images, train.info)
+    model = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
+                        generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ticket = find_ticket(model, images, train.labels, sparsity=0.9, epochs=2, batch_size=64)
+    total = sum(m.numel() for m in ticket.mask.values())
+    assert ticket.kept_weights == round(0.1 * total) == sum(r["kept"] for r in ticket.layers.values())
+    assert len(ticket.history) == 2 and "expected_over_budget" in ticket.history[-1]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the search leaves weights alone"
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, train.labels), batch_size=64)
+    again = find_ticket(model, loader, sparsity=0.9, epochs=2, batch_size=64)
+    assert all(torch.equal(again.mask[k], ticket.mask[k]) for k in ticket.mask), "same data, same seed, same mask"
+    ticket.apply(model)
+    assert all(not model.get_submodule(k.rpartition(".")[0]).weight[~m].any() for k, m in ticket.mask.items())
