@@ -68,6 +68,11 @@ def test_cts_pipeline_end_to_end(project):
         if params["method"] == "cts_kl":
             assert params["objective"] == "kl" and params["search_length"] == "long"
             assert metrics["seconds_find_mask"] > 0 and metrics["seconds_retrain"] > 0
+            trajectory = client.get_metric_history(child.info.run_id, "search/expected_over_budget")
+            assert [m.step for m in trajectory] == list(range(1, int(params["search_epochs"]) + 1))
+        # The branch's own wall-clock (it spans at least its training), not the moment it was logged.
+        assert child.info.end_time - child.info.start_time >= 1000 * metrics.get(
+            "seconds_retrain", metrics.get("seconds_train", 0)) - 50
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"cts_results_table.csv", "cts_accuracy_plot.png"} <= artifacts
 

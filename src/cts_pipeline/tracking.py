@@ -213,6 +213,11 @@ class RunTracker:
             for key in ("train_loss", "train_accuracy", "test_accuracy"):
                 if key in record:
                     batch.append(Metric(f"epoch/{key}", float(record[key]), stamp, int(record["epoch"])))
+        for record in metrics.get("search_history") or []:  # the search's trajectory
+            for key, name in (("loss", "search/objective"), ("expected_over_budget", "search/expected_over_budget"),
+                              ("multiplier", "search/multiplier")):
+                if key in record:
+                    batch.append(Metric(name, float(record[key]), stamp, int(record["epoch"])))
         for start in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[start:start + 1000])
         self.client.log_text(run_id, json.dumps(metrics, indent=2, default=str), "metrics.json")

@@ -31,8 +31,9 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
             "method": m["method"],
             "family": m.get("family", "dense"),
             "seed": m["seed"],
-            "target_sparsity_pct": 0.0 if dense else 100 * m["target_sparsity"],
-            "achieved_sparsity_pct": 100 * m["achieved_sparsity"],
+            # Rounded past float noise (100 * 0.8926 = 89.25999999999999), far below a weight's share.
+            "target_sparsity_pct": 0.0 if dense else round(100 * m["target_sparsity"], 8),
+            "achieved_sparsity_pct": round(100 * m["achieved_sparsity"], 8),
             "kept_weights": m["kept_weights"],
             # Kept weights on some input-output path (dense: all of them).
             "effective_kept_weights": m.get("effective_kept_weights", m["kept_weights"]),
@@ -159,6 +160,22 @@ def accuracy_plot(table: pd.DataFrame, title: str) -> Figure:
     return _finish(fig, ax, "sparsity (% of prunable weights removed)", title)
 
 
+def _log_seconds_axis(ax) -> None:
+    """A log-scaled seconds axis with plain 1-2-5 ticks ("20", "50"), spanning at least a factor of
+    5 so that it always has two of them (matplotlib's default labels a narrow range "1.8x10^1")."""
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    ax.set_xscale("log")
+    low, high = ax.get_xlim()
+    if high < 5 * low:
+        middle = (low * high) ** 0.5
+        low, high = middle / 5 ** 0.5, middle * 5 ** 0.5
+        ax.set_xlim(low, high)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 def time_plot(table: pd.DataFrame, title: str) -> Figure:
     """Test accuracy against end-to-end wall-clock (find the mask and train the ticket)."""
     fig, ax = _figure(8, 5)
@@ -167,9 +184,9 @@ def time_plot(table: pd.DataFrame, title: str) -> Figure:
         ax.errorbar(rows["total_s"], rows["test_accuracy_mean"], yerr=rows["test_accuracy_std"],
                     marker="o", ls="", capsize=3, label=method)
         for r in rows.itertuples():
-            ax.annotate(f"{r.target_sparsity_pct:.4g}", (r.total_s, r.test_accuracy_mean), fontsize=6,
+            ax.annotate(f"{r.target_sparsity_pct:.4g}", (r.total_s, r.test_accuracy_mean), fontsize=8,
                         xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
+    _log_seconds_axis(ax)
     return _finish(fig, ax, "wall-clock per ticket, s (log; labels: sparsity %)", title)
 
 
@@ -214,9 +231,7 @@ def grid_cost_plot(table: pd.DataFrame, title: str) -> Figure:
         for sparsity, r in means.iterrows():
             ax.annotate(f"{sparsity:.2f}", (r["cumulative_s"], r["test_accuracy"]), fontsize=8,
                         xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    _log_seconds_axis(ax)
     return _finish(fig, ax, "cumulative wall-clock to produce the grid up to this sparsity, s (log; labels: sparsity %)",
                    title)
 

@@ -238,6 +238,9 @@ def evaluate_ticket(
         **connectivity,  # effective (input-to-output) kept counts, per layer and overall
         "seconds": seconds,
         "retrain_history": retrain_log["history"],
+        # How the mask was found, per search epoch (CTS only): the objective, Σσ over the budget, λ.
+        "search_history": [{k: r[k] for k in ("epoch", "loss", "expected_over_budget", "multiplier") if k in r}
+                           for r in mask_log.get("history", [])],
         "hardware": describe_hardware(device),
         # Wall-clock (Unix seconds) of the branch's stages, for MLflow's start, end and duration.
         "started_at": mask_log.get("started_at"),
