@@ -93,3 +93,57 @@ def test_mlflow_settings_refuse_unknown_keys():
         TrackingSettings.from_config({"enable": False})
     with pytest.raises(ValueError, match=r"on_unavailable must be 'warn' or 'fail'"):
         TrackingSettings.from_config({"on_unavailable": "ignore"})
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 (skipped where it does not start within 60 s)."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.skip("mlflow server did not start")
+    yield uri, server
+    if server.poll() is None:
+        os.killpg(server.pid, 9)
+
+
+def test_the_tracking_server_dying_mid_run_costs_nothing(project, monkeypatch, mlflow_server, logged):
+    """Kill a real server once the dense training is done: the run finishes, every result is saved."""
+    uri, server = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    log_result = RunTracker.log_result
+
+    def kill_first(self, name, metrics):
+        if server.poll() is None:
+            os.killpg(server.pid, 9)
+            server.wait()
+        return log_result(self, name, metrics)
+
+    started = time.monotonic()
+    with monkeypatch.context() as patch:
+        patch.setattr(RunTracker, "log_result", kill_first)
+        run_pipeline(project)
+    assert latest(project, "data/08_reporting/smoke/report-*/cts_results.csv").exists()
+    assert latest(project, "data/07_model_output/smoke/cts_kl-*/seed0/sp90_00/ticket.safetensors").exists()
+    warnings = [r.getMessage() for r in logged if r.name == "cts_pipeline.hooks"]
+    assert len(warnings) == 1 and "tracking is off for the rest of this run" in warnings[0]
+    assert time.monotonic() - started < 120, "a dead server must not stall the run for minutes"
