@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pandas as pd
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -81,7 +82,9 @@ def test_layer_collapse_is_flagged_in_the_table_the_log_and_mlflow(project):
     assert child.data.tags["layer_collapse"] == "fc2.weight" and child.data.metrics["collapsed_layers"] == 1.0
 
 
-def test_notebook_redraws_the_comparison_from_the_catalog(project, monkeypatch):
+@pytest.mark.parametrize("pipeline", ["__default__", "cts"])
+def test_notebook_redraws_the_comparison_from_the_catalog(project, monkeypatch, pipeline):
+    """After the full run, and after the README's `cts` run alone."""
     import shutil
 
     import nbformat
@@ -89,7 +92,7 @@ def test_notebook_redraws_the_comparison_from_the_catalog(project, monkeypatch):
 
     from .conftest import PROJECT_ROOT
 
-    run_pipeline(project, pipeline="__default__")
+    run_pipeline(project, pipeline=pipeline)
     (project / "notebooks").mkdir()
     shutil.copy(PROJECT_ROOT / "notebooks" / "compare_methods.ipynb", project / "notebooks")
     notebook = nbformat.read(project / "notebooks" / "compare_methods.ipynb", as_version=4)
@@ -101,7 +104,10 @@ def test_notebook_redraws_the_comparison_from_the_catalog(project, monkeypatch):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3, "the accuracy, time and layer-density plots are redrawn"
     tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
-    assert any("test_accuracy_mean" in t for t in tables) and any("passes" in t for t in tables)
+    assert any("test_accuracy_mean" in t for t in tables)
+    assert any("passes" in t for t in tables) == (pipeline == "__default__")
+    printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "kept " in printed and "98.00 % sparsity" in printed  # the one-call API's cell
 
 
 def test_summary_counts_collapsed_seeds_after_a_csv_round_trip(tmp_path):
