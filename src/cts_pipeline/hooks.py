@@ -209,6 +209,45 @@ class MlflowHook:
                     self._log(name, node, load_fresh(catalog, name))
 
 
+class StaleReportHook:
+    """``--only-missing-outputs`` skips a node whose outputs exist, so a report whose files exist
+    is skipped even when a branch it summarises was just recomputed. Such a report is rebuilt at
+    the end of the run, before it is printed and logged.
+
+    A dataset this run wrote has the run's save version (the session id), whichever process saved
+    it, so the check works under every runner.
+    """
+
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        from kedro.pipeline import Pipeline
+        from kedro.runner import SequentialRunner
+
+        if not run_params.get("only_missing_outputs"):
+            return
+        version = run_params.get("run_id")
+        for node in pipeline.nodes:
+            if "report" not in node.tags or self._written_by_this_run(catalog, node.outputs, version):
+                continue
+            changed = [name for name in node.inputs if self._written_by_this_run(catalog, [name], version)]
+            if changed:
+                logger.info("%s: rebuilt, its inputs changed in this run (%s)", node.name, ", ".join(changed[:3]))
+                SequentialRunner().run(Pipeline([node]), catalog)
+
+    @staticmethod
+    def _written_by_this_run(catalog, names, version) -> bool:
+        for name in names:
+            dataset = catalog.get(name, fallback_to_runtime_pattern=True)
+            if hasattr(dataset, "resolve_load_version") and getattr(dataset, "_version", None) is not None:
+                catalog.release(name)
+                try:
+                    if dataset.resolve_load_version() == version:
+                        return True
+                except Exception:  # no version on disk yet
+                    continue
+        return False
+
+
 class ResultsPrinterHook:
     """Print each report's summary when the run ends (a log line would be wrapped and lost).
 
