@@ -19,7 +19,7 @@ from kedro.framework.hooks import hook_impl
 
 from .config import typed_sections, validate_run
 from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
-from .tracking import RunTracker, TrackingSettings, TrackingUnavailable, first_line
+from .tracking import RunTracker, TrackingSettings, TrackingUnavailable, first_line, source_tags
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class MlflowHook:
             "kedro.session_id": str(run_params.get("run_id")),
             "kedro.namespaces": ",".join(run_params.get("namespaces") or []),
             "kedro.only_missing_outputs": str(run_params.get("only_missing_outputs", False)),
+            **source_tags(self.project_path, f"kedro run --pipelines={names} --env={env}"),
             "kedro.runner": re.sub(r"^<?([\w.]+).*", r"\1", str(run_params.get("runner"))).rsplit(".", 1)[-1],
         }
         try:

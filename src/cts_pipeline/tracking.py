@@ -169,6 +169,9 @@ class RunTracker:
                 experiment_id = client.create_experiment(settings.experiment_name, artifact_location=artifacts)
             else:
                 experiment_id = experiment.experiment_id
+            # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview; this one is
+            # model training, so it opens on the runs.
+            client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
             started_at = time.time()
             run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags), start_time=_ms(started_at))
         except Exception as exc:
@@ -279,6 +282,24 @@ class RunTracker:
 def metric_name(name: str) -> str:
     """``name`` with what MLflow refuses in metric names (``+`` in ``cts_kl_lr1e+06``) as ``_``."""
     return re.sub(r"[^\w\-. :/]", "_", name)
+
+
+def source_tags(project_path: Path, command: str) -> dict[str, str]:
+    """MLflow's source tags: the command and, in a git checkout, the commit (and whether the tree
+    had uncommitted changes)."""
+    import subprocess
+
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": command}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_path, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_path,
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    tags["mlflow.source.git.commit"] = commit
+    tags["git.dirty"] = str(bool(dirty)).lower()
+    return tags
 
 
 def child_run_name(metrics: Mapping[str, Any]) -> str:
