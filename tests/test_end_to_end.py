@@ -55,7 +55,7 @@ def test_cts_pipeline_end_to_end(project):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["mlflow.source.name"] == "kedro run --pipelines=cts --env=smoke"
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parents[0].data.params["grid.sparsities"] == "(0.5, 0.9)"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.info.run_name for c in children) == ["50.00% cts_kl s0", "90.00% cts_kl s0", "dense s0"]

@@ -169,8 +169,8 @@ class RunTracker:
                 experiment_id = client.create_experiment(settings.experiment_name, artifact_location=artifacts)
             else:
                 experiment_id = experiment.experiment_id
-            # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview; this one is
-            # model training, so it opens on the runs.
+            # MLflow's own record of what kind of experiment this is. (MLflow 3.17's UI still opens
+            # on its GenAI overview unless the URL says ?workflowType=machine_learning: see ui_link.)
             client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
             started_at = time.time()
             run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags), start_time=_ms(started_at))
@@ -179,6 +179,7 @@ class RunTracker:
         tracker = cls(client, experiment_id, run.info.run_id, started_at)
         tracker._log_params(run.info.run_id, flatten(params))
         logger.info("MLflow: run %s in experiment %r at %s", run.info.run_id, settings.experiment_name, uri)
+        logging.getLogger("cts_pipeline.progress").info("MLflow: %s", ui_link(uri, experiment_id, run.info.run_id))
         return tracker
 
     def log_result(self, dataset_name: str, metrics: Mapping[str, Any]) -> str:
@@ -282,6 +283,15 @@ class RunTracker:
 def metric_name(name: str) -> str:
     """``name`` with what MLflow refuses in metric names (``+`` in ``cts_kl_lr1e+06``) as ``_``."""
     return re.sub(r"[^\w\-. :/]", "_", name)
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to see the run: the page of the runs table (the model-training view, not the GenAI
+    overview that MLflow 3 opens by default)."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
 
 
 def source_tags(project_path: Path, command: str) -> dict[str, str]:
