@@ -40,6 +40,17 @@ def closest(name: str, options: Sequence[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def settings_from(cls, raw: Mapping[str, Any], where: str):
+    """The dataclass ``cls`` from a settings file's mapping, refusing unknown keys by name."""
+    from dataclasses import fields
+
+    known = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in known:
+            raise ValueError(f"{where}: unknown key {key!r}{closest(key, known)}; allowed: {', '.join(known)}")
+    return cls(**raw)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """``data`` parameters."""

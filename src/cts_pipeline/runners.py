@@ -32,7 +32,7 @@ import contextlib
 import logging
 import os
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,8 @@ FORWARDED_LOGGERS = ("cts_pipeline", "kedro")
 # - worker-saturation 1.0: a worker is handed a task only when a thread is free, so a short task
 #   never waits behind a long LTR chain queued on a busy worker (Dask's 1.1 queues one extra);
 # - no MALLOC_TRIM_THRESHOLD_: Dask's 64 KiB default makes glibc return memory to the OS after
-#   every step, which slows torch's CPU training 1.6x (measured on digits; docs/performance.md).
+#   every step, which slows torch's CPU training about 1.7x (benchmarks/dask_worker_speed.py,
+#   docs/performance.md).
 CLUSTER_CONFIG = {"distributed.admin.tick.limit": "1h", "logging.distributed": "warning",
                   "distributed.scheduler.worker-saturation": 1.0,
                   "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
@@ -108,13 +109,9 @@ class DaskSettings:
 
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> DaskSettings:
-        from .config import closest
+        from .config import settings_from
 
-        known = [f.name for f in fields(cls)]
-        for key in raw:
-            if key not in known:
-                raise ValueError(f"dask.yml: unknown key {key!r}{closest(key, known)}; allowed: {', '.join(known)}")
-        return cls(**raw)
+        return settings_from(cls, raw, "dask.yml")
 
 
 def _dask_config() -> dict[str, Any]:
@@ -175,7 +172,7 @@ class DaskRunner(AbstractRunner):
             "Dask: %d workers (%d threads) at %s%s", len(workers), sum(w["nthreads"] for w in workers.values()),
             client.scheduler.address, f"; dashboard {client.dashboard_link}" if dashboard else "")
         gpu = any(GPU_RESOURCE in w.get("resources", {}) for w in workers.values())
-        forget_resolved_versions(pipeline, catalog)  # what the driver resolved before the run may be stale
+        forget_resolved_versions(catalog, pipeline.datasets())  # what the driver resolved before the run may be stale
         # The catalog travels with each task, not scattered once: Dask counts scattered data as
         # lost when any worker holding it dies, and would then cancel instead of retrying.
         project = str(Path.cwd())
@@ -241,10 +238,10 @@ def check_catalog(pipeline, catalog) -> None:
             "cannot read it; give each a file-backed catalog entry (conf/base/catalog.yml)")
 
 
-def forget_resolved_versions(pipeline, catalog, names=None) -> None:
+def forget_resolved_versions(catalog, names) -> None:
     """A versioned dataset caches the version it last found; another process may since have saved
     a newer one (``release`` clears the cache; memory datasets, the parameters, are left alone)."""
-    for name in names if names is not None else pipeline.datasets():
+    for name in names:
         if not isinstance(catalog.get(name, fallback_to_runtime_pattern=True), MemoryDataset):
             catalog.release(name)
 
@@ -276,7 +273,7 @@ def check_inputs(node, catalog) -> None:
     from distributed import get_worker
 
     files = [name for name in node.inputs if not isinstance(catalog.get(name), MemoryDataset)]
-    forget_resolved_versions(None, catalog, files)
+    forget_resolved_versions(catalog, files)
     for name in files:
         if not catalog.exists(name):
             dataset = catalog.get(name)

@@ -28,7 +28,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +75,9 @@ class TrackingSettings:
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> TrackingSettings:
-        from .config import closest
+        from .config import settings_from
 
-        known = [f.name for f in fields(cls)]
-        for key in raw:
-            if key not in known:
-                raise ValueError(f"mlflow.yml: unknown key {key!r}{closest(key, known)}; "
-                                 f"allowed: {', '.join(known)}")
-        return cls(**raw)
+        return settings_from(cls, raw, "mlflow.yml")
 
     def resolved_uri(self, project_path: Path) -> str:
         return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -119,9 +114,7 @@ def check_reachable(uri: str) -> None:
             reason = getattr(exc, "reason", exc)
             raise TrackingUnavailable(f"the MLflow server {uri} does not answer ({reason})") from exc
     elif uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if uri.startswith("sqlite:////"):
-            path = Path("/" + uri.removeprefix("sqlite:////"))
+        path = Path(uri.removeprefix("sqlite:///"))  # sqlite:////abs/path keeps its leading slash
         target = path if path.exists() else path.parent
         if not os.access(target, os.W_OK):
             raise TrackingUnavailable(f"the MLflow store {path} is read-only")
