@@ -60,3 +60,16 @@ def test_verbose_shows_the_traceback(invoke):
     result = invoke("--params", "grid.sparsities=[1.5]", "--verbose")
     assert result.exit_code != 0
     assert "outside (0, 1)" in str(result.exception)
+
+
+def test_mnist_files_of_random_bytes_are_named(invoke, project, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(bytes(range(256)) * 40)
+    result = invoke("--params", f"data.name=mnist,data.root={tmp_path}")
+    assert result.exit_code == 2, result.output
+    first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
+    assert "train-images-idx3-ubyte is not a valid MNIST-format idx file" in first
+    assert "Traceback" not in result.output

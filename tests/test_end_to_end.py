@@ -22,7 +22,8 @@ def load_mask(project, branch: str) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def test_cts_pipeline_end_to_end(project):
+def test_cts_pipeline_end_to_end(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the smoke run lasts seconds
     run_pipeline(project)
 
     table = pd.read_csv(latest(project, "data/08_reporting/smoke/report-*/cts_results.csv"))
@@ -72,9 +73,17 @@ def test_cts_pipeline_end_to_end(project):
             assert metrics["seconds_find_mask"] > 0 and metrics["seconds_retrain"] > 0
             trajectory = client.get_metric_history(child.info.run_id, "search/expected_over_budget")
             assert [m.step for m in trajectory] == list(range(1, int(params["search_epochs"]) + 1))
+            assert params["cts.objective"] == "kl", "the branch's CTS settings are its parameters"
+            files = {a.path for a in client.list_artifacts(child.info.run_id, "ticket")}
+            assert files == {"ticket/ticket.safetensors", "ticket/ticket.json"}
+            layers = client.download_artifacts(child.info.run_id, "layer_density.csv")
+            table = pd.read_csv(layers)
+            assert list(table.columns) == ["layer", "kept", "effective_kept", "density"]
+            assert table["kept"].sum() == metrics["kept_weights"]
         # The branch's own wall-clock (it spans at least its training), not the moment it was logged.
         assert child.info.end_time - child.info.start_time >= 1000 * metrics.get(
             "seconds_retrain", metrics.get("seconds_train", 0)) - 50
+    assert any(k.startswith("system/cpu_utilization") for k in parents[0].data.metrics), "system metrics"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"cts_results_table.csv", "cts_accuracy_plot.png"} <= artifacts
 

@@ -28,6 +28,9 @@ def describe(error: BaseException) -> tuple[str, int]:
     from .hooks import run_state
 
     text = str(error).strip() or type(error).__name__
+    notes = [n for n in getattr(error, "__notes__", ()) if n]
+    if notes:  # e.g. the file behind a refused artifact (hooks.ArtifactPathHook)
+        text = f"{text} ({'; '.join(notes)})"
     if not run_state["nodes_started"]:  # the configuration, the data files or the tracking store
         return text, CONFIGURATION_EXIT
     name = type(error).__name__

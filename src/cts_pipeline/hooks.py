@@ -19,6 +19,8 @@ from kedro.framework.hooks import hook_impl
 
 from .config import typed_sections, validate_run
 from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
+from .datasets._records import RecordedArtifact, file_mismatch, read_record
+from .pipelines.common import ArtifactMismatch
 from .tracking import RunTracker, TrackingSettings, TrackingUnavailable, first_line, source_tags
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,26 @@ class RunValidationHook:
     @hook_impl
     def before_node_run(self) -> None:
         run_state["nodes_started"] = True
+
+
+def artifact_path(catalog, name: str) -> str:
+    """Where ``name``'s data were read from: the version folder's file for a versioned dataset."""
+    dataset = catalog.get(name, fallback_to_runtime_pattern=True)
+    for where in ("_get_load_path", "_get_save_path"):
+        try:
+            return str(getattr(dataset, where)())
+        except Exception:
+            continue
+    return str(getattr(dataset, "_filepath", name))
+
+
+class ArtifactPathHook:
+    """Name the file behind an artifact a node refused (``common.ArtifactMismatch``)."""
+
+    @hook_impl
+    def on_node_error(self, error: Exception, catalog) -> None:
+        if isinstance(error, ArtifactMismatch):
+            error.add_note(f"file: {artifact_path(catalog, error.dataset)}")
 
 
 class CheckpointHook:
@@ -102,6 +124,7 @@ class MlflowHook:
         self.tracker: RunTracker | None = None
         self.driver_pid: int | None = None
         self.rerun_hint = "kedro run --only-missing-outputs"
+        self.catalog = None
 
     @hook_impl
     def after_context_created(self, context) -> None:
@@ -114,6 +137,7 @@ class MlflowHook:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self.catalog = catalog
         if not self.settings.enabled:
             return
         names = ",".join(run_params.get("pipeline_names") or ["__default__"])
@@ -155,6 +179,8 @@ class MlflowHook:
             logger.warning("MLflow: could not log %s (%s); tracking is off for the rest of this run. "
                            "Every result is in the catalog: log them later with `%s`",
                            what, first_line(exc), self.rerun_hint)
+            if self.tracker is not None:
+                self.tracker.stop_monitor()
             self.tracker = None
 
     def _log(self, name: str, node, data: Any) -> None:
@@ -163,11 +189,22 @@ class MlflowHook:
         if is_result(name, node):
             self._safely(name, self.tracker.log_result, name, data)
         elif "report" in node.tags:
+            if hasattr(data, "savefig") and self.catalog is not None:
+                data = load_fresh(self.catalog, name)  # the saved PNG: MLflow would draw the figure again
             self._safely(name, self.tracker.log_report, name, data)
+
+    def _log_ticket(self, catalog, metrics_name: str) -> None:
+        ticket = metrics_name.removesuffix(".metrics") + ".ticket"
+        if self._tracking() and catalog is not None and ticket in catalog:
+            catalog.release(ticket)  # the version this run saved, whichever process saved it
+            if catalog.exists(ticket):
+                self._safely(ticket, self.tracker.log_ticket, metrics_name, artifact_path(catalog, ticket))
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
         self._log(dataset_name, node, data)
+        if dataset_name.endswith(".ticket"):  # saved after its branch's metrics (same node)
+            self._log_ticket(self.catalog, dataset_name.removesuffix(".ticket") + ".metrics")
 
     @hook_impl
     def after_node_run(self, node, catalog, outputs: dict[str, Any]) -> None:
@@ -178,6 +215,8 @@ class MlflowHook:
         for name in node.outputs:
             if is_result(name, node) or "report" in node.tags:
                 self._log(name, node, load_fresh(catalog, name))
+            if is_result(name, node):
+                self._log_ticket(catalog, name)
 
     def _log_from_catalog(self, pipeline, catalog) -> None:
         """Every result of ``pipeline`` in the catalog that this run has not logged: results made
@@ -187,6 +226,7 @@ class MlflowHook:
                 if self._tracking() and is_result(name, node) and name not in self.tracker.children \
                         and catalog.exists(name):
                     self._log(name, node, load_fresh(catalog, name))
+                    self._log_ticket(catalog, name)
 
     @hook_impl
     def after_pipeline_run(self, pipeline, catalog) -> None:
@@ -210,43 +250,59 @@ class MlflowHook:
                     self._log(name, node, load_fresh(catalog, name))
 
 
-class StaleReportHook:
-    """``--only-missing-outputs`` skips a node whose outputs exist, so a report whose files exist
-    is skipped even when a branch it summarises was just recomputed. Such a report is rebuilt at
-    the end of the run, before it is printed and logged.
+class FreshnessHook:
+    """Make ``--only-missing-outputs`` safe: recompute what it would otherwise trust blindly.
 
-    A dataset this run wrote has the run's save version (the session id), whichever process saved
-    it, so the check works under every runner.
+    Kedro's filter reruns a node only when an output is missing. Before it runs, this hook flags
+    as stale (so, missing) the outputs of every node
+    - whose stored file no longer matches its record (truncated or replaced, ``datasets/_records.py``),
+      or has none;
+    - one of whose inputs is recomputed in this run (a branch's evaluation after its retraining,
+      a report after any branch it summarises);
+    - one of whose inputs was written after its outputs (by a partial run, ``--nodes``).
+    Flags travel with the catalog, so this holds under every runner.
     """
 
-    @hook_impl(tryfirst=True)
-    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        from kedro.pipeline import Pipeline
-        from kedro.runner import SequentialRunner
-
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         if not run_params.get("only_missing_outputs"):
             return
-        version = run_params.get("run_id")
-        for node in pipeline.nodes:
-            if "report" not in node.tags or self._written_by_this_run(catalog, node.outputs, version):
+        producer = {name: node for node in pipeline.nodes for name in node.outputs}
+        rerun: set[Any] = set()
+        written: dict[str, float] = {}
+        for node in pipeline.nodes:  # in topological order
+            stored = {name: catalog.get(name) for name in node.outputs if name in catalog}
+            stored = {name: ds for name, ds in stored.items() if isinstance(ds, RecordedArtifact)}
+            if not stored:
                 continue
-            changed = [name for name in node.inputs if self._written_by_this_run(catalog, [name], version)]
-            if changed:
-                logger.info("%s: rebuilt, its inputs changed in this run (%s)", node.name, ", ".join(changed[:3]))
-                SequentialRunner().run(Pipeline([node]), catalog)
+            if not all(catalog.exists(name) for name in stored):
+                rerun.add(node)  # Kedro reruns it; what depends on it must follow
+                continue
+            reason = self._why_stale(node, stored, catalog, producer, rerun, written)
+            if reason:
+                rerun.add(node)
+                for dataset in stored.values():
+                    dataset.mark_stale()
+                log = logger.warning if "does not match" in reason or "no record" in reason else logger.info
+                log("%s: recomputed, %s", node.name, reason)
 
     @staticmethod
-    def _written_by_this_run(catalog, names, version) -> bool:
-        for name in names:
-            dataset = catalog.get(name, fallback_to_runtime_pattern=True)
-            if hasattr(dataset, "resolve_load_version") and getattr(dataset, "_version", None) is not None:
-                catalog.release(name)
-                try:
-                    if dataset.resolve_load_version() == version:
-                        return True
-                except Exception:  # no version on disk yet
-                    continue
-        return False
+    def _why_stale(node, stored, catalog, producer, rerun, written) -> str | None:
+        for name, dataset in stored.items():
+            path = dataset.load_path()
+            problem = file_mismatch(dataset._fs, path)
+            if problem:
+                return f"{path} does not match what was written: {problem}" if "no record" not in problem \
+                    else f"{path}: {problem}"
+            written[name] = (read_record(dataset._fs, path) or {}).get("written_at", 0.0)
+        recomputed = [name for name in node.inputs if producer.get(name) in rerun]
+        if recomputed:
+            return f"its input {recomputed[0]} is recomputed in this run"
+        oldest_output = min(written[name] for name in stored)
+        newer = [name for name in node.inputs if written.get(name, 0.0) > oldest_output]
+        if newer:
+            return f"its input {newer[0]} was written after its outputs"
+        return None
 
 
 class ResultsPrinterHook:

@@ -202,8 +202,9 @@ class DaskRunner(AbstractRunner):
                                          run_id=run_id)
                 client.cancel(list(running))
                 self._suggest_resume_scenario(pipeline, done, catalog)
+                notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
                 raise DaskNodeError(f"node {node.name!r} failed on a Dask worker: "
-                                    f"{type(exc).__name__}: {exc}") from exc
+                                    f"{type(exc).__name__}: {exc}{notes}") from exc
             done.add(node)
             hooks.hook.after_node_run(node=node, catalog=catalog, inputs={}, outputs={}, is_async=self._is_async,
                                       run_id=run_id)

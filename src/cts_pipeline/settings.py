@@ -5,20 +5,24 @@ import warnings
 from cts_pipeline.active_config import config_key
 from cts_pipeline.context import ProjectContext
 from cts_pipeline.hooks import (
+    ArtifactPathHook,
     CheckpointHook,
+    FreshnessHook,
     MlflowHook,
     ResultsPrinterHook,
     RunValidationHook,
-    StaleReportHook,
 )
+from cts_pipeline.sweep_progress import SweepProgressHook
 
 # Kedro's own OmegaConf call warns on every config load; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
+# MLflow's sqlite store, on SQLAlchemy 2.1: a deprecation inside MLflow, nothing a user can change.
+warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated")
 
 # Order matters only where a hook says so: RunValidationHook runs first at run start (tryfirst),
-# so a bad configuration never opens an MLflow run; StaleReportHook rebuilds a stale report first
-# at run end (tryfirst), before it is printed and logged.
-HOOKS = (RunValidationHook(), CheckpointHook(), MlflowHook(), ResultsPrinterHook(), StaleReportHook())
+# so a bad configuration never opens an MLflow run.
+HOOKS = (RunValidationHook(), FreshnessHook(), ArtifactPathHook(), CheckpointHook(), MlflowHook(),
+         ResultsPrinterHook(), SweepProgressHook())
 
 # Hands the grid to the pipeline registry and gives each branch its parameters (see context.py).
 CONTEXT_CLASS = ProjectContext

@@ -64,10 +64,12 @@ class TrackingSettings:
     experiment_name: str = "cts-pipeline"
     tracking_uri: str | None = None
     on_unavailable: str = "warn"  # warn: run untracked; fail: stop before computing anything
+    system_metrics: bool = True   # CPU, memory, disk, network (and GPU with nvidia-ml-py) on the parent run
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"mlflow.yml: enabled must be true or false, got {self.enabled!r}")
+        for name in ("enabled", "system_metrics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"mlflow.yml: {name} must be true or false, got {getattr(self, name)!r}")
         if self.on_unavailable not in ("warn", "fail"):
             raise ValueError(f"mlflow.yml: on_unavailable must be 'warn' or 'fail', got {self.on_unavailable!r}")
         if not isinstance(self.experiment_name, str) or not self.experiment_name:
@@ -142,6 +144,8 @@ class RunTracker:
         self.started_at = started_at
         self.children: dict[str, str] = {}  # dataset name of the metrics -> child run id
         self.reports: set[str] = set()
+        self.tickets: set[str] = set()
+        self.monitor = None  # MLflow's system-metrics sampler for the parent run
 
     @classmethod
     def start(cls, settings: TrackingSettings, project_path: Path, run_name: str,
@@ -171,9 +175,31 @@ class RunTracker:
             raise TrackingUnavailable(f"the MLflow store {uri} refused the run ({first_line(exc)})") from exc
         tracker = cls(client, experiment_id, run.info.run_id, started_at)
         tracker._log_params(run.info.run_id, flatten(params))
+        if settings.system_metrics:
+            tracker._start_monitor(uri)
         logger.info("MLflow: run %s in experiment %r at %s", run.info.run_id, settings.experiment_name, uri)
         logging.getLogger("cts_pipeline.progress").info("MLflow: %s", ui_link(uri, experiment_id, run.info.run_id))
         return tracker
+
+    def _start_monitor(self, uri: str) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines
+            self.monitor = SystemMetricsMonitor(self.parent_run_id, tracking_uri=uri)
+            self.monitor.start()
+        except Exception as exc:  # psutil missing, an unusual platform: the run goes on without them
+            logger.warning("MLflow: no system metrics (%s); system_metrics: false in mlflow.yml silences this",
+                           first_line(exc))
+            self.monitor = None
+
+    def stop_monitor(self) -> None:
+        if self.monitor is not None:
+            monitor, self.monitor = self.monitor, None
+            try:
+                monitor.finish()
+            except Exception:  # its store failed first; nothing left to stop
+                pass
 
     def log_result(self, dataset_name: str, metrics: Mapping[str, Any]) -> str:
         """One child run for a finished (method, seed, sparsity) result, with its real times."""
@@ -196,6 +222,8 @@ class RunTracker:
         run_id = self.client.create_run(self.experiment_id, run_name=child_run_name(metrics), tags=tags,
                                         start_time=_ms(self._child_start(metrics))).info.run_id
         params = {k: str(metrics[k]) for k in CHILD_PARAMS if metrics.get(k) is not None}
+        family = metrics.get("family", "setting")
+        params.update({f"{family}.{k}": str(v) for k, v in (metrics.get("settings") or {}).items()})
         self._log_params(run_id, params)
         values = {k: float(metrics[k]) for k in CHILD_METRICS if metrics.get(k) is not None}
         if metrics.get("method") != "dense":
@@ -218,9 +246,22 @@ class RunTracker:
         for start in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[start:start + 1000])
         self.client.log_text(run_id, json.dumps(metrics, indent=2, default=str), "metrics.json")
+        if metrics.get("layer_kept"):
+            self.client.log_text(run_id, layer_table(metrics), "layer_density.csv")
         self.client.set_terminated(run_id, "FINISHED", end_time=stamp)
         self.children[dataset_name] = run_id
         return run_id
+
+    def log_ticket(self, metrics_name: str, ticket_path: str) -> None:
+        """The branch's ticket (mask and weights, safetensors) and its manifest on its child run."""
+        run_id = self.children.get(metrics_name)
+        if run_id is None or metrics_name in self.tickets:
+            return
+        self.client.log_artifact(run_id, ticket_path, "ticket")
+        manifest = Path(ticket_path).with_suffix(".json")
+        if manifest.exists():
+            self.client.log_artifact(run_id, str(manifest), "ticket")
+        self.tickets.add(metrics_name)
 
     def _child_start(self, metrics: Mapping[str, Any]) -> float | None:
         """The branch's first stage that ran in this run, or its very first when all of it was
@@ -261,6 +302,7 @@ class RunTracker:
         self.reports.add(name)
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
+        self.stop_monitor()
         if error is not None:
             self.client.set_tag(self.parent_run_id, "error", f"{type(error).__name__}: {error}"[:5000])
         self.client.set_terminated(self.parent_run_id, status)
@@ -271,6 +313,16 @@ class RunTracker:
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
+
+
+def layer_table(metrics: Mapping[str, Any]) -> str:
+    """Per-layer kept, effective and total counts and density, as CSV (the ticket's layer report)."""
+    density = metrics.get("layer_density", {})
+    effective = metrics.get("layer_effective_kept") or {}
+    rows = ["layer,kept,effective_kept,density"]
+    for name, kept in metrics["layer_kept"].items():
+        rows.append(f"{name},{kept},{effective.get(name, '')},{density.get(name, '')}")
+    return "\n".join(rows) + "\n"
 
 
 def metric_name(name: str) -> str:

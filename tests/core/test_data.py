@@ -146,6 +146,19 @@ def test_idx_loader_returns_exact_pixels_and_labels(tmp_path, name, folder):
         assert split.info is DATASETS[name]
 
 
+def test_a_truncated_idx_file_is_refused_by_name(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        write_idx(raw, prefix, rng.integers(0, 256, (4, 28, 28)), rng.integers(0, 10, 4))
+    ensure_available("mnist", tmp_path, download=False)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-1])
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte is not a valid .* holds 11 bytes, its header \[4\] promises 12"):
+        ensure_available("mnist", tmp_path, download=False)
+
+
 def test_relative_root_is_resolved_against_cwd(tmp_path, monkeypatch):
     raw = tmp_path / "datasets" / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -282,12 +295,15 @@ def test_partially_missing_files_are_flagged(tmp_path):
     assert "train-images-idx3-ubyte  (missing)" not in str(err.value)
 
 
-def test_present_files_are_only_checked_not_parsed(tmp_path):
+def test_present_files_are_checked_by_their_headers(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for f in data._MNIST_FILES:
-        (raw / f).write_bytes(b"garbage")
+    for prefix in ("train", "t10k"):
+        write_idx(raw, prefix, np.zeros((3, 28, 28)), np.zeros(3))
     ensure_available("mnist", tmp_path, download=False)
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte is not a valid MNIST-format idx file"):
+        ensure_available("mnist", tmp_path, download=False)
 
 
 def test_file_datasets_need_a_root():
@@ -303,8 +319,8 @@ def test_download_goes_through_torchvision(tmp_path, monkeypatch):
             calls.append((root, train, download))
             raw = Path(root) / "MNIST" / "raw"
             raw.mkdir(parents=True, exist_ok=True)
-            for f in data._MNIST_FILES:
-                (raw / f).touch()
+            for prefix in ("train", "t10k"):
+                write_idx(raw, prefix, np.zeros((2, 28, 28)), np.zeros(2))
 
     monkeypatch.setattr(data, "_torchvision_class", lambda name: FakeMNIST)
     ensure_available("mnist", tmp_path / "new", download=True)

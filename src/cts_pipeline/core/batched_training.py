@@ -200,7 +200,8 @@ def train_tickets(
             })
         logger.info("%s epoch %d/%d: lr %.4g, train loss %s, test acc %s (%.1f s per ticket)", stage, epoch + 1,
                     recipe.epochs, lr, " ".join(f"{v:.4f}" for v in per_sample),
-                    " ".join(f"{t['accuracy']:.2f}" for t in tests) if tests else "-", seconds)
+                    " ".join(f"{t['accuracy']:.2f}" for t in tests) if tests else "-", seconds,
+                    extra={"stage": stage, "epoch": epoch + 1, "epochs": recipe.epochs})
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     states = [tickets.state_dict(k) for k in range(rows)]

@@ -731,7 +731,7 @@ def concrete_search(
                     "%s epoch %d/%d%s: %s %.5f, expected kept %.0f = %.3f x budget, multiplier %.3g (%.1f s)",
                     stage, epoch + 1, epochs, f" density {densities[r]:g}" if batched else "", config.objective,
                     record["loss"], record["expected_kept"], record["expected_over_budget"], record["multiplier"],
-                    seconds,
+                    seconds, extra={"stage": stage, "epoch": epoch + 1, "epochs": epochs},
                 )
             if checkpoint is not None and epoch + 1 < epochs:
                 checkpoint.save({

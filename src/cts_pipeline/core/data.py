@@ -15,6 +15,7 @@ be pointed at directly with ``data.root``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,6 +136,26 @@ def _missing_message(name: str, root: Path, expected: list[Path], missing: list[
     )
 
 
+def _check_idx(path: Path) -> None:
+    """Refuse a file that is not the idx array its name promises (torchvision's reader only
+    asserts, with no file name). The header is the magic 0x0000 0x08 <ndim>, then ndim
+    big-endian uint32 sizes; uint8 data fill the rest of the file exactly."""
+    ndim = 3 if "images" in path.name else 1
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * ndim)
+    problem = None
+    if len(header) < 4 + 4 * ndim or header[:4] != bytes((0, 0, 8, ndim)):
+        problem = f"its header is not that of a {ndim}-d uint8 idx array"
+    else:
+        sizes = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        expected = len(header) + math.prod(sizes)
+        if path.stat().st_size != expected:
+            problem = f"it holds {path.stat().st_size} bytes, its header {sizes} promises {expected}"
+    if problem:
+        raise ValueError(f"{path} is not a valid MNIST-format idx file: {problem}. Delete it and set "
+                         "`data.download: true`, or point `data.root` at intact files")
+
+
 def ensure_available(name: str, root: str | Path | None, download: bool) -> None:
     """Make sure ``load_splits`` will find the files, downloading them only if allowed.
 
@@ -148,6 +169,9 @@ def ensure_available(name: str, root: str | Path | None, download: bool) -> None
     expected = _expected_files(name, resolved)
     missing = [p for p in expected if not p.is_file()]
     if not missing:
+        if name in ("mnist", "fashion_mnist"):
+            for path in expected:
+                _check_idx(path)
         return
     if not download:
         raise DatasetNotFoundError(_missing_message(name, resolved, expected, missing))

@@ -273,7 +273,9 @@ def train(
                 "history": result.history,
                 "snapshots": {str(k): v for k, v in result.snapshots.items()},
             })
-        logger.info(_format_epoch(stage, record, recipe.epochs))
+        # stage/epoch/epochs as record attributes: a display can follow the loop (sweep_progress.py).
+        logger.info(_format_epoch(stage, record, recipe.epochs),
+                    extra={"stage": stage, "epoch": epoch + 1, "epochs": recipe.epochs})
         if progress:
             epochs.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record.get('test_accuracy', record['train_accuracy']):.1f}")
         if on_epoch_end is not None:

@@ -12,10 +12,16 @@ from kedro_datasets.pandas import CSVDataset as _KedroCSVDataset
 from matplotlib.figure import Figure
 
 from ._atomic import atomic_write
+from ._records import RecordedArtifact
 
 
-class CSVDataset(_KedroCSVDataset):
-    """Same options as ``kedro_datasets.pandas.CSVDataset``; the file appears only once complete."""
+class CSVDataset(RecordedArtifact, _KedroCSVDataset):
+    """Same options as ``kedro_datasets.pandas.CSVDataset``; the file appears only once complete.
+    kedro-viz's preview rounds to two decimals (a CSV's floats read back as 89.25999999999999)."""
+
+    def preview(self, nrows: int = 5) -> dict:
+        table = self._copy(_load_args={**self._load_args, "nrows": nrows}).load()
+        return table.round(2).to_dict(orient="split")
 
     def save(self, data: pd.DataFrame) -> None:
         path = get_filepath_str(self._get_save_path(), self._protocol)
@@ -23,7 +29,7 @@ class CSVDataset(_KedroCSVDataset):
         self._invalidate_cache()
 
 
-class MatplotlibDataset(_KedroMatplotlibDataset):
+class MatplotlibDataset(RecordedArtifact, _KedroMatplotlibDataset):
     """Same options as ``kedro_datasets.matplotlib.MatplotlibDataset``; each image is written whole.
 
     Loading gives the PNG's bytes (kedro-datasets' version cannot load), so a process that did not

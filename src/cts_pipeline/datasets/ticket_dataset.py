@@ -22,8 +22,7 @@ class TicketDataset(TorchDataset):
 
     def load(self) -> dict[str, Any]:
         path = get_filepath_str(self._get_load_path(), self._protocol)
-        with self._fs.open(path, "rb") as f:
-            mask, weights, manifest = read_ticket(f.read())
+        mask, weights, manifest = read_ticket(self.read_checked(path))
         return {"mask": mask, "weights": weights, "manifest": manifest}
 
     def save(self, data: dict[str, Any]) -> None:

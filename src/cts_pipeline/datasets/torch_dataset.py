@@ -18,9 +18,10 @@ from kedro.io.core import (
 )
 
 from ._atomic import atomic_write
+from ._records import RecordedArtifact, payload_mismatch, read_record
 
 
-class TorchDataset(AbstractVersionedDataset[Any, Any]):
+class TorchDataset(RecordedArtifact, AbstractVersionedDataset[Any, Any]):
     """Save with ``torch.save``; load with ``torch.load(weights_only=True)`` onto the CPU.
 
     ``weights_only`` means a file can hold tensors, dicts, lists, strings and numbers but never
@@ -59,8 +60,7 @@ class TorchDataset(AbstractVersionedDataset[Any, Any]):
 
     def load(self) -> Any:
         path = get_filepath_str(self._get_load_path(), self._protocol)
-        with self._fs.open(path, "rb") as f:
-            payload = f.read()
+        payload = self.read_checked(path)
         try:
             return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated zip, wrong format, disallowed object...
@@ -69,6 +69,17 @@ class TorchDataset(AbstractVersionedDataset[Any, Any]):
                 "Delete it (or its version folder) and rerun the branch that writes it."
             ) from exc
 
+    def read_checked(self, path: str) -> bytes:
+        """The file's bytes, refused when they are not what its record says was written."""
+        with self._fs.open(path, "rb") as f:
+            payload = f.read()
+        record = read_record(self._fs, path)
+        problem = payload_mismatch(payload, record) if record is not None else None
+        if problem:
+            raise DatasetError(f"{path}: {problem}. Delete its version folder and rerun the branch that "
+                               "writes it (`kedro run --only-missing-outputs` does)")
+        return payload
+
     def save(self, data: Any) -> None:
         buffer = io.BytesIO()
         torch.save(data, buffer)
@@ -76,12 +87,13 @@ class TorchDataset(AbstractVersionedDataset[Any, Any]):
         atomic_write(self._fs, path, buffer.getvalue())
         self._fs.invalidate_cache(path)
 
-    def _exists(self) -> bool:
+    def _exists(self) -> bool:  # RecordedArtifact's, for a base without an _exists of its own
+        self.refresh_if_stale()
         try:
             path = get_filepath_str(self._get_load_path(), self._protocol)
         except DatasetError:
             return False
-        return self._fs.exists(path)
+        return self._fs.exists(path) and self.not_stale()
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}

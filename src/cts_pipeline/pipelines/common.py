@@ -24,6 +24,22 @@ from ..core.runtime import generator, resolve_device
 GPU_TAG = "gpu"
 
 
+class ArtifactMismatch(ValueError):
+    """A stored artifact that does not fit where it is used; ``hooks.ArtifactPathHook`` adds the
+    file's path to the message, which a node cannot know."""
+
+    def __init__(self, dataset: str, message: str) -> None:
+        super().__init__(f"{dataset}: {message}")
+        self.dataset = dataset
+
+
+def loop_bars(runtime: RuntimeConfig) -> bool:
+    """Whether a loop draws its own tqdm bar: not while the sweep display shows its epochs."""
+    from ..sweep_progress import display_active
+
+    return runtime.progress and not display_active()
+
+
 def device_for(runtime: RuntimeConfig) -> torch.device:
     """The run's device, with the CPU thread count ``runtime`` asks for."""
     if runtime.num_threads is not None:

@@ -15,6 +15,7 @@ from ..common import (
     checkpoint_for,
     data_fingerprint,
     device_for,
+    loop_bars,
     split_from_payload,
     uses_channels_last,
 )
@@ -109,7 +110,7 @@ def search_masks(
     stage = f"{search_group_namespace(first) if batched else first.namespace} search"
     found = concrete_search(
         net, train_split, density=[b.density for b in group] if batched else first.density, config=cts,
-        recipe=training, seed=first.seed, stage=stage, progress=runtime.progress,
+        recipe=training, seed=first.seed, stage=stage, progress=loop_bars(runtime),
         checkpoint=checkpoint_for(runtime, search_group_namespace(first) if batched else first.namespace, "search",
                                   model, training, *[b.as_dict() for b in group], theta_start,
                                   data_fingerprint(train_data)),

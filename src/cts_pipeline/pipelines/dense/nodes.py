@@ -17,6 +17,7 @@ from ..common import (
     checkpoint_for,
     data_fingerprint,
     device_for,
+    loop_bars,
     split_from_payload,
     state_on_cpu,
     uses_channels_last,
@@ -46,7 +47,7 @@ def train_dense(
     k = training.rewind_epoch
     result = train(
         net, train_split, test_split, training, seed=branch.seed, stage=f"{branch.namespace} dense",
-        snapshot_epochs={k}, progress=runtime.progress,
+        snapshot_epochs={k}, progress=loop_bars(runtime),
         checkpoint=checkpoint_for(runtime, branch.namespace, "dense", model, training, branch.seed,
                                   data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,

@@ -10,7 +10,14 @@ from ...core.masks import mask_to_payload
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe
 from ...grid import Branch
-from ..common import build_network, checkpoint_for, data_fingerprint, device_for, split_from_payload
+from ..common import (
+    build_network,
+    checkpoint_for,
+    data_fingerprint,
+    device_for,
+    loop_bars,
+    split_from_payload,
+)
 
 
 def prune_iteratively(
@@ -41,7 +48,7 @@ def prune_iteratively(
         lambda: build_network(model, train_split, device, state=theta_rewind),
         dense_final_weights, train_split, test_split, training,
         seed=branch.seed, max_level=max_level, start_epoch=training.rewind_epoch,
-        dense_seconds=dense_metrics["seconds"]["train"], keep_levels=set(levels), progress=runtime.progress,
+        dense_seconds=dense_metrics["seconds"]["train"], keep_levels=set(levels), progress=loop_bars(runtime),
         stage=branch.namespace,
         checkpoint=checkpoint_for(runtime, branch.namespace, "ltr", *key),
         level_checkpoint=lambda level: checkpoint_for(runtime, branch.namespace, f"ltr-level{level}", level, *key),

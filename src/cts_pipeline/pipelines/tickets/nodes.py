@@ -12,6 +12,7 @@ from ...core.batched_training import train_tickets
 from ...core.connectivity import effective_report
 from ...core.data import get_dataset_info
 from ...core.masks import (
+    check_mask_matches,
     collapsed_layers,
     global_topk_mask,
     kept_count,
@@ -25,10 +26,12 @@ from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, evaluate, train
 from ...grid import Branch, search_group_namespace
 from ..common import (
+    ArtifactMismatch,
     build_network,
     checkpoint_for,
     data_fingerprint,
     device_for,
+    loop_bars,
     split_from_payload,
     state_on_cpu,
     uses_channels_last,
@@ -56,18 +59,23 @@ def topk_mask(scores: dict, branch: Branch) -> dict:
     return mask_to_payload(mask, branch.density)
 
 
-def branch_mask(payload: dict, branch: Branch) -> dict:
-    """``payload`` as a mask, refused when it is not this branch's: a file replaced by hand, or
-    left by another configuration, is named instead of being retrained as if it were."""
+def branch_mask(payload: dict, branch: Branch, net) -> dict:
+    """``payload`` as a mask for ``net``, refused when it is not this branch's: a file replaced by
+    hand, or left by another configuration or model, is named instead of being retrained as if it were."""
     keep = payload_to_mask(payload)
+    try:
+        check_mask_matches(net, keep)
+    except ValueError as exc:
+        raise ArtifactMismatch(f"{branch.namespace}.mask", f"{exc}: the mask was made for another model; "
+                               "delete that version folder and rerun") from None
     if branch.family == "ltr":  # a level's mask: its own density (the level reaching the sparsity)
         return keep
     kept, total = sum(int(k.sum()) for k in keep.values()), sum(k.numel() for k in keep.values())
     expected = kept_count(branch.density, total)
     stored = payload.get("target_density")
     if kept != expected or (stored is not None and abs(stored - branch.density) > 1e-9):
-        raise ValueError(
-            f"{branch.namespace}.mask keeps {kept} of {total} weights (target density {stored}), but the branch "
+        raise ArtifactMismatch(
+            f"{branch.namespace}.mask", f"keeps {kept} of {total} weights (target density {stored}), but the branch "
             f"wants {expected} at density {branch.density:.6g}: the file was replaced or comes from another "
             f"configuration; delete that version folder and rerun")
     return keep
@@ -95,10 +103,10 @@ def retrain_ticket(
     test_split = split_from_payload(test_data, device)
     net = build_network(model, train_split, device, state=theta_start)
     first = start_epoch(training, branch)
-    keep = branch_mask(mask, branch)
+    keep = branch_mask(mask, branch, net)
     result = train(
         net, train_split, test_split, training, seed=branch.seed, stage=f"{branch.namespace} retrain",
-        start_epoch=first, mask=keep, progress=runtime.progress,
+        start_epoch=first, mask=keep, progress=loop_bars(runtime),
         checkpoint=checkpoint_for(runtime, branch.namespace, "retrain", model, training, branch.as_dict(),
                                   theta_start, keep, data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
@@ -143,11 +151,11 @@ def retrain_tickets(
             out[f"{branch.namespace}.final_weights"], out[f"{branch.namespace}.retrain_log"] = weights, log
         return out
     first = start_epoch(training, first_branch)
-    keeps = [branch_mask(p, b) for p, b in zip(payloads, branches, strict=True)]
+    keeps = [branch_mask(p, b, net) for p, b in zip(payloads, branches, strict=True)]
     stage = f"{search_group_namespace(first_branch)} retrain x{len(branches)}"
     states, results = train_tickets(
         net, keeps, train_split, test_split, training, seed=first_branch.seed, stage=stage, start_epoch=first,
-        progress=runtime.progress, channels_last=uses_channels_last(runtime, net),
+        progress=loop_bars(runtime), channels_last=uses_channels_last(runtime, net),
         checkpoint=checkpoint_for(runtime, search_group_namespace(first_branch), "retrain", model, training,
                                   *[b.as_dict() for b in branches], theta_start, *keeps,
                                   data_fingerprint(train_data)),
@@ -182,7 +190,7 @@ def evaluate_ticket(
     device = device_for(runtime)
     test_split = split_from_payload(test_data, device)
     net = build_network(model, test_split, device, state=final_weights)
-    keep = branch_mask(mask, branch)
+    keep = branch_mask(mask, branch, net)
     weights = prunable_parameters(net)
     leaked = {name: int((weights[name].detach().cpu() != 0)[~keep[name]].sum()) for name in keep}
     if any(leaked.values()):

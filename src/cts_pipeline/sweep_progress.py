@@ -1,0 +1,138 @@
+"""On a terminal, one live display for the whole sweep: how many nodes are done, and what runs now
+(the branch, its stage and its epoch). Finished branches print their line above it, and the
+results table follows when it closes.
+
+The display is rich's ``Progress``, drawn on the console of Kedro's rich log handler, so log lines
+scroll above it instead of tearing it. The epochs come from the per-epoch log records of ``core``:
+each carries ``stage``, ``epoch`` and ``epochs`` as record attributes (``logging``'s ``extra``), so
+``core`` stays free of any display code, and the records that Dask forwards from its workers move
+the display too. Off a terminal, with ``CTS_VERBOSE=1`` or ``CTS_PROGRESS=0``, nothing is drawn and
+the loops keep their own tqdm bars (which tqdm itself hides off a terminal).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+CORE_LOGGER = "cts_pipeline"
+
+_active: SweepProgress | None = None
+
+
+def display_active() -> bool:
+    """Whether this process draws the sweep display (the nodes then hide their own loop bars)."""
+    return _active is not None
+
+
+def wanted(stream=None) -> bool:
+    stream = stream or sys.stdout
+    off = os.environ.get("CTS_PROGRESS", "1") in ("0", "") or os.environ.get("CTS_VERBOSE", "") not in ("", "0")
+    return not off and stream.isatty()
+
+
+class _EpochRecords(logging.Handler):
+    """Moves the display on each record that says which epoch of which stage just ended."""
+
+    def __init__(self, display: SweepProgress) -> None:
+        super().__init__(level=logging.INFO)
+        self.display = display
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stage, epoch, epochs = (getattr(record, k, None) for k in ("stage", "epoch", "epochs"))
+        if stage is not None and epoch is not None and epochs:
+            self.display.epoch(str(stage), int(epoch), int(epochs), getattr(record, "unit", "epoch"))
+
+
+class SweepProgress:
+    """Two lines: the sweep (nodes done of those to run) and the stage now running."""
+
+    def __init__(self, console, total_nodes: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=30),
+                                 TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=console,
+                                 transient=True, refresh_per_second=4)
+        self.total_nodes = total_nodes
+        self.sweep = self.progress.add_task("sweep", total=total_nodes, count=f"0/{total_nodes} nodes")
+        self.stage = self.progress.add_task("starting", total=1, count="", visible=False)
+        self.done = 0
+        self.handler = _EpochRecords(self)
+
+    def start(self) -> None:
+        self.progress.start()
+        logging.getLogger(CORE_LOGGER).addHandler(self.handler)
+
+    def stop(self) -> None:
+        logging.getLogger(CORE_LOGGER).removeHandler(self.handler)
+        self.progress.stop()
+
+    def node_started(self, name: str) -> None:
+        self.progress.update(self.stage, description=f"  {name}", completed=0, total=1, count="", visible=True)
+
+    def node_done(self) -> None:
+        self.done += 1
+        self.progress.update(self.sweep, completed=self.done, count=f"{self.done}/{self.total_nodes} nodes")
+
+    def epoch(self, stage: str, epoch: int, epochs: int, unit: str = "epoch") -> None:
+        self.progress.update(self.stage, description=f"  {stage}", completed=epoch, total=epochs,
+                             count=f"{unit} {epoch}/{epochs}", visible=True)
+
+
+def _rich_console():
+    from kedro.logging import RichHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RichHandler):
+            return handler.console
+    return None
+
+
+def nodes_to_run(pipeline, catalog, only_missing_outputs: bool) -> int:
+    """How many nodes the run will start: all of them, or under ``--only-missing-outputs`` those
+    with an output that is missing (or flagged stale), as Kedro's filter decides."""
+    if not only_missing_outputs:
+        return len(pipeline.nodes)
+    return sum(1 for node in pipeline.nodes
+               if not node.outputs or any(name in catalog and not catalog.exists(name) for name in node.outputs))
+
+
+class SweepProgressHook:
+    @hook_impl(trylast=True)  # after FreshnessHook has flagged what must be recomputed
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        global _active
+        console = _rich_console()
+        if _active is not None or console is None or not wanted():
+            return
+        total = nodes_to_run(pipeline, catalog, bool(run_params.get("only_missing_outputs")))
+        _active = SweepProgress(console, total)
+        _active.start()
+
+    @hook_impl
+    def before_node_run(self, node) -> None:
+        if _active is not None:
+            _active.node_started(node.name)
+
+    @hook_impl
+    def after_node_run(self) -> None:
+        if _active is not None:
+            _active.node_done()
+
+    @hook_impl(tryfirst=True)  # gone before the results table is printed
+    def after_pipeline_run(self) -> None:
+        _close()
+
+    @hook_impl(tryfirst=True)
+    def on_pipeline_error(self) -> None:
+        _close()
+
+
+def _close() -> None:
+    global _active
+    if _active is not None:
+        display, _active = _active, None
+        display.stop()
