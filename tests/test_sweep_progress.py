@@ -17,7 +17,10 @@ def terminal() -> Console:
     return Console(file=io.StringIO(), force_terminal=True, width=120)
 
 
-def test_the_display_follows_nodes_and_the_epochs_core_logs():
+def test_the_display_follows_nodes_and_the_epochs_core_logs(monkeypatch):
+    logger = logging.getLogger("cts_pipeline")
+    monkeypatch.setattr(logger, "level", logger.level)  # restored after the test
+    logger.setLevel(logging.INFO)  # as conf/logging.yml sets it
     display = SweepProgress(terminal(), total_nodes=4)
     display.start()
     try:
