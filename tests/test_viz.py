@@ -21,3 +21,48 @@ def test_kedro_viz_build_shows_every_branch(project):
     checks = {f"{m}.seed0.sp99_26" for m in ("cts_kl_shuffled", "cts_kl_inverted", "snip_reinit")}
     shown = set(graph["modular_pipelines"])
     assert branches | checks | {"dense.seed0", "ltr.seed0"} <= shown, sorted(branches - shown)
+
+
+def test_dataset_layers_have_an_order(project):
+    """kedro-viz draws layers only when no node reads a later layer than one it writes."""
+    from graphlib import CycleError, TopologicalSorter
+
+    from kedro.framework.project import pipelines
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project) as session:
+        catalog = session.load_context().catalog
+
+        def layer(name):
+            if name not in catalog:
+                return None
+            return ((getattr(catalog.get(name), "metadata", None) or {}).get("kedro-viz") or {}).get("layer")
+
+        graph: dict[str, set[str]] = {}
+        for node in pipelines["__default__"].nodes:
+            for out in {layer(o) for o in node.outputs} - {None}:
+                graph.setdefault(out, set()).update({layer(i) for i in node.inputs} - {None, out})
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as exc:
+        raise AssertionError(f"the catalog's layers form a cycle: {exc.args[1]}") from None
+    assert order.index("models") < order.index("model output") < order.index("reporting")
+
+
+def test_previews_are_rounded_and_short(tmp_path):
+    import pandas as pd
+    from kedro_datasets._typing import JSONPreview, TablePreview
+
+    from cts_pipeline.datasets import CSVDataset, JSONDataset
+
+    table = CSVDataset(filepath=str(tmp_path / "t.csv"))
+    table.save(pd.DataFrame({"method": ["cts_kl"], "test_accuracy": [89.25999999999999]}))
+    assert table.preview()["data"] == [["cts_kl", 89.26]]
+    metrics = JSONDataset(filepath=str(tmp_path / "m.json"))
+    metrics.save({"test_accuracy": 96.666666667, "history": [{"epoch": 1}], "method": "cts_kl"})
+    assert json.loads(metrics.preview()) == {"test_accuracy": 96.6667, "method": "cts_kl"}
+    # kedro-viz picks the widget by the annotation's name
+    assert CSVDataset.preview.__annotations__["return"] in ("TablePreview", TablePreview)
+    assert JSONDataset.preview.__annotations__["return"] in ("JSONPreview", JSONPreview)

@@ -29,8 +29,9 @@ CHECKS = {"shuffle": "shuffled", "invert": "inverted", "reinit": "reinit"}  # ch
 
 
 def sparsity_label(sparsity: float) -> str:
-    """``0.9926`` -> ``sp99_26``: percent with two decimals, a valid namespace part."""
-    return "sp" + f"{100 * sparsity:.2f}".replace(".", "_")
+    """``0.9926`` -> ``sp99_26``, ``0.05`` -> ``sp05_00``: percent with two decimals, zero-padded so
+    that names sort in sparsity order (kedro-viz lists namespaces by name); a valid namespace part."""
+    return "sp" + f"{100 * sparsity:05.2f}".replace(".", "_")
 
 
 @dataclass(frozen=True)
