@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,19 @@ from .config import typed_sections, validate_run
 from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
 from .datasets._records import RecordedArtifact, file_mismatch, read_record
 from .pipelines.common import ArtifactMismatch
-from .tracking import RunTracker, TrackingSettings, TrackingUnavailable, first_line, source_tags
+from .tracking import (
+    RunTracker,
+    TrackingSettings,
+    TrackingUnavailable,
+    check_reachable,
+    first_line,
+    source_tags,
+)
 
 logger = logging.getLogger(__name__)
 
 RESULT_TABLE_SUFFIX = "_results_table"
+IN_PROCESS_RUNNERS = ("SequentialRunner", "ThreadRunner")
 
 
 def is_result(dataset_name: str, node) -> bool:
@@ -122,6 +132,7 @@ class MlflowHook:
         self.settings = TrackingSettings()
         self.project_path = Path.cwd()
         self.tracker: RunTracker | None = None
+        self.starting: Future | None = None  # the parent run being opened in the background
         self.driver_pid: int | None = None
         self.rerun_hint = "kedro run --only-missing-outputs"
         self.catalog = None
@@ -152,11 +163,17 @@ class MlflowHook:
             **source_tags(self.project_path, f"kedro run --pipelines={names} --env={env}"),
             "kedro.runner": re.sub(r"^<?([\w.]+).*", r"\1", str(run_params.get("runner"))).rsplit(".", 1)[-1],
         }
+        start = partial(RunTracker.start, self.settings, self.project_path,
+                        run_name=f"{names} [{env}] {run_params.get('run_id')}",
+                        params=typed_sections(catalog.load("parameters")), tags=tags)
         try:
-            self.tracker = RunTracker.start(
-                self.settings, self.project_path, run_name=f"{names} [{env}] {run_params.get('run_id')}",
-                params=typed_sections(catalog.load("parameters")), tags=tags,
-            )
+            check_reachable(self.settings.resolved_uri(self.project_path))  # seconds at most
+            if tags["kedro.runner"] in IN_PROCESS_RUNNERS:
+                # Importing MLflow and opening its store take seconds; they overlap the first node.
+                # (Not before a runner that forks: a fork during an import can deadlock the child.)
+                self.starting = ThreadPoolExecutor(1, thread_name_prefix="mlflow-start").submit(start)
+            else:
+                self.tracker = start()
         except TrackingUnavailable as exc:
             where = "conf/<env>/mlflow.yml"
             if self.settings.on_unavailable == "fail":
@@ -169,7 +186,16 @@ class MlflowHook:
 
     def _tracking(self) -> bool:
         # A forked worker inherits this object, tracker included: only the driver may write.
-        return self.tracker is not None and os.getpid() == self.driver_pid
+        if os.getpid() != self.driver_pid:
+            return False
+        if self.starting is not None:
+            starting, self.starting = self.starting, None
+            try:
+                self.tracker = starting.result()
+            except Exception as exc:
+                logger.warning("MLflow: %s; running without tracking (log the results later with `%s`)",
+                               first_line(exc), self.rerun_hint)
+        return self.tracker is not None
 
     def _safely(self, what: str, call, *args) -> None:
         """Run one MLflow call; a fault turns tracking off for the rest of the run, never the run."""
