@@ -20,8 +20,8 @@ def build(name: str, image_shape=CIFAR, seed: int = 0, **options) -> nn.Module:
                        **options)
 
 
-def test_registry_lists_the_four_models():
-    assert sorted(MODELS) == ["convnet", "lenet_300_100", "resnet20", "vgg16"]
+def test_registry_lists_the_models():
+    assert sorted(MODELS) == ["convnet", "lenet_300_100", "resnet18", "resnet20", "resnet50", "vgg16"]
 
 
 # Published sizes (OpenLTH / the papers); a change here changes every sparsity in the results.
@@ -153,8 +153,33 @@ def test_check_model_fits_refuses_wrong_output_and_tiny_inputs():
         check_model_fits("convnet", image_shape=(1, 1, 1), num_classes=10)
 
 
+IMAGENET, TINY_IMAGENET = (3, 224, 224), (3, 64, 64)
+
+
+# torchvision's published sizes for 1000 classes; Tiny-ImageNet's 200 classes shrink the classifier.
+@pytest.mark.parametrize(("name", "image_shape", "classes", "total", "prunable"), [
+    ("resnet18", IMAGENET, 1000, 11_689_512, 11_678_912),
+    ("resnet50", IMAGENET, 1000, 25_557_032, 25_502_912),
+    ("resnet18", TINY_IMAGENET, 200, 11_279_112, 11_269_312),
+])
+def test_imagenet_resnet_sizes(name, image_shape, classes, total, prunable):
+    model = build_model(name, image_shape=image_shape, num_classes=classes, generator=torch.Generator().manual_seed(0))
+    assert count_parameters(model) == total
+    assert count_prunable(model) == prunable
+    convs_and_fc = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(prunable_parameters(model)) == convs_and_fc, "every conv, the shortcuts' too, and the classifier"
+
+
+def test_imagenet_resnets_are_seeded_and_take_any_channels():
+    a = build_model("resnet18", image_shape=(1, 64, 64), num_classes=10, generator=torch.Generator().manual_seed(3))
+    b = build_model("resnet18", image_shape=(1, 64, 64), num_classes=10, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert a.eval()(torch.zeros(2, 1, 64, 64)).shape == (2, 10)
+    check_model_fits("resnet50", image_shape=IMAGENET, num_classes=1000)
+
+
 def test_check_model_fits_draws_no_weights():
-    # VGG-16 is 59 MB of float32; on the meta device the check is only shape arithmetic.
+    # The check runs uninitialised storage: no random draw.
     before = torch.get_rng_state()
     check_model_fits("vgg16", image_shape=CIFAR, num_classes=100)
     assert torch.equal(torch.get_rng_state(), before)
@@ -208,7 +233,7 @@ def test_kaiming_scale():
 
 def test_unknown_model_name():
     with pytest.raises(ValueError, match=r"unknown model 'foo' \(model.name\); known: convnet, "
-                                         r"lenet_300_100, resnet20, vgg16"):
+                                         r"lenet_300_100, resnet18, resnet20, resnet50, vgg16"):
         build_model("foo", image_shape=CIFAR, num_classes=10)
     with pytest.raises(ValueError, match="model.name"):
         check_model_fits("foo", image_shape=CIFAR, num_classes=10)

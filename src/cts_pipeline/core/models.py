@@ -200,11 +200,38 @@ def vgg16(*, image_shape: ImageShape, num_classes: int) -> nn.Module:
     return VGG16(image_shape[0], num_classes)
 
 
+def _imagenet_resnet(depth: int, image_shape: ImageShape, num_classes: int) -> nn.Module:
+    """torchvision's ImageNet ResNet (7x7 stem, max-pool, four stages, global pool, linear), with
+    its first convolution taking ``image_shape``'s channels. torchvision's own initialisation is
+    replaced by :func:`_initialise` (the model is built on the meta device)."""
+    from torchvision.models import resnet18 as tv_resnet18  # ~1.5 s import: only when asked for
+    from torchvision.models import resnet50 as tv_resnet50
+
+    model = {18: tv_resnet18, 50: tv_resnet50}[depth](weights=None, num_classes=num_classes)
+    if image_shape[0] != 3:
+        model.conv1 = nn.Conv2d(image_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def resnet18(*, image_shape: ImageShape, num_classes: int) -> nn.Module:
+    """ResNet-18 for ImageNet-sized inputs (224x224; Tiny-ImageNet's 64x64 works too): on 3x224x224
+    with 1000 classes, 11,689,512 parameters, 11,678,912 prunable (every conv and the linear layer)."""
+    return _imagenet_resnet(18, image_shape, num_classes)
+
+
+def resnet50(*, image_shape: ImageShape, num_classes: int) -> nn.Module:
+    """ResNet-50 (bottleneck blocks) for ImageNet-sized inputs: on 3x224x224 with 1000 classes,
+    25,557,032 parameters, 25,502,912 prunable."""
+    return _imagenet_resnet(50, image_shape, num_classes)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet_300_100": lenet_300_100,
     "convnet": convnet,
     "resnet20": resnet20,
     "vgg16": vgg16,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
 }
 
 
