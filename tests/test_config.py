@@ -76,7 +76,7 @@ def test_default_configuration_is_valid(params):
         ({"grid": {"seeds": [0, 0]}}, "grid.seeds"),
         ({"grid": {"sparsities": [0.999995]}}, "keeps round"),  # round(0.28) = 0 of 56,224 weights left
         ({"data": {"name": "svhn"}}, "data.name"),
-        ({"model": {"name": "resnet50"}}, "model.name"),
+        ({"model": {"name": "alexnet"}}, "model.name"),
         ({"model": {"name": "vgg16"}}, "model.name"),
         ({"model": {"options": {"shortcut": "conv3x3"}}}, "shortcut"),
         ({"cts": {"objective": "mse"}}, "cts.objective"),

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
+from .distributed import all_sum, rank_and_world, shard
 from .masks import check_mask_matches, prunable_parameters
 from .runtime import generator
 
@@ -193,7 +194,10 @@ def train(
     else:
         def autocast():
             return torch.autocast(device.type, dtype=autocast_dtype)
+    rank, world = rank_and_world()
     forward = torch.compile(model) if compile_model else model
+    if world > 1:  # inside a process group (core/distributed.py): gradients averaged over ranks
+        forward = torch.nn.parallel.DistributedDataParallel(forward)
     steps_per_epoch = _num_batches(len(train_split), recipe.batch_size)
     result = TrainResult()
 
@@ -226,15 +230,19 @@ def train(
             generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
         )
         for step, (x, y) in enumerate(batches):
+            x, y, share = shard(x, y)  # this rank's slice of the global batch (all of it in one process)
+            if recipe.loss_reduction == "sum":
+                share = float(world)  # DDP averages: a rank's sum, times the ranks, sums to the batch's
             with autocast():
                 logits = forward(to_layout(x, channels_last))
                 loss = F.cross_entropy(logits.float(), y, reduction=recipe.loss_reduction)
+                weighted = loss * share if world > 1 else loss
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(loss).backward()
+                scaler.scale(weighted).backward()
                 scaler.unscale_(optimizer)
             else:
-                loss.backward()
+                weighted.backward()
             if recipe.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip_norm)
             if scaler is not None:
@@ -243,8 +251,12 @@ def train(
             else:
                 optimizer.step()
             _zero_pruned(masked)
-            step_losses[step] = loss.detach()
+            if world == 1:
+                step_losses[step] = loss.detach()
+            else:  # this rank's part of the global batch's loss, summed over ranks below
+                step_losses[step] = loss.detach() * (share / world if recipe.loss_reduction == "mean" else 1.0)
             correct += (logits.detach().argmax(1) == y).sum()
+        all_sum(step_losses, correct)  # the global batch's loss and accuracy on every rank
         # One host sync per epoch instead of one per step; the failing step is still named exactly.
         check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)
         per_sample = step_losses.sum().item() / (len(train_split) if recipe.loss_reduction == "sum" else steps_per_epoch)
@@ -264,7 +276,7 @@ def train(
         result.history.append(record)
         if epoch + 1 in snapshot_epochs:
             result.snapshots[epoch + 1] = _cpu_state(model)
-        if checkpoint is not None and not last:
+        if checkpoint is not None and not last and rank == 0:  # one writer; every rank resumes
             checkpoint.save({
                 "epochs_done": epoch + 1,
                 "model": model.state_dict(),

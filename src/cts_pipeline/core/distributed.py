@@ -1,0 +1,76 @@
+"""One training over several processes: DistributedDataParallel, launched with torch's elastic API.
+
+:func:`launch` runs a function in ``nproc`` local processes (``torch.distributed.launcher``, the
+engine behind ``torchrun``), each in a process group (NCCL on CUDA, gloo on CPU), and returns rank
+0's result. Under ``torchrun`` (several nodes) the process group already exists and the loops
+use it as is.
+
+Every rank draws the same global batch (the data order and augmentation depend only on the seed
+and the epoch) and keeps its own slice of it (:func:`shard`). DDP averages the gradients over
+ranks; each rank's loss is weighted by its share of the batch, so the average is exactly the
+global batch's mean and the weights follow the single-process run up to float rounding. Where
+the model has BatchNorm, each rank normalises with its own slice's statistics, unlike one
+process over the whole batch; ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` restores
+whole-batch statistics at the cost of one all-reduce per layer.
+
+This is the core of the multi-process path (issue 12); the pipeline's nodes do not call it yet.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """This rank's slice of a global batch, and the factor that turns its mean loss into its share
+    of the global mean once DDP averages over ranks (``len(slice) · world / len(batch)``)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return x, y, 1.0
+    total = len(y)
+    x, y = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
+    return x, y, len(y) * world / total
+
+
+def all_sum(*tensors: torch.Tensor) -> None:
+    """Sum tensors over ranks, in place (a no-op in one process)."""
+    if rank_and_world()[1] > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _entry(fn: Callable[..., Any], backend: str, args: tuple, kwargs: dict) -> Any:
+    dist.init_process_group(backend=backend)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+        return fn(*args, **kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in ``nproc`` local processes joined in one process group; rank 0's
+    return value. ``fn`` must be importable (a module-level function): the processes are spawned."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ValueError(f"runtime.distributed.nproc must be a positive integer, got {nproc!r}")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1)
+    results = elastic_launch(config, _entry)(fn, backend, args, kwargs)
+    return results[0]

@@ -1,0 +1,61 @@
+"""One training over two gloo processes against one process: the same weights, loss and accuracy.
+
+LeNet-300-100 has no BatchNorm, so splitting each global batch over the ranks changes nothing but
+float rounding (docs/architecture.md, "One training over several processes")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cts_pipeline.core.data import DATASETS, Split
+from cts_pipeline.core.distributed import launch, rank_and_world, shard
+from cts_pipeline.core.models import build_model
+from cts_pipeline.core.training import TrainRecipe, train
+
+RECIPE = TrainRecipe(epochs=2, batch_size=50, lr=0.05, milestones=[1], weight_decay=1e-4, grad_clip_norm=5.0)
+
+
+def splits() -> tuple[Split, Split]:
+    generator = torch.Generator().manual_seed(0)
+    info = DATASETS["digits"]
+    images = torch.randint(0, 17, (230, 1, 8, 8), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (230,), generator=generator)
+    return Split(images[:200], labels[:200], info), Split(images[200:], labels[200:], info)
+
+
+def train_lenet(recipe: TrainRecipe) -> tuple[dict, list[dict], int]:
+    torch.set_num_threads(1)
+    train_split, test_split = splits()
+    model = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
+                        generator=torch.Generator().manual_seed(1))
+    result = train(model, train_split, test_split, recipe, seed=0, stage="ddp test", progress=False)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, result.history, rank_and_world()[1]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_two_gloo_processes_train_like_one(reduction):
+    from dataclasses import replace
+
+    recipe = replace(RECIPE, loss_reduction=reduction, lr=RECIPE.lr if reduction == "mean" else RECIPE.lr / 50)
+    single, single_history, _ = train_lenet(recipe)
+    state, history, world = launch(train_lenet, 2, recipe, backend="gloo")
+    assert world == 2
+    for name, weight in single.items():
+        assert torch.allclose(state[name], weight, atol=1e-6, rtol=1e-5), name
+    for one, two in zip(single_history, history, strict=True):
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+        assert two["train_accuracy"] == pytest.approx(one["train_accuracy"])
+        assert two["test_accuracy"] == pytest.approx(one["test_accuracy"])
+
+
+def test_shard_weights_uneven_slices_to_the_global_mean():
+    x, y = torch.arange(10.0), torch.arange(10)
+    assert shard(x, y)[2] == 1.0  # one process: the whole batch
+    sizes = [len(part) for part in torch.tensor_split(y[:7], 2)]
+    assert sizes == [4, 3] and [n * 2 / 7 for n in sizes] == pytest.approx([8 / 7, 6 / 7])
+
+
+def test_nproc_is_checked():
+    with pytest.raises(ValueError, match="nproc must be a positive integer"):
+        launch(train_lenet, 0, RECIPE)
