@@ -103,8 +103,15 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the training forward (worth it on GPUs, not on CPUs)
     batch_sparsities: bool = True  # one batched CTS search per seed and CTS configuration
     strict: bool = False  # stop the run when a search diverges, instead of flagging the branch
+    distributed: Mapping[str, Any] | None = None  # {nproc: N}: train and search over N local processes
 
     def __post_init__(self) -> None:
+        if self.distributed is not None:
+            if not isinstance(self.distributed, Mapping) or set(self.distributed) - {"nproc"}:
+                raise ValueError(f"runtime.distributed must be null or {{nproc: N}}, got {self.distributed!r}")
+            nproc = self.distributed.get("nproc")
+            if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+                raise ValueError(f"runtime.distributed.nproc must be a positive integer, got {nproc!r}")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"runtime.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):

@@ -59,3 +59,35 @@ def test_shard_weights_uneven_slices_to_the_global_mean():
 def test_nproc_is_checked():
     with pytest.raises(ValueError, match="nproc must be a positive integer"):
         launch(train_lenet, 0, RECIPE)
+
+
+def search_lenet(densities) -> tuple[list, list, int]:
+    from cts_pipeline.core.cts import SearchConfig, concrete_search
+    from cts_pipeline.core.masks import global_topk_mask
+
+    torch.set_num_threads(1)
+    train_split, _ = splits()
+    model = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
+                        generator=torch.Generator().manual_seed(1))
+    results = concrete_search(model, train_split, density=densities, config=SearchConfig(epochs=3),
+                              recipe=RECIPE, seed=0, stage="ddp search", progress=False)
+    results = results if isinstance(results, list) else [results]
+    densities = densities if isinstance(densities, list) else [densities]
+    masks = [global_topk_mask(r.scores, k) for r, k in zip(results, densities, strict=True)]
+    return masks, [r.history for r in results], rank_and_world()[1]
+
+
+@pytest.mark.parametrize("densities", [0.05, [0.2, 0.02]], ids=["one density", "batched"])
+def test_two_gloo_processes_search_like_one(densities):
+    single_masks, single_history, _ = search_lenet(densities)
+    masks, history, world = launch(search_lenet, 2, densities, backend="gloo")
+    assert world == 2
+    for one, two in zip(single_masks, masks, strict=True):
+        swapped = sum(int((one[name] != two[name]).sum()) for name in one) // 2
+        assert sum(int(m.sum()) for m in one.values()) == sum(int(m.sum()) for m in two.values())
+        assert swapped == 0, f"{swapped} kept weights differ between one and two processes"
+    for rows_one, rows_two in zip(single_history, history, strict=True):
+        for a, b in zip(rows_one, rows_two, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+            assert b["expected_over_budget"] == pytest.approx(a["expected_over_budget"], rel=1e-4)
+            assert b["multiplier"] == pytest.approx(a["multiplier"], rel=1e-3, abs=1e-9)

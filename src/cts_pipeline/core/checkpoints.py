@@ -127,6 +127,24 @@ def remove_deferred() -> None:
     _deferred.paths = None
 
 
+def take_deferred() -> list[Path]:
+    """The checkpoints deferred on this thread, handed to another process to remove (a rank of a
+    multi-process training gives them to the driver, which stores the results); deferral ends."""
+    paths = list(getattr(_deferred, "paths", None) or [])
+    _deferred.paths = None
+    return paths
+
+
+def adopt_deferred(paths: list[Path]) -> None:
+    """Checkpoints another process finished: removed with this thread's, or now if none is deferred."""
+    pending = getattr(_deferred, "paths", None)
+    if pending is None:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+    else:
+        pending.extend(Path(p) for p in paths)
+
+
 def keep_deferred() -> None:
     """Storing the results failed: keep those checkpoints for the rerun to resume from."""
     _deferred.paths = None

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
+from .distributed import all_sum, average_over_ranks, rank_and_world, shard
 from .masks import prunable_parameters, unflatten
 from .runtime import UniformNoise, generator
 from .stacked import stacked_forward
@@ -535,6 +536,7 @@ def search_step(
     x: torch.Tensor,
     y: torch.Tensor,
     loss_scale: float = 1.0,
+    share: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the search (inside :func:`batch_statistics`); returns the objective (unscaled)
     and ``Σσ(s)``, per row when batched.
@@ -560,6 +562,8 @@ def search_step(
             loss = objective.fn(sparse_logits, dense_logits, y)
     # Rows are independent, so the gradient of their sum is each row's own gradient.
     (task_grad,) = torch.autograd.grad(loss.sum() * loss_scale, relaxation.logits)
+    # Under DDP (core/distributed.py) ``x`` is this rank's slice: average to the global batch's.
+    task_grad = average_over_ranks(task_grad, share)
     grad, expected = balancer.combine(relaxation.logits.detach(), task_grad)
     relaxation.logits.grad = grad
     optimizer.step()
@@ -648,6 +652,7 @@ def concrete_search(
     lr = config.lr if config.lr is not None else recipe.lr
     loss_scale = config.effective_loss_scale
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+    rank, world = rank_and_world()
     total_steps = epochs * steps_per_epoch
     drop_step = round(LR_DROP_AT * total_steps)
     rows = len(densities)
@@ -693,6 +698,7 @@ def concrete_search(
                 generator=generator(device, seed, "search-order", epoch),
             )
             for i, (x, y) in enumerate(batches):
+                x, y, share = shard(x, y)  # this rank's slice of the global batch (all of it in one process)
                 x = to_layout(x, channels_last)
                 if batched and checked_stacked is None:
                     relaxation.stacked = checked_stacked = _check_stacked(model, relaxation, x, stage)
@@ -701,11 +707,12 @@ def concrete_search(
                         group["lr"] *= LR_DROP_FACTOR
                     balancer.drop_lr(LR_DROP_FACTOR)
                 loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y,
-                                             loss_scale)
-                step_losses[i] = loss
+                                             loss_scale, share)
+                step_losses[i] = loss if world == 1 else loss * (share / world)
                 expected_trace[step] = expected.reshape(-1) if batched else expected
                 under_steps += ~balancer.over_budget.reshape(under_steps.shape)
                 step += 1
+            all_sum(step_losses)  # the global batch's objective on every rank
             check_finite(step_losses, stage=stage, epoch=epoch, epochs=epochs)
             seconds = time.perf_counter() - epoch_started
             losses = step_losses.mean(0).reshape(-1).tolist()
@@ -733,7 +740,7 @@ def concrete_search(
                     record["loss"], record["expected_kept"], record["expected_over_budget"], record["multiplier"],
                     seconds, extra={"stage": stage, "epoch": epoch + 1, "epochs": epochs},
                 )
-            if checkpoint is not None and epoch + 1 < epochs:
+            if checkpoint is not None and epoch + 1 < epochs and rank == 0:  # one writer; every rank resumes
                 checkpoint.save({
                     "epochs_done": epoch + 1,
                     "logits": relaxation.logits.detach(),

@@ -6,14 +6,16 @@ engine behind ``torchrun``), each in a process group (NCCL on CUDA, gloo on CPU)
 use it as is.
 
 Every rank draws the same global batch (the data order and augmentation depend only on the seed
-and the epoch) and keeps its own slice of it (:func:`shard`). DDP averages the gradients over
-ranks; each rank's loss is weighted by its share of the batch, so the average is exactly the
-global batch's mean and the weights follow the single-process run up to float rounding. Where
+and the epoch) and keeps its own slice of it (:func:`shard`). In training, DDP averages the
+gradients over ranks; each rank's loss is weighted by its share of the batch, so the average is
+exactly the global batch's mean and the weights follow the single-process run up to float
+rounding. The search shares its noise draw (seeded the same on every rank) and averages the
+logit gradients the same way (:func:`average_over_ranks`), so GradBalance's λ* is the same too. Where
 the model has BatchNorm, each rank normalises with its own slice's statistics, unlike one
 process over the whole batch; ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` restores
 whole-batch statistics at the cost of one all-reduce per layer.
 
-This is the core of the multi-process path (issue 12); the pipeline's nodes do not call it yet.
+The pipeline reaches it through ``runtime.distributed: {nproc: N}`` (``pipelines.common.distributable``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,18 @@ def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     total = len(y)
     x, y = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
     return x, y, len(y) * world / total
+
+
+def average_over_ranks(grad: torch.Tensor, share: float) -> torch.Tensor:
+    """The global batch's gradient from this rank's (``share`` as from :func:`shard`), the same on
+    every rank; ``grad`` itself in one process. The search hands it to GradBalance, so λ* too is
+    the same on every rank."""
+    _, world = rank_and_world()
+    if world == 1:
+        return grad
+    total = grad * (share / world)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
 
 
 def all_sum(*tensors: torch.Tensor) -> None:

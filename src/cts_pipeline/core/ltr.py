@@ -20,6 +20,7 @@ from torch import nn
 
 from .checkpoints import Checkpoint
 from .data import Split
+from .distributed import rank_and_world
 from .masks import Mask, global_topk_mask, kept_count, prunable_parameters
 from .training import TrainRecipe, train
 
@@ -170,7 +171,7 @@ def lottery_ticket_rewinding(
             "" if accuracy is None else f", trained to {accuracy:.2f} % in {seconds:.1f} s",
         )
         cumulative += seconds
-        if checkpoint is not None and level < max_level:
+        if checkpoint is not None and level < max_level and rank_and_world()[0] == 0:  # one writer
             checkpoint.save({"levels_done": level, "mask": mask, "weights": weights, "kept_masks": kept_masks,
                              "records": [asdict(r) for r in records], "cumulative": cumulative})
     if checkpoint is not None:

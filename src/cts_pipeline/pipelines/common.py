@@ -6,6 +6,7 @@ them anywhere); nodes move what they use to the run's device and hand CPU copies
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, RuntimeConfig
-from ..core.checkpoints import Checkpoint, digest
+from ..core.checkpoints import Checkpoint, adopt_deferred, defer_removal, digest, take_deferred
 from ..core.data import Split, get_dataset_info
 from ..core.runtime import generator, resolve_device
 
@@ -31,6 +32,39 @@ class ArtifactMismatch(ValueError):
     def __init__(self, dataset: str, message: str) -> None:
         super().__init__(f"{dataset}: {message}")
         self.dataset = dataset
+
+
+def distributable(node_fn):
+    """A node whose loops may run over several processes: with ``runtime.distributed: {nproc: N}``
+    the node runs in N local processes (``core.distributed.launch``: DDP, each rank a slice of
+    every batch) and returns rank 0's result. Inside a process group already (under ``torchrun``),
+    or with one process, it runs as it is. Checkpoints the ranks finished are removed by this
+    process once Kedro has saved the outputs, as for a node in one process (``CheckpointHook``)."""
+
+    @functools.wraps(node_fn)
+    def run(*args):
+        from ..core.distributed import launch, rank_and_world
+
+        runtime = next((a for a in args if isinstance(a, RuntimeConfig)), None)
+        nproc = ((runtime.distributed if runtime is not None else None) or {}).get("nproc", 1)
+        if nproc <= 1 or rank_and_world()[1] > 1:
+            return node_fn(*args)
+        threads = max(1, (runtime.num_threads or torch.get_num_threads()) // nproc)
+        result, finished = launch(_node_in_rank, nproc, node_fn.__module__, node_fn.__qualname__, args, threads)
+        adopt_deferred(finished)
+        return result
+
+    return run
+
+
+def _node_in_rank(module: str, name: str, args: tuple, threads: int):
+    """One rank of a distributable node: the node's own body, its checkpoints left to the driver."""
+    import importlib
+
+    torch.set_num_threads(threads)
+    defer_removal()
+    body = getattr(importlib.import_module(module), name).__wrapped__
+    return body(*args), take_deferred()
 
 
 def loop_bars(runtime: RuntimeConfig) -> bool:

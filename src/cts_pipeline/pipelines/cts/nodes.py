@@ -15,6 +15,7 @@ from ..common import (
     checkpoint_for,
     data_fingerprint,
     device_for,
+    distributable,
     loop_bars,
     split_from_payload,
     uses_channels_last,
@@ -83,6 +84,7 @@ def search_mask(
     return scores_and_logs[f"{branch.namespace}.scores"], scores_and_logs[f"{branch.namespace}.mask_log"]
 
 
+@distributable
 def search_masks(
     theta_start: dict,
     train_data: dict,

@@ -17,6 +17,7 @@ from ..common import (
     checkpoint_for,
     data_fingerprint,
     device_for,
+    distributable,
     loop_bars,
     split_from_payload,
     state_on_cpu,
@@ -24,6 +25,7 @@ from ..common import (
 )
 
 
+@distributable
 def train_dense(
     train_data: dict,
     test_data: dict,

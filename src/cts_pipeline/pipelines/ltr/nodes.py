@@ -15,11 +15,13 @@ from ..common import (
     checkpoint_for,
     data_fingerprint,
     device_for,
+    distributable,
     loop_bars,
     split_from_payload,
 )
 
 
+@distributable
 def prune_iteratively(
     theta_rewind: dict,
     dense_final_weights: dict,

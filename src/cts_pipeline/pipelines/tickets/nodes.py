@@ -31,6 +31,7 @@ from ..common import (
     checkpoint_for,
     data_fingerprint,
     device_for,
+    distributable,
     loop_bars,
     split_from_payload,
     state_on_cpu,
@@ -86,6 +87,7 @@ def start_epoch(training: TrainRecipe, branch: Branch) -> int:
     return training.rewind_epoch if branch.start == "rewind" else 0
 
 
+@distributable
 def retrain_ticket(
     theta_start: dict,
     mask: dict,
@@ -120,6 +122,7 @@ def _retrain_log(branch: Branch, first: int, result, started_at: float, **extra)
             "started_at": started_at, **extra, "history": result.history}
 
 
+@distributable
 def retrain_tickets(
     theta_start: dict,
     train_data: dict,
@@ -144,7 +147,9 @@ def retrain_tickets(
     train_split = split_from_payload(train_data, device)
     test_split = split_from_payload(test_data, device)
     net = build_network(model, train_split, device, state=theta_start)
-    if not batched_training_supports(net, training, device) or runtime.compile:
+    # The stacked path has no DDP: over several processes the tickets train one at a time.
+    if not batched_training_supports(net, training, device) or runtime.compile \
+            or (runtime.distributed or {}).get("nproc", 1) > 1:
         out = {}
         for payload, branch in zip(payloads, branches, strict=True):
             weights, log = retrain_ticket(theta_start, payload, train_data, test_data, model, training, runtime, branch)
