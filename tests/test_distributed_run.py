@@ -14,8 +14,11 @@ import torch
 from .conftest import latest, run_pipeline
 
 
-def test_the_sweep_runs_over_two_processes(project):
+def test_the_sweep_runs_over_two_processes(project, logged):
     run_pipeline(project, params={"runtime": {"distributed": {"nproc": 2}}})
+    lines = [r.getMessage() for r in logged if r.name == "cts_pipeline.progress"]
+    assert any(line.startswith("dense.seed0: ") for line in lines), "rank 0's lines reach the driver's log"
+    assert any(r.name.startswith("cts_pipeline.core") and "epoch" in r.getMessage() for r in logged)
     table = pd.read_csv(latest(project, "data/08_reporting/smoke/report-*/cts_results.csv"))
     assert list(table["target_sparsity_pct"]) == [0.0, 50.0, 90.0]
     assert (table["test_accuracy"] > 0).all()

@@ -7,6 +7,7 @@ them anywhere); nodes move what they use to the run's device and hand CPU copies
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -50,21 +51,42 @@ def distributable(node_fn):
         if nproc <= 1 or rank_and_world()[1] > 1:
             return node_fn(*args)
         threads = max(1, (runtime.num_threads or torch.get_num_threads()) // nproc)
-        result, finished = launch(_node_in_rank, nproc, node_fn.__module__, node_fn.__qualname__, args, threads)
+        result, finished, records = launch(_node_in_rank, nproc, node_fn.__module__, node_fn.__qualname__, args,
+                                           threads)
         adopt_deferred(finished)
+        for logger_name, level, message in records:  # rank 0's log, in this process's handlers
+            logging.getLogger(logger_name).log(level, "%s", message)
         return result
 
     return run
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.records: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.name, record.levelno, record.getMessage()))
+
+
 def _node_in_rank(module: str, name: str, args: tuple, threads: int):
-    """One rank of a distributable node: the node's own body, its checkpoints left to the driver."""
+    """One rank of a distributable node: the node's own body, its checkpoints left to the driver,
+    and (rank 0's) log records returned for the driver's handlers: a spawned process has none."""
     import importlib
+
+    from ..core.distributed import rank_and_world
 
     torch.set_num_threads(threads)
     defer_removal()
+    project = logging.getLogger("cts_pipeline")
+    collect = _Collect()
+    if rank_and_world()[0] == 0:
+        project.setLevel(logging.INFO)
+        project.addHandler(collect)
+    project.propagate = False  # nothing printed by the ranks themselves
     body = getattr(importlib.import_module(module), name).__wrapped__
-    return body(*args), take_deferred()
+    return body(*args), take_deferred(), collect.records
 
 
 def loop_bars(runtime: RuntimeConfig) -> bool:
