@@ -275,10 +275,36 @@ def _log_times(info_log: Path) -> dict[str, float]:
     return found
 
 
-def kedro_overhead(write_docs: bool = False) -> None:
+def kedro_overhead(write_docs: bool = False, pairs: int = 3) -> None:
     """The default run in a fresh project, then again in the same project (the MLflow store and
-    the data split exist): wall-clock against node compute, and where the rest goes."""
-    lines = []
+    the data split exist), ``pairs`` times: wall-clock against node compute, and where the rest
+    goes. The VM's speed drifts between runs, so every pair is listed and the medians are rows."""
+    lines, ratios = [], {"fresh project": [], "second run": []}
+    for _ in range(pairs):
+        _overhead_pair(lines, ratios)
+    for attempt, values in ratios.items():
+        row(f"kedro run wall-clock / sum of node compute, default run ({attempt}, median of {pairs})",
+            ", ".join(f"{v:.2f}" for v in values), statistics.median(values), "≤ 1.10 (issue 8)")
+    if write_docs:
+        from docs_blocks import replace_block
+
+        table = "\n".join([
+            f"`python benchmarks/speed.py --rows 5 --write-docs`, {datetime.date.today()}, "
+            f"{describe_hardware(torch.device('cpu'))}.",
+            "",
+            f"Median wall / compute over {pairs} pairs: fresh project "
+            f"**{statistics.median(ratios['fresh project']):.2f}**, second run "
+            f"**{statistics.median(ratios['second run']):.2f}**.",
+            "",
+            "| run | wall s | node compute s | wall / compute | start-up to the first node s | data node s "
+            "| report node s | after the last log line s |",
+            "|---|---|---|---|---|---|---|---|",
+            *lines,
+        ])
+        replace_block("docs/performance.md", "overhead", table)
+
+
+def _overhead_pair(lines: list[str], ratios: dict[str, list[float]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "project"
         shutil.copytree(ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
@@ -309,24 +335,10 @@ def kedro_overhead(write_docs: bool = False) -> None:
                 else:
                     compute += s["find_mask"] + s["retrain"] + s.get("test_during_retrain", 0.0) + s["evaluate"]
             t = _log_times(project / "info.log")
-            row(f"kedro run wall-clock / sum of node compute, default run ({attempt})",
-                f"{wall:.1f} s vs {compute:.1f} s", wall / compute, "≤ 1.10 (issue 8)")
+            ratios[attempt].append(wall / compute)
             lines.append(f"| {attempt} | {wall:.1f} | {compute:.1f} | **{wall / compute:.2f}** | "
                          f"{t['first_node'] - started:.1f} | {t['data_done'] - t['first_node']:.1f} | "
                          f"{t['pipeline_done'] - t['report_start']:.1f} | {ended - t['last_line']:.1f} |")
-    if write_docs:
-        from docs_blocks import replace_block
-
-        table = "\n".join([
-            f"`python benchmarks/speed.py --rows 5 --write-docs`, {datetime.date.today()}, "
-            f"{describe_hardware(torch.device('cpu'))}.",
-            "",
-            "| run | wall s | node compute s | wall / compute | start-up to the first node s | data node s "
-            "| report node s | after the last log line s |",
-            "|---|---|---|---|---|---|---|---|",
-            *lines,
-        ])
-        replace_block("docs/performance.md", "overhead", table)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -132,7 +132,7 @@ class MlflowHook:
         self.settings = TrackingSettings()
         self.project_path = Path.cwd()
         self.tracker: RunTracker | None = None
-        self.starting: Future | None = None  # the parent run being opened in the background
+        self.writer: ThreadPoolExecutor | None = None  # the one thread that writes to MLflow
         self.driver_pid: int | None = None
         self.rerun_hint = "kedro run --only-missing-outputs"
         self.catalog = None
@@ -169,9 +169,12 @@ class MlflowHook:
         try:
             check_reachable(self.settings.resolved_uri(self.project_path))  # seconds at most
             if tags["kedro.runner"] in IN_PROCESS_RUNNERS:
-                # Importing MLflow and opening its store take seconds; they overlap the first node.
-                # (Not before a runner that forks: a fork during an import can deadlock the child.)
-                self.starting = ThreadPoolExecutor(1, thread_name_prefix="mlflow-start").submit(start)
+                # One writer thread: importing MLflow and opening its store (seconds) overlap the
+                # first nodes, and each call after it leaves the nodes' critical path. In order,
+                # so a child run exists before its ticket is logged. (Not before a runner that
+                # forks: a fork during an import or a write can deadlock the child.)
+                self.writer = ThreadPoolExecutor(1, thread_name_prefix="mlflow")
+                self.writer.submit(self._start, start)
             else:
                 self.tracker = start()
         except TrackingUnavailable as exc:
@@ -184,23 +187,37 @@ class MlflowHook:
             return
         self.driver_pid = os.getpid()
 
+    def _start(self, start) -> None:
+        try:
+            self.tracker = start()
+        except Exception as exc:
+            logger.warning("MLflow: %s; running without tracking (log the results later with `%s`)",
+                           first_line(exc), self.rerun_hint)
+
     def _tracking(self) -> bool:
         # A forked worker inherits this object, tracker included: only the driver may write.
-        if os.getpid() != self.driver_pid:
-            return False
-        if self.starting is not None:
-            starting, self.starting = self.starting, None
-            try:
-                self.tracker = starting.result()
-            except Exception as exc:
-                logger.warning("MLflow: %s; running without tracking (log the results later with `%s`)",
-                               first_line(exc), self.rerun_hint)
-        return self.tracker is not None
+        # While the writer thread opens the run, calls queue behind it.
+        return os.getpid() == self.driver_pid and (self.tracker is not None or self.writer is not None)
 
-    def _safely(self, what: str, call, *args) -> None:
-        """Run one MLflow call; a fault turns tracking off for the rest of the run, never the run."""
+    def _drain(self) -> None:
+        """Wait for every queued MLflow call (the run's end reads what they recorded)."""
+        if self.writer is not None:
+            self.writer.submit(lambda: None).result()
+
+    def _safely(self, what: str, method: str, *args) -> None:
+        """One RunTracker call, on the writer thread when there is one (a method name, since the
+        tracker may still be opening); a fault turns tracking off for the rest of the run, never
+        the run."""
+        if self.writer is not None:
+            self.writer.submit(self._call, what, method, args)
+        else:
+            self._call(what, method, args)
+
+    def _call(self, what: str, method: str, args: tuple) -> None:
+        if self.tracker is None:
+            return
         try:
-            call(*args)
+            getattr(self.tracker, method)(*args)
         except Exception as exc:
             logger.warning("MLflow: could not log %s (%s); tracking is off for the rest of this run. "
                            "Every result is in the catalog: log them later with `%s`",
@@ -213,18 +230,18 @@ class MlflowHook:
         if not self._tracking():
             return
         if is_result(name, node):
-            self._safely(name, self.tracker.log_result, name, data)
+            self._safely(name, "log_result", name, data)
         elif "report" in node.tags:
             if hasattr(data, "savefig") and self.catalog is not None:
                 data = load_fresh(self.catalog, name)  # the saved PNG: MLflow would draw the figure again
-            self._safely(name, self.tracker.log_report, name, data)
+            self._safely(name, "log_report", name, data)
 
     def _log_ticket(self, catalog, metrics_name: str) -> None:
         ticket = metrics_name.removesuffix(".metrics") + ".ticket"
         if self._tracking() and catalog is not None and ticket in catalog:
             catalog.release(ticket)  # the version this run saved, whichever process saved it
             if catalog.exists(ticket):
-                self._safely(ticket, self.tracker.log_ticket, metrics_name, artifact_path(catalog, ticket))
+                self._safely(ticket, "log_ticket", metrics_name, artifact_path(catalog, ticket))
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
@@ -249,30 +266,38 @@ class MlflowHook:
         in worker processes, or in earlier runs that ``--only-missing-outputs`` skipped."""
         for node in pipeline.nodes:
             for name in node.outputs:
-                if self._tracking() and is_result(name, node) and name not in self.tracker.children \
+                if self.tracker is not None and is_result(name, node) and name not in self.tracker.children \
                         and catalog.exists(name):
                     self._log(name, node, load_fresh(catalog, name))
                     self._log_ticket(catalog, name)
 
     @hook_impl
     def after_pipeline_run(self, pipeline, catalog) -> None:
+        self._drain()
         self._log_from_catalog(pipeline, catalog)
         if self._tracking():
             self._log_reports(pipeline, catalog)
-            self._safely("the run's end", self.tracker.finish, "FINISHED")
-        self.tracker = None
+            self._safely("the run's end", "finish", "FINISHED")
+        self._close()
 
     @hook_impl
     def on_pipeline_error(self, error: Exception, pipeline, catalog) -> None:
+        self._drain()
         self._log_from_catalog(pipeline, catalog)
         if self._tracking():
-            self._safely("the run's failure", self.tracker.finish, "FAILED", error)
+            self._safely("the run's failure", "finish", "FAILED", error)
+        self._close()
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.shutdown(wait=True)
+            self.writer = None
         self.tracker = None
 
     def _log_reports(self, pipeline, catalog) -> None:
         for node in pipeline.nodes:
             for name in node.outputs if "report" in node.tags else ():
-                if self._tracking() and name not in self.tracker.reports and catalog.exists(name):
+                if self.tracker is not None and name not in self.tracker.reports and catalog.exists(name):
                     self._log(name, node, load_fresh(catalog, name))
 
 
