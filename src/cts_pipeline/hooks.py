@@ -329,23 +329,29 @@ class FreshnessHook:
             if not all(catalog.exists(name) for name in stored):
                 rerun.add(node)  # Kedro reruns it; what depends on it must follow
                 continue
-            reason = self._why_stale(node, stored, catalog, producer, rerun, written)
+            damaged = self._damaged(stored, written)
+            reason = damaged or self._outdated(node, stored, producer, rerun, written)
             if reason:
                 rerun.add(node)
                 for dataset in stored.values():
                     dataset.mark_stale()
-                log = logger.warning if "does not match" in reason or "no record" in reason else logger.info
-                log("%s: recomputed, %s", node.name, reason)
+                # A damaged file is news to the user; following a recomputed input is routine.
+                (logger.warning if damaged else logger.info)("%s: recomputed, %s", node.name, reason)
 
     @staticmethod
-    def _why_stale(node, stored, catalog, producer, rerun, written) -> str | None:
+    def _damaged(stored: dict, written: dict[str, float]) -> str | None:
+        """The first stored output that does not match its record; else each one's write time."""
         for name, dataset in stored.items():
             path = dataset.load_path()
             problem = file_mismatch(dataset._fs, path)
             if problem:
-                return f"{path} does not match what was written: {problem}" if "no record" not in problem \
-                    else f"{path}: {problem}"
+                return f"{path}: {problem}" if problem.startswith("it has no record") \
+                    else f"{path} does not match what was written: {problem}"
             written[name] = (read_record(dataset._fs, path) or {}).get("written_at", 0.0)
+        return None
+
+    @staticmethod
+    def _outdated(node, stored: dict, producer: dict, rerun: set, written: dict[str, float]) -> str | None:
         recomputed = [name for name in node.inputs if producer.get(name) in rerun]
         if recomputed:
             return f"its input {recomputed[0]} is recomputed in this run"
