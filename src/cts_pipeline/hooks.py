@@ -21,7 +21,7 @@ from kedro.framework.hooks import hook_impl
 
 from .config import typed_sections, validate_run
 from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
-from .datasets._records import RecordedArtifact, file_mismatch, read_record
+from .datasets._records import NO_RECORD, RecordedArtifact, check_file
 from .pipelines.common import ArtifactMismatch
 from .tracking import (
     RunTracker,
@@ -343,11 +343,11 @@ class FreshnessHook:
         """The first stored output that does not match its record; else each one's write time."""
         for name, dataset in stored.items():
             path = dataset.load_path()
-            problem = file_mismatch(dataset._fs, path)
+            record, problem = check_file(dataset._fs, path)
             if problem:
-                return f"{path}: {problem}" if problem.startswith("it has no record") \
+                return f"{path}: {problem}" if problem == NO_RECORD \
                     else f"{path} does not match what was written: {problem}"
-            written[name] = (read_record(dataset._fs, path) or {}).get("written_at", 0.0)
+            written[name] = record.get("written_at", 0.0)
         return None
 
     @staticmethod

@@ -536,7 +536,8 @@ def search_step(
     x: torch.Tensor,
     y: torch.Tensor,
     loss_scale: float = 1.0,
-    share: float = 1.0,
+    share: float | None = None,
+    world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the search (inside :func:`batch_statistics`); returns the objective (unscaled)
     and ``Σσ(s)``, per row when batched.
@@ -562,8 +563,8 @@ def search_step(
             loss = objective.fn(sparse_logits, dense_logits, y)
     # Rows are independent, so the gradient of their sum is each row's own gradient.
     (task_grad,) = torch.autograd.grad(loss.sum() * loss_scale, relaxation.logits)
-    # Under DDP (core/distributed.py) ``x`` is this rank's slice: average to the global batch's.
-    task_grad = average_over_ranks(task_grad, share)
+    if world > 1:  # under DDP (core/distributed.py) ``x`` is this rank's slice: to the global batch's
+        task_grad = average_over_ranks(task_grad, share, world)
     grad, expected = balancer.combine(relaxation.logits.detach(), task_grad)
     relaxation.logits.grad = grad
     optimizer.step()
@@ -698,7 +699,9 @@ def concrete_search(
                 generator=generator(device, seed, "search-order", epoch),
             )
             for i, (x, y) in enumerate(batches):
-                x, y, share = shard(x, y)  # this rank's slice of the global batch (all of it in one process)
+                share = None
+                if world > 1:
+                    x, y, share = shard(x, y, rank, world)
                 x = to_layout(x, channels_last)
                 if batched and checked_stacked is None:
                     relaxation.stacked = checked_stacked = _check_stacked(model, relaxation, x, stage)
@@ -707,7 +710,7 @@ def concrete_search(
                         group["lr"] *= LR_DROP_FACTOR
                     balancer.drop_lr(LR_DROP_FACTOR)
                 loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y,
-                                             loss_scale, share)
+                                             loss_scale, share, world)
                 step_losses[i] = loss if world == 1 else loss * (share / world)
                 expected_trace[step] = expected.reshape(-1) if batched else expected
                 under_steps += ~balancer.over_budget.reshape(under_steps.shape)

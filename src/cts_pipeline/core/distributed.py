@@ -35,10 +35,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def shard(x: torch.Tensor, y: torch.Tensor, rank: int | None = None,
+          world: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """This rank's slice of a global batch, and the factor that turns its mean loss into its share
-    of the global mean once DDP averages over ranks (``len(slice) · world / len(batch)``)."""
-    rank, world = rank_and_world()
+    of the global mean once DDP averages over ranks (``len(slice) · world / len(batch)``). The
+    loops look ``rank`` and ``world`` up once and call this only in a process group."""
+    if rank is None or world is None:
+        rank, world = rank_and_world()
     if world == 1:
         return x, y, 1.0
     total = len(y)
@@ -46,13 +49,9 @@ def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return x, y, len(y) * world / total
 
 
-def average_over_ranks(grad: torch.Tensor, share: float) -> torch.Tensor:
+def average_over_ranks(grad: torch.Tensor, share: float, world: int) -> torch.Tensor:
     """The global batch's gradient from this rank's (``share`` as from :func:`shard`), the same on
-    every rank; ``grad`` itself in one process. The search hands it to GradBalance, so λ* too is
-    the same on every rank."""
-    _, world = rank_and_world()
-    if world == 1:
-        return grad
+    every rank. The search hands it to GradBalance, so λ* too is the same on every rank."""
     total = grad * (share / world)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
@@ -81,7 +80,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | None =
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
-        raise ValueError(f"runtime.distributed.nproc must be a positive integer, got {nproc!r}")
+        raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,

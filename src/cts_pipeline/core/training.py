@@ -195,6 +195,9 @@ def train(
         def autocast():
             return torch.autocast(device.type, dtype=autocast_dtype)
     rank, world = rank_and_world()
+    # Under DDP a rank's loss is weighted to its part of the global batch's: by its slice's share
+    # of the batch for a mean, by the number of ranks for a sum (DDP averages the gradients).
+    sum_share = float(world) if recipe.loss_reduction == "sum" else None
     forward = torch.compile(model) if compile_model else model
     if world > 1:  # inside a process group (core/distributed.py): gradients averaged over ranks
         forward = torch.nn.parallel.DistributedDataParallel(forward)
@@ -230,9 +233,9 @@ def train(
             generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
         )
         for step, (x, y) in enumerate(batches):
-            x, y, share = shard(x, y)  # this rank's slice of the global batch (all of it in one process)
-            if recipe.loss_reduction == "sum":
-                share = float(world)  # DDP averages: a rank's sum, times the ranks, sums to the batch's
+            if world > 1:
+                x, y, share = shard(x, y, rank, world)
+                share = sum_share or share
             with autocast():
                 logits = forward(to_layout(x, channels_last))
                 loss = F.cross_entropy(logits.float(), y, reduction=recipe.loss_reduction)

@@ -46,13 +46,17 @@ def payload_mismatch(payload: bytes, record: dict[str, Any]) -> str | None:
     return None
 
 
-def file_mismatch(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
-    """Why the file at ``path`` cannot be trusted as this project wrote it, or None."""
+NO_RECORD = "it has no record: it was not written by this project (or by an older version of it)"
+
+
+def check_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The file's record, and why the file at ``path`` cannot be trusted as this project wrote it
+    (``NO_RECORD`` when it has no record), or None."""
     record = read_record(fs, path)
     if record is None:
-        return "it has no record: it was not written by this project (or by an older version of it)"
+        return None, NO_RECORD
     with fs.open(path, "rb") as f:
-        return payload_mismatch(f.read(), record)
+        return record, payload_mismatch(f.read(), record)
 
 
 class RecordedArtifact:
