@@ -73,3 +73,28 @@ def test_mnist_files_of_random_bytes_are_named(invoke, project, tmp_path):
     first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
     assert "train-images-idx3-ubyte is not a valid MNIST-format idx file" in first
     assert "Traceback" not in result.output
+
+
+def test_a_mask_from_another_model_stops_the_rerun_naming_its_file(invoke, project):
+    import shutil
+
+    import torch
+
+    from cts_pipeline.datasets import TorchDataset
+
+    from .conftest import latest
+
+    assert invoke().exit_code == 0
+    mask = latest(project, "data/07_model_output/smoke/cts_kl-*/seed0/sp90_00/mask.pt")
+    payload = torch.load(mask, weights_only=True)
+    for part in ("masks", "kept", "total"):
+        payload[part] = {f"other.{name}": value for name, value in payload[part].items()}
+    TorchDataset(filepath=str(mask)).save(payload)  # well-formed, with its record, for other layers
+    for metrics in project.glob("data/08_reporting/smoke/cts_kl-*/seed0/sp90_00/metrics.json"):
+        shutil.rmtree(metrics)
+    result = invoke("--only-missing-outputs")
+    assert result.exit_code == 1, result.output  # a node failed, after the run started
+    first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
+    assert "cts_kl.seed0.sp90_00.mask: mask does not match the model" in first
+    assert f"file: {mask}" in first
+    assert "Traceback" not in result.output
