@@ -86,6 +86,14 @@ def test_default_configuration_is_valid(params):
         ({"training": {"lrr": 0.1}}, "lrr"),
         ({"data": {"name": "cifar10", "root": "/nonexistent"}}, "data.download"),
         ({"runtime": {"device": "cuda:x"}}, "runtime.device"),
+        ({"runtime": {"device": "cpu", "distributed": {"nproc": 2, "sync_batchnorm": True}}}, "needs CUDA"),
+        ({"runtime": {"distributed": {"nproc": 2, "sync_batchnorm": "yes"}}}, "sync_batchnorm"),
+        ({"runtime": {"data_workers": -1}}, "runtime.data_workers"),
+        ({"training": {"warmup_epochs": 31}}, "training.warmup_epochs"),
+        ({"data": {"name": "tiny_imagenet", "root": "/nonexistent"}}, "tiny-imagenet-200/train  (missing)"),
+        ({"data": {"name": "imagenet", "root": "/nonexistent", "download": True}, "model": {"name": "resnet18"},
+          "training": {"batch_size": 63}, "runtime": {"distributed": {"nproc": 2}}},
+         "training.batch_size = 63 must be a multiple of runtime.distributed.nproc = 2"),
     ],
 )
 def test_each_bad_value_is_named(params, changes, named):
@@ -109,7 +117,7 @@ def test_model_too_big_for_the_input_names_both(params):
 
 
 def test_every_preset_is_valid_apart_from_its_data(params):
-    for preset in ("smoke", "mnist_lenet", "cifar10_resnet20", "cifar10_vgg16"):
+    for preset in ("smoke", "mnist_lenet", "cifar10_resnet20", "cifar10_vgg16", "imagenet_resnet50"):
         merged = copy.deepcopy(params)
         override = yaml.safe_load((PROJECT_ROOT / "conf" / preset / "parameters.yml").read_text())
         for section, values in override.items():

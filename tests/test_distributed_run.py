@@ -6,6 +6,10 @@ tests/core/test_distributed.py, on a model without BatchNorm.)"""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -14,8 +18,8 @@ import torch
 from .conftest import latest, run_pipeline
 
 
-def test_the_sweep_runs_over_two_processes(project, logged):
-    run_pipeline(project, params={"runtime": {"distributed": {"nproc": 2}}})
+def test_the_sweep_runs_over_two_processes(project, logged, tmp_path):
+    run_pipeline(project, params={"runtime": {"distributed": {"nproc": 2}, "num_threads": 2}})
     lines = [r.getMessage() for r in logged if r.name == "cts_pipeline.progress"]
     assert any(line.startswith("dense.seed0: ") for line in lines), "rank 0's lines reach the driver's log"
     assert any(r.name.startswith("cts_pipeline.core") and "epoch" in r.getMessage() for r in logged)
@@ -28,6 +32,34 @@ def test_the_sweep_runs_over_two_processes(project, logged):
     assert [r["epoch"] for r in dense["history"]] == [1, 2, 3]
     assert not list((project / "data" / "06_models" / "checkpoints").glob("**/*.pt")), \
         "the ranks' checkpoints go once the driver has saved the outputs"
+
+    # The same sweep under torchrun (cts_pipeline.torchrun): rank 0 runs Kedro and leads, rank 1
+    # follows into every training; the same two ranks compute the same masks and weights.
+    launched = tmp_path / "torchrun"
+    shutil.copytree(project, launched, ignore=shutil.ignore_patterns("data", "mlflow.db", "mlruns", "*.log"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{(launched / 'mlflow.db').as_posix()}"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "kedro", "run", "--pipelines=cts", "--env=smoke", "--params=runtime.num_threads=1"],
+                          cwd=launched, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for artifact in ("07_model_output/smoke/cts_kl-*/seed0/sp90_00/mask.pt", "07_model_output/smoke/cts_kl-*/seed0/sp50_00/mask.pt"):
+        ours = torch.load(latest(project, f"data/{artifact}"), weights_only=True)["masks"]
+        theirs = torch.load(latest(launched, f"data/{artifact}"), weights_only=True)["masks"]
+        assert all(torch.equal(ours[name], theirs[name]) for name in ours), artifact
+    under_torchrun = json.loads(latest(launched, "data/08_reporting/smoke/dense-*/seed0/metrics.json").read_text())
+    for one, two in zip(dense["history"], under_torchrun["history"], strict=True):
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+        assert two["test_accuracy"] == pytest.approx(one["test_accuracy"])
+    assert not list((launched / "data" / "06_models" / "checkpoints").glob("**/*.pt"))
+    assert len(list(launched.glob("data/08_reporting/smoke/report-*/cts_results.csv/*/"))) == 1, "one writer"
+
+
+def test_another_runner_under_torchrun_is_refused_in_one_line(project):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    done = subprocess.run([sys.executable, "-m", "kedro", "run", "--env=smoke", "--runner=ThreadRunner"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Error: --runner=ThreadRunner under torchrun" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("value", [{"nproc": 0}, {"nprocs": 2}, 2])

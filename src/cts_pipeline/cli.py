@@ -64,10 +64,20 @@ def exit_with(code: int) -> None:
 
 
 def _run(verbose: bool, **kwargs):
+    from . import torchrun
+    from .core.distributed import under_torchrun
     from .hooks import run_state
 
     run_state["nodes_started"] = False
     verbose = verbose or os.environ.get("CTS_VERBOSE", "") not in ("", "0")
+    if under_torchrun():
+        if (kwargs.get("runner") or "SequentialRunner").rsplit(".", 1)[-1] != "SequentialRunner":
+            click.echo(f"Error: --runner={kwargs['runner']} under torchrun: every rank must enter the same "
+                       "training at the same time, so nodes run one after another (leave --runner out)", err=True)
+            exit_with(CONFIGURATION_EXIT)
+        if torchrun.is_follower():  # runs what rank 0 announces; rank 0 alone opens the Kedro session
+            torchrun.follow()
+            exit_with(0)
     try:
         kedro_run.callback(**kwargs)
     except (KeyboardInterrupt, SystemExit, click.exceptions.ClickException):
@@ -80,6 +90,9 @@ def _run(verbose: bool, **kwargs):
         click.echo(f"Error: {message}", err=True)
         click.echo("(the traceback is in info.log; `kedro run --verbose ...` shows it here)", err=True)
         exit_with(code)
+    finally:
+        if under_torchrun():
+            torchrun.release()
     exit_with(0)
 
 

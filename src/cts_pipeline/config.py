@@ -104,14 +104,23 @@ class RuntimeConfig:
     batch_sparsities: bool = True  # one batched CTS search per seed and CTS configuration
     strict: bool = False  # stop the run when a search diverges, instead of flagging the branch
     distributed: Mapping[str, Any] | None = None  # {nproc: N}: train and search over N local processes
+    data_workers: int | None = None  # loader processes of a streamed (image-folder) dataset; 0 = in this
+    #                                   process; null = up to 4, as the CPUs allow
 
     def __post_init__(self) -> None:
         if self.distributed is not None:
-            if not isinstance(self.distributed, Mapping) or set(self.distributed) - {"nproc"}:
-                raise ValueError(f"runtime.distributed must be null or {{nproc: N}}, got {self.distributed!r}")
-            nproc = self.distributed.get("nproc")
+            if not isinstance(self.distributed, Mapping) or set(self.distributed) - {"nproc", "sync_batchnorm"}:
+                raise ValueError("runtime.distributed must be null or {nproc: N, sync_batchnorm: false}, "
+                                 f"got {self.distributed!r}")
+            nproc = self.distributed.get("nproc", 1)
             if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
                 raise ValueError(f"runtime.distributed.nproc must be a positive integer, got {nproc!r}")
+            if not isinstance(self.distributed.get("sync_batchnorm", False), bool):
+                raise ValueError("runtime.distributed.sync_batchnorm must be true or false, "
+                                 f"got {self.distributed['sync_batchnorm']!r}")
+        workers = self.data_workers
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise ValueError(f"runtime.data_workers must be null or a non-negative integer, got {workers!r}")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"runtime.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
@@ -246,9 +255,21 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
             except ValueError as exc:
                 problems.append(f"grid.sparsities: {sparsity}: {exc}")
     try:
-        resolve_device(runtime.device)
+        device = resolve_device(runtime.device)
     except ValueError as exc:
         problems.append(str(exc))
+    else:
+        if (runtime.distributed or {}).get("sync_batchnorm") and device.type != "cuda":
+            problems.append(f"runtime.distributed.sync_batchnorm needs CUDA (torch's SyncBatchNorm runs on GPUs "
+                            f"only); this run's device is {device}")
+        nproc = (runtime.distributed or {}).get("nproc", 1)
+        if device.type == "cuda" and nproc > torch.cuda.device_count():
+            problems.append(f"runtime.distributed.nproc = {nproc} processes, one GPU each, but this machine has "
+                            f"{torch.cuda.device_count()}")
+    nproc = (runtime.distributed or {}).get("nproc", 1)
+    if info.streamed and sections["training"].batch_size % nproc:
+        problems.append(f"training.batch_size = {sections['training'].batch_size} must be a multiple of "
+                        f"runtime.distributed.nproc = {nproc}: each process loads an equal part of every batch")
     if not data.download:
         try:
             ensure_available(data.name, data.root, download=False)

@@ -49,18 +49,20 @@ def test_unknown_name_lists_known_ones():
     with pytest.raises(ValueError) as err:
         get_dataset_info("foo")
     assert str(err.value) == (
-        "unknown dataset 'foo' (data.name); known: cifar10, cifar100, digits, fashion_mnist, mnist"
+        "unknown dataset 'foo' (data.name); known: cifar10, cifar100, digits, fashion_mnist, imagenet, mnist, "
+        "tiny_imagenet"
     )
     with pytest.raises(ValueError, match="data.name"):
         load_splits("foo")
 
 
 def test_registry_is_consistent():
-    assert set(DATASETS) == {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100"}
+    assert set(DATASETS) == {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "imagenet"}
     for name, info in DATASETS.items():
         assert info.name == name
         assert len(info.mean) == len(info.std) == info.image_shape[0]
-        assert info.source in {"scikit-learn", "torchvision"}
+        assert info.source in {"scikit-learn", "torchvision", "image-folder"}
+        assert info.streamed == (name in ("tiny_imagenet", "imagenet"))
 
 
 # --------------------------------------------------------------------------------------------

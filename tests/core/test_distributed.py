@@ -91,3 +91,39 @@ def test_two_gloo_processes_search_like_one(densities):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
             assert b["expected_over_budget"] == pytest.approx(a["expected_over_budget"], rel=1e-4)
             assert b["multiplier"] == pytest.approx(a["multiplier"], rel=1e-3, abs=1e-9)
+
+
+def train_and_search_streamed(root) -> tuple[dict, list[dict], dict, int]:
+    """LeNet-300-100 on JPEG folders read through the streamed path: DistributedSampler shards."""
+    from cts_pipeline.core.cts import SearchConfig, concrete_search
+    from cts_pipeline.core.data import load_splits
+    from cts_pipeline.core.masks import global_topk_mask
+
+    torch.set_num_threads(1)
+    train_split, test_split = load_splits("tiny_imagenet", root)
+    train_split, test_split = train_split.with_workers(0), test_split.with_workers(0)
+    recipe = TrainRecipe(epochs=2, batch_size=8, lr=0.01, augment=True, warmup_epochs=1)
+    model = build_model("lenet_300_100", image_shape=(3, 64, 64), num_classes=200,
+                        generator=torch.Generator().manual_seed(1))
+    history = train(model, train_split, test_split, recipe, seed=0, stage="ddp streamed", progress=False).history
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    found = concrete_search(model, train_split, density=0.05, config=SearchConfig(epochs=1), recipe=recipe,
+                            seed=0, stage="ddp streamed search", progress=False)
+    return state, history, global_topk_mask(found.scores, 0.05), rank_and_world()[1]
+
+
+def test_two_gloo_processes_on_a_streamed_dataset_train_and_search_like_one(tmp_path):
+    """Each rank loads its part of every global batch (DistributedSampler); the crops are drawn per
+    sample, so the two processes see exactly the images one process sees."""
+    from tests.core.test_image_folders import tiny_imagenet
+
+    tiny_imagenet(tmp_path, per_class=8, noise=60)
+    single, single_history, single_mask, _ = train_and_search_streamed(tmp_path)
+    state, history, mask, world = launch(train_and_search_streamed, 2, tmp_path, backend="gloo")
+    assert world == 2
+    for name, weight in single.items():
+        assert torch.allclose(state[name], weight, atol=1e-6, rtol=1e-5), name
+    for one, two in zip(single_history, history, strict=True):
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+        assert two["test_accuracy"] == pytest.approx(one["test_accuracy"])
+    assert all(torch.equal(single_mask[name], mask[name]) for name in mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,28 +10,34 @@ import pytest
 import torch
 from PIL import Image
 
-from cts_pipeline.core.data import DatasetNotFoundError
+from cts_pipeline.core.data import DATASETS, DatasetNotFoundError, iterate_batches, load_splits
 from cts_pipeline.core.image_folders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     image_folder,
-    streaming_loader,
+    open_streamed,
 )
+from cts_pipeline.core.runtime import generator
 
 WNIDS = ("n01443537", "n01629819")
 
 
-def jpeg(path: Path, value: int, size: int = 72) -> None:
+def jpeg(path: Path, value: int, size: int = 72, noise: int = 0) -> None:
+    """A flat JPEG of grey ``value``; with ``noise``, seeded random pixels around it (crops then differ)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(path, "JPEG", quality=95)
+    pixels = np.full((size, size, 3), value, dtype=np.int16)
+    if noise:
+        rng = np.random.default_rng(zlib.crc32(path.name.encode()))
+        pixels = pixels + rng.integers(-noise, noise + 1, pixels.shape)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, "JPEG", quality=95)
 
 
-def tiny_imagenet(root: Path) -> None:
+def tiny_imagenet(root: Path, per_class: int = 3, noise: int = 0) -> None:
     base = root / "tiny-imagenet-200"
     annotations = []
     for label, wnid in enumerate(WNIDS):
-        for i in range(3):
-            jpeg(base / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", 40 + 100 * label, 64)
+        for i in range(per_class):
+            jpeg(base / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", 40 + 100 * label, 64, noise)
         jpeg(base / "val" / "images" / f"val_{label}.JPEG", 40 + 100 * label, 64)
         annotations.append(f"val_{label}.JPEG\t{wnid}\t0\t0\t63\t63")
     (base / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
@@ -62,13 +69,63 @@ def test_imagenet_layout_crops_to_224_and_streams_in_batches(tmp_path):
     imagenet(tmp_path)
     val = image_folder("imagenet", tmp_path, "val")
     assert len(val) == 2 and val[0][0].shape == (3, 224, 224)
-    loader = streaming_loader(image_folder("imagenet", tmp_path, "train"), batch_size=2, shuffle=True, workers=2)
-    assert loader.persistent_workers and loader.num_workers == 2
-    batches = list(loader)
-    assert len(batches) == 2 and batches[0][0].shape == (2, 3, 224, 224)
-    again = [y.tolist() for _, y in streaming_loader(image_folder("imagenet", tmp_path, "train"), batch_size=2,
-                                                     shuffle=True, workers=0)]
-    assert again == [y.tolist() for _, y in batches], "the shuffled order depends on the seed only"
+    train, test = load_splits("imagenet", tmp_path)
+    assert train.streamed and len(train) == 4 and len(test) == 2
+    loader_batches = list(iterate_batches(train.with_workers(2), 2, shuffle=True, augment=True,
+                                          generator=generator("cpu", 0, "data-order", 0)))
+    assert len(loader_batches) == 2 and loader_batches[0][0].shape == (2, 3, 224, 224)
+    loader = next(iter(train.with_workers(2)._loaders.values()), None)
+    assert loader is None, "with_workers gives a split of its own"
+
+
+def epoch(split, seed, epoch_number, augment=True, batch_size=4):
+    return list(iterate_batches(split, batch_size, shuffle=True, augment=augment,
+                                generator=generator("cpu", seed, "data-order", epoch_number)))
+
+
+def test_an_epoch_depends_on_the_seed_and_epoch_only_not_on_the_workers(tmp_path):
+    tiny_imagenet(tmp_path, per_class=4, noise=60)
+    train, _ = load_splits("tiny_imagenet", tmp_path)
+    in_process, with_workers = epoch(train.with_workers(0), 0, 3), epoch(train.with_workers(2), 0, 3)
+    for (x0, y0), (x2, y2) in zip(in_process, with_workers, strict=True):
+        assert torch.equal(y0, y2) and torch.equal(x0, x2), "random crops drawn per sample, not per worker"
+    again = train.with_workers(2)
+    epoch(again, 0, 2)  # a persistent loader that has run another epoch first replays epoch 3 alike
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch(again, 0, 3), in_process, strict=True))
+    other = epoch(train.with_workers(0), 0, 4)
+    assert not all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(other, in_process)), \
+        "another epoch, another order and crops"
+    labels = torch.cat([y for _, y in in_process])
+    assert sorted(labels.tolist()) == sorted(train.labels.tolist()), "every image once per epoch"
+
+
+def test_evaluation_batches_are_in_order_and_deterministic(tmp_path):
+    tiny_imagenet(tmp_path, noise=60)
+    _, val = load_splits("tiny_imagenet", tmp_path)
+    val = val.with_workers(0)
+    batches = list(iterate_batches(val, 1, shuffle=False))
+    assert [int(y) for _, y in batches] == [0, 1]
+    assert torch.equal(batches[0][0], list(iterate_batches(val, 1, shuffle=False))[0][0])
+
+
+def test_a_subset_is_spread_over_the_classes(tmp_path):
+    tiny_imagenet(tmp_path, per_class=4)
+    train, _ = load_splits("tiny_imagenet", tmp_path)
+    subset = train.subset(4)
+    assert subset.labels.tolist() == [0, 0, 1, 1] and subset.indices == [0, 2, 4, 6]
+    assert subset.take(torch.tensor([3])).shape == (1, 3, 64, 64)
+    reopened = open_streamed(DATASETS["tiny_imagenet"], tmp_path, "train", indices=subset.indices,
+                             digest=subset.digest)
+    assert reopened.labels.tolist() == subset.labels.tolist()
+
+
+def test_a_prepared_split_refuses_a_changed_folder(tmp_path):
+    tiny_imagenet(tmp_path)
+    train, _ = load_splits("tiny_imagenet", tmp_path)
+    extra = tmp_path / "tiny-imagenet-200" / "train" / WNIDS[0] / "images" / "added.JPEG"
+    jpeg(extra, 10, 64)
+    with pytest.raises(ValueError, match="changed since the data were prepared"):
+        open_streamed(DATASETS["tiny_imagenet"], tmp_path, "train", digest=train.digest)
 
 
 def test_the_search_reads_training_images_with_evaluation_transforms(tmp_path):
@@ -89,3 +146,40 @@ def test_a_bad_annotation_line_is_named(tmp_path):
     (tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\n")
     with pytest.raises(ValueError, match=r"val_annotations.txt line 1: .*wnid of the training set"):
         image_folder("tiny_imagenet", tmp_path, "val")
+
+
+def test_a_resumed_streamed_training_equals_an_uninterrupted_one(tmp_path):
+    """The order and every crop of an epoch depend on (seed, epoch) only, so resuming from the
+    per-epoch checkpoint replays what the uninterrupted run saw."""
+    from cts_pipeline.core.checkpoints import Checkpoint
+    from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.training import TrainRecipe, train
+
+    tiny_imagenet(tmp_path / "images", per_class=4, noise=60)
+    train_split, test_split = (s.with_workers(1) for s in load_splits("tiny_imagenet", tmp_path / "images"))
+    recipe = TrainRecipe(epochs=3, batch_size=4, lr=0.05, augment=True)
+
+    def network():
+        return build_model("convnet", image_shape=(3, 64, 64), num_classes=200, width=4,
+                           generator=torch.Generator().manual_seed(0))
+
+    whole = network()
+    train(whole, train_split, test_split, recipe, seed=0, stage="whole", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(epoch, _model):
+        if epoch == 2:
+            raise Stop
+
+    checkpoint = Checkpoint(tmp_path / "train.pt", "key")
+    with pytest.raises(Stop):
+        train(network(), train_split, test_split, recipe, seed=0, stage="cut", progress=False,
+              checkpoint=checkpoint, on_epoch_end=stop_after_two)
+    resumed = network()
+    result = train(resumed, train_split, test_split, recipe, seed=0, stage="resumed", progress=False,
+                   checkpoint=checkpoint)
+    assert result.resumed_at == 2
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name

@@ -308,3 +308,20 @@ def test_half_precision_on_cpu_falls_back_to_fp32_with_a_warning(digits, precisi
                for r in warnings), [r.getMessage() for r in warnings]
     assert result.history and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
     assert_states_equal(state(model), state(fp32), f"{precision} on CPU must train exactly as fp32")
+
+
+def test_warmup_rises_linearly_per_step_then_follows_the_schedule(digits):
+    from cts_pipeline.core.batched_training import train_tickets
+
+    recipe = TrainRecipe(epochs=4, batch_size=10, lr=0.4, warmup_epochs=2, milestones=[3])
+    assert [recipe.warmup_lr(e, s, 5) for e in range(2) for s in range(5)] == pytest.approx(
+        [0.4 * i / 10 for i in range(1, 11)]), "the i-th of the warm-up's n steps at lr · i / n"
+    assert recipe.warmup_lr(2, 0, 5) is None
+    with pytest.raises(ValueError, match="training.warmup_epochs"):
+        TrainRecipe(epochs=4, batch_size=10, lr=0.4, warmup_epochs=5)
+    train_split = digits[0].subset(50)  # 5 steps an epoch: an epoch's lr is that of its last step
+    history = train(lenet(), train_split, None, recipe, seed=0, stage="warm", progress=False).history
+    assert [r["lr"] for r in history] == pytest.approx([0.2, 0.4, 0.4, 0.04])
+    mask = {name: torch.ones_like(w) for name, w in prunable_parameters(lenet()).items()}
+    _, (stacked,) = train_tickets(lenet(), [mask], train_split, None, recipe, seed=0, stage="warm", progress=False)
+    assert [r["lr"] for r in stacked.history] == pytest.approx([0.2, 0.4, 0.4, 0.04])

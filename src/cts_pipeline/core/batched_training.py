@@ -76,7 +76,7 @@ class StackedTickets:
 def evaluate_stacked(tickets: StackedTickets, split: Split, batch_size: int, *,
                      channels_last: bool = False) -> list[dict[str, float]]:
     """Accuracy (%) and mean cross-entropy of each ticket on ``split`` (BatchNorm running statistics)."""
-    device = split.images.device
+    device = split.device
     correct = torch.zeros(tickets.rows, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(tickets.rows, dtype=torch.float64, device=device)
     for x, y in iterate_batches(split, batch_size, shuffle=False):
@@ -107,7 +107,7 @@ def train_tickets(
     dict (CPU) and its :class:`TrainResult`, whose epoch ``seconds`` are the stacked run's
     wall-clock over K (each ticket's share). With ``checkpoint``, resumes as :func:`.training.train`.
     """
-    device = train_split.images.device
+    device = train_split.device
     precision = _effective_precision(recipe.precision, device)
     if not supports(model, recipe, device):
         raise ValueError("these tickets cannot train stacked; use training.train one by one")
@@ -160,6 +160,10 @@ def train_tickets(
         batches = iterate_batches(train_split, recipe.batch_size, shuffle=True,
                                   generator=generator(device, seed, "data-order", epoch), augment=recipe.augment)
         for step, (x, y) in enumerate(batches):
+            if epoch < recipe.warmup_epochs:
+                lr = recipe.warmup_lr(epoch, step, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             with autocast():
                 logits = tickets.logits(to_layout(x, channels_last), training=True)
                 losses = torch.stack([F.cross_entropy(logits[k].float(), y, reduction=recipe.loss_reduction)

@@ -68,7 +68,15 @@ class Checkpoint:
         self.key = key
 
     def load(self) -> dict | None:
-        """The saved state, or None when there is none for this key (a mismatch is logged)."""
+        """The saved state, or None when there is none for this key (a mismatch is logged). In a
+        process group, rank 0 reads the file and every rank resumes from what it read: rank 0
+        alone writes checkpoints, and the other ranks (on other machines, under ``torchrun``)
+        may not see its disk."""
+        from .distributed import broadcast_object, rank_and_world
+
+        return broadcast_object(self._read() if rank_and_world()[0] == 0 else None)
+
+    def _read(self) -> dict | None:
         if not self.path.exists():
             return None
         try:

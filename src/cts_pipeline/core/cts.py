@@ -648,7 +648,7 @@ def concrete_search(
         return [concrete_search(model, train_split, density=k, config=config, recipe=recipe, seed=seed,
                                 stage=f"{stage} {k:g}", checkpoint=None, channels_last=channels_last,
                                 progress=progress, diagnostics=diagnostics) for k in densities]
-    device = train_split.images.device
+    device = train_split.device
     epochs = config.search_epochs(recipe.epochs)
     lr = config.lr if config.lr is not None else recipe.lr
     loss_scale = config.effective_loss_scale
@@ -701,7 +701,8 @@ def concrete_search(
             for i, (x, y) in enumerate(batches):
                 share = None
                 if world > 1:
-                    x, y, share = shard(x, y, rank, world)
+                    # A streamed split's loader already gives this rank its equal part (share 1).
+                    x, y, share = (x, y, 1.0) if train_split.streamed else shard(x, y, rank, world)
                 x = to_layout(x, channels_last)
                 if batched and checked_stacked is None:
                     relaxation.stacked = checked_stacked = _check_stacked(model, relaxation, x, stage)

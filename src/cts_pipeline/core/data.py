@@ -36,7 +36,11 @@ class DatasetInfo:
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale (pixel / max_value)
     std: tuple[float, ...]
     max_value: float  # 255.0 for uint8 image datasets, 16.0 for digits
-    source: str  # "scikit-learn" or "torchvision"
+    source: str  # "scikit-learn", "torchvision" (held in memory) or "image-folder" (streamed)
+
+    @property
+    def streamed(self) -> bool:
+        return self.source == "image-folder"
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -65,6 +69,14 @@ DATASETS: dict[str, DatasetInfo] = {
         (0.2673, 0.2564, 0.2762),
         255.0,
         "torchvision",
+    ),
+    # Read from JPEG folders batch by batch (core/image_folders.py): ImageNet's statistics, which
+    # the folders' transforms apply themselves; max_value is the JPEGs' 8 bits.
+    "tiny_imagenet": DatasetInfo(
+        "tiny_imagenet", (3, 64, 64), 200, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0, "image-folder"
+    ),
+    "imagenet": DatasetInfo(
+        "imagenet", (3, 224, 224), 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0, "image-folder"
     ),
 }
 
@@ -166,6 +178,10 @@ def ensure_available(name: str, root: str | Path | None, download: bool) -> None
     if info.source == "scikit-learn":
         return  # bundled with scikit-learn, nothing on disk to look for
     resolved = _resolve_root(name, root)
+    if info.streamed:
+        from .image_folders import ensure_folders
+
+        return ensure_folders(name, resolved, download)
     expected = _expected_files(name, resolved)
     missing = [p for p in expected if not p.is_file()]
     if not missing:
@@ -221,8 +237,18 @@ class Split:
     # Made on first use by epochs without augmentation; `to` and `subset` start without one.
     _normalized: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
+    streamed = False  # image_folders.StreamedSplit: the same interface, batches from JPEG files
+
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The images at ``index`` as one normalised batch."""
+        return normalize(self.images[index], self.info)
 
     def normalized(self) -> torch.Tensor:
         """All images as normalised float32, computed once: without augmentation, normalising each
@@ -344,12 +370,17 @@ def _load_cifar(name: str, root: Path, info: DatasetInfo) -> tuple[Split, Split]
 def load_splits(
     name: str, root: str | Path | None = None, download: bool = False
 ) -> tuple[Split, Split]:
-    """(train, test) splits of dataset ``name`` on the CPU, downloading first if allowed."""
+    """(train, test) splits of dataset ``name`` on the CPU, downloading first if allowed. An
+    image-folder dataset gives two ``StreamedSplit``s, which read their images batch by batch."""
     info = get_dataset_info(name)
     ensure_available(name, root, download)
     if name == "digits":
         return _load_digits(info)
     resolved = _resolve_root(name, root)
+    if info.streamed:
+        from .image_folders import open_streamed
+
+        return open_streamed(info, resolved, "train"), open_streamed(info, resolved, "val")
     if name in _CIFAR_SPLITS:
         return _load_cifar(name, resolved, info)
     return _load_idx(name, resolved, info)
@@ -440,6 +471,10 @@ def iterate_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if split.streamed:  # the folders' own transforms crop, flip and normalise
+        yield from split.batches(batch_size, shuffle=shuffle, generator=generator, augment=augment,
+                                 drop_last=drop_last)
+        return
     if pad < 0:
         raise ValueError(f"pad must be non-negative, got {pad}")
     n = len(split)

@@ -20,6 +20,7 @@ The pipeline reaches it through ``runtime.distributed: {nproc: N}`` (``pipelines
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -57,11 +58,56 @@ def average_over_ranks(grad: torch.Tensor, share: float, world: int) -> torch.Te
     return total
 
 
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (pickled; a no-op in one process)."""
+    if rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def under_torchrun() -> bool:
+    """Whether ``torchrun`` started this process as one of several (its environment says so)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def join_torchrun_group() -> None:
+    """Join the process group ``torchrun`` set up the environment for (once): NCCL on CUDA with
+    this process's GPU (``LOCAL_RANK``), gloo on a CPU."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        dist.init_process_group(backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+
+
 def all_sum(*tensors: torch.Tensor) -> None:
     """Sum tensors over ranks, in place (a no-op in one process)."""
     if rank_and_world()[1] > 1:
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+_SYNC_BATCHNORM = False
+
+
+def use_sync_batchnorm(enabled: bool) -> None:
+    """Make ``train()`` in this process's group normalise over the whole global batch
+    (``torch.nn.SyncBatchNorm``, CUDA only) instead of each rank's slice. A property of the group,
+    set once per rank by whoever starts it, rather than a parameter threaded through every loop."""
+    global _SYNC_BATCHNORM
+    _SYNC_BATCHNORM = bool(enabled)
+
+
+def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its BatchNorm layers as SyncBatchNorm when the group asks for it (in place:
+    the same parameters and buffers, so its ``state_dict`` keys are unchanged)."""
+    if _SYNC_BATCHNORM and rank_and_world()[1] > 1:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def _entry(fn: Callable[..., Any], backend: str, args: tuple, kwargs: dict) -> Any:

@@ -13,19 +13,27 @@ with ImageNet's mean and std. Everything is torchvision's: ``ImageFolder``, ``tr
 ``DataLoader``; only the Tiny-ImageNet validation annotations need a reader of their own, since
 torchvision ships no Tiny-ImageNet dataset.
 
-This is the data layer of the ImageNet-scale path (issue 12); the pipeline's nodes and the
-search loop still take in-memory splits.
+:class:`StreamedSplit` is what the loops take in place of an in-memory ``Split``: batches come
+from a ``DataLoader`` with persistent workers (pinned memory on CUDA), ordered by a
+``DistributedSampler`` that also gives each rank its part of every global batch. Each sample's
+random crop and flip is drawn from a seed of its own (the epoch's order seed and the sample's
+index), so an epoch is the same whichever worker or rank loads a sample, and a resumed run
+replays it exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .data import DatasetNotFoundError
+from .data import DatasetInfo, DatasetNotFoundError
+from .distributed import rank_and_world
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,10 +68,43 @@ def transforms_for(name: str, stage: str):
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _missing(name: str, root: Path, expected: list[Path]) -> DatasetNotFoundError:
+# Tiny-ImageNet's official archive (the cs231n course's); ImageNet has no public download.
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+
+
+def _expected(name: str, root: Path) -> list[Path]:
+    base = root / LAYOUTS[name].folder
+    return [base / "train"] + ([base / "val" / "images", base / "val" / "val_annotations.txt"]
+                               if name == "tiny_imagenet" else [base / "val"])
+
+
+def _missing(name: str, root: Path, expected: list[Path], hint: str) -> DatasetNotFoundError:
     listing = "\n".join(f"  {p}{'' if p.exists() else '  (missing)'}" for p in expected)
-    return DatasetNotFoundError(f"dataset {name!r} not found under data.root = {root}; expected:\n{listing}\n"
-                                "Point `data.root` at the folder that holds it (it is not downloaded).")
+    return DatasetNotFoundError(f"dataset {name!r} not found under data.root = {root}; expected:\n{listing}\n{hint}")
+
+
+def ensure_folders(name: str, root: str | Path, download: bool) -> None:
+    """Check the layout is there (a cheap check for the run's start), downloading Tiny-ImageNet's
+    archive first if allowed. ImageNet must be prepared by the user (its licence)."""
+    root = Path(root).expanduser().resolve()
+    expected = _expected(name, root)
+    if all(p.exists() for p in expected):
+        return
+    if name == "imagenet" or not download:
+        hint = ("Point `data.root` at the folder that holds it: ImageNet is not downloadable (prepare it with "
+                "torchvision.datasets.ImageNet or the usual train/ and val/ class folders)." if name == "imagenet"
+                else "Set `data.download: true` to download it, or point `data.root` at a folder that has it.")
+        raise _missing(name, root, expected, hint)
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(TINY_IMAGENET_URL, str(root), md5=TINY_IMAGENET_MD5)
+    except Exception as exc:  # network, disk or checksum: still not here
+        raise _missing(name, root, expected, f"Downloading {TINY_IMAGENET_URL} failed (data.download: true): "
+                                             f"{exc}") from exc
+    if not all(p.exists() for p in expected):
+        raise _missing(name, root, expected, "The downloaded archive did not hold this layout.")
 
 
 class _TinyImageNetVal(Dataset):
@@ -108,10 +149,7 @@ def image_folder(name: str, root: str | Path, split: str, stage: str | None = No
     root = Path(root).expanduser().resolve()
     base = root / LAYOUTS[name].folder
     transform = transforms_for(name, stage or ("train" if split == "train" else "eval"))
-    expected = [base / "train"] + ([base / "val" / "images", base / "val" / "val_annotations.txt"]
-                                   if name == "tiny_imagenet" else [base / "val"])
-    if not all(p.exists() for p in expected):
-        raise _missing(name, root, expected)
+    ensure_folders(name, root, download=False)
     train = ImageFolder(str(base / "train"), transform=transform)
     if split == "train":
         return train
@@ -123,11 +161,140 @@ def image_folder(name: str, root: str | Path, split: str, stage: str | None = No
     return val
 
 
-def streaming_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 4,
-                     pin_memory: bool | None = None) -> DataLoader:
-    """A DataLoader with worker processes that stay up between epochs and pinned memory on CUDA
-    machines; the order of a shuffled epoch is drawn from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
-                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      persistent_workers=workers > 0, drop_last=shuffle)
+class _SeededOrder(Sampler):
+    """``(index, seed)`` pairs in a ``DistributedSampler``'s order: this rank's part of the epoch,
+    each sample with the seed its transforms draw from. The order's seed is set per epoch
+    (:meth:`StreamedSplit.batches` draws it from the loop's per-epoch generator, so every stream
+    of the project stays seeded by (run seed, stream, epoch))."""
+
+    def __init__(self, size: int, *, shuffle: bool, rank: int, world: int) -> None:
+        self.order = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=shuffle,
+                                        drop_last=False)  # pads the ranks to equal parts, as DDP needs
+        self.seed = 0
+
+    def set_seed(self, seed: int) -> None:
+        self.order.seed = seed
+        self.order.set_epoch(0)  # the epoch is already folded into the seed
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        for index in self.order:
+            yield index, (self.seed * 1_000_003 + index) % 2**63
+
+
+class _SeededSamples(Dataset):
+    """Loads ``(index, seed)``: the transforms' random draws come from the sample's own seed, not
+    from the worker's generator, so they do not depend on which worker or rank loads it."""
+
+    def __init__(self, dataset: Dataset, indices: list[int] | None) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        # transforms.v2 draws from torch's global generator; forked, so that loading in the main
+        # process (no workers) leaves the caller's generator as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[self.indices[index] if self.indices is not None else index]
+
+
+def samples_digest(samples: list[tuple[str, int]], root: Path) -> str:
+    """A digest of the files and labels a split reads (paths relative to ``root``), so a split
+    prepared from one folder is never silently read from a changed one."""
+    lines = "".join(f"{Path(path).relative_to(root)}\t{label}\n" for path, label in samples)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@dataclass
+class StreamedSplit:
+    """A split of an image-folder dataset, read batch by batch: what the loops use of an in-memory
+    ``Split`` (``len``, ``device``, ``info``, ``labels``, batches, ``take``) without the pixels."""
+
+    info: DatasetInfo
+    root: Path
+    split: str  # "train" or "val"
+    labels: torch.Tensor  # int64 [N] on the CPU, in sample order (per-class draws and fingerprints)
+    indices: list[int] | None = None  # the folder's samples this split keeps (None: all)
+    digest: str = ""  # samples_digest of the kept samples
+    device: torch.device = torch.device("cpu")
+    workers: int = 4
+    _loaders: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    streamed = True
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def dataset(self, stage: str) -> Dataset:
+        return image_folder(self.info.name, self.root, self.split, stage)
+
+    def to(self, device: torch.device | str) -> StreamedSplit:
+        return dataclasses.replace(self, device=torch.device(device))
+
+    def with_workers(self, workers: int) -> StreamedSplit:
+        return dataclasses.replace(self, workers=workers)
+
+    def subset(self, n: int) -> StreamedSplit:
+        """``n`` samples evenly spaced through the folder order (which is sorted by class), so a
+        small subset still covers the classes."""
+        if n < 1:
+            raise ValueError(f"subset size must be at least 1, got {n}")
+        total = len(self)
+        if n >= total:
+            return self
+        picked = [i * total // n for i in range(n)]
+        base = self.indices if self.indices is not None else list(range(total))
+        dataset = self.dataset("eval")
+        kept = [base[i] for i in picked]
+        return dataclasses.replace(self, labels=self.labels[picked], indices=kept,
+                                   digest=samples_digest([dataset.samples[i] for i in kept], self.root))
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                augment: bool = False, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of (normalised images, labels) on :attr:`device`. Shuffled epochs are split
+        over the ranks of a process group: each rank gets ``batch_size / world`` images of every
+        global batch, the union being the global batch one process would see. Unshuffled epochs
+        (evaluation) read every image on every rank."""
+        rank, world = rank_and_world() if shuffle else (0, 1)
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} does not split over {world} processes; make it a multiple")
+        key = (augment, batch_size, shuffle, drop_last, world)
+        if key not in self._loaders:
+            order = _SeededOrder(len(self), shuffle=shuffle, rank=rank, world=world)
+            samples = _SeededSamples(self.dataset("train" if augment else "eval"), self.indices)
+            self._loaders[key] = DataLoader(
+                samples, batch_size=batch_size // world, sampler=order, num_workers=self.workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0, drop_last=drop_last)
+        loader = self._loaders[key]
+        if shuffle:
+            gen_device = generator.device if generator is not None else "cpu"
+            loader.sampler.set_seed(int(torch.randint(0, 2**62, (), generator=generator, device=gen_device)))
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The images at ``index`` (evaluation transforms) as one normalised batch on :attr:`device`."""
+        dataset = self.dataset("eval")
+        images = [dataset[self.indices[i] if self.indices is not None else i][0] for i in index.tolist()]
+        return torch.stack(images).to(self.device)
+
+
+def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: list[int] | None = None,
+                  digest: str | None = None, workers: int = 4) -> StreamedSplit:
+    """A :class:`StreamedSplit` over the folder's samples (or those at ``indices``). With
+    ``digest`` (from a prepared split), refuses a folder whose files or labels have changed."""
+    root = Path(root).expanduser().resolve()
+    folder = image_folder(info.name, root, split, "eval")
+    samples = folder.samples if indices is None else [folder.samples[i] for i in indices]
+    found = samples_digest(samples, root)
+    if digest is not None and found != digest:
+        raise ValueError(f"the {split} images of dataset {info.name!r} under {root} changed since the data were "
+                         "prepared (files or labels differ); rerun the data node (or the whole run)")
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return StreamedSplit(info, root, split, labels, indices, found, workers=workers)

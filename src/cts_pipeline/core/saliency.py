@@ -84,7 +84,7 @@ def class_balanced_batch(
             )
         picked.append(of_class)
     index = torch.cat(picked)
-    return normalize(data.images[index], data.info), data.labels[index]
+    return data.take(index), data.labels[index].to(data.device)
 
 
 @contextmanager

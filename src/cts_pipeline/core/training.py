@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
-from .distributed import all_sum, rank_and_world, shard
+from .distributed import all_sum, rank_and_world, shard, sync_batchnorm
 from .masks import check_mask_matches, prunable_parameters
 from .runtime import generator
 
@@ -54,6 +54,7 @@ class TrainRecipe:
     precision: str = "fp32"
     eval_batch_size: int = 1000
     eval_every: int = 1
+    warmup_epochs: int = 0  # linear warm-up per step over the first epochs (the authors' ImageNet recipe: 5)
 
     def __post_init__(self) -> None:
         for name in ("lr", "momentum", "weight_decay", "gamma"):  # before any comparison with a number
@@ -82,10 +83,21 @@ class TrainRecipe:
         _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "training.grad_clip_norm", self.grad_clip_norm, "null or positive")
         _require(self.precision in PRECISIONS, "training.precision", self.precision, f"one of {PRECISIONS}")
         _require(_is_count(self.eval_every) and self.eval_every >= 1, "training.eval_every", self.eval_every, "a positive integer")
+        _require(_is_count(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs, "training.warmup_epochs",
+                 self.warmup_epochs, f"an epoch count in [0, training.epochs = {self.epochs}]")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of epoch ``epoch`` (0-based): dropped by ``gamma`` at each milestone reached."""
         return self.lr * self.gamma ** sum(1 for m in self.milestones if epoch >= m)
+
+    def warmup_lr(self, epoch: int, step: int, steps_per_epoch: int) -> float | None:
+        """The learning rate of ``step`` (0-based) of a warm-up epoch, None after the warm-up: it
+        rises linearly per step, the i-th of the warm-up's n steps at ``lr_at(epoch) · i / n``, as in
+        the authors' trainer (``apply_warmup``)."""
+        if epoch >= self.warmup_epochs:
+            return None
+        done = epoch * steps_per_epoch + step + 1
+        return self.lr_at(epoch) * done / (self.warmup_epochs * steps_per_epoch)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "milestones": list(self.milestones)}
@@ -136,7 +148,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, *, channels
     """Accuracy (%) and mean cross-entropy on ``split`` in eval mode, without autograd."""
     was_training = model.training
     model.eval()
-    device = split.images.device
+    device = split.device
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in iterate_batches(split, batch_size, shuffle=False):
@@ -177,7 +189,7 @@ def train(
     convolutions in NHWC (faster on CPUs); ``compile_model`` wraps the forward in ``torch.compile``.
     """
     end_epoch = recipe.epochs if end_epoch is None else end_epoch
-    device = train_split.images.device
+    device = train_split.device
     precision = _effective_precision(recipe.precision, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -198,6 +210,8 @@ def train(
     # Under DDP a rank's loss is weighted to its part of the global batch's: by its slice's share
     # of the batch for a mean, by the number of ranks for a sum (DDP averages the gradients).
     sum_share = float(world) if recipe.loss_reduction == "sum" else None
+    if world > 1:
+        model = sync_batchnorm(model)
     forward = torch.compile(model) if compile_model else model
     if world > 1:  # inside a process group (core/distributed.py): gradients averaged over ranks
         forward = torch.nn.parallel.DistributedDataParallel(forward)
@@ -233,8 +247,13 @@ def train(
             generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
         )
         for step, (x, y) in enumerate(batches):
+            if epoch < recipe.warmup_epochs:
+                lr = recipe.warmup_lr(epoch, step, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             if world > 1:
-                x, y, share = shard(x, y, rank, world)
+                # A streamed split's loader already gives this rank its equal part (share 1).
+                x, y, share = (x, y, 1.0) if train_split.streamed else shard(x, y, rank, world)
                 share = sum_share or share
             with autocast():
                 logits = forward(to_layout(x, channels_last))

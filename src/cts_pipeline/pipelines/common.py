@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -38,21 +39,29 @@ class ArtifactMismatch(ValueError):
 def distributable(node_fn):
     """A node whose loops may run over several processes: with ``runtime.distributed: {nproc: N}``
     the node runs in N local processes (``core.distributed.launch``: DDP, each rank a slice of
-    every batch) and returns rank 0's result. Inside a process group already (under ``torchrun``),
-    or with one process, it runs as it is. Checkpoints the ranks finished are removed by this
+    every batch) and returns rank 0's result. Under ``torchrun`` it runs on every rank of torchrun's
+    group (``cts_pipeline.torchrun``; ``nproc`` is then torchrun's), and with one process as it is. Checkpoints the ranks finished are removed by this
     process once Kedro has saved the outputs, as for a node in one process (``CheckpointHook``)."""
 
     @functools.wraps(node_fn)
     def run(*args):
-        from ..core.distributed import launch, rank_and_world
+        from ..core.distributed import launch, rank_and_world, under_torchrun
 
         runtime = next((a for a in args if isinstance(a, RuntimeConfig)), None)
-        nproc = ((runtime.distributed if runtime is not None else None) or {}).get("nproc", 1)
+        distributed = (runtime.distributed if runtime is not None else None) or {}
+        if under_torchrun():  # torchrun's processes, not ours (cts_pipeline.torchrun): rank 0 leads
+            from .. import torchrun
+
+            torchrun.lead(node_fn.__module__, node_fn.__qualname__, args, bool(distributed.get("sync_batchnorm")))
+            result = node_fn(*args)
+            torchrun.node_done()
+            return result
+        nproc = distributed.get("nproc", 1)
         if nproc <= 1 or rank_and_world()[1] > 1:
             return node_fn(*args)
         threads = max(1, (runtime.num_threads or torch.get_num_threads()) // nproc)
         result, finished, records = launch(_node_in_rank, nproc, node_fn.__module__, node_fn.__qualname__, args,
-                                           threads)
+                                           threads, bool(distributed.get("sync_batchnorm")))
         adopt_deferred(finished)
         for logger_name, level, message in records:  # rank 0's log, in this process's handlers
             logging.getLogger(logger_name).log(level, "%s", message)
@@ -70,14 +79,15 @@ class _Collect(logging.Handler):
         self.records.append((record.name, record.levelno, record.getMessage()))
 
 
-def _node_in_rank(module: str, name: str, args: tuple, threads: int):
+def _node_in_rank(module: str, name: str, args: tuple, threads: int, sync_batchnorm: bool):
     """One rank of a distributable node: the node's own body, its checkpoints left to the driver,
     and (rank 0's) log records returned for the driver's handlers: a spawned process has none."""
     import importlib
 
-    from ..core.distributed import rank_and_world
+    from ..core.distributed import rank_and_world, use_sync_batchnorm
 
     torch.set_num_threads(threads)
+    use_sync_batchnorm(sync_batchnorm)
     defer_removal()
     project = logging.getLogger("cts_pipeline")
     collect = _Collect()
@@ -103,12 +113,32 @@ def device_for(runtime: RuntimeConfig) -> torch.device:
     return resolve_device(runtime.device)
 
 
-def split_to_payload(split: Split) -> dict:
+def split_to_payload(split) -> dict:
+    """An in-memory split as its pixels; a streamed one as where its files are, which of them it
+    keeps and their digest (the images stay in their folders)."""
+    if split.streamed:
+        return {"dataset": split.info.name, "labels": split.labels.cpu(),
+                "streamed": {"root": str(split.root), "split": split.split, "digest": split.digest,
+                             "indices": None if split.indices is None else torch.tensor(split.indices)}}
     return {"dataset": split.info.name, "images": split.images.cpu(), "labels": split.labels.cpu()}
 
 
-def split_from_payload(payload: Mapping, device: torch.device) -> Split:
+def split_from_payload(payload: Mapping, device: torch.device, workers: int | None = 0):
+    """The split a payload describes on ``device``; a streamed one reads its images with
+    ``workers`` loader processes (``runtime.data_workers``; None: up to 4, as this process's share
+    of the CPUs allows)."""
     info = get_dataset_info(payload["dataset"])
+    if "streamed" in payload:
+        from ..core.distributed import rank_and_world
+        from ..core.image_folders import open_streamed
+
+        if workers is None:
+            workers = min(4, max(1, len(os.sched_getaffinity(0)) // rank_and_world()[1] - 1))
+
+        where = payload["streamed"]
+        indices = None if where["indices"] is None else where["indices"].tolist()
+        return open_streamed(info, where["root"], where["split"], indices=indices, digest=where["digest"],
+                             workers=workers).to(device)
     return Split(images=payload["images"], labels=payload["labels"], info=info).to(device)
 
 
@@ -138,6 +168,8 @@ def uses_channels_last(runtime: RuntimeConfig, net: nn.Module) -> bool:
 
 def data_fingerprint(payload: Mapping) -> dict[str, Any]:
     """What identifies a prepared split cheaply: its dataset, shape and labels."""
+    if "streamed" in payload:
+        return {"dataset": payload["dataset"], "files": payload["streamed"]["digest"], "labels": payload["labels"]}
     return {"dataset": payload["dataset"], "shape": list(payload["images"].shape), "labels": payload["labels"]}
 
 

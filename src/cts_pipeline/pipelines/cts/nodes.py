@@ -106,7 +106,7 @@ def search_masks(
         raise ValueError(f"{search_group_namespace(first)}: a batched search needs one CTS configuration, "
                          "seed and start")
     device = device_for(runtime)
-    train_split = split_from_payload(train_data, device)
+    train_split = split_from_payload(train_data, device, runtime.data_workers)
     net = build_network(model, train_split, device, state=theta_start)
     batched = len(group) > 1
     stage = f"{search_group_namespace(first) if batched else first.namespace} search"

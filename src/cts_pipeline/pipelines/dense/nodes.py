@@ -42,8 +42,8 @@ def train_dense(
     """
     started_at = time.time()
     device = device_for(runtime)
-    train_split = split_from_payload(train_data, device)
-    test_split = split_from_payload(test_data, device)
+    train_split = split_from_payload(train_data, device, runtime.data_workers)
+    test_split = split_from_payload(test_data, device, runtime.data_workers)
     net = build_network(model, train_split, device, seed=branch.seed)
     theta_init = state_on_cpu(net)
     k = training.rewind_epoch

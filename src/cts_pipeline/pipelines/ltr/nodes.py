@@ -42,8 +42,8 @@ def prune_iteratively(
     """
     started_at = time.time()
     device = device_for(runtime)
-    train_split = split_from_payload(train_data, device)
-    test_split = split_from_payload(test_data, device)
+    train_split = split_from_payload(train_data, device, runtime.data_workers)
+    test_split = split_from_payload(test_data, device, runtime.data_workers)
     levels, max_level = branch.settings["levels"], branch.settings["max_level"]
     key = (model, training, branch.as_dict(), theta_rewind, data_fingerprint(train_data))
     masks, records = lottery_ticket_rewinding(

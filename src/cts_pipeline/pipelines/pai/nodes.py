@@ -18,7 +18,7 @@ def score_weights(
     start weights (θ_0 by default, θ_k with ``pai.at: rewind``); higher means keep."""
     started_at = time.time()
     device = device_for(runtime)
-    train_split = split_from_payload(train_data, device)
+    train_split = split_from_payload(train_data, device, runtime.data_workers)
     net = build_network(model, train_split, device, state=theta_start)
     started = time.perf_counter()
     scores = score(branch.settings["method"], ScoringInputs(net, train_split, branch.density, branch.seed))

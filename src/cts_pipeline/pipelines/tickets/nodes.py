@@ -101,8 +101,8 @@ def retrain_ticket(
     """Train ``mask ⊙ θ_start`` from its epoch to the end with a fresh optimizer; pruned weights stay 0."""
     started_at = time.time()
     device = device_for(runtime)
-    train_split = split_from_payload(train_data, device)
-    test_split = split_from_payload(test_data, device)
+    train_split = split_from_payload(train_data, device, runtime.data_workers)
+    test_split = split_from_payload(test_data, device, runtime.data_workers)
     net = build_network(model, train_split, device, state=theta_start)
     first = start_epoch(training, branch)
     keep = branch_mask(mask, branch, net)
@@ -144,8 +144,8 @@ def retrain_tickets(
     payloads, branches = masks_then_branches[:half], masks_then_branches[half:]
     first_branch = branches[0]
     device = device_for(runtime)
-    train_split = split_from_payload(train_data, device)
-    test_split = split_from_payload(test_data, device)
+    train_split = split_from_payload(train_data, device, runtime.data_workers)
+    test_split = split_from_payload(test_data, device, runtime.data_workers)
     net = build_network(model, train_split, device, state=theta_start)
     # The stacked path has no DDP: over several processes the tickets train one at a time.
     if not batched_training_supports(net, training, device) or runtime.compile \
@@ -193,7 +193,7 @@ def evaluate_ticket(
     """
     started = time.perf_counter()
     device = device_for(runtime)
-    test_split = split_from_payload(test_data, device)
+    test_split = split_from_payload(test_data, device, runtime.data_workers)
     net = build_network(model, test_split, device, state=final_weights)
     keep = branch_mask(mask, branch, net)
     weights = prunable_parameters(net)

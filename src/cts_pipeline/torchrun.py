@@ -1,0 +1,82 @@
+"""``kedro run`` under ``torchrun``: one run over several machines, rank 0 leading.
+
+``torchrun --nnodes=M --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT -m kedro run ...``
+starts ``kedro run`` M·G times. Only rank 0 runs the Kedro session: the catalog, MLflow, the
+console and every node that is not a training loop. The other ranks (*followers*) never open a
+session. When rank 0 reaches a ``distributable`` node (dense training, search, LTR, retraining),
+it broadcasts the node's name and inputs, and every rank runs the node's body together in the
+process group (DistributedDataParallel, as under ``runtime.distributed``). Rank 0's result is the
+one Kedro saves; the followers' are dropped. Checkpoints are written by rank 0 and read back by
+rank 0, which broadcasts them (``Checkpoint.load``), so a follower never needs rank 0's disk. A
+streamed dataset must be at the same ``data.root`` on every machine.
+
+Kedro's own runners schedule nodes in one process; spreading each training over machines needs
+every rank to enter the same collective in the same order, which is this leader/follower loop
+(and why the runner must be the SequentialRunner here).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+_state = {"in_node": False, "joined": False}
+
+
+def is_follower() -> bool:
+    """A rank other than 0 of a ``torchrun`` launch."""
+    from .core.distributed import under_torchrun
+
+    return under_torchrun() and int(os.environ["RANK"]) != 0
+
+
+def _join() -> None:
+    from .core.distributed import join_torchrun_group
+
+    join_torchrun_group()
+    _state["joined"] = True
+
+
+def lead(module: str, name: str, args: tuple, sync_batchnorm: bool) -> None:
+    """Rank 0: have every follower run node ``module.name`` on ``args`` with this rank."""
+    from .core.distributed import broadcast_object, use_sync_batchnorm
+
+    _join()
+    _state["in_node"] = True
+    broadcast_object((module, name, args, sync_batchnorm))
+    use_sync_batchnorm(sync_batchnorm)
+
+
+def node_done() -> None:
+    _state["in_node"] = False
+
+
+def release() -> None:
+    """Rank 0, at the end of its run: let the followers exit. Skipped when a node failed in the
+    middle of its collectives (the followers are inside one): torchrun then stops every rank."""
+    from .core.distributed import broadcast_object
+
+    if _state["in_node"]:
+        return
+    _join()
+    broadcast_object(None)
+
+
+def follow() -> None:
+    """A follower's whole run: join the group, then run each node rank 0 announces, until it
+    announces the end."""
+    from .core.checkpoints import defer_removal, take_deferred
+    from .core.distributed import broadcast_object, use_sync_batchnorm
+
+    project = logging.getLogger("cts_pipeline")
+    project.setLevel(logging.WARNING)  # rank 0 reports; a follower only its own problems
+    _join()
+    while (call := broadcast_object(None)) is not None:
+        module, name, args, sync_batchnorm = call
+        use_sync_batchnorm(sync_batchnorm)
+        defer_removal()  # rank 0's Kedro removes the checkpoints once it has saved the outputs
+        getattr(importlib.import_module(module), name).__wrapped__(*args)
+        take_deferred()
