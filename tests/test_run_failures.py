@@ -18,7 +18,7 @@ from .conftest import run_pipeline
     [
         ({"grid": {"sparsities": [0.5, 1.5]}}, "grid.sparsities"),
         ({"grid": {"sparsities": [99.26]}}, "0.9926"),
-        ({"data": {"name": "imagenet"}}, "data.name"),
+        ({"data": {"name": "svhn"}}, "data.name"),
         ({"model": {"name": "alexnet"}}, "model.name"),
         ({"model": {"name": "vgg16"}}, "vgg16"),
         ({"cts": {"objective": "hinge"}}, "cts.objective"),

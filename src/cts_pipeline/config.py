@@ -10,6 +10,7 @@ the section's name. :func:`validate_run` then checks what needs several sections
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ import torch
 
 from .core.cts import SearchConfig
 from .core.data import DATASETS, ensure_available, get_dataset_info
+from .core.distributed import under_torchrun
 from .core.masks import count_prunable, kept_count
 from .core.models import MODELS, build_model, check_model_fits
 from .core.runtime import resolve_device
@@ -263,13 +265,15 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
             problems.append(f"runtime.distributed.sync_batchnorm needs CUDA (torch's SyncBatchNorm runs on GPUs "
                             f"only); this run's device is {device}")
         nproc = (runtime.distributed or {}).get("nproc", 1)
-        if device.type == "cuda" and nproc > torch.cuda.device_count():
+        if device.type == "cuda" and not under_torchrun() and nproc > torch.cuda.device_count():
             problems.append(f"runtime.distributed.nproc = {nproc} processes, one GPU each, but this machine has "
                             f"{torch.cuda.device_count()}")
-    nproc = (runtime.distributed or {}).get("nproc", 1)
+    # Under torchrun the processes are torchrun's (cts_pipeline.torchrun), not runtime.distributed's.
+    nproc, named = ((int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE") if under_torchrun()
+                    else ((runtime.distributed or {}).get("nproc", 1), "runtime.distributed.nproc"))
     if info.streamed and sections["training"].batch_size % nproc:
         problems.append(f"training.batch_size = {sections['training'].batch_size} must be a multiple of "
-                        f"runtime.distributed.nproc = {nproc}: each process loads an equal part of every batch")
+                        f"{named} = {nproc}: each process loads an equal part of every batch")
     if not data.download:
         try:
             ensure_available(data.name, data.root, download=False)

@@ -109,7 +109,7 @@ def train_and_search_streamed(root) -> tuple[dict, list[dict], dict, int]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     found = concrete_search(model, train_split, density=0.05, config=SearchConfig(epochs=1), recipe=recipe,
                             seed=0, stage="ddp streamed search", progress=False)
-    return state, history, global_topk_mask(found.scores, 0.05), rank_and_world()[1]
+    return state, history, global_topk_mask(found.scores, 0.05), rank_and_world()[1], converted_batchnorm()
 
 
 def test_two_gloo_processes_on_a_streamed_dataset_train_and_search_like_one(tmp_path):
@@ -118,12 +118,33 @@ def test_two_gloo_processes_on_a_streamed_dataset_train_and_search_like_one(tmp_
     from tests.core.test_image_folders import tiny_imagenet
 
     tiny_imagenet(tmp_path, per_class=8, noise=60)
-    single, single_history, single_mask, _ = train_and_search_streamed(tmp_path)
-    state, history, mask, world = launch(train_and_search_streamed, 2, tmp_path, backend="gloo")
+    single, single_history, single_mask, _, single_norms = train_and_search_streamed(tmp_path)
+    state, history, mask, world, norms = launch(train_and_search_streamed, 2, tmp_path, backend="gloo")
     assert world == 2
+    # SyncBatchNorm's forward needs CUDA; on a CPU the conversion itself is what can be checked
+    # (sync_batchnorm is off, then on, in each process).
+    assert single_norms == [["BatchNorm2d"], ["BatchNorm2d"]], "one process: nothing to synchronise"
+    assert norms == [["BatchNorm2d"], ["SyncBatchNorm"]], "in a group that asks for it"
     for name, weight in single.items():
         assert torch.allclose(state[name], weight, atol=1e-6, rtol=1e-5), name
     for one, two in zip(single_history, history, strict=True):
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
         assert two["test_accuracy"] == pytest.approx(one["test_accuracy"])
     assert all(torch.equal(single_mask[name], mask[name]) for name in mask)
+
+
+def converted_batchnorm() -> list[list[str]]:
+    """The norm layers' types after ``sync_batchnorm``, with the group's option off, then on."""
+    from cts_pipeline.core.distributed import sync_batchnorm, use_sync_batchnorm
+
+    found = []
+    for enabled in (False, True):
+        use_sync_batchnorm(enabled)
+        model = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
+                            generator=torch.Generator().manual_seed(0))
+        keys = list(model.state_dict())
+        assert sync_batchnorm(model) is model and list(model.state_dict()) == keys, "same module, same keys"
+        found.append(sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__}))
+    use_sync_batchnorm(False)
+    return found
+

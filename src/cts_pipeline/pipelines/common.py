@@ -40,7 +40,8 @@ def distributable(node_fn):
     """A node whose loops may run over several processes: with ``runtime.distributed: {nproc: N}``
     the node runs in N local processes (``core.distributed.launch``: DDP, each rank a slice of
     every batch) and returns rank 0's result. Under ``torchrun`` it runs on every rank of torchrun's
-    group (``cts_pipeline.torchrun``; ``nproc`` is then torchrun's), and with one process as it is. Checkpoints the ranks finished are removed by this
+    group (``cts_pipeline.torchrun``; ``nproc`` is then torchrun's), and with one process as it
+    is. Checkpoints the ranks finished are removed by this
     process once Kedro has saved the outputs, as for a node in one process (``CheckpointHook``)."""
 
     @functools.wraps(node_fn)

@@ -1,0 +1,88 @@
+"""ResNet-50 training throughput on synthetic ImageNet-shaped batches (issue 12's GPU rows).
+
+Images/s of the project's training loop (``core.training.train``) in fp32 against bf16, with
+channels_last on and off, and in one process against ``nproc: 1`` under DDP (the wrapper's own
+overhead: one process group of one rank, NCCL on CUDA). Plain PyTorch only, so it runs on the
+device machine without Kedro:
+
+    PYTHONPATH=src python benchmarks/resnet50_throughput.py --device cuda             # about 3 min on an H200
+    PYTHONPATH=src python benchmarks/resnet50_throughput.py --device cuda --write-docs
+    python benchmarks/resnet50_throughput.py --quick   # a seconds-long check of the script on a CPU
+
+Each row trains 3 epochs of ``--steps`` steps on the same random uint8 images (kept on the
+device, as the in-memory path does) and reports the median images/s of the epochs after the
+first, which warms up cuDNN's algorithm search and the allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+
+import torch
+from docs_blocks import replace_block
+
+from cts_pipeline.core.data import DATASETS, Split
+from cts_pipeline.core.distributed import launch
+from cts_pipeline.core.models import build_model
+from cts_pipeline.core.runtime import describe_hardware
+from cts_pipeline.core.training import TrainRecipe, train
+
+
+def images_per_second(model_name: str, size: int, batch: int, steps: int, device: str, precision: str,
+                      channels_last: bool) -> float:
+    info = dataclasses.replace(DATASETS["imagenet"], image_shape=(3, size, size))
+    generator = torch.Generator().manual_seed(0)
+    n = batch * steps
+    images = torch.randint(0, 256, (n, 3, size, size), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, 1000, (n,), generator=generator)
+    split = Split(images, labels, info).to(device)
+    model = build_model(model_name, image_shape=info.image_shape, num_classes=1000,
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    recipe = TrainRecipe(epochs=3, batch_size=batch, lr=0.1, precision=precision, loss_reduction="sum",
+                         grad_clip_norm=2.0)
+    history = train(model, split, None, recipe, seed=0, stage="throughput", channels_last=channels_last,
+                    progress=False).history
+    return n / statistics.median(r["seconds"] for r in history[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 at 64 px, batch 8: checks the script")
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+    model, size = ("resnet18", 64) if args.quick else ("resnet50", 224)
+    batch, steps = (8, 2) if args.quick else (args.batch, args.steps)
+    on_cuda = args.device.startswith("cuda")
+    rows = []
+    for precision in ("fp32", "bf16") if on_cuda else ("fp32",):
+        for channels_last in (False, True):
+            speed = images_per_second(model, size, batch, steps, args.device, precision, channels_last)
+            rows.append((f"one process, {precision}, {'channels_last' if channels_last else 'NCHW'}", speed))
+            print(f"{rows[-1][0]}: {speed:.0f} images/s", flush=True)
+    best_precision = "bf16" if on_cuda else "fp32"
+    ddp = launch(images_per_second, 1, model, size, batch, steps, args.device, best_precision, True,
+                 backend="nccl" if on_cuda else "gloo")
+    rows.append((f"DDP, nproc 1, {best_precision}, channels_last", ddp))
+    print(f"{rows[-1][0]}: {ddp:.0f} images/s", flush=True)
+    single = next(speed for label, speed in rows if label == f"one process, {best_precision}, channels_last")
+    lines = [f"`python benchmarks/resnet50_throughput.py --device {args.device}`, {datetime.date.today()}, "
+             f"{describe_hardware(torch.device(args.device))}. {model}, {size}x{size} synthetic images, "
+             f"batch {batch}, summed loss with clipping.", "",
+             "| run | images/s | against fp32 NCHW |", "|---|---|---|"]
+    for label, speed in rows:
+        lines.append(f"| {label} | {speed:.0f} | {speed / rows[0][1]:.2f} |")
+    lines.append("")
+    lines.append(f"DDP over one process / one process: **{ddp / single:.2f}** of the images/s.")
+    print("\n".join(lines))
+    if args.write_docs:
+        replace_block("docs/performance.md", "resnet50", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
