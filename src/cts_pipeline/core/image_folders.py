@@ -23,6 +23,7 @@ replays it exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 from collections.abc import Iterator
@@ -224,6 +225,9 @@ class StreamedSplit:
     digest: str = ""  # samples_digest of the kept samples
     device: torch.device = torch.device("cpu")
     workers: int = 4
+    # The scanned folder (every sample, evaluation transforms): scanning ImageNet's 1.28 M files
+    # takes seconds, so it is done once per split and shared by every stage's dataset.
+    folder: Dataset | None = dataclasses.field(default=None, repr=False, compare=False)
     _loaders: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     streamed = True
@@ -232,7 +236,12 @@ class StreamedSplit:
         return self.labels.shape[0]
 
     def dataset(self, stage: str) -> Dataset:
-        return image_folder(self.info.name, self.root, self.split, stage)
+        """The folder's samples with the transforms of ``stage`` (``train`` or ``eval``)."""
+        if self.folder is None:
+            self.folder = image_folder(self.info.name, self.root, self.split, "eval")
+        staged = copy.copy(self.folder)  # the same sample list; ImageFolder and ours read .transform
+        staged.transform = transforms_for(self.info.name, stage)
+        return staged
 
     def to(self, device: torch.device | str) -> StreamedSplit:
         return dataclasses.replace(self, device=torch.device(device))
@@ -297,4 +306,4 @@ def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: l
         raise ValueError(f"the {split} images of dataset {info.name!r} under {root} changed since the data were "
                          "prepared (files or labels differ); rerun the data node (or the whole run)")
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return StreamedSplit(info, root, split, labels, indices, found, workers=workers)
+    return StreamedSplit(info, root, split, labels, indices, found, workers=workers, folder=folder)
