@@ -59,7 +59,10 @@ FORWARDED_LOGGERS = ("cts_pipeline", "kedro")
 #   docs/performance.md).
 CLUSTER_CONFIG = {"distributed.admin.tick.limit": "1h", "logging.distributed": "warning",
                   "distributed.scheduler.worker-saturation": 1.0,
-                  "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+                  "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                  # non-daemonic workers may start processes of their own: the DataLoader workers
+                  # of a streamed dataset, and runtime.distributed's ranks
+                  "distributed.worker.daemon": False}
 
 
 @contextlib.contextmanager

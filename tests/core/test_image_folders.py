@@ -183,3 +183,25 @@ def test_a_resumed_streamed_training_equals_an_uninterrupted_one(tmp_path):
     assert result.resumed_at == 2
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def _labels_in_a_daemon(split, queue) -> None:
+    queue.put([y.tolist() for _, y in iterate_batches(split, 2, shuffle=True,
+                                                     generator=generator("cpu", 0, "data-order", 0))])
+
+
+def test_a_daemonic_process_reads_in_process_instead_of_failing(tmp_path):
+    """A Dask worker is daemonic by default and may not start DataLoader workers."""
+    import multiprocessing
+
+    tiny_imagenet(tmp_path)
+    train, _ = load_splits("tiny_imagenet", tmp_path)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    daemon = context.Process(target=_labels_in_a_daemon, args=(train.with_workers(2), queue), daemon=True)
+    daemon.start()
+    labels = queue.get(timeout=60)
+    daemon.join(timeout=60)
+    assert daemon.exitcode == 0
+    assert labels == [y.tolist() for _, y in iterate_batches(train.with_workers(0), 2, shuffle=True,
+                                                             generator=generator("cpu", 0, "data-order", 0))]

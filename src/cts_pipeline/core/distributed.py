@@ -20,7 +20,9 @@ The pipeline reaches it through ``runtime.distributed: {nproc: N}`` (``pipelines
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -128,6 +130,10 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | None =
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if threading.current_thread() is not threading.main_thread():
+        # Off the main thread (a Dask or Kedro thread-pool worker) the launcher cannot install its
+        # signal handlers and warns at every launch; the ranks still end with this call.
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.ERROR)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.1)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import logging
+import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .data import DatasetInfo, DatasetNotFoundError
 from .distributed import rank_and_world
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -271,6 +275,14 @@ class StreamedSplit:
         global batch, the union being the global batch one process would see. Unshuffled epochs
         (evaluation) read every image on every rank."""
         rank, world = rank_and_world() if shuffle else (0, 1)
+        workers = self.workers
+        if workers and multiprocessing.current_process().daemon:
+            # A daemonic process may not start children (a Dask worker started with its default
+            # distributed.worker.daemon: true): read in this process rather than fail.
+            logger.warning("%s: this process is daemonic and cannot start DataLoader workers; reading the "
+                           "images in the process itself (start Dask workers with "
+                           "DASK_DISTRIBUTED__WORKER__DAEMON=False to use runtime.data_workers)", self.info.name)
+            workers = self.workers = 0
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} does not split over {world} processes; make it a multiple")
         key = (augment, batch_size, shuffle, drop_last, world)
@@ -278,8 +290,8 @@ class StreamedSplit:
             order = _SeededOrder(len(self), shuffle=shuffle, rank=rank, world=world)
             samples = _SeededSamples(self.dataset("train" if augment else "eval"), self.indices)
             self._loaders[key] = DataLoader(
-                samples, batch_size=batch_size // world, sampler=order, num_workers=self.workers,
-                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0, drop_last=drop_last)
+                samples, batch_size=batch_size // world, sampler=order, num_workers=workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last)
         loader = self._loaders[key]
         if shuffle:
             gen_device = generator.device if generator is not None else "cpu"
