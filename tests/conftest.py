@@ -14,14 +14,20 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = PROJECT_ROOT.parent / "shared" / "data"
 
 
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The project's configuration in a temporary folder, so a run's data and MLflow store land there."""
-    root = tmp_path / "project"
+def copy_project(folder: Path) -> Path:
+    """The project's configuration under ``folder``/project, with an empty conf/local."""
+    root = folder / "project"
     shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
     (root / "conf" / "local").mkdir()
     (root / "src").mkdir()  # bootstrap_project puts it on sys.path; the package itself is installed
     shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The project's configuration in a temporary folder, so a run's data and MLflow store land there."""
+    root = copy_project(tmp_path)
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').as_posix()}")
     monkeypatch.delenv("KEDRO_ENV", raising=False)

@@ -76,7 +76,13 @@ def _run(verbose: bool, **kwargs):
                        "training at the same time, so nodes run one after another (leave --runner out)", err=True)
             exit_with(CONFIGURATION_EXIT)
         if torchrun.is_follower():  # runs what rank 0 announces; rank 0 alone opens the Kedro session
-            torchrun.follow()
+            try:
+                torchrun.follow()
+            except Exception as error:
+                if verbose:
+                    raise
+                click.echo(f"Error: rank {os.environ['RANK']}: {type(error).__name__}: {error}", err=True)
+                exit_with(FAILED_RUN_EXIT)
             exit_with(0)
     try:
         kedro_run.callback(**kwargs)

@@ -1,5 +1,6 @@
 """Project settings (https://docs.kedro.org/en/stable/configure/configuration_basics/)."""
 
+import os
 import warnings
 
 from cts_pipeline.active_config import config_key
@@ -18,6 +19,12 @@ from cts_pipeline.sweep_progress import SweepProgressHook
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
 # MLflow's sqlite store, on SQLAlchemy 2.1: a deprecation inside MLflow, nothing a user can change.
 warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated")
+
+# --runner=ParallelRunner starts its processes by forking on Linux. A fork of this process (torch's
+# thread pools, MLflow's and the queue's threads already running) deadlocked: the workers waited
+# for tasks that the parent had submitted. Kedro's own setting picks spawn instead; set
+# KEDRO_MP_CONTEXT to choose otherwise.
+os.environ.setdefault("KEDRO_MP_CONTEXT", "spawn")
 
 # Order matters only where a hook says so: RunValidationHook runs first at run start (tryfirst),
 # so a bad configuration never opens an MLflow run.

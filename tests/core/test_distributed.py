@@ -33,8 +33,34 @@ def train_lenet(recipe: TrainRecipe) -> tuple[dict, list[dict], int]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, result.history, rank_and_world()[1]
 
 
+def train_lenet_interrupted_then_resumed(recipe: TrainRecipe, path) -> tuple[dict, int | None]:
+    """Every rank stops after epoch 1 (rank 0 has checkpointed it), then resumes: rank 0 reads the
+    checkpoint and broadcasts it, so no rank needs to see rank 0's disk."""
+    from cts_pipeline.core.checkpoints import Checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, _model):
+        if epoch == 1:
+            raise Stop
+
+    torch.set_num_threads(1)
+    train_split, test_split = splits()
+    checkpoint = Checkpoint(path, "key")
+    for attempt in ("interrupted", "resumed"):
+        model = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
+                            generator=torch.Generator().manual_seed(1))
+        try:
+            result = train(model, train_split, test_split, recipe, seed=0, stage=f"ddp {attempt}", progress=False,
+                           checkpoint=checkpoint, on_epoch_end=stop if attempt == "interrupted" else None)
+        except Stop:
+            continue
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, result.resumed_at
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_two_gloo_processes_train_like_one(reduction):
+def test_two_gloo_processes_train_like_one(reduction, tmp_path):
     from dataclasses import replace
 
     recipe = replace(RECIPE, loss_reduction=reduction, lr=RECIPE.lr if reduction == "mean" else RECIPE.lr / 50)
@@ -47,6 +73,11 @@ def test_two_gloo_processes_train_like_one(reduction):
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
         assert two["train_accuracy"] == pytest.approx(one["train_accuracy"])
         assert two["test_accuracy"] == pytest.approx(one["test_accuracy"])
+    if reduction == "mean":  # once is enough: a 2-process run resumed from its checkpoint is the same run
+        resumed, resumed_at = launch(train_lenet_interrupted_then_resumed, 2, recipe, tmp_path / "ckpt.pt",
+                                     backend="gloo")
+        assert resumed_at == 1
+        assert all(torch.equal(resumed[name], state[name]) for name in state)
 
 
 def test_shard_weights_uneven_slices_to_the_global_mean():
