@@ -256,21 +256,21 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
                 kept_count(1.0 - sparsity, prunable)
             except ValueError as exc:
                 problems.append(f"grid.sparsities: {sparsity}: {exc}")
+    distributed = runtime.distributed or {}
+    # Under torchrun the processes are torchrun's (cts_pipeline.torchrun), not runtime.distributed's.
+    nproc, named = ((int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE") if under_torchrun()
+                    else (distributed.get("nproc", 1), "runtime.distributed.nproc"))
     try:
         device = resolve_device(runtime.device)
     except ValueError as exc:
         problems.append(str(exc))
     else:
-        if (runtime.distributed or {}).get("sync_batchnorm") and device.type != "cuda":
+        if distributed.get("sync_batchnorm") and device.type != "cuda":
             problems.append(f"runtime.distributed.sync_batchnorm needs CUDA (torch's SyncBatchNorm runs on GPUs "
                             f"only); this run's device is {device}")
-        nproc = (runtime.distributed or {}).get("nproc", 1)
         if device.type == "cuda" and not under_torchrun() and nproc > torch.cuda.device_count():
             problems.append(f"runtime.distributed.nproc = {nproc} processes, one GPU each, but this machine has "
                             f"{torch.cuda.device_count()}")
-    # Under torchrun the processes are torchrun's (cts_pipeline.torchrun), not runtime.distributed's.
-    nproc, named = ((int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE") if under_torchrun()
-                    else ((runtime.distributed or {}).get("nproc", 1), "runtime.distributed.nproc"))
     if info.streamed and sections["training"].batch_size % nproc:
         problems.append(f"training.batch_size = {sections['training'].batch_size} must be a multiple of "
                         f"{named} = {nproc}: each process loads an equal part of every batch")

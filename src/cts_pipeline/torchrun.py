@@ -23,7 +23,7 @@ import os
 
 logger = logging.getLogger(__name__)
 
-_state = {"in_node": False, "joined": False}
+_state = {"in_node": False}  # rank 0 is inside a node's collectives
 
 
 def is_follower() -> bool:
@@ -37,7 +37,6 @@ def _join() -> None:
     from .core.distributed import join_torchrun_group
 
     join_torchrun_group()
-    _state["joined"] = True
 
 
 def lead(module: str, name: str, args: tuple, sync_batchnorm: bool) -> None:

@@ -701,8 +701,7 @@ def concrete_search(
             for i, (x, y) in enumerate(batches):
                 share = None
                 if world > 1:
-                    # A streamed split's loader already gives this rank its equal part (share 1).
-                    x, y, share = (x, y, 1.0) if train_split.streamed else shard(x, y, rank, world)
+                    x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
                 x = to_layout(x, channels_last)
                 if batched and checked_stacked is None:
                     relaxation.stacked = checked_stacked = _check_stacked(model, relaxation, x, stage)

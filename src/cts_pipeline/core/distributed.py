@@ -39,13 +39,14 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def shard(x: torch.Tensor, y: torch.Tensor, rank: int | None = None,
-          world: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+          world: int | None = None, *, presharded: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
     """This rank's slice of a global batch, and the factor that turns its mean loss into its share
     of the global mean once DDP averages over ranks (``len(slice) · world / len(batch)``). The
-    loops look ``rank`` and ``world`` up once and call this only in a process group."""
+    loops look ``rank`` and ``world`` up once and call this only in a process group.
+    ``presharded``: the batch is already this rank's equal part (a streamed split's loader), share 1."""
     if rank is None or world is None:
         rank, world = rank_and_world()
-    if world == 1:
+    if world == 1 or presharded:
         return x, y, 1.0
     total = len(y)
     x, y = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]

@@ -175,19 +175,17 @@ class _SeededOrder(Sampler):
     def __init__(self, size: int, *, shuffle: bool, rank: int, world: int) -> None:
         self.order = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=shuffle,
                                         drop_last=False)  # pads the ranks to equal parts, as DDP needs
-        self.seed = 0
 
     def set_seed(self, seed: int) -> None:
         self.order.seed = seed
         self.order.set_epoch(0)  # the epoch is already folded into the seed
-        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __iter__(self):
         for index in self.order:
-            yield index, (self.seed * 1_000_003 + index) % 2**63
+            yield index, (self.order.seed * 1_000_003 + index) % 2**63
 
 
 class _SeededSamples(Dataset):
@@ -263,10 +261,10 @@ class StreamedSplit:
             return self
         picked = [i * total // n for i in range(n)]
         base = self.indices if self.indices is not None else list(range(total))
-        dataset = self.dataset("eval")
         kept = [base[i] for i in picked]
+        samples = self.dataset("eval").samples
         return dataclasses.replace(self, labels=self.labels[picked], indices=kept,
-                                   digest=samples_digest([dataset.samples[i] for i in kept], self.root))
+                                   digest=samples_digest([samples[i] for i in kept], self.root))
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
                 augment: bool = False, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -252,8 +252,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             if world > 1:
-                # A streamed split's loader already gives this rank its equal part (share 1).
-                x, y, share = (x, y, 1.0) if train_split.streamed else shard(x, y, rank, world)
+                x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
                 share = sum_share or share
             with autocast():
                 logits = forward(to_layout(x, channels_last))
