@@ -208,7 +208,9 @@ def main() -> None:
                     "resnet20", {}, cifar, TrainRecipe(epochs=1, batch_size=512, lr=0.1), grid, device,
                     args.repeats, channels_last=True, headroom=True)
     if args.write_docs:
-        replace_block("docs/performance.md", "batched", "\n".join(LINES))
+        # The CPU table and a GPU's live side by side: each device writes its own block.
+        block = "batched" if device.type == "cpu" else f"batched-{device.type}"
+        replace_block("docs/performance.md", block, "\n".join(LINES))
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_an_epoch_depends_on_the_seed_and_epoch_only_not_on_the_workers(tmp_path
     epoch(again, 0, 2)  # a persistent loader that has run another epoch first replays epoch 3 alike
     assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch(again, 0, 3), in_process, strict=True))
     other = epoch(train.with_workers(0), 0, 4)
-    assert not all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(other, in_process)), \
+    assert not all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(other, in_process, strict=True)), \
         "another epoch, another order and crops"
     labels = torch.cat([y for _, y in in_process])
     assert sorted(labels.tolist()) == sorted(train.labels.tolist()), "every image once per epoch"

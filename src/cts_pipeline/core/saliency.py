@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .data import Split, normalize
+from .data import Split
 from .masks import global_topk_mask, prunable_parameters, unflatten
 from .runtime import generator
 

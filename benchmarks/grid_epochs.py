@@ -1,0 +1,136 @@
+"""The whole grid against LTR per epoch of work (issue 8): ResNet-20 on CIFAR-shaped noise, in plain
+PyTorch, so it runs where Kedro and MLflow are not installed (the GPU machine).
+
+    PYTHONPATH=src python benchmarks/grid_epochs.py --device cuda --write-docs
+    python benchmarks/grid_epochs.py --images 2048 --write-docs   # the CPU row (about 10 min, 2 cores)
+    python benchmarks/grid_epochs.py --quick                       # checks the script in a minute
+
+It times one epoch of each kind of work the grid needs (the median of --repeats after a warm-up
+epoch), on the same weights and data, with the `cifar10_resnet20` preset's recipe (batch 512,
+summed loss with clipping at 2.0, augmentation; fp16 on CUDA as the preset asks):
+  - a masked training epoch: LTR's unit, since every level retrains from the rewind epoch;
+  - CTS's batched search over the K grid densities (always fp32, as the search runs);
+  - CTS's retraining of the K tickets: stacked where the recipe allows it, else K masked epochs
+    (fp16's loss scaling cannot be shared by K tickets, so on CUDA the preset retrains one by one).
+
+It then composes the whole grid from the preset's epoch counts (E = 160, rewind k = 9, levels 16–28):
+LTR pays (L_max + 1) · (E − k) training epochs; CTS pays E_search search epochs (160 `long`, 20
+`short`) and (E − k) retraining epochs. The dense training to θ_k and the test evaluations are
+common to both sides and left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import torch
+from docs_blocks import replace_block
+from speed import sync, synthetic
+
+from cts_pipeline.core.batched_training import supports as stacked_retraining_supported
+from cts_pipeline.core.batched_training import train_tickets
+from cts_pipeline.core.cts import SearchConfig, concrete_search
+from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
+from cts_pipeline.core.models import build_model
+from cts_pipeline.core.runtime import describe_hardware, resolve_device
+from cts_pipeline.core.training import TrainRecipe, train
+
+EPOCHS, REWIND = 160, 9  # the cifar10_resnet20 preset
+LEVELS = (16, 18, 20, 22, 24, 26, 28)
+SEARCH_EPOCHS = {"long": EPOCHS, "short": EPOCHS // 8}
+
+
+def median_seconds(run, repeats: int, device: torch.device) -> float:
+    run()  # warm-up: allocations, cuDNN's algorithm choice, the stacked-forward check
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--images", type=int, default=10_240, help="images per timed epoch")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a tiny network and 2 levels: checks the script")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite this device's block in docs/performance.md")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    levels = LEVELS[-2:] if args.quick else LEVELS
+    images = 256 if args.quick else args.images
+    batch = 64 if args.quick else args.batch_size
+    options = {"width": 4} if args.quick else {}
+    split = synthetic("cifar10", images, device)
+    recipe = TrainRecipe(epochs=1, batch_size=batch, lr=0.1, weight_decay=1e-3, loss_reduction="sum",
+                         grad_clip_norm=2.0, augment=True, precision="fp16" if device.type == "cuda" else "fp32")
+    channels_last = True
+
+    def fresh():
+        return build_model("resnet20", image_shape=split.info.image_shape, num_classes=split.info.num_classes,
+                           generator=torch.Generator().manual_seed(0), **options).to(device)
+
+    theta = fresh()
+    densities = [0.8 ** level for level in levels]
+    g = torch.Generator().manual_seed(1)
+    masks = [global_topk_mask({n: torch.rand(w.shape, generator=g) for n, w in prunable_parameters(theta).items()}, k)
+             for k in densities]
+
+    def masked_epoch():  # an LTR level's epoch, and a one-by-one retraining's
+        train(fresh(), split, None, recipe, seed=0, stage="ltr epoch", mask=masks[-1], progress=False,
+              channels_last=channels_last)
+
+    def search_epoch():
+        concrete_search(theta, split, density=densities, config=SearchConfig(epochs=1), recipe=recipe, seed=0,
+                        progress=False, channels_last=channels_last)
+
+    stacked = stacked_retraining_supported(theta, recipe, device)
+
+    def retraining_epoch():
+        train_tickets(fresh(), masks, split, None, recipe, seed=0, stage="stacked epoch", progress=False,
+                      channels_last=channels_last)
+
+    t_train = median_seconds(masked_epoch, args.repeats, device)
+    t_search = median_seconds(search_epoch, args.repeats, device)
+    t_retrain = median_seconds(retraining_epoch, args.repeats, device) if stacked else len(levels) * t_train
+    k = len(levels)
+    ltr = (max(levels) + 1) * (EPOCHS - REWIND) * t_train
+    lines = [
+        f"`python benchmarks/grid_epochs.py{' --quick' if args.quick else ''}"
+        f"{f' --images {images}' if not args.quick and images != 10_240 else ''} --device {device.type}`, "
+        f"{datetime.date.today()}, {describe_hardware(device)}. ResNet-20{' (width 4)' if args.quick else ''}, "
+        f"CIFAR-shaped noise, {images:,} images per epoch, batch {batch}, training in {recipe.precision}"
+        f"{'' if device.type == 'cuda' else ' (a CPU always trains in fp32)'}; K = {k} levels "
+        f"({', '.join(map(str, levels))}).",
+        "",
+        "| work | s per epoch | against one training epoch |",
+        "|---|---:|---:|",
+        f"| masked training epoch (LTR's unit) | {t_train:.2f} | 1.00 |",
+        f"| batched search, K = {k} | {t_search:.2f} | {t_search / t_train:.2f} |",
+        f"| retraining the K tickets, {'stacked' if stacked else 'one by one (fp16 cannot be stacked)'} | "
+        f"{t_retrain:.2f} | {t_retrain / t_train:.2f} |",
+        "",
+        f"| whole grid (E = {EPOCHS}, rewind {REWIND}) | LTR, {max(levels) + 1} trainings | CTS | LTR / CTS |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, search_epochs in SEARCH_EPOCHS.items():
+        cts = search_epochs * t_search + (EPOCHS - REWIND) * t_retrain
+        lines.append(f"| CTS-KL `{name}` ({search_epochs} search epochs) | {ltr / 3600:.2f} h | "
+                     f"{cts / 3600:.2f} h | **{ltr / cts:.1f}×** |")
+    print("\n".join(lines), flush=True)
+    if args.write_docs:
+        if args.quick:
+            raise SystemExit("--quick checks the script; its figures say nothing and are not written")
+        replace_block("docs/performance.md", f"grid-epochs-{device.type}", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
