@@ -103,7 +103,10 @@ class RuntimeConfig:
     checkpoint_dir: str | None = "data/06_models/checkpoints"  # null: no per-epoch checkpoints
     channels_last: str | bool = "auto"  # auto: NHWC for convolutional models (faster on CPUs)
     compile: bool = False  # torch.compile the training forward (worth it on GPUs, not on CPUs)
-    batch_sparsities: bool = True  # one batched CTS search per seed and CTS configuration
+    # One batched CTS search (and retraining) per seed and CTS configuration. true: always batched, so
+    # runs repeat to the bit; auto: batched where a probe of a step measures it faster on this
+    # device (not for ResNet-20 on a CPU), a choice that timing noise can flip between runs.
+    batch_sparsities: str | bool = True
     strict: bool = False  # stop the run when a search diverges, instead of flagging the branch
     distributed: Mapping[str, Any] | None = None  # {nproc: N}: train and search over N local processes
     data_workers: int | None = None  # loader processes of a streamed (image-folder) dataset; 0 = in this
@@ -129,7 +132,9 @@ class RuntimeConfig:
             raise ValueError(f"runtime.num_threads must be null or a positive integer, got {self.num_threads!r}")
         if self.channels_last not in ("auto", True, False):
             raise ValueError(f"runtime.channels_last must be auto, true or false, got {self.channels_last!r}")
-        for key in ("compile", "progress", "batch_sparsities", "strict"):
+        if self.batch_sparsities not in ("auto", True, False):
+            raise ValueError(f"runtime.batch_sparsities must be auto, true or false, got {self.batch_sparsities!r}")
+        for key in ("compile", "progress", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"runtime.{key} must be true or false, got {getattr(self, key)!r}")
 

@@ -179,3 +179,22 @@ def test_row_weights_split_a_batch_of_flat_weights_per_layer():
             assert torch.equal(rows[name][k], expected[name])
     assert relaxation.logits.shape == (2, relaxation.num_weights)
     assert torch.allclose(torch.sigmoid(relaxation.logits[:, 0]), torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_stacking_probe_leaves_the_search_as_it_was(digits_train, channels_last):
+    """``stacked_search_ratio`` times both layouts on state of its own: the model, its gradients
+    flags and memory format, and the search that follows are exactly what they were without it."""
+    model = convnet()
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    reference = run(model, digits_train, DENSITIES, batch_size=128)
+    ratio = cts.stacked_search_ratio(model, digits_train, DENSITIES, SearchConfig(epochs=1),
+                                     TrainRecipe(epochs=1, batch_size=128, lr=0.1), seed=4,
+                                     channels_last=channels_last)
+    assert 0.0 < ratio < float("inf")
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    after = run(model, digits_train, DENSITIES, batch_size=128)
+    for a, b in zip(reference, after, strict=True):
+        assert all(torch.equal(a.scores[n], b.scores[n]) for n in a.scores)

@@ -110,3 +110,13 @@ def test_models_the_stacked_layout_does_not_know_are_declined(digits):
     assert supports(net(), TrainRecipe(epochs=1, batch_size=8, lr=0.1), cpu)
     with pytest.raises(ValueError, match="cannot train stacked"):
         train_tickets(zeropad, [], digits[0], None, TrainRecipe(epochs=1, batch_size=8, lr=0.1), seed=0, stage="x")
+
+
+def test_the_stacking_probe_trains_nothing_of_the_model(digits):
+    """``stacked_training_ratio`` trains copies: the start weights are untouched."""
+    model = net()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    ratio = bt.stacked_training_ratio(model, random_masks(model, [0.5, 0.1]), digits[0],
+                                      TrainRecipe(epochs=3, batch_size=64, lr=0.1, milestones=[2]), seed=0)
+    assert 0.0 < ratio < float("inf")
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())

@@ -5,8 +5,18 @@ from __future__ import annotations
 import logging
 import time
 
+from torch import nn
+
 from ...config import ModelConfig, RuntimeConfig
-from ...core.cts import SearchConfig, SearchResult, concrete_search
+from ...core.cts import (
+    OBJECTIVES,
+    SearchConfig,
+    SearchResult,
+    concrete_search,
+    stacked_search_ratio,
+)
+from ...core.data import Split
+from ...core.distributed import broadcast_object
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe
 from ...grid import Branch, search_group_namespace
@@ -68,6 +78,24 @@ def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result
     }
 
 
+def stacking_pays(net: nn.Module, train_split: Split, group: tuple[Branch, ...], cts: SearchConfig,
+                  training: TrainRecipe, runtime: RuntimeConfig, channels_last: bool) -> bool:
+    """Whether the group's searches run as one batched search: always with ``batch_sparsities: true``;
+    with ``auto``, where a probe of one step (``core.cts.stacked_search_ratio``) measures it faster
+    than the K searches one at a time. Rank 0's measurement decides for every rank."""
+    if cts.objective in OBJECTIVES and OBJECTIVES[cts.objective].kind == "network":
+        return True  # concrete_search runs these one density at a time itself
+    if runtime.batch_sparsities is not True:
+        ratio = broadcast_object(stacked_search_ratio(net, train_split, [b.density for b in group], cts, training,
+                                                      seed=group[0].seed, channels_last=channels_last))
+        together = ratio < 1.0
+        logger.info("%s: a batched search step of %d masks takes %.2f of %d single steps on this device; "
+                    "searching %s (runtime.batch_sparsities: auto)", search_group_namespace(group[0]), len(group),
+                    ratio, len(group), "them together" if together else "one at a time")
+        return together
+    return True
+
+
 def search_mask(
     theta_start: dict,
     train_data: dict,
@@ -108,17 +136,23 @@ def search_masks(
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device, runtime.data_workers)
     net = build_network(model, train_split, device, state=theta_start)
-    batched = len(group) > 1
-    stage = f"{search_group_namespace(first) if batched else first.namespace} search"
-    found = concrete_search(
-        net, train_split, density=[b.density for b in group] if batched else first.density, config=cts,
-        recipe=training, seed=first.seed, stage=stage, progress=loop_bars(runtime),
-        checkpoint=checkpoint_for(runtime, search_group_namespace(first) if batched else first.namespace, "search",
-                                  model, training, *[b.as_dict() for b in group], theta_start,
-                                  data_fingerprint(train_data)),
-        channels_last=uses_channels_last(runtime, net),
-    )
-    results = found if batched else [found]
+    channels_last = uses_channels_last(runtime, net)
+    batched = len(group) > 1 and stacking_pays(net, train_split, group, cts, training, runtime, channels_last)
+
+    def search(branches: tuple[Branch, ...]) -> list[SearchResult]:
+        together = len(branches) > 1
+        namespace = search_group_namespace(first) if together else branches[0].namespace
+        found = concrete_search(
+            net, train_split, density=[b.density for b in branches] if together else branches[0].density,
+            config=cts, recipe=training, seed=first.seed, stage=f"{namespace} search", progress=loop_bars(runtime),
+            checkpoint=checkpoint_for(runtime, namespace, "search", model, training, *[b.as_dict() for b in branches],
+                                      theta_start, data_fingerprint(train_data)),
+            channels_last=channels_last,
+        )
+        return found if together else [found]
+
+    # One at a time, each branch's search is the one its own node would run (same checkpoint too).
+    results = search(group) if batched else [r for b in group for r in search((b,))]
     hardware = describe_hardware(device)
     out = {}
     for branch, result in zip(group, results, strict=True):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import time
 
+from torch import nn
+
 from ...config import ModelConfig, RuntimeConfig
 from ...console import PROGRESS_LOGGER
+from ...core.batched_training import stacked_training_ratio, train_tickets
 from ...core.batched_training import supports as batched_training_supports
-from ...core.batched_training import train_tickets
 from ...core.connectivity import effective_report
 from ...core.data import get_dataset_info
+from ...core.distributed import broadcast_object
 from ...core.masks import (
     check_mask_matches,
     collapsed_layers,
@@ -122,6 +125,22 @@ def _retrain_log(branch: Branch, first: int, result, started_at: float, **extra)
             "started_at": started_at, **extra, "history": result.history}
 
 
+def _stacking_pays(net: nn.Module, keeps: list[dict], train_split, training: TrainRecipe, runtime: RuntimeConfig,
+                   seed: int, stage: str) -> bool:
+    """Whether the tickets train stacked: always with ``runtime.batch_sparsities: true``; with ``auto``,
+    where a probe of two steps (``core.batched_training.stacked_training_ratio``) measures it faster
+    than one at a time. Rank 0's measurement decides for every rank."""
+    if runtime.batch_sparsities is True:
+        return True
+    ratio = broadcast_object(stacked_training_ratio(net, keeps, train_split, training, seed=seed,
+                                                    channels_last=uses_channels_last(runtime, net)))
+    together = ratio < 1.0
+    logger.info("%s: stacked training steps of %d tickets take %.2f of %d single steps on this device; "
+                "training %s (runtime.batch_sparsities: auto)", stage, len(keeps), ratio, len(keeps),
+                "them stacked" if together else "one at a time")
+    return together
+
+
 @distributable
 def retrain_tickets(
     theta_start: dict,
@@ -147,17 +166,18 @@ def retrain_tickets(
     train_split = split_from_payload(train_data, device, runtime.data_workers)
     test_split = split_from_payload(test_data, device, runtime.data_workers)
     net = build_network(model, train_split, device, state=theta_start)
+    first = start_epoch(training, first_branch)
+    keeps = [branch_mask(p, b, net) for p, b in zip(payloads, branches, strict=True)]
+    stage = f"{search_group_namespace(first_branch)} retrain x{len(branches)}"
     # The stacked path has no DDP: over several processes the tickets train one at a time.
     if not batched_training_supports(net, training, device) or runtime.compile \
-            or (runtime.distributed or {}).get("nproc", 1) > 1:
+            or (runtime.distributed or {}).get("nproc", 1) > 1 \
+            or not _stacking_pays(net, keeps, train_split, training, runtime, first_branch.seed, stage):
         out = {}
         for payload, branch in zip(payloads, branches, strict=True):
             weights, log = retrain_ticket(theta_start, payload, train_data, test_data, model, training, runtime, branch)
             out[f"{branch.namespace}.final_weights"], out[f"{branch.namespace}.retrain_log"] = weights, log
         return out
-    first = start_epoch(training, first_branch)
-    keeps = [branch_mask(p, b, net) for p, b in zip(payloads, branches, strict=True)]
-    stage = f"{search_group_namespace(first_branch)} retrain x{len(branches)}"
     states, results = train_tickets(
         net, keeps, train_split, test_split, training, seed=first_branch.seed, stage=stage, start_epoch=first,
         progress=loop_bars(runtime), channels_last=uses_channels_last(runtime, net),
