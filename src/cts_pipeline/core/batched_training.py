@@ -222,7 +222,7 @@ def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.
     training them stacked saves time on this device.
 
     As for the search (``cts.stacked_search_ratio``), whether K stacked copies of the activations
-    pay depends on the device and the shapes (ResNet-20 at batch 512 on a CPU: 2.4× slower), so it is
+    pay depends on the device and the shapes (ResNet-20 at batch 512 on a CPU: 2.1× slower), so it is
     measured. Each side trains copies of ``model`` (no test evaluation, no checkpoint) on one
     batch as a warm-up, then on one batch and on ``1 + steps`` batches; the difference is
     ``steps`` steps without the per-call set-up (stacking the parameters, building the optimizer),
