@@ -40,6 +40,7 @@ from cts_pipeline.core.runtime import (
     describe_hardware,
     generator,
     resolve_device,
+    synchronize,
 )
 from cts_pipeline.core.training import TrainRecipe, train
 
@@ -82,9 +83,7 @@ def write_table(device: torch.device) -> None:
 LABELS = {"lenet_300_100": "LeNet-300-100", "resnet20": "ResNet-20"}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sync = synchronize  # the other benchmarks import it from here
 
 
 def interleaved(a, b, repeats: int, device: torch.device) -> tuple[float, float, float]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
 from .masks import check_mask_matches
-from .runtime import generator
+from .runtime import generator, synchronize
 from .stacked import rewired, unstack
 from .stacked import supports as stacked_supports
 from .training import TrainRecipe, TrainResult, _effective_precision, check_finite, to_layout, train
@@ -232,12 +232,10 @@ def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.
     one_batch, more = train_split.subset(recipe.batch_size), train_split.subset((1 + steps) * recipe.batch_size)
 
     def timed(run, split: Split) -> float:
-        if split.device.type == "cuda":
-            torch.cuda.synchronize(split.device)
+        synchronize(split.device)
         started = time.perf_counter()
         run(split)
-        if split.device.type == "cuda":
-            torch.cuda.synchronize(split.device)
+        synchronize(split.device)
         return time.perf_counter() - started
 
     def seconds_per_step(run) -> float:

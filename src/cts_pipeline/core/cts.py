@@ -31,7 +31,7 @@ from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
 from .distributed import all_sum, average_over_ranks, rank_and_world, shard
 from .masks import prunable_parameters, unflatten
-from .runtime import UniformNoise, generator
+from .runtime import UniformNoise, generator, synchronize
 from .stacked import stacked_forward
 from .stacked import supports as stacked_supports
 from .training import TrainRecipe, check_finite, to_layout
@@ -571,11 +571,6 @@ def search_step(
     return loss.detach(), expected
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequence[float], config: SearchConfig,
                          recipe: TrainRecipe, *, seed: int, channels_last: bool = False, steps: int = 2) -> float:
     """The time of one batched search step over K densities against K single steps: below 1,
@@ -605,10 +600,10 @@ def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequen
             relaxation.stacked = _check_stacked(model, relaxation, x, "stacking probe")
         for i in range(steps + 1):
             if i == 1:  # after the warm-up step
-                _synchronize(device)
+                synchronize(device)
                 started = time.perf_counter()
             search_step(model, relaxation, objective, balancer, optimizer, noise, x, y, config.effective_loss_scale)
-        _synchronize(device)
+        synchronize(device)
         return (time.perf_counter() - started) / steps
 
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -30,6 +30,12 @@ def resolve_device(choice: str = "auto") -> torch.device:
     return device
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously), so a timing is true."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def describe_hardware(device: torch.device) -> str:
     """One line naming what a timing was measured on (goes next to every reported time)."""
     if device.type == "cuda":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from ..core.runtime import generator, resolve_device
 # Nodes that compute on the run's device; a distributed runner gives each one GPU
 # (cts_pipeline.runners.DaskRunner, workers started with --resources GPU=1).
 GPU_TAG = "gpu"
+
+logger = logging.getLogger(__name__)
 
 
 class ArtifactMismatch(ValueError):
@@ -158,6 +160,22 @@ def build_network(
 def state_on_cpu(net: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of the weights and buffers (what a catalog entry stores)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+
+
+def batched_if_faster(runtime: RuntimeConfig, stage: str, measure: Callable[[], float], rows: int,
+                      what: str, doing: str, together: str) -> bool:
+    """Whether K rows run batched: always with ``runtime.batch_sparsities: true``; with ``auto``, where
+    ``measure()`` (a probe's batched time over K single ones) comes out below 1. Rank 0's
+    measurement decides for every rank, and the log says what it found."""
+    from ..core.distributed import broadcast_object
+
+    if runtime.batch_sparsities is True:
+        return True
+    ratio = broadcast_object(measure())
+    faster = ratio < 1.0
+    logger.info("%s: %s %.2f of %d single steps on this device; %s %s (runtime.batch_sparsities: auto)", stage,
+                what, ratio, rows, doing, together if faster else "one at a time")
+    return faster
 
 
 def uses_channels_last(runtime: RuntimeConfig, net: nn.Module) -> bool:

@@ -5,22 +5,13 @@ from __future__ import annotations
 import logging
 import time
 
-from torch import nn
-
 from ...config import ModelConfig, RuntimeConfig
-from ...core.cts import (
-    OBJECTIVES,
-    SearchConfig,
-    SearchResult,
-    concrete_search,
-    stacked_search_ratio,
-)
-from ...core.data import Split
-from ...core.distributed import broadcast_object
+from ...core.cts import SearchConfig, SearchResult, concrete_search, stacked_search_ratio
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe
 from ...grid import Branch, search_group_namespace
 from ..common import (
+    batched_if_faster,
     build_network,
     checkpoint_for,
     data_fingerprint,
@@ -78,24 +69,6 @@ def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result
     }
 
 
-def stacking_pays(net: nn.Module, train_split: Split, group: tuple[Branch, ...], cts: SearchConfig,
-                  training: TrainRecipe, runtime: RuntimeConfig, channels_last: bool) -> bool:
-    """Whether the group's searches run as one batched search: always with ``batch_sparsities: true``;
-    with ``auto``, where a probe of one step (``core.cts.stacked_search_ratio``) measures it faster
-    than the K searches one at a time. Rank 0's measurement decides for every rank."""
-    if cts.objective in OBJECTIVES and OBJECTIVES[cts.objective].kind == "network":
-        return True  # concrete_search runs these one density at a time itself
-    if runtime.batch_sparsities is not True:
-        ratio = broadcast_object(stacked_search_ratio(net, train_split, [b.density for b in group], cts, training,
-                                                      seed=group[0].seed, channels_last=channels_last))
-        together = ratio < 1.0
-        logger.info("%s: a batched search step of %d masks takes %.2f of %d single steps on this device; "
-                    "searching %s (runtime.batch_sparsities: auto)", search_group_namespace(group[0]), len(group),
-                    ratio, len(group), "them together" if together else "one at a time")
-        return together
-    return True
-
-
 def search_mask(
     theta_start: dict,
     train_data: dict,
@@ -137,7 +110,11 @@ def search_masks(
     train_split = split_from_payload(train_data, device, runtime.data_workers)
     net = build_network(model, train_split, device, state=theta_start)
     channels_last = uses_channels_last(runtime, net)
-    batched = len(group) > 1 and stacking_pays(net, train_split, group, cts, training, runtime, channels_last)
+    batched = len(group) > 1 and batched_if_faster(
+        runtime, search_group_namespace(first),
+        lambda: stacked_search_ratio(net, train_split, [b.density for b in group], cts, training, seed=first.seed,
+                                     channels_last=channels_last),
+        len(group), f"a batched search step of {len(group)} masks takes", "searching", "them together")
 
     def search(branches: tuple[Branch, ...]) -> list[SearchResult]:
         together = len(branches) > 1

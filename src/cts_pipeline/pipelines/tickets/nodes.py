@@ -5,15 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from torch import nn
-
 from ...config import ModelConfig, RuntimeConfig
 from ...console import PROGRESS_LOGGER
 from ...core.batched_training import stacked_training_ratio, train_tickets
 from ...core.batched_training import supports as batched_training_supports
 from ...core.connectivity import effective_report
 from ...core.data import get_dataset_info
-from ...core.distributed import broadcast_object
 from ...core.masks import (
     check_mask_matches,
     collapsed_layers,
@@ -30,6 +27,7 @@ from ...core.training import TrainRecipe, evaluate, train
 from ...grid import Branch, search_group_namespace
 from ..common import (
     ArtifactMismatch,
+    batched_if_faster,
     build_network,
     checkpoint_for,
     data_fingerprint,
@@ -125,22 +123,6 @@ def _retrain_log(branch: Branch, first: int, result, started_at: float, **extra)
             "started_at": started_at, **extra, "history": result.history}
 
 
-def _stacking_pays(net: nn.Module, keeps: list[dict], train_split, training: TrainRecipe, runtime: RuntimeConfig,
-                   seed: int, stage: str) -> bool:
-    """Whether the tickets train stacked: always with ``runtime.batch_sparsities: true``; with ``auto``,
-    where a probe of two steps (``core.batched_training.stacked_training_ratio``) measures it faster
-    than one at a time. Rank 0's measurement decides for every rank."""
-    if runtime.batch_sparsities is True:
-        return True
-    ratio = broadcast_object(stacked_training_ratio(net, keeps, train_split, training, seed=seed,
-                                                    channels_last=uses_channels_last(runtime, net)))
-    together = ratio < 1.0
-    logger.info("%s: stacked training steps of %d tickets take %.2f of %d single steps on this device; "
-                "training %s (runtime.batch_sparsities: auto)", stage, len(keeps), ratio, len(keeps),
-                "them stacked" if together else "one at a time")
-    return together
-
-
 @distributable
 def retrain_tickets(
     theta_start: dict,
@@ -172,7 +154,11 @@ def retrain_tickets(
     # The stacked path has no DDP: over several processes the tickets train one at a time.
     if not batched_training_supports(net, training, device) or runtime.compile \
             or (runtime.distributed or {}).get("nproc", 1) > 1 \
-            or not _stacking_pays(net, keeps, train_split, training, runtime, first_branch.seed, stage):
+            or not batched_if_faster(
+                runtime, stage,
+                lambda: stacked_training_ratio(net, keeps, train_split, training, seed=first_branch.seed,
+                                               channels_last=uses_channels_last(runtime, net)),
+                len(keeps), f"stacked training steps of {len(keeps)} tickets take", "training", "them stacked"):
         out = {}
         for payload, branch in zip(payloads, branches, strict=True):
             weights, log = retrain_ticket(theta_start, payload, train_data, test_data, model, training, runtime, branch)
