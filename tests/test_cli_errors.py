@@ -29,6 +29,7 @@ CASES = [
     (["--params", "training.learning_rate=0.1"], "learning_rate"),
     (["--params", "trainig.lr=0.001"], "trainig"),
     (["--params", "runtime.device=cuda:3"], "runtime.device"),
+    (["--params", "runtime.batch_sparsities=sometimes"], "runtime.batch_sparsities must be auto, true or false"),
     (["--pipelines=sanity", "--params", "sanity.sparsities=[0.42]"], "sanity.sparsities"),
     (["--pipelines=ltr", "--params", "methods.ltr=false"], "methods.ltr is false"),
 ]
