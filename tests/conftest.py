@@ -24,14 +24,48 @@ def copy_project(folder: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables made, and no run: creating the tables (MLflow's
+    alembic migrations) costs about 2 s, which each test's fresh store would otherwise pay."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path.as_posix()}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_store: Path) -> Path:
     """The project's configuration in a temporary folder, so a run's data and MLflow store land there."""
     root = copy_project(tmp_path)
+    shutil.copy(empty_mlflow_store, root / "mlflow.db")
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').as_posix()}")
     monkeypatch.delenv("KEDRO_ENV", raising=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def finished_smoke_data(tmp_path_factory, empty_mlflow_store: Path) -> Path:
+    """The data folder of one finished ``kedro run --pipelines=cts --env=smoke``, made once."""
+    root = copy_project(tmp_path_factory.mktemp("finished-smoke"))
+    shutil.copy(empty_mlflow_store, root / "mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').as_posix()}")
+        patch.delenv("KEDRO_ENV", raising=False)
+        run_pipeline(root)
+    return root / "data"
+
+
+@pytest.fixture
+def finished_project(project: Path, finished_smoke_data: Path) -> Path:
+    """``project`` after ``kedro run --pipelines=cts --env=smoke``: a copy of one such run's data
+    folder (records and version timestamps included), without its MLflow runs or its log lines.
+    For tests whose first run is only their starting point."""
+    shutil.copytree(finished_smoke_data, project / "data", copy_function=shutil.copy2, dirs_exist_ok=True)
+    return project
 
 
 def run_pipeline(project: Path, env: str = "smoke", params: dict | None = None,

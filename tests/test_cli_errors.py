@@ -100,3 +100,30 @@ def test_a_mask_from_another_model_stops_the_rerun_naming_its_file(invoke, proje
     assert "cts_kl.seed0.sp90_00.mask: mask does not match the model" in first
     assert f"file: {mask}" in first
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("runner", [None, "ParallelRunner"], ids=["sequential", "parallel"])
+def test_a_failing_node_exits_1_with_its_error_type_under_every_runner(invoke, runner):
+    """The exit code is read off the error (errors.exit_code), so a node that fails in a worker
+    process is reported as the sequential run reports it."""
+    result = invoke("--params", "training.lr=1e12", *([f"--runner={runner}"] if runner else []))
+    assert result.exit_code == 1, result.output
+    first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
+    assert first.startswith("Error: NonFiniteLossError: dense.seed0 dense: the loss became"), first
+
+
+def test_a_poisoned_cifar_batch_runs_nothing_and_exits_2(invoke, project, tmp_path):
+    """A problem with the data, found before any compute: exit 2 naming the file, and the
+    pickle's payload never runs."""
+    import numpy as np
+
+    from .core.test_data import _WritesAFile, write_cifar10, write_pickle
+
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    marker = tmp_path / "the-pickle-ran"
+    write_pickle(tmp_path / "cifar-10-batches-py" / "test_batch", {"data": _WritesAFile(marker), "labels": [0]})
+    result = invoke("--params", f"data.name=cifar10,data.root={tmp_path}")
+    assert result.exit_code == 2, result.output
+    first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
+    assert "test_batch is not a readable CIFAR pickle batch" in first and "Traceback" not in result.output
+    assert not marker.exists()

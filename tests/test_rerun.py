@@ -10,13 +10,13 @@ def versions(project, pattern: str) -> int:
     return sum(1 for _ in project.glob(pattern + "/*/"))
 
 
-def test_reruns_skip_what_this_configuration_already_computed(project):
+def test_reruns_skip_what_this_configuration_already_computed(finished_project):
     dense = "data/06_models/smoke/dense-*/seed0/theta_rewind.pt"
     sp50 = "data/07_model_output/smoke/cts_kl-*/seed0/sp50_00/mask.pt"
     sp70 = "data/07_model_output/smoke/cts_kl-*/seed0/sp70_00/mask.pt"
     report = "data/08_reporting/smoke/report-*/cts_results.csv"
 
-    run_pipeline(project)
+    project = finished_project  # after `kedro run --pipelines=cts --env=smoke`
     assert (versions(project, dense), versions(project, sp50), versions(project, report)) == (1, 1, 1)
 
     run_pipeline(project, only_missing_outputs=True)  # same configuration: nothing to do

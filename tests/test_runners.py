@@ -28,7 +28,7 @@ from cts_pipeline.runners import (
     local_cluster,
 )
 
-from .conftest import run_pipeline
+from .conftest import copy_project, run_pipeline
 
 ONE_THREAD = {"runtime": {"num_threads": 1}}  # what a one-thread Dask worker gives torch
 TIMES = ("seconds", "started_at", "retrain_started_at", "finished_at", "eval_seconds", "history",
@@ -91,42 +91,57 @@ def child_runs(parent_index: int = 0) -> dict[str, tuple[dict, dict]]:
     return out
 
 
-@pytest.mark.parametrize("pipeline", ["cts", "compare"])
-def test_dask_runner_matches_the_sequential_run(project, cluster, pipeline):
-    run_pipeline(project, pipeline=pipeline, params=ONE_THREAD)
-    sequential, sequential_runs = results(project), child_runs()
-    run_pipeline(project, pipeline=pipeline, runner=DaskRunner(client=cluster))
-    assert_same(sequential, results(project))
-    assert child_runs() == sequential_runs
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, empty_mlflow_store):
+    """The compare sweep run by the SequentialRunner with one torch thread (what a one-thread Dask
+    worker gives torch): the masks, metrics and MLflow children every runner must reproduce."""
+    import shutil
+
+    project = copy_project(tmp_path_factory.mktemp("sequential"))
+    shutil.copy(empty_mlflow_store, project / "mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(project / 'mlflow.db').as_posix()}")
+        run_pipeline(project, pipeline="compare", params=ONE_THREAD)
+        return results(project), child_runs()
+
+
+def test_dask_runner_matches_the_sequential_run(project, cluster, sequential):
+    """Two worker processes of one thread each compute what one process with one thread does: the
+    same kernels in the same order, so the same bits (docs/architecture.md, "What is bit-exact
+    where")."""
+    reference, reference_runs = sequential
+    run_pipeline(project, pipeline="compare", runner=DaskRunner(client=cluster))
+    assert_same(reference, results(project))
+    assert child_runs() == reference_runs
     hardware = {r["metrics"]["hardware"] for r in results(project).values() if "metrics" in r}
     assert all("1 threads" in h for h in hardware), f"torch must use the worker's one thread: {hardware}"
 
-    if pipeline == "cts":  # a rerun computes nothing and logs the whole sweep from the catalog
-        written = sorted(project.glob("data/**/*.json"))
-        run_pipeline(project, pipeline=pipeline, runner=DaskRunner(client=cluster), only_missing_outputs=True)
-        assert sorted(project.glob("data/**/*.json")) == written
-        assert child_runs() == sequential_runs
-        client = MlflowClient()
-        experiment = client.get_experiment_by_name("cts-pipeline")
-        newest_parent = client.search_runs([experiment.experiment_id], "tags.`kedro.only_missing_outputs` = 'True'")
-        reused = client.search_runs([experiment.experiment_id],
-                                    f"tags.`mlflow.parentRunId` = '{newest_parent[0].info.run_id}'")
-        assert {r.data.tags.get("computed_in_an_earlier_run") for r in reused} == {"true"}
+    # A rerun computes nothing and logs the whole sweep from the catalog.
+    written = sorted(project.glob("data/**/*.json"))
+    run_pipeline(project, pipeline="compare", runner=DaskRunner(client=cluster), only_missing_outputs=True)
+    assert sorted(project.glob("data/**/*.json")) == written
+    assert child_runs() == reference_runs
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("cts-pipeline")
+    newest_parent = client.search_runs([experiment.experiment_id], "tags.`kedro.only_missing_outputs` = 'True'")
+    reused = client.search_runs([experiment.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{newest_parent[0].info.run_id}'")
+    assert {r.data.tags.get("computed_in_an_earlier_run") for r in reused} == {"true"}
 
 
 @pytest.mark.parametrize("runner", [ThreadRunner, ParallelRunner], ids=["thread", "parallel"])
-def test_kedro_parallel_runners_keep_results_and_tracking(project, runner):
-    run_pipeline(project, pipeline="compare")
-    sequential, sequential_runs = results(project), child_runs()
-    run_pipeline(project, pipeline="compare", runner=runner(max_workers=2))
+def test_kedro_parallel_runners_keep_results_and_tracking(project, runner, sequential):
+    reference, reference_runs = sequential
+    run_pipeline(project, pipeline="compare", params=ONE_THREAD, runner=runner(max_workers=2))
     other = results(project)
-    # Several tickets train at once in one process (threads) or in two (processes), so torch's
-    # thread count per ticket may differ: the same masks and accuracies, at most float rounding.
-    assert sorted(other) == sorted(sequential)
-    for name, ref in sequential.items():
+    # Several tickets train at once in one process (threads) or in two (processes): the same masks
+    # and accuracies, up to float rounding.
+    assert sorted(other) == sorted(reference)
+    for name, ref in reference.items():
         for key in ("test_accuracy", "kept_weights", "achieved_sparsity"):
             assert other[name]["metrics"][key] == pytest.approx(ref["metrics"][key], abs=1e-6), (name, key)
-    assert sorted(child_runs()) == sorted(sequential_runs)
+    assert sorted(child_runs()) == sorted(reference_runs)
 
 
 def test_a_node_failing_on_a_worker_stops_the_run_naming_it(tmp_path, cluster):
@@ -161,6 +176,24 @@ def test_dask_settings_refuse_unknown_keys_and_bad_values():
         DaskSettings.from_config({"threads_per_worker": 0})
     with pytest.raises(ValueError, match=r"address must be null or a URL"):
         DaskSettings.from_config({"address": "localhost"})
+
+
+def test_a_scheduler_that_does_not_answer_is_named_within_its_timeout():
+    """Nothing listens on port 9 of this machine: one line naming the address, after the
+    configured wait rather than Dask's own 30 s of retries."""
+    from cts_pipeline.errors import CONFIGURATION_EXIT, describe
+    from cts_pipeline.runners import SchedulerUnreachable, connect
+
+    started = time.monotonic()
+    with pytest.raises(SchedulerUnreachable) as failure, connect(DaskSettings(address="tcp://127.0.0.1:9",
+                                                                              connect_timeout=2)):
+        pass
+    assert time.monotonic() - started < 25, "Dask's default wait would be 30 s"
+    message, code = describe(failure.value)
+    assert code == CONFIGURATION_EXIT
+    assert message.startswith("dask.yml: the Dask scheduler at tcp://127.0.0.1:9 did not answer within 2 s")
+    with pytest.raises(ValueError, match="connect_timeout must be a positive number"):
+        DaskSettings(connect_timeout=0)
 
 
 LONG_DENSE = {"training": {"epochs": 60}}  # a dense training of a few seconds, killed halfway

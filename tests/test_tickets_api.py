@@ -15,11 +15,11 @@ from cts_pipeline.core.models import build_model
 from cts_pipeline.core.tickets import prune_with_mask
 from cts_pipeline.core.training import evaluate
 
-from .conftest import latest, run_pipeline
+from .conftest import latest
 
 
-def test_an_exported_ticket_reloads_to_its_own_accuracy(project):
-    run_pipeline(project)
+def test_an_exported_ticket_reloads_to_its_own_accuracy(finished_project):
+    project = finished_project  # after `kedro run --pipelines=cts --env=smoke`
     path = latest(project, "data/07_model_output/smoke/cts_kl-*/seed0/sp90_00/ticket.safetensors")
     manifest = json.loads(path.with_suffix(".json").read_text())
     assert manifest["method"] == "cts_kl" and manifest["target_sparsity"] == 0.9

@@ -11,33 +11,21 @@ shows the traceback instead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 from kedro.framework.cli.project import run as kedro_run
 
+from . import console
+from .errors import CONFIGURATION_EXIT, FAILED_RUN_EXIT, describe
+
 logger = logging.getLogger(__name__)
-
-CONFIGURATION_EXIT = 2
-FAILED_RUN_EXIT = 1
-
-
-def describe(error: BaseException) -> tuple[str, int]:
-    """The user's message for ``error`` and the exit code."""
-    from .hooks import run_state
-
-    text = str(error).strip() or type(error).__name__
-    notes = [n for n in getattr(error, "__notes__", ()) if n]
-    if notes:  # e.g. the file behind a refused artifact (hooks.ArtifactPathHook)
-        text = f"{text} ({'; '.join(notes)})"
-    if not run_state["nodes_started"]:  # the configuration, the data files or the tracking store
-        return text, CONFIGURATION_EXIT
-    name = type(error).__name__
-    return (text if text.startswith(name) else f"{name}: {text}"), FAILED_RUN_EXIT
-
 
 def is_the_program() -> bool:
     """Whether this process is ``kedro run`` itself, not a test or a notebook calling the command."""
@@ -63,13 +51,62 @@ def exit_with(code: int) -> None:
     sys.exit(code)
 
 
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """SIGTERM (a scheduler's, a container's stop) stops the run as Ctrl-C does: the same clean
+    stop, instead of the process vanishing with its tracking run left open. Yields the signals
+    received (SIGINT is Python's own KeyboardInterrupt and is not recorded)."""
+    received: list[int] = []
+
+    def interrupt(signum, _frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_hooks() -> list[str]:
+    """Tell the project's hooks the run was stopped (the live display closes, the MLflow run ends
+    as KILLED); returns the nodes that were running. Kedro calls no hook for an interrupt: its
+    session catches ``Exception`` only."""
+    from kedro.framework.project import settings
+
+    running: list[str] = []
+    for hook in settings.HOOKS:
+        on_interrupt = getattr(hook, "on_interrupt", None)
+        if on_interrupt is None:
+            continue
+        try:
+            running += on_interrupt() or []
+        except Exception:  # a stop must never fail on its own clean-up
+            logger.info("a hook's clean-up after the interrupt failed", exc_info=True)
+    return running
+
+
 def _run(verbose: bool, **kwargs):
     from . import torchrun
     from .core.distributed import under_torchrun
-    from .hooks import run_state
 
-    run_state["nodes_started"] = False
     verbose = verbose or os.environ.get("CTS_VERBOSE", "") not in ("", "0")
+    # The quiet console from the first line: an error before the session opens (an unknown
+    # --runner) would otherwise print its INFO traceback record on the terminal.
+    console.install(verbose)
+    if kwargs.get("runner"):
+        try:
+            from kedro.utils import load_obj
+
+            load_obj(kwargs["runner"], "kedro.runner")
+        except (AttributeError, ImportError, ValueError):
+            click.echo(f"Error: --runner={kwargs['runner']}: no such runner; use SequentialRunner (the default), "
+                       "ThreadRunner, ParallelRunner or cts_pipeline.runners.DaskRunner", err=True)
+            exit_with(CONFIGURATION_EXIT)
     if under_torchrun():
         if (kwargs.get("runner") or "SequentialRunner").rsplit(".", 1)[-1] != "SequentialRunner":
             click.echo(f"Error: --runner={kwargs['runner']} under torchrun: every rank must enter the same "
@@ -85,8 +122,16 @@ def _run(verbose: bool, **kwargs):
                 exit_with(FAILED_RUN_EXIT)
             exit_with(0)
     try:
-        kedro_run.callback(**kwargs)
-    except (KeyboardInterrupt, SystemExit, click.exceptions.ClickException):
+        with signals_as_interrupts() as received:
+            kedro_run.callback(**kwargs)
+    except KeyboardInterrupt:
+        stopped_at = interrupted_hooks()
+        where = f" during {', '.join(stopped_at)}" if stopped_at else ""
+        name = signal.Signals(received[-1]).name if received else "SIGINT"
+        click.echo(f"Stopped by {name}{where}: finished outputs and the per-epoch checkpoints are kept; run the "
+                   "same command to resume (add --only-missing-outputs to skip finished branches)", err=True)
+        exit_with(128 + (received[-1] if received else signal.SIGINT))
+    except (SystemExit, click.exceptions.ClickException):
         raise
     except Exception as error:
         if verbose:

@@ -34,10 +34,18 @@ class ConfigError(ValueError):
     """The configuration cannot run; the message names every offending parameter."""
 
 
+# Names other tools give the same settings; difflib cannot see that "learning_rate" means "lr".
+SYNONYMS = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "wd": "weight_decay",
+            "bs": "batch_size", "lr_milestones": "milestones", "clip_grad_norm": "grad_clip_norm",
+            "warmup": "warmup_epochs", "sparsity": "sparsities", "level": "levels", "seed": "seeds"}
+
+
 def closest(name: str, options: Sequence[str]) -> str:
     """`` (did you mean 'x'?)`` for the nearest of ``options`` to a misspelt ``name``, else ``''``."""
     import difflib
 
+    if SYNONYMS.get(str(name)) in options:
+        return f" (did you mean {SYNONYMS[str(name)]!r}?)"
     match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
@@ -237,8 +245,8 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     data, model, grid, runtime = sections["data"], sections["model"], sections["grid"], sections["runtime"]
     raw_grid = params.get("grid")
     if grid.levels and isinstance(raw_grid, Mapping) and raw_grid.get("sparsities"):
-        logger.info("grid.levels %s take precedence over grid.sparsities %s: densities are 0.8^L exactly",
-                    list(grid.levels), list(raw_grid["sparsities"]))
+        logger.warning("grid.levels %s take precedence over grid.sparsities %s: densities are 0.8^L exactly "
+                       "(set grid.levels: null to use the sparsities)", list(grid.levels), list(raw_grid["sparsities"]))
     problems = []
     try:
         sweep = plan(sections)

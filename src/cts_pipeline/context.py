@@ -35,6 +35,16 @@ class ProjectContext(KedroContext):
     def params(self) -> dict[str, Any]:
         return with_branch_parameters(super().params)
 
+    def _get_validated_params(self) -> dict[str, Any]:
+        """Our sections' checks before Kedro's: Kedro instantiates each typed node parameter and
+        reports a bad key as the dataclass's ``__init__() got an unexpected keyword argument``;
+        ``typed_sections`` names the setting, every one at once, with "did you mean"."""
+        from .config import typed_sections
+
+        if self._validated_params_cache is None:
+            typed_sections(self.config_loader["parameters"])
+        return super()._get_validated_params()
+
 
 def with_branch_parameters(params: dict[str, Any]) -> dict[str, Any]:
     """``params`` plus ``<namespace>.branch`` for every branch (a new dict; the input is untouched)."""

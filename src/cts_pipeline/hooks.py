@@ -22,6 +22,7 @@ from kedro.framework.hooks import hook_impl
 from .config import typed_sections, validate_run
 from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
 from .datasets._records import NO_RECORD, RecordedArtifact, check_file
+from .errors import mark_failed_node
 from .pipelines.common import ArtifactMismatch
 from .tracking import (
     RunTracker,
@@ -50,22 +51,35 @@ def load_fresh(catalog, name: str) -> Any:
     return catalog.load(name)
 
 
-# Whether the current run has started a node: an error before that is the configuration's
-# (the CLI exits with 2), after it the run's (exit 1).
-run_state = {"nodes_started": False}
-
-
 class RunValidationHook:
-    """Check the whole configuration once, before the first node and before tracking starts."""
+    """Check the whole configuration once, before the first node and before tracking starts; mark
+    an error a node raises as the node's (``errors.exit_code``: exit 1, not 2), in the process
+    that ran it."""
+
+    def __init__(self) -> None:
+        self.running: list[str] = []  # the nodes started and not yet ended, in this process
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        run_state["nodes_started"] = False
+        self.running = []
         validate_run(catalog.load("parameters"), run_params.get("pipeline_names"))
 
     @hook_impl
-    def before_node_run(self) -> None:
-        run_state["nodes_started"] = True
+    def before_node_run(self, node) -> None:
+        self.running.append(node.name)
+
+    @hook_impl
+    def after_node_run(self, node) -> None:
+        if node.name in self.running:
+            self.running.remove(node.name)
+
+    @hook_impl(tryfirst=True)
+    def on_node_error(self, error: Exception, node) -> None:
+        mark_failed_node(error, node.name)
+        self.after_node_run(node)
+
+    def on_interrupt(self) -> list[str]:
+        return list(self.running)
 
 
 def artifact_path(catalog, name: str) -> str:
@@ -288,6 +302,13 @@ class MlflowHook:
             self._safely("the run's failure", "finish", "FAILED", error)
         self._close()
 
+    def on_interrupt(self) -> None:
+        """Ctrl-C or SIGTERM (``cli.interrupted_hooks``): end the parent run as KILLED, with its
+        end time, instead of leaving it RUNNING forever."""
+        if self._tracking():
+            self._safely("the run's interruption", "finish", "KILLED")
+        self._close()
+
     def _close(self) -> None:
         if self.writer is not None:
             self.writer.shutdown(wait=True)
@@ -311,6 +332,11 @@ class FreshnessHook:
     - one of whose inputs is recomputed in this run (a branch's evaluation after its retraining,
       a report after any branch it summarises);
     - one of whose inputs was written after its outputs (by a partial run, ``--nodes``).
+    - whose outputs disagree with what they were computed from, whatever the records say (a file
+      replaced together with its record matches it): prepared data built from other raw files; a
+      mask whose digest, kept count or target density is not what its branch's metrics record or
+      its branch wants (the mask is recomputed, and everything after it); metrics that disagree
+      with their ticket.
     Flags travel with the catalog, so this holds under every runner.
     """
 
@@ -319,6 +345,7 @@ class FreshnessHook:
         if not run_params.get("only_missing_outputs"):
             return
         producer = {name: node for node in pipeline.nodes for name in node.outputs}
+        disagreeing = self._disagreeing(pipeline, catalog, producer)
         rerun: set[Any] = set()
         written: dict[str, float] = {}
         for node in pipeline.nodes:  # in topological order
@@ -329,7 +356,7 @@ class FreshnessHook:
             if not all(catalog.exists(name) for name in stored):
                 rerun.add(node)  # Kedro reruns it; what depends on it must follow
                 continue
-            damaged = self._damaged(stored, written)
+            damaged = self._damaged(stored, written) or disagreeing.get(node)
             reason = damaged or self._outdated(node, stored, producer, rerun, written)
             if reason:
                 rerun.add(node)
@@ -337,6 +364,59 @@ class FreshnessHook:
                     dataset.mark_stale()
                 # A damaged file is news to the user; following a recomputed input is routine.
                 (logger.warning if damaged else logger.info)("%s: recomputed, %s", node.name, reason)
+
+    @staticmethod
+    def _disagreeing(pipeline, catalog, producer: dict) -> dict[Any, str]:
+        """The nodes whose stored outputs contradict their inputs, each with the reason."""
+        from .core.data import raw_files_digest
+        from .core.masks import kept_count, mask_digest, payload_to_mask
+
+        found: dict[Any, str] = {}
+        prepared = producer.get("train_data")
+        if prepared is not None and catalog.exists("train_data"):
+            data = typed_sections(catalog.load("parameters"))["data"]
+            recorded = load_fresh(catalog, "train_data").get("raw_digest")
+            if recorded is not None and recorded != raw_files_digest(data.name, data.root):
+                found[prepared] = (f"the raw files of dataset {data.name!r} under {data.root} changed since the data "
+                                   "were prepared: everything computed from them is recomputed")
+        masks: dict[str, tuple[dict, dict]] = {}  # stored masks that agree with their branch
+        for name in (n for n in producer if n.endswith(".mask") and catalog.exists(n)):
+            where = artifact_path(catalog, name)
+            try:
+                payload = load_fresh(catalog, name)
+                keep = payload_to_mask(payload)
+            except Exception as exc:  # unreadable, or inconsistent in itself: its producer redoes it
+                found[producer[name]] = f"{where} cannot be read as a mask ({first_line(exc)})"
+                continue
+            branch_param = f"params:{name.removesuffix('.mask')}.branch"
+            branch = catalog.load(branch_param) if branch_param in catalog else None
+            kept, total = payload["kept_weights"], payload["prunable_weights"]
+            if branch is not None and branch.family != "ltr" and kept != kept_count(branch.density, total):
+                found[producer[name]] = (f"{where} keeps {kept} of {total} weights, but its branch wants "
+                                         f"{kept_count(branch.density, total)} (density {branch.density:.6g}): "
+                                         "the mask is recomputed with everything after it")
+            else:
+                masks[name] = (payload, keep)
+        for node in pipeline.nodes:
+            metrics = next((n for n in node.outputs if n.endswith(".metrics")), None)
+            mask = next((n for n in node.inputs if n in masks), None)
+            if metrics is None or mask is None or not catalog.exists(metrics):
+                continue
+            payload, keep = masks[mask]
+            recorded = load_fresh(catalog, metrics)
+            if recorded.get("mask_digest") not in (None, mask_digest(keep)) \
+                    or recorded.get("kept_weights") != payload["kept_weights"]:
+                found[producer[mask]] = (f"{artifact_path(catalog, mask)} is not the mask {metrics} was computed "
+                                         f"from (it keeps {payload['kept_weights']} weights, the metrics say "
+                                         f"{recorded.get('kept_weights')}): the mask is recomputed with everything "
+                                         "after it")
+                continue
+            ticket = metrics.removesuffix(".metrics") + ".ticket"
+            manifest = load_fresh(catalog, ticket)["manifest"] if catalog.exists(ticket) else None
+            if manifest is not None and any(manifest.get(k) != recorded.get(k)
+                                            for k in ("test_accuracy", "kept_weights", "mask_digest")):
+                found[node] = f"{artifact_path(catalog, metrics)} disagrees with its ticket: evaluated again"
+        return found
 
     @staticmethod
     def _damaged(stored: dict, written: dict[str, float]) -> str | None:

@@ -90,6 +90,26 @@ class DaskNodeError(RuntimeError):
     """A node failed on a worker; the message names the node and its original error."""
 
 
+class SchedulerUnreachable(ConnectionError):
+    """``dask.yml``'s scheduler did not answer: the run's configuration, found before any node."""
+
+
+@contextlib.contextmanager
+def connect(settings: DaskSettings):
+    """A client of the scheduler at ``settings.address``, or one line naming it within
+    ``connect_timeout`` seconds (Dask's own default waits 30 s, then prints its retries)."""
+    from distributed import Client
+
+    try:
+        client = Client(settings.address, timeout=settings.connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        raise SchedulerUnreachable(
+            f"dask.yml: the Dask scheduler at {settings.address} did not answer within {settings.connect_timeout:g} s "
+            f"({type(exc).__name__}); start it (`dask scheduler`) or set address: null for a local cluster") from None
+    with client:
+        yield client
+
+
 @dataclass(frozen=True)
 class DaskSettings:
     """``dask.yml``."""
@@ -99,6 +119,7 @@ class DaskSettings:
     threads_per_worker: int = 1         # LocalCluster only
     dashboard_address: str | None = ":8787"  # LocalCluster only; null: no dashboard
     forward_logs: bool = True           # workers' cts_pipeline log lines appear in this terminal
+    connect_timeout: float = 10.0       # seconds to wait for the scheduler at `address`
 
     def __post_init__(self) -> None:
         if self.address is not None and (not isinstance(self.address, str) or "://" not in self.address):
@@ -107,6 +128,9 @@ class DaskSettings:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"dask.yml: {key} must be a positive integer, got {value!r}")
+        if isinstance(self.connect_timeout, bool) or not isinstance(self.connect_timeout, int | float) \
+                or self.connect_timeout <= 0:
+            raise ValueError(f"dask.yml: connect_timeout must be a positive number of seconds, got {self.connect_timeout!r}")
         if not isinstance(self.forward_logs, bool):
             raise ValueError(f"dask.yml: forward_logs must be true or false, got {self.forward_logs!r}")
 
@@ -156,7 +180,7 @@ class DaskRunner(AbstractRunner):
             self._schedule(pipeline, catalog, hooks, run_id, self._client, settings)
             return
         if settings.address is not None:
-            with Client(settings.address) as client:
+            with connect(settings) as client:
                 self._schedule(pipeline, catalog, hooks, run_id, client, settings)
             return
         with local_cluster(settings.n_workers, settings.threads_per_worker, settings.dashboard_address) as cluster, \

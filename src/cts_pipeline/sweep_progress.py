@@ -130,6 +130,9 @@ class SweepProgressHook:
     def on_pipeline_error(self) -> None:
         _close()
 
+    def on_interrupt(self) -> None:  # cli.interrupted_hooks: the display must not outlive the run
+        _close()
+
 
 def _close() -> None:
     global _active

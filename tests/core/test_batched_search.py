@@ -53,6 +53,7 @@ def recorded_task_gradients(monkeypatch, balancer_cls):
     return seen
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize(("objective", "balance"), [("kl", "gradbalance"), ("ce", "gradbalance"),
                                                     ("fkl", "lagrangian")])
 def test_first_step_gradients_of_each_row_are_the_single_searches(digits_train, monkeypatch, objective, balance):
@@ -72,6 +73,7 @@ def test_first_step_gradients_of_each_row_are_the_single_searches(digits_train, 
         assert row.history[0]["expected_kept"] == pytest.approx(single.history[0]["expected_kept"], rel=1e-5)
 
 
+@pytest.mark.cross_path
 def test_short_batched_search_gives_the_single_searches_masks(digits_train):
     """Same noise, same data order: the same masks and exactly the same kept counts.
 
@@ -124,6 +126,7 @@ def models():
     yield "vgg16", vgg, (2, 3, 32, 32)
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("name", ["convnet", "lenet", "resnet20 conv1x1", "resnet20 conv3x3", "vgg16"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_stacked_forward_equals_vmap_of_functional_call(name, channels_last):

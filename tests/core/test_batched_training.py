@@ -32,6 +32,7 @@ def random_masks(model, densities):
             for k in densities]
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize(("name", "recipe"), [
     ("convnet", TrainRecipe(epochs=3, batch_size=64, lr=0.1, rewind_epoch=1, milestones=[2], weight_decay=5e-4)),
     ("convnet", TrainRecipe(epochs=2, batch_size=48, lr=0.05, loss_reduction="sum", grad_clip_norm=2.0,

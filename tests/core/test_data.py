@@ -13,6 +13,7 @@ import torch
 from cts_pipeline.core import data
 from cts_pipeline.core.data import (
     DATASETS,
+    DataFileError,
     DatasetInfo,
     DatasetNotFoundError,
     Split,
@@ -261,6 +262,41 @@ def test_unpicklable_cifar_batch_names_the_file(tmp_path):
     bad.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="test_batch"):
         load_splits("cifar10", tmp_path)
+
+
+class _WritesAFile:
+    """What a poisoned batch would do when unpickled: call a function it names (here: open a
+    marker file for writing)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_poisoned_cifar_batch_runs_nothing_and_is_named(tmp_path):
+    write_cifar10(tmp_path, np.random.default_rng(6))
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    marker = tmp_path / "the-pickle-ran"
+    write_pickle(bad, {"data": _WritesAFile(marker), "labels": [0]})
+    with pytest.raises(DataFileError, match=r"data_batch_2 is not a readable CIFAR pickle batch: it names "
+                                            r"(builtins|io)\.open") as err:
+        load_splits("cifar10", tmp_path)
+    assert str(bad) in str(err.value)
+    assert not marker.exists(), "unpickling must never call what the file names"
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_load(tmp_path, protocol):
+    """The official batches are protocol-2 pickles from Python 2; re-packed copies may use any."""
+    batches = write_cifar10(tmp_path, np.random.default_rng(7))
+    for name, batch in batches.items():
+        with (tmp_path / "cifar-10-batches-py" / name).open("wb") as f:
+            pickle.dump({**batch, "labels": np.asarray(batch["labels"], np.int64)}, f, protocol=protocol)
+    train, test = load_splits("cifar10", tmp_path)
+    assert test.labels.tolist() == batches["test_batch"]["labels"]
+    np.testing.assert_array_equal(test.images.numpy().reshape(3, -1), batches["test_batch"]["data"])
 
 
 # --------------------------------------------------------------------------------------------

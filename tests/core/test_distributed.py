@@ -12,6 +12,7 @@ from cts_pipeline.core.data import DATASETS, Split
 from cts_pipeline.core.distributed import launch, rank_and_world, shard
 from cts_pipeline.core.models import build_model
 from cts_pipeline.core.training import TrainRecipe, train
+from tests.equivalence import assert_equivalent_masks
 
 RECIPE = TrainRecipe(epochs=2, batch_size=50, lr=0.05, milestones=[1], weight_decay=1e-4, grad_clip_norm=5.0)
 
@@ -59,6 +60,7 @@ def train_lenet_interrupted_then_resumed(recipe: TrainRecipe, path) -> tuple[dic
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, result.resumed_at
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_two_gloo_processes_train_like_one(reduction, tmp_path):
     from dataclasses import replace
@@ -108,15 +110,14 @@ def search_lenet(densities) -> tuple[list, list, int]:
     return masks, [r.history for r in results], rank_and_world()[1]
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("densities", [0.05, [0.2, 0.02]], ids=["one density", "batched"])
 def test_two_gloo_processes_search_like_one(densities):
     single_masks, single_history, _ = search_lenet(densities)
     masks, history, world = launch(search_lenet, 2, densities, backend="gloo")
     assert world == 2
     for one, two in zip(single_masks, masks, strict=True):
-        swapped = sum(int((one[name] != two[name]).sum()) for name in one) // 2
-        assert sum(int(m.sum()) for m in one.values()) == sum(int(m.sum()) for m in two.values())
-        assert swapped == 0, f"{swapped} kept weights differ between one and two processes"
+        assert_equivalent_masks(one, two, what="one process against two")
     for rows_one, rows_two in zip(single_history, history, strict=True):
         for a, b in zip(rows_one, rows_two, strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
@@ -143,6 +144,7 @@ def train_and_search_streamed(root) -> tuple[dict, list[dict], dict, int]:
     return state, history, global_topk_mask(found.scores, 0.05), rank_and_world()[1], converted_batchnorm()
 
 
+@pytest.mark.cross_path
 def test_two_gloo_processes_on_a_streamed_dataset_train_and_search_like_one(tmp_path):
     """Each rank loads its part of every global batch (DistributedSampler); the crops are drawn per
     sample, so the two processes see exactly the images one process sees."""
@@ -161,7 +163,7 @@ def test_two_gloo_processes_on_a_streamed_dataset_train_and_search_like_one(tmp_
     for one, two in zip(single_history, history, strict=True):
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
         assert two["test_accuracy"] == pytest.approx(one["test_accuracy"])
-    assert all(torch.equal(single_mask[name], mask[name]) for name in mask)
+    assert_equivalent_masks(single_mask, mask, what="one process against two")
 
 
 def converted_batchnorm() -> list[list[str]]:

@@ -22,6 +22,7 @@ def convnet():
                        width=4)
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("name,shape", [("convnet", (1, 8, 8)), ("resnet20", (3, 32, 32))])
 def test_channels_last_gives_the_same_outputs(name, shape):
     net = build_model(name, image_shape=shape, num_classes=10, generator=torch.Generator().manual_seed(0)).eval()
@@ -33,6 +34,7 @@ def test_channels_last_gives_the_same_outputs(name, shape):
     torch.testing.assert_close(nhwc, plain, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.cross_path
 def test_training_in_channels_last_matches_the_default_layout(digits):
     train_split, test_split = digits
     recipe = TrainRecipe(epochs=2, batch_size=32, lr=0.05)
@@ -68,6 +70,7 @@ def test_batches_are_normalised_on_the_split_device(digits):
     assert x.dtype == torch.float32 and x.device == digits[0].images.device and y.dtype == torch.int64
 
 
+@pytest.mark.cross_path
 def test_search_in_channels_last_learns_the_same_logits(digits):
     from cts_pipeline.core.cts import SearchConfig, concrete_search
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .data import DatasetInfo, DatasetNotFoundError
+from .data import DataFileError, DatasetInfo, DatasetNotFoundError
 from .distributed import rank_and_world
 
 logger = logging.getLogger(__name__)
@@ -125,12 +125,12 @@ class _TinyImageNetVal(Dataset):
                 continue
             parts = line.split("\t")
             if len(parts) < 2 or parts[1] not in class_to_idx:
-                raise ValueError(f"{folder / 'val_annotations.txt'} line {number}: expected "
+                raise DataFileError(f"{folder / 'val_annotations.txt'} line {number}: expected "
                                  f"'<file>\\t<wnid>\\t...' with a wnid of the training set, got {line[:80]!r}")
             self.samples.append((folder / "images" / parts[0], class_to_idx[parts[1]]))
         absent = [str(path) for path, _ in self.samples if not path.is_file()]
         if absent:
-            raise ValueError(f"{len(absent)} validation images listed in val_annotations.txt are missing, "
+            raise DataFileError(f"{len(absent)} validation images listed in val_annotations.txt are missing, "
                              f"e.g. {absent[0]}")
 
     def __len__(self) -> int:
@@ -139,6 +139,15 @@ class _TinyImageNetVal(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         return self.transform(self.loader(str(path))), label
+
+
+def _image_folder(folder_class, path: Path, transform) -> Dataset:
+    """torchvision's ImageFolder over ``path``; an empty folder, or class folders without images,
+    is the data's problem (``DataFileError``), not a missing file."""
+    try:
+        return folder_class(str(path), transform=transform)
+    except FileNotFoundError as exc:  # "Couldn't find any class folder", "Found no valid file"
+        raise DataFileError(f"{path}: {exc}") from exc
 
 
 def image_folder(name: str, root: str | Path, split: str, stage: str | None = None) -> Dataset:
@@ -155,14 +164,14 @@ def image_folder(name: str, root: str | Path, split: str, stage: str | None = No
     base = root / LAYOUTS[name].folder
     transform = transforms_for(name, stage or ("train" if split == "train" else "eval"))
     ensure_folders(name, root, download=False)
-    train = ImageFolder(str(base / "train"), transform=transform)
+    train = _image_folder(ImageFolder, base / "train", transform)
     if split == "train":
         return train
     if name == "tiny_imagenet":
         return _TinyImageNetVal(base / "val", train.class_to_idx, transform)
-    val = ImageFolder(str(base / "val"), transform=transform)
+    val = _image_folder(ImageFolder, base / "val", transform)
     if val.class_to_idx != train.class_to_idx:
-        raise ValueError(f"{base / 'val'}: its class folders differ from train's")
+        raise DataFileError(f"{base / 'val'}: its class folders differ from train's")
     return val
 
 
@@ -313,7 +322,7 @@ def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: l
     samples = folder.samples if indices is None else [folder.samples[i] for i in indices]
     found = samples_digest(samples, root)
     if digest is not None and found != digest:
-        raise ValueError(f"the {split} images of dataset {info.name!r} under {root} changed since the data were "
+        raise DataFileError(f"the {split} images of dataset {info.name!r} under {root} changed since the data were "
                          "prepared (files or labels differ); rerun the data node (or the whole run)")
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     return StreamedSplit(info, root, split, labels, indices, found, workers=workers, folder=folder)

@@ -189,7 +189,8 @@ def data_fingerprint(payload: Mapping) -> dict[str, Any]:
     """What identifies a prepared split cheaply: its dataset, shape and labels."""
     if "streamed" in payload:
         return {"dataset": payload["dataset"], "files": payload["streamed"]["digest"], "labels": payload["labels"]}
-    return {"dataset": payload["dataset"], "shape": list(payload["images"].shape), "labels": payload["labels"]}
+    return {"dataset": payload["dataset"], "shape": list(payload["images"].shape), "labels": payload["labels"],
+            "raw": payload.get("raw_digest")}
 
 
 def checkpoint_for(runtime: RuntimeConfig, namespace: str, stage: str, *key: Any) -> Checkpoint | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ...config import DataConfig
-from ...core.data import load_splits
+from ...core.data import load_splits, raw_files_digest
 from ..common import split_to_payload
 
 logger = logging.getLogger(__name__)
@@ -24,4 +24,6 @@ def prepare_data(data: DataConfig) -> tuple[dict, dict]:
         test = test.subset(data.test_subset)
     logger.info("%s: %d training and %d test images of shape %s, %d classes",
                 data.name, len(train), len(test), train.info.image_shape, train.info.num_classes)
-    return split_to_payload(train), split_to_payload(test)
+    # What the splits were built from, so a rerun over other raw files is noticed (hooks.FreshnessHook).
+    raw = {"raw_digest": raw_files_digest(data.name, data.root)}
+    return {**split_to_payload(train), **raw}, {**split_to_payload(test), **raw}

@@ -17,6 +17,7 @@ from ...core.masks import (
     global_topk_mask,
     kept_count,
     layer_report,
+    mask_digest,
     mask_to_payload,
     payload_to_mask,
     prunable_parameters,
@@ -246,6 +247,7 @@ def evaluate_ticket(
         "achieved_density": mask["density"],
         "kept_weights": mask["kept_weights"],
         "prunable_weights": mask["prunable_weights"],
+        "mask_digest": mask_digest(keep),  # the mask these numbers belong to (hooks.FreshnessHook)
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "dense_test_accuracy": dense_metrics["test_accuracy"],
@@ -280,6 +282,7 @@ def ticket_manifest(metrics: dict, model: ModelConfig) -> dict:
         "model": model.name, "model_options": dict(model.options),
         "dataset": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
         **{k: metrics[k] for k in ("method", "namespace", "seed", "rewind_epoch", "start", "target_sparsity",
-                                   "achieved_sparsity", "kept_weights", "prunable_weights", "test_accuracy")},
+                                   "achieved_sparsity", "kept_weights", "prunable_weights", "mask_digest",
+                                   "test_accuracy")},
         "layer_kept": metrics["layer_kept"],
     }
