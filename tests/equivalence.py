@@ -21,12 +21,14 @@ from collections.abc import Mapping
 
 import torch
 
-# Masks of two paths share at least this fraction of their kept weights. Measured on an AVX2 EPYC
-# (2026-12-03, `pytest -m cross_path` under ATEN_CPU_CAPABILITY=avx2 and =default): the smoke and
-# LeNet searches over one process and two kept 97-100 % of the same weights; the spread of the
-# plain path itself (one process at 1 and 2 threads) is of the same size. 0.9 leaves room for
-# another CPU while still failing a path that ranks weights differently (a wrong objective or
-# budget keeps well under half of the same weights at these densities).
+# Masks of two paths share at least this fraction of their kept weights. Measured on a 2-core AVX2
+# EPYC (2026-12-03, the `cross_path` tests inside the full suite, and alone under
+# ATEN_CPU_CAPABILITY=avx2 and =default): one process against two gloo processes kept the same
+# weights (overlap 1.0) in the LeNet searches, and 0.99999 in the streamed search, where the
+# bit-equal assertion that stood here failed; one process at 1 and at 2 threads gave 1.0. Batched
+# against single searches differ in at most 4 of ~100 kept weights (test_batched_search.py). 0.9
+# leaves room for other CPUs and longer searches, and still fails a path that ranks weights
+# differently: a wrong objective or budget shares far fewer at these densities.
 MIN_MASK_OVERLAP = 0.9
 
 
@@ -48,8 +50,4 @@ def assert_equivalent_masks(a: Mapping[str, torch.Tensor], b: Mapping[str, torch
     total_a, total_b = sum(kept_counts(a).values()), sum(kept_counts(b).values())
     assert total_a == total_b, f"{what}: {total_a} kept weights against {total_b}"
     overlap = mask_overlap(a, b)
-    import os  # TEMP measurement
-    if os.environ.get("CTS_OVERLAP_LOG"):
-        with open(os.environ["CTS_OVERLAP_LOG"], "a") as f:
-            f.write(f"{what} {overlap:.5f} {os.environ.get('PYTEST_CURRENT_TEST')}\n")
     assert overlap >= min_overlap, f"{what}: only {overlap:.3f} of the kept weights are shared (at least {min_overlap})"

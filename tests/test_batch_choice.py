@@ -5,6 +5,7 @@ matching fixed setting gives them, to the bit."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ def outcome(project):
 
 
 @pytest.mark.parametrize(("ratio", "fixed"), [(2.0, False), (0.5, True)])
-def test_auto_runs_what_the_probe_finds_faster(project, tmp_path, monkeypatch, logged, ratio, fixed):
+def test_auto_runs_what_the_probe_finds_faster(project, tmp_path, monkeypatch, logged, ratio, fixed,
+                                              finished_smoke_data):
     with monkeypatch.context() as patch:  # the probes' timings, made certain
         patch.setattr(cts_nodes, "stacked_search_ratio", lambda *a, **k: ratio)
         patch.setattr(ticket_nodes, "stacked_training_ratio", lambda *a, **k: ratio)
@@ -37,7 +39,10 @@ def test_auto_runs_what_the_probe_finds_faster(project, tmp_path, monkeypatch, l
     reference = copy_project(tmp_path / "fixed")
     monkeypatch.chdir(reference)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(reference / 'mlflow.db').as_posix()}")
-    run_pipeline(reference, params={"runtime": {"batch_sparsities": fixed}})
+    if fixed:  # the smoke preset's own setting: its finished run is the reference
+        shutil.copytree(finished_smoke_data, reference / "data")
+    else:
+        run_pipeline(reference, params={"runtime": {"batch_sparsities": fixed}})
     (auto_masks, auto_accuracy), (fixed_masks, fixed_accuracy) = outcome(project), outcome(reference)
     for ours, theirs in zip(auto_masks, fixed_masks, strict=True):
         assert all(torch.equal(ours[name], theirs[name]) for name in ours)

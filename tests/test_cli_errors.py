@@ -127,3 +127,19 @@ def test_a_poisoned_cifar_batch_runs_nothing_and_exits_2(invoke, project, tmp_pa
     first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
     assert "test_batch is not a readable CIFAR pickle batch" in first and "Traceback" not in result.output
     assert not marker.exists()
+
+
+def test_a_key_given_twice_in_a_yaml_file_names_the_file_and_the_line(invoke, project):
+    preset = project / "conf" / "smoke" / "parameters.yml"
+    preset.write_text(preset.read_text() + "training:\n  epochs: 4\n")
+    result = invoke()
+    assert result.exit_code == 2, result.output
+    first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
+    assert first.startswith(f"Error: {preset}, line ") and "found duplicate key training" in first, first
+
+
+def test_an_unknown_runner_is_one_line(invoke, project):
+    result = invoke("--runner=Bogus")
+    assert result.exit_code == 2, result.output
+    assert "Error: --runner=Bogus: no such runner; use SequentialRunner (the default), ThreadRunner" in result.output
+    assert "Traceback" not in result.output and not (project / "data").exists()

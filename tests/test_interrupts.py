@@ -71,7 +71,8 @@ def test_sigterm_stops_the_run_as_ctrl_c_does(monkeypatch):
 
     monkeypatch.setattr(cli.kedro_run, "callback", terminated)
     monkeypatch.setattr(cli, "interrupted_hooks", lambda: ["dense.seed0.train_dense"])
+    before = signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(cli.run, [])
     assert result.exit_code == 128 + signal.SIGTERM, result.output
     assert "Stopped by SIGTERM during dense.seed0.train_dense" in result.output
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is the run's only"
+    assert signal.getsignal(signal.SIGTERM) is before, "the run's handler lasts only as long as the run"

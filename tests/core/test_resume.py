@@ -19,28 +19,31 @@ SCRIPT = textwrap.dedent('''
     from cts_pipeline.core.models import build_model
     from cts_pipeline.core.training import TrainRecipe, train
 
-    what, checkpoint_path, out, kill_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     torch.set_num_threads(1)
     train_split, test_split = load_splits("digits")
     train_split, test_split = train_split.subset(256), test_split.subset(64)
     recipe = TrainRecipe(epochs=4, batch_size=32, lr=0.05, milestones=[3], rewind_epoch=1)
-    net = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, generator=torch.Generator().manual_seed(0),
-                      width=4)
-    checkpoint = Checkpoint(checkpoint_path, key="test") if checkpoint_path != "-" else None
+    real_batches = cts.iterate_batches
+
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)  # no exception handler, no atexit: like a power cut
 
-    if what == "train":
-        def maybe_die(done, model):
-            if done == kill_after:
-                die()
-        result = train(net, train_split, test_split, recipe, seed=3, stage="t", checkpoint=checkpoint,
-                       snapshot_epochs={1}, on_epoch_end=maybe_die, progress=False)
-        torch.save({"weights": net.state_dict(), "rewind": result.snapshots[1], "resumed_at": result.resumed_at,
-                    "history": [r["train_loss"] for r in result.history]}, out)
-    else:
-        real_batches, calls = cts.iterate_batches, []
+
+    def job(what, checkpoint_path, out, kill_after):
+        net = build_model("convnet", image_shape=(1, 8, 8), num_classes=10,
+                          generator=torch.Generator().manual_seed(0), width=4)
+        checkpoint = Checkpoint(checkpoint_path, key="test") if checkpoint_path != "-" else None
+        if what == "train":
+            def maybe_die(done, model):
+                if done == kill_after:
+                    die()
+            result = train(net, train_split, test_split, recipe, seed=3, stage="t", checkpoint=checkpoint,
+                           snapshot_epochs={1}, on_epoch_end=maybe_die, progress=False)
+            torch.save({"weights": net.state_dict(), "rewind": result.snapshots[1], "resumed_at": result.resumed_at,
+                        "history": [r["train_loss"] for r in result.history]}, out)
+            return
+        calls = []
         def batches(*args, **kwargs):
             calls.append(1)
             if len(calls) == kill_after + 1:  # the epoch after `kill_after` has started: its checkpoint exists
@@ -50,35 +53,60 @@ SCRIPT = textwrap.dedent('''
         density = 0.1 if what == "search" else [0.1, 0.03]  # one search, or a batched one
         found = cts.concrete_search(net, train_split, density=density, config=cts.SearchConfig(epochs=4),
                                     recipe=recipe, seed=3, checkpoint=checkpoint, progress=False)
+        cts.iterate_batches = real_batches
         results = found if isinstance(found, list) else [found]
         torch.save({"scores": {f"{i}.{n}": s for i, r in enumerate(results) for n, s in r.scores.items()},
                     "resumed_at": results[0].resumed_at,
                     "history": [r["loss"] for res in results for r in res.history]}, out)
+
+
+    # One job per argument, "what|checkpoint|out|kill_after", run one after another in this process.
+    for spec in sys.argv[1:]:
+        what, checkpoint_path, out, kill_after = spec.split("|")
+        job(what, checkpoint_path, out, int(kill_after))
 ''')
 
+WHATS = ("train", "search", "batched_search")
 
-def run(tmp_path, what: str, checkpoint: str, out: str, kill_after: int) -> int:
-    script = tmp_path / "job.py"
+
+def run(folder, *jobs: tuple[str, str, str, int]) -> int:
+    """The jobs (what, checkpoint or "-", output file, epochs before the kill) in one fresh process."""
+    script = folder / "job.py"
     script.write_text(SCRIPT)
-    done = subprocess.run([sys.executable, str(script), what, checkpoint, str(tmp_path / out), str(kill_after)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    specs = [f"{what}|{checkpoint}|{folder / out}|{kill_after}" for what, checkpoint, out, kill_after in jobs]
+    done = subprocess.run([sys.executable, str(script), *specs], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode not in (0, -9):
         raise AssertionError(done.stderr[-3000:])
     return done.returncode
 
 
-@pytest.mark.parametrize("what", ["train", "search", "batched_search"])
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, what):
-    checkpoint = str(tmp_path / "ckpt.pt")
-    assert run(tmp_path, what, checkpoint, "killed.pt", kill_after=2) == -9, "the first run must die"
-    saved = torch.load(checkpoint, weights_only=True)
-    assert saved["epochs_done"] == 2 and saved["key"] == "test"
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name], "no half-written checkpoint"
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """Each loop killed (SIGKILL) after 2 of its 4 epochs, then resumed, next to the same loop run
+    straight through: a process per kill, one for the three resumptions and one for the three
+    uninterrupted runs (each job builds its own model and seeds, so sharing a process changes
+    nothing they compute)."""
+    folder = tmp_path_factory.mktemp("resume")
+    killed = {}
+    for what in WHATS:
+        killed[what] = run(folder, (what, str(folder / f"{what}.ckpt.pt"), f"{what}.killed.pt", 2))
+    saved = {what: torch.load(folder / f"{what}.ckpt.pt", weights_only=True) for what in WHATS}
+    partial = [p.name for p in folder.iterdir() if ".partial-" in p.name]
+    resumed = run(folder, *[(what, str(folder / f"{what}.ckpt.pt"), f"{what}.resumed.pt", 99) for what in WHATS])
+    straight = run(folder, *[(what, "-", f"{what}.straight.pt", 99) for what in WHATS])
+    return folder, killed, saved, partial, (resumed, straight)
 
-    assert run(tmp_path, what, checkpoint, "resumed.pt", kill_after=99) == 0
-    assert run(tmp_path, what, "-", "straight.pt", kill_after=99) == 0
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
-    straight = torch.load(tmp_path / "straight.pt", weights_only=True)
+
+@pytest.mark.parametrize("what", WHATS)
+def test_killed_run_resumes_to_the_uninterrupted_result(killed_and_resumed, what):
+    folder, killed, saved, partial, finished = killed_and_resumed
+    assert killed[what] == -9, "the first run must die"
+    assert saved[what]["epochs_done"] == 2 and saved[what]["key"] == "test"
+    assert not partial, "no half-written checkpoint"
+    assert finished == (0, 0)
+    resumed = torch.load(folder / f"{what}.resumed.pt", weights_only=True)
+    straight = torch.load(folder / f"{what}.straight.pt", weights_only=True)
     assert resumed["resumed_at"] == 2 and straight["resumed_at"] is None
     assert resumed["history"] == straight["history"], "the same losses, epoch by epoch"
     key = "weights" if what == "train" else "scores"
@@ -87,7 +115,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, what):
     if what == "train":
         for name, value in straight["rewind"].items():
             assert torch.equal(resumed["rewind"][name], value), "θ_k must survive the kill"
-    assert not os.path.exists(checkpoint), "a finished run removes its checkpoint"
+    assert not (folder / f"{what}.ckpt.pt").exists(), "a finished run removes its checkpoint"
 
 
 def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path, caplog):
