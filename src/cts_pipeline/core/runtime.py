@@ -41,7 +41,11 @@ def describe_hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
     cpu = _cpu_model() or platform.processor() or platform.machine()
-    return f"CPU {cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, torch {torch.__version__}"
+    # The kernel family (AVX512, AVX2, DEFAULT) is part of what a result depends on: float sums
+    # round differently across them (docs/architecture.md, "What is bit-exact where").
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return (f"CPU {cpu} ({kernels}), {torch.get_num_threads()} threads of {os.cpu_count()} cores, "
+            f"torch {torch.__version__}")
 
 
 def _cpu_model() -> str | None:
