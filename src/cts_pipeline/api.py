@@ -20,7 +20,7 @@ from torch import nn
 from .core.cts import SearchConfig, concrete_search
 from .core.data import DatasetInfo, Split
 from .core.masks import global_topk_mask, layer_report
-from .core.tickets import load_ticket_file, prune_with_mask
+from .core.tickets import prune_with_mask
 from .core.training import TrainRecipe
 
 
@@ -42,11 +42,70 @@ class Ticket:
 
 def _as_tensors(data: Any, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if labels is not None:
+        if not isinstance(data, torch.Tensor | list | tuple) or isinstance(data, str):
+            raise TypeError(f"find_ticket: with labels, data must be a tensor of inputs, got {type(data).__name__}")
         return torch.as_tensor(data), torch.as_tensor(labels)
-    if isinstance(data, Iterable):  # a DataLoader or any iterable of (inputs, labels) batches
-        xs, ys = zip(*((x, y) for x, y in data), strict=True)
+    if isinstance(data, Iterable) and not isinstance(data, torch.Tensor | str):  # a DataLoader of batches
+        batches = [(x, y) for x, y in data]
+        if not batches:
+            raise ValueError("find_ticket: data (a DataLoader or iterable of (inputs, labels) batches) yielded "
+                             "no batch; give it at least one sample")
+        xs, ys = zip(*batches, strict=True)
         return torch.cat(xs), torch.cat(ys)
-    raise TypeError("find_ticket needs inputs and labels tensors, or a DataLoader of (inputs, labels)")
+    raise TypeError("find_ticket: give inputs and labels tensors, or a DataLoader of (inputs, labels) batches; "
+                    f"got data of type {type(data).__name__} and no labels")
+
+
+def _densities(sparsity: Any) -> list[float]:
+    """``sparsity`` (a number, or a list of numbers, in (0, 1)) as densities, checked by name."""
+    values = list(sparsity) if isinstance(sparsity, list | tuple) else [sparsity]
+    if not values:
+        raise ValueError("find_ticket: sparsity is an empty list; give a number in (0, 1), e.g. 0.9926")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"find_ticket: sparsity must be a number in (0, 1) or a list of them (0.9926 for "
+                            f"99.26 %), got {value!r}")
+        if not 0 < value < 1:
+            raise ValueError(f"find_ticket: sparsity must be in (0, 1), e.g. 0.9926 for 99.26 %, got {value!r}")
+    return [1.0 - float(v) for v in values]
+
+
+def _check_inputs(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> int:
+    """Refuse, before any compute, data the search could only fail on later (or, worse, run on);
+    returns the number of classes the model predicts."""
+    from .core.masks import prunable_parameters
+
+    if not prunable_parameters(model):
+        raise ValueError(f"find_ticket: model ({type(model).__name__}) has no Conv2d or Linear layer to prune")
+    if len(images) == 0:
+        raise ValueError("find_ticket: data holds no sample; give at least one")
+    if targets.dim() != 1 or len(targets) != len(images):
+        raise ValueError(f"find_ticket: labels must be one class index per input: data holds {len(images)} inputs, "
+                         f"labels has shape {list(targets.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"find_ticket: labels must be integer class indices (torch.long), got {targets.dtype}; "
+                        "convert them with labels.long() if they are whole numbers")
+    if images.dim() != 4:
+        raise ValueError(f"find_ticket: inputs must be images [N, C, H, W], got {list(images.shape)}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            out = model(images[:2].to(device, torch.float32))
+    except Exception as exc:
+        raise ValueError(f"find_ticket: the model does not take inputs of shape {list(images.shape[1:])}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    finally:
+        model.train(was_training)
+    if out.dim() != 2:
+        raise ValueError(f"find_ticket: the model must return class scores [N, classes], got {list(out.shape)}")
+    classes = out.shape[1]
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"find_ticket: labels must lie in [0, {classes}) for a model with {classes} outputs, "
+                         f"got labels from {low} to {high}")
+    return classes
 
 
 def find_ticket(
@@ -54,41 +113,61 @@ def find_ticket(
     data: torch.Tensor | Iterable,
     labels: torch.Tensor | None = None,
     *,
-    sparsity: float,
+    sparsity: float | list[float],
     objective: str = "kl",
     epochs: int = 10,
     batch_size: int = 128,
     lr: float | None = None,
     seed: int = 0,
     progress: bool = False,
-) -> Ticket:
-    """Concrete Ticket Search on any ``nn.Module`` and data, at one sparsity.
+) -> Ticket | list[Ticket]:
+    """Concrete Ticket Search on any ``nn.Module`` and data, at one sparsity or several.
 
-    ``model`` holds the weights to search on (the rewind point ``θ_k``, or the initialisation)
-    and is not changed. ``data`` is a tensor of inputs ``[N, C, H, W]`` already normalised as the
-    model expects, with ``labels`` ``[N]``, or a DataLoader of such batches (read once into
-    memory). The prunable weights are those of every ``Conv2d`` and ``Linear`` layer, as in the
-    pipeline. The search runs ``epochs`` passes over the data with the method's constants
-    (``docs/architecture.md``); the mask keeps exactly ``round((1 − sparsity)·d)`` weights.
+    Args:
+        model: the network whose weights the search keeps or drops, at the weights to search on
+            (the rewind point ``θ_k``, or the initialisation). It is not changed.
+        data: inputs ``[N, C, H, W]``, already normalised as the model expects, with ``labels``;
+            or a DataLoader (any iterable) of ``(inputs, labels)`` batches, read once into memory.
+        labels: integer class indices ``[N]`` in ``[0, classes)``, with a tensor ``data``.
+        sparsity: the fraction of prunable weights removed, in (0, 1) (0.9926 for 99.26 %); a list
+            runs one batched search and returns one Ticket per sparsity, in the same order.
+        objective: the search objective (``kl``, CTS-KL, by default; ``ce``, ``fkl``, ``dloss``, …).
+        epochs: passes over the data.
+        batch_size: samples per search step.
+        lr: Adam's rate for the logits (None: the method's default, 0.1).
+        seed: seeds the data order and the Concrete noise.
+        progress: show a progress bar over the search's epochs.
+
+    The prunable weights are those of every ``Conv2d`` and ``Linear`` layer, as in the pipeline;
+    each mask keeps exactly ``round((1 − sparsity)·d)`` weights. A ticket is a mask, not a trained
+    network: retrain ``mask ⊙ θ_k`` (the pipeline's ``retrain`` step) before using it. Bad input is
+    refused before any compute with one ``ValueError`` or ``TypeError`` naming the argument.
     """
-    if not 0 < sparsity < 1:
-        raise ValueError(f"sparsity must be in (0, 1), e.g. 0.9926 for 99.26 %, got {sparsity!r}")
+    densities = _densities(sparsity)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"find_ticket: model must be a torch.nn.Module, got {type(model).__name__}")
     images, targets = _as_tensors(data, labels)
-    if images.dim() != 4:
-        raise ValueError(f"inputs must be [N, C, H, W], got {list(images.shape)}")
+    classes = _check_inputs(model, images, targets)
     device = next(model.parameters()).device
-    classes = int(targets.max()) + 1
     # Inputs are taken as they are: an identity normalisation (mean 0, std 1, scale 1).
     info = DatasetInfo("user data", tuple(images.shape[1:]), classes, (0.0,) * images.shape[1],
                        (1.0,) * images.shape[1], 1.0, "user")
     split = Split(images=images.to(device, torch.float32), labels=targets.to(device, torch.int64), info=info)
     config = SearchConfig(objective=objective, epochs=epochs, lr=lr)
     recipe = TrainRecipe(epochs=max(epochs, 1), batch_size=batch_size, lr=0.1, milestones=[], rewind_epoch=0)
-    density = 1.0 - sparsity
     was_training = model.training
-    result = concrete_search(model, split, density=density, config=config, recipe=recipe, seed=seed,
-                             stage="find_ticket", progress=progress)
-    model.train(was_training)
+    try:
+        found = concrete_search(model, split, density=densities if isinstance(sparsity, list | tuple)
+                                else densities[0], config=config, recipe=recipe, seed=seed, stage="find_ticket",
+                                progress=progress)
+    finally:
+        model.train(was_training)
+    tickets = [_ticket(result, density) for result, density in
+               zip(found if isinstance(found, list) else [found], densities, strict=True)]
+    return tickets if isinstance(sparsity, list | tuple) else tickets[0]
+
+
+def _ticket(result, density: float) -> Ticket:
     mask = global_topk_mask(result.scores, density)
     kept = sum(int(m.sum()) for m in mask.values())
     total = sum(m.numel() for m in mask.values())
@@ -102,18 +181,72 @@ def load_ticket(path: str | Path, *, weights: bool = True) -> tuple[nn.Module, d
     Builds the model its manifest names, loads the retrained weights (``weights=False``: a fresh
     seeded initialisation instead, to retrain the mask elsewhere) and prunes it with the mask
     through ``torch.nn.utils.prune.custom_from_mask``. Returns ``(model, mask)``.
+
+    Refuses, naming the file: a file that does not match the ``.record.json`` beside it (when
+    there is one), a truncated or malformed file, and masks that disagree with the manifest
+    (per-layer or total kept counts) or with the model it names (layers and shapes).
     """
     from .core.models import build_model
     from .core.runtime import generator
 
-    mask, state, manifest = load_ticket_file(path)
-    if "model" not in manifest:
-        raise ValueError(f"{path}: the ticket has no manifest naming its model")
+    mask, state, manifest = _read_checked(Path(path))
     init = generator("cpu", manifest.get("seed", 0), "model-init")
-    model = build_model(manifest["model"], image_shape=tuple(manifest["image_shape"]),
-                        num_classes=manifest["num_classes"], generator=init, **manifest.get("model_options", {}))
+    try:
+        model = build_model(manifest["model"], image_shape=tuple(manifest["image_shape"]),
+                            num_classes=manifest["num_classes"], generator=init, **manifest.get("model_options", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: its manifest does not describe a model this project builds: {exc}") from None
     if weights:
         if not state:
             raise ValueError(f"{path}: the ticket holds no weights; load it with weights=False")
-        model.load_state_dict(state)
-    return prune_with_mask(model, mask), mask
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: its weights do not fit the model its manifest names: "
+                             f"{str(exc).splitlines()[0]}") from None
+    try:
+        return prune_with_mask(model, mask), mask
+    except ValueError as exc:
+        raise ValueError(f"{path}: its mask does not fit the model its manifest names: {exc}") from None
+
+
+def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """The ticket at ``path``, checked against its record and its own manifest."""
+    import json
+
+    from .core.records import RECORD_SUFFIX, payload_mismatch
+    from .core.tickets import read_ticket
+
+    try:
+        payload = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the ticket file: {exc.strerror or exc}") from None
+    record_path = path.with_name(path.name + RECORD_SUFFIX)
+    if record_path.exists():
+        try:
+            problem = payload_mismatch(payload, json.loads(record_path.read_text()))
+        except ValueError:
+            problem = f"its record {record_path.name} is not readable"
+        if problem:
+            raise ValueError(f"{path} does not match the record written with it: {problem}")
+    try:
+        mask, state, manifest = read_ticket(payload)
+    except Exception as exc:  # safetensors' own errors (incomplete metadata, header too large, …)
+        raise ValueError(f"{path} is not a complete ticket file: {first_line(exc)}") from None
+    if "model" not in manifest:
+        raise ValueError(f"{path}: the ticket has no manifest naming its model")
+    kept = {name: int(keep.sum()) for name, keep in mask.items()}
+    stated = manifest.get("layer_kept")
+    if stated is not None and stated != kept:
+        differ = sorted(n for n in set(stated) | set(kept) if stated.get(n) != kept.get(n))
+        raise ValueError(f"{path}: its masks disagree with its manifest: "
+                         + ", ".join(f"{n} keeps {kept.get(n)} where the manifest says {stated.get(n)}"
+                                     for n in differ[:4]))
+    if "kept_weights" in manifest and manifest["kept_weights"] != sum(kept.values()):
+        raise ValueError(f"{path}: its masks keep {sum(kept.values())} weights where its manifest says "
+                         f"{manifest['kept_weights']}")
+    return mask, state, manifest
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -380,6 +380,31 @@ def test_search_leaves_every_parameter_and_buffer_and_the_mode_untouched(digits_
     assert all(m.training is train_mode for m in model.modules())
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_search_that_fails_midway_leaves_the_model_as_it_was(digits_train, monkeypatch, channels_last):
+    """The weights are frozen and put in NHWC only while the search runs: an error (or an
+    interrupt) in the loop must not leave the caller's model frozen or in another layout."""
+    model = convnet()
+    before = snapshot(model)
+    calls = []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    real_step = cts.search_step
+    monkeypatch.setattr(cts, "search_step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        cts.concrete_search(model, digits_train.subset(192), density=0.1, config=SearchConfig(epochs=2),
+                            recipe=TrainRecipe(epochs=2, batch_size=64, lr=0.1), seed=0, channels_last=channels_last,
+                            progress=False)
+    assert all(p.requires_grad for p in model.parameters()), "the weights are trainable again"
+    assert all(p.is_contiguous() for p in model.parameters()), "the usual layout is back"
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+
+
 # --------------------------------------------------------------------------------------------
 # BatchNorm
 

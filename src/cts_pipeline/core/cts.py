@@ -606,14 +606,21 @@ def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequen
         synchronize(device)
         return (time.perf_counter() - started) / steps
 
+    with frozen_for_search(model, channels_last), batch_statistics(model):
+        return seconds_per_step([float(k) for k in densities]) / (len(densities) * seconds_per_step(densities[0]))
+
+
+@contextmanager
+def frozen_for_search(model: nn.Module, channels_last: bool):
+    """The model's weights frozen (only the logits learn) and, with ``channels_last``, in NHWC,
+    for the duration of a search or a probe; both restored on the way out, whatever happens."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     try:
-        with batch_statistics(model):
-            return seconds_per_step([float(k) for k in densities]) / (len(densities) * seconds_per_step(densities[0]))
+        yield
     finally:
         for p in trainable:
             p.requires_grad_(True)
@@ -708,104 +715,98 @@ def concrete_search(
     drop_step = round(LR_DROP_AT * total_steps)
     rows = len(densities)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    relaxation = ConcreteMask(prunable_parameters(model), densities if batched else densities[0])
-    balancer = make_balancer(config.balance, densities if batched else densities[0], relaxation.num_weights, lr)
-    optimizer = torch.optim.Adam([relaxation.logits], lr=lr, fused=True)  # one kernel for all logits
-    budgets = [BUDGET_SLACK * k * relaxation.num_weights for k in densities]
-    expected_trace = torch.zeros((total_steps, rows) if batched else (total_steps,), device=device)
-    histories: list[list[dict]] = [[] for _ in densities]
-    resumed_at = None
+    # The weights stay frozen and, with channels_last, in NHWC only while the search runs: restored
+    # however it ends (an error, an interrupt), so the caller's model is as it was.
+    with frozen_for_search(model, channels_last):
+        relaxation = ConcreteMask(prunable_parameters(model), densities if batched else densities[0])
+        balancer = make_balancer(config.balance, densities if batched else densities[0], relaxation.num_weights, lr)
+        optimizer = torch.optim.Adam([relaxation.logits], lr=lr, fused=True)  # one kernel for all logits
+        budgets = [BUDGET_SLACK * k * relaxation.num_weights for k in densities]
+        expected_trace = torch.zeros((total_steps, rows) if batched else (total_steps,), device=device)
+        histories: list[list[dict]] = [[] for _ in densities]
+        resumed_at = None
 
-    first = 0
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None and tuple(saved["logits"].shape) != tuple(relaxation.logits.shape):
-        logger.warning("%s: ignoring a checkpoint of another shape %s", stage, tuple(saved["logits"].shape))
-        saved = None
-    if saved is not None:
-        with torch.no_grad():
-            relaxation.logits.copy_(saved["logits"])
-        optimizer.load_state_dict(saved["optimizer"])
-        balancer.load_state_dict(saved["balancer"])
-        expected_trace[: saved["expected_trace"].shape[0]] = saved["expected_trace"].to(device)
-        histories = [list(h) for h in saved["history"]] if batched else [list(saved["history"])]
-        first = resumed_at = int(saved["epochs_done"])
-        logger.info("%s: resuming from the checkpoint after epoch %d/%d", stage, first, epochs)
+        first = 0
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None and tuple(saved["logits"].shape) != tuple(relaxation.logits.shape):
+            logger.warning("%s: ignoring a checkpoint of another shape %s", stage, tuple(saved["logits"].shape))
+            saved = None
+        if saved is not None:
+            with torch.no_grad():
+                relaxation.logits.copy_(saved["logits"])
+            optimizer.load_state_dict(saved["optimizer"])
+            balancer.load_state_dict(saved["balancer"])
+            expected_trace[: saved["expected_trace"].shape[0]] = saved["expected_trace"].to(device)
+            histories = [list(h) for h in saved["history"]] if batched else [list(saved["history"])]
+            first = resumed_at = int(saved["epochs_done"])
+            logger.info("%s: resuming from the checkpoint after epoch %d/%d", stage, first, epochs)
 
-    step = first * steps_per_epoch
-    checked_stacked = None
-    with batch_statistics(model):
-        for epoch in tqdm(range(first, epochs), desc=stage, unit="epoch", disable=not progress or None, leave=False):
-            epoch_started = time.perf_counter()
-            step_losses = torch.zeros((steps_per_epoch, rows) if batched else steps_per_epoch, device=device)
-            under_steps = torch.zeros(rows if batched else (), device=device)
-            noise = UniformNoise(device, seed, "concrete-noise", epoch)
-            batches = iterate_batches(
-                train_split, recipe.batch_size, shuffle=True,
-                generator=generator(device, seed, "search-order", epoch),
-            )
-            for i, (x, y) in enumerate(batches):
-                share = None
-                if world > 1:
-                    x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
-                x = to_layout(x, channels_last)
-                if batched and checked_stacked is None:
-                    relaxation.stacked = checked_stacked = _check_stacked(model, relaxation, x, stage)
-                if step == drop_step:
-                    for group in optimizer.param_groups:
-                        group["lr"] *= LR_DROP_FACTOR
-                    balancer.drop_lr(LR_DROP_FACTOR)
-                loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y,
-                                             loss_scale, share, world)
-                step_losses[i] = loss if world == 1 else loss * (share / world)
-                expected_trace[step] = expected.reshape(-1) if batched else expected
-                under_steps += ~balancer.over_budget.reshape(under_steps.shape)
-                step += 1
-            all_sum(step_losses)  # the global batch's objective on every rank
-            check_finite(step_losses, stage=stage, epoch=epoch, epochs=epochs)
-            seconds = time.perf_counter() - epoch_started
-            losses = step_losses.mean(0).reshape(-1).tolist()
-            kept_now = expected_trace[step - 1].reshape(-1).tolist()
-            multipliers = (balancer.multiplier.reshape(-1).tolist() if balancer.multiplier is not None
-                           else [0.0] * rows)
-            under = (under_steps / steps_per_epoch).reshape(-1).tolist()
-            for r in range(rows):
-                record = {
-                    "epoch": epoch + 1,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "loss": losses[r],
-                    "expected_kept": kept_now[r],
-                    "expected_over_budget": kept_now[r] / budgets[r],
-                    "multiplier": multipliers[r],
-                    "under_budget_fraction": under[r],  # steps with λ* = 0: the moving average only decays
-                    "seconds": seconds,  # the whole epoch's wall-clock, shared by the rows when batched
-                }
-                if diagnostics:
-                    record["layers"] = _layer_diagnostics(relaxation, r if batched else None)
-                histories[r].append(record)
-                logger.info(
-                    "%s epoch %d/%d%s: %s %.5f, expected kept %.0f = %.3f x budget, multiplier %.3g (%.1f s)",
-                    stage, epoch + 1, epochs, f" density {densities[r]:g}" if batched else "", config.objective,
-                    record["loss"], record["expected_kept"], record["expected_over_budget"], record["multiplier"],
-                    seconds, extra={"stage": stage, "epoch": epoch + 1, "epochs": epochs},
+        step = first * steps_per_epoch
+        checked_stacked = None
+        with batch_statistics(model):
+            for epoch in tqdm(range(first, epochs), desc=stage, unit="epoch", disable=not progress or None, leave=False):
+                epoch_started = time.perf_counter()
+                step_losses = torch.zeros((steps_per_epoch, rows) if batched else steps_per_epoch, device=device)
+                under_steps = torch.zeros(rows if batched else (), device=device)
+                noise = UniformNoise(device, seed, "concrete-noise", epoch)
+                batches = iterate_batches(
+                    train_split, recipe.batch_size, shuffle=True,
+                    generator=generator(device, seed, "search-order", epoch),
                 )
-            if checkpoint is not None and epoch + 1 < epochs and rank == 0:  # one writer; every rank resumes
-                checkpoint.save({
-                    "epochs_done": epoch + 1,
-                    "logits": relaxation.logits.detach(),
-                    "optimizer": optimizer.state_dict(),
-                    "balancer": balancer.state_dict(),
-                    "expected_trace": expected_trace[:step],
-                    "history": histories if batched else histories[0],
-                })
-    for p in trainable:
-        p.requires_grad_(True)
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)
+                for i, (x, y) in enumerate(batches):
+                    share = None
+                    if world > 1:
+                        x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
+                    x = to_layout(x, channels_last)
+                    if batched and checked_stacked is None:
+                        relaxation.stacked = checked_stacked = _check_stacked(model, relaxation, x, stage)
+                    if step == drop_step:
+                        for group in optimizer.param_groups:
+                            group["lr"] *= LR_DROP_FACTOR
+                        balancer.drop_lr(LR_DROP_FACTOR)
+                    loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y,
+                                                 loss_scale, share, world)
+                    step_losses[i] = loss if world == 1 else loss * (share / world)
+                    expected_trace[step] = expected.reshape(-1) if batched else expected
+                    under_steps += ~balancer.over_budget.reshape(under_steps.shape)
+                    step += 1
+                all_sum(step_losses)  # the global batch's objective on every rank
+                check_finite(step_losses, stage=stage, epoch=epoch, epochs=epochs)
+                seconds = time.perf_counter() - epoch_started
+                losses = step_losses.mean(0).reshape(-1).tolist()
+                kept_now = expected_trace[step - 1].reshape(-1).tolist()
+                multipliers = (balancer.multiplier.reshape(-1).tolist() if balancer.multiplier is not None
+                               else [0.0] * rows)
+                under = (under_steps / steps_per_epoch).reshape(-1).tolist()
+                for r in range(rows):
+                    record = {
+                        "epoch": epoch + 1,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "loss": losses[r],
+                        "expected_kept": kept_now[r],
+                        "expected_over_budget": kept_now[r] / budgets[r],
+                        "multiplier": multipliers[r],
+                        "under_budget_fraction": under[r],  # steps with λ* = 0: the moving average only decays
+                        "seconds": seconds,  # the whole epoch's wall-clock, shared by the rows when batched
+                    }
+                    if diagnostics:
+                        record["layers"] = _layer_diagnostics(relaxation, r if batched else None)
+                    histories[r].append(record)
+                    logger.info(
+                        "%s epoch %d/%d%s: %s %.5f, expected kept %.0f = %.3f x budget, multiplier %.3g (%.1f s)",
+                        stage, epoch + 1, epochs, f" density {densities[r]:g}" if batched else "", config.objective,
+                        record["loss"], record["expected_kept"], record["expected_over_budget"], record["multiplier"],
+                        seconds, extra={"stage": stage, "epoch": epoch + 1, "epochs": epochs},
+                    )
+                if checkpoint is not None and epoch + 1 < epochs and rank == 0:  # one writer; every rank resumes
+                    checkpoint.save({
+                        "epochs_done": epoch + 1,
+                        "logits": relaxation.logits.detach(),
+                        "optimizer": optimizer.state_dict(),
+                        "balancer": balancer.state_dict(),
+                        "expected_trace": expected_trace[:step],
+                        "history": histories if batched else histories[0],
+                    })
     final_expected = _row_sum(torch.sigmoid(relaxation.logits.detach())).reshape(-1).tolist()
     peaks = expected_trace.reshape(total_steps, rows).max(0).values.tolist()
     results = [

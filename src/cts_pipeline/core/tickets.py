@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,7 +68,3 @@ def prune_with_mask(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> nn.Mo
         weight = getattr(model.get_submodule(owner), attr)
         prune.custom_from_mask(model.get_submodule(owner), attr, keep.to(weight.device, weight.dtype))
     return model
-
-
-def load_ticket_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    return read_ticket(Path(path).read_bytes())

@@ -13,21 +13,16 @@ Kedro keeps no digests of its own (its versioning is by timestamp only), hence t
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from typing import Any
 
 import fsspec
 from kedro.io.core import get_filepath_str
 
-RECORD_SUFFIX = ".record.json"
+from ..core.records import RECORD_SUFFIX, payload_mismatch, record_for
 
-
-def record_for(payload: bytes) -> bytes:
-    record = {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload), "written_at": time.time()}
-    return json.dumps(record).encode()
-
+__all__ = ["RECORD_SUFFIX", "NO_RECORD", "RecordedArtifact", "check_file", "payload_mismatch", "read_record",
+           "record_for"]
 
 def read_record(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
     try:
@@ -35,15 +30,6 @@ def read_record(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | No
             return json.loads(f.read())
     except (FileNotFoundError, ValueError):
         return None
-
-
-def payload_mismatch(payload: bytes, record: dict[str, Any]) -> str | None:
-    """Why ``payload`` is not what its record says was written, or None."""
-    if len(payload) != record.get("bytes"):
-        return f"it holds {len(payload)} bytes where {record.get('bytes')} were written (truncated or replaced)"
-    if hashlib.sha256(payload).hexdigest() != record.get("sha256"):
-        return "its contents changed after it was written (replaced)"
-    return None
 
 
 NO_RECORD = "it has no record: it was not written by this project (or by an older version of it)"
