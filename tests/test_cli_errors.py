@@ -143,3 +143,12 @@ def test_an_unknown_runner_is_one_line(invoke, project):
     assert result.exit_code == 2, result.output
     assert "Error: --runner=Bogus: no such runner; use SequentialRunner (the default), ThreadRunner" in result.output
     assert "Traceback" not in result.output and not (project / "data").exists()
+
+
+def test_a_data_folder_that_cannot_be_written_is_named_before_any_compute(invoke, project):
+    """A file where the data folder should be (root ignores permissions, a file it cannot ignore)."""
+    (project / "data").write_text("not a folder")
+    result = invoke()
+    assert result.exit_code == 2, result.output
+    first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
+    assert f"the data folder {project / 'data'} (globals.yml data_root) cannot be written" in first, first

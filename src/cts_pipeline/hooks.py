@@ -19,7 +19,7 @@ from typing import Any
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
-from .config import typed_sections, validate_run
+from .config import ConfigError, typed_sections, validate_run
 from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
 from .datasets._records import NO_RECORD, RecordedArtifact, check_file
 from .errors import mark_failed_node
@@ -58,11 +58,20 @@ class RunValidationHook:
 
     def __init__(self) -> None:
         self.running: list[str] = []  # the nodes started and not yet ended, in this process
+        self.data_root = "data"  # globals.yml's data_root
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        try:
+            self.data_root = str(context.config_loader["globals"].get("data_root", "data"))
+        except (KeyError, MissingConfigException):
+            self.data_root = "data"
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self.running = []
         validate_run(catalog.load("parameters"), run_params.get("pipeline_names"))
+        check_writable(self.data_root)
 
     @hook_impl
     def before_node_run(self, node) -> None:
@@ -80,6 +89,24 @@ class RunValidationHook:
 
     def on_interrupt(self) -> list[str]:
         return list(self.running)
+
+
+def check_writable(data_root: str) -> None:
+    """Refuse, before any compute, a local data folder that cannot take the run's artifacts (a
+    file in its place, no permission, a read-only mount): otherwise the first save fails after
+    the first training. fsspec URLs (``s3://…``) are left to their store."""
+    import tempfile
+
+    if "://" in data_root:
+        return
+    folder = Path(data_root)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"the data folder {folder.resolve()} (globals.yml data_root) cannot be written: "
+                          f"{exc.strerror or exc}; make it writable or point data_root elsewhere") from None
 
 
 def artifact_path(catalog, name: str) -> str:
