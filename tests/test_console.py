@@ -44,3 +44,28 @@ def test_install_swaps_kedros_rich_handler_for_plain_lines_off_a_terminal(monkey
         assert sum(isinstance(f, QuietConsole) for f in console.filters) == 1
     finally:
         root.handlers = saved
+
+
+def test_a_log_file_that_cannot_be_written_is_one_warning_not_a_traceback_per_record(tmp_path, capsys):
+    import logging.handlers
+
+    from cts_pipeline import console
+
+    (tmp_path / "info.log").mkdir()  # a directory where the log file should be
+    handler = logging.handlers.RotatingFileHandler(tmp_path / "info.log", delay=True)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    warned = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = warned.append
+    logging.getLogger("cts_pipeline.console").addHandler(catcher)
+    try:
+        console.install()
+        assert handler not in root.handlers
+        logging.getLogger("cts_pipeline").warning("a record after the check")
+    finally:
+        root.removeHandler(handler)
+        logging.getLogger("cts_pipeline.console").removeHandler(catcher)
+    assert [r.getMessage() for r in warned] == [
+        f"the log file {tmp_path / 'info.log'} cannot be written (Is a directory); logging to the terminal only"]
+    assert "Logging error" not in capsys.readouterr().err

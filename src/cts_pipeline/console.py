@@ -60,6 +60,7 @@ def install(verbose: bool | None = None) -> None:
     from kedro.logging import RichHandler
 
     root = logging.getLogger()
+    _drop_unwritable_log_files(root)
     for handler in list(root.handlers):
         if not isinstance(handler, RichHandler) or getattr(handler, "_cts_console", False):
             continue
@@ -70,3 +71,21 @@ def install(verbose: bool | None = None) -> None:
             root.addHandler(console)
         console.addFilter(QuietConsole(bool(verbose)))
         console._cts_console = True
+
+
+def _drop_unwritable_log_files(root: logging.Logger) -> None:
+    """A log file that cannot be opened (``info.log`` made a directory, a read-only folder) would
+    print a ``--- Logging error ---`` traceback for every record: drop its handler instead, with
+    one warning, and let logging go on to the terminal."""
+    for handler in list(root.handlers):
+        path = getattr(handler, "baseFilename", None)
+        if path is None:
+            continue
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            root.removeHandler(handler)
+            handler.close()
+            logging.getLogger(__name__).warning("the log file %s cannot be written (%s); logging to the terminal only",
+                                                path, exc.strerror or exc)

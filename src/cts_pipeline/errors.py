@@ -120,12 +120,18 @@ def _unique_key_loader():
 
 def describe(error: BaseException) -> tuple[str, int]:
     """The user's message for ``error`` and the exit code."""
-    text = yaml_problem(error, Path.cwd() / "conf") or str(error).strip() or type(error).__name__
+    from kedro.io import DatasetError
+
+    code = exit_code(error)
+    # Kedro wraps a failed load or save in a DatasetError whose message opens with the dataset's
+    # long repr; a disk's or a file system's own error (it names the file) is what the user needs.
+    beneath = next((e for e in causes(error) if not isinstance(e, DatasetError)), error)
+    shown = beneath if isinstance(error, DatasetError) and isinstance(beneath, OSError) else error
+    text = yaml_problem(shown, Path.cwd() / "conf") or str(shown).strip() or type(shown).__name__
     notes = [n for n in getattr(error, "__notes__", ()) if n]
     if notes:  # e.g. the file behind a refused artifact (hooks.ArtifactPathHook)
         text = f"{text} ({'; '.join(notes)})"
-    code = exit_code(error)
     if code == FAILED_RUN_EXIT:
-        name = type(error).__name__
+        name = type(shown).__name__
         text = text if text.startswith(name) else f"{name}: {text}"
     return text, code

@@ -1,9 +1,10 @@
-"""Write a file whole or not at all, and its record (``_records.py``) after it.
+"""Write a file whole or not at all, together with its record (``_records.py``).
 
 A run killed mid-save must not leave a truncated checkpoint under the name a later run loads
-(with versioning, the newest version folder is what loads). So bytes go to a temporary sibling
-first and are renamed into place, which is atomic on a local filesystem; object stores write
-whole objects anyway.
+(with versioning, the newest version folder is what loads). So the bytes and the record go to
+temporary siblings first and are renamed into place, the record last; a rename is atomic on a
+local filesystem and needs no space, so a full disk leaves neither under its final name (object
+stores write whole objects anyway).
 """
 
 from __future__ import annotations
@@ -17,20 +18,23 @@ from ._records import RECORD_SUFFIX, record_for
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
-    # A run killed between the two writes leaves a file without a record: recomputed, never trusted.
-    _write_whole(fs, path, payload)
-    _write_whole(fs, f"{path}{RECORD_SUFFIX}", record_for(payload))
-
-
-def _write_whole(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
-    partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+    # A run killed between the two renames leaves a file without a record: recomputed, never trusted.
+    record = f"{path}{RECORD_SUFFIX}"
+    partials = {final: f"{final}.partial-{uuid.uuid4().hex[:8]}" for final in (path, record)}
     try:
-        with fs.open(partial, "wb") as f:
-            f.write(payload)
-        fs.mv(partial, path)
+        for final, data in ((path, payload), (record, record_for(payload))):
+            with fs.open(partials[final], "wb") as f:
+                f.write(data)
+        fs.mv(partials[path], path)
+        try:
+            fs.mv(partials[record], record)
+        except BaseException:
+            fs.rm(path)  # never a file under its final name without its record
+            raise
     except BaseException as exc:
-        if fs.exists(partial):
-            fs.rm(partial)
+        for partial in partials.values():
+            if fs.exists(partial):
+                fs.rm(partial)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no space left on the device holding {path} "
                                         f"({len(payload)} bytes to write); nothing was written") from exc
