@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ from .core.data import DATASETS, ensure_available, get_dataset_info
 from .core.distributed import under_torchrun
 from .core.masks import count_prunable, kept_count
 from .core.models import MODELS, build_model, check_model_fits
-from .core.runtime import resolve_device
+from .core.runtime import check_device_choice, resolve_device
 from .core.training import TrainRecipe
 from .grid import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
 
@@ -134,8 +133,7 @@ class RuntimeConfig:
         workers = self.data_workers
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise ValueError(f"runtime.data_workers must be null or a non-negative integer, got {workers!r}")
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"runtime.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_choice(self.device)
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"runtime.num_threads must be null or a positive integer, got {self.num_threads!r}")
         if self.channels_last not in ("auto", True, False):

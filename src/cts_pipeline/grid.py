@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .core.ltr import level_density, level_for_sparsity
+from .core.saliency import SCORERS
+from .core.training import STARTS
 
 BRANCH_PARAM = "branch"
 MAX_LEVEL = 60  # 0.8**60 keeps 1.5e-6 of the weights: beyond any network's last weight
 DENSE = "dense"
 LTR = "ltr"
-PAI_METHODS = ("snip", "grasp", "synflow", "magnitude", "random")
-STARTS = ("rewind", "init")
+PAI_METHODS = tuple(SCORERS)  # a scorer added to core.saliency is a method of the sweep
 CHECKS = {"shuffle": "shuffled", "invert": "inverted", "reinit": "reinit"}  # check -> name suffix
 
 

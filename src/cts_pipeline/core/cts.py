@@ -34,7 +34,7 @@ from .masks import prunable_parameters, unflatten
 from .runtime import UniformNoise, generator, synchronize
 from .stacked import stacked_forward
 from .stacked import supports as stacked_supports
-from .training import TrainRecipe, check_finite, to_layout
+from .training import STARTS, TrainRecipe, check_finite, to_layout
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ SHORT_SEARCH_FRACTION = 1 / 8  # `short` search: one eighth of the training epoc
 NOISE_EPS = 1e-10  # keeps log u finite; torch.rand never returns 1, so only the floor matters
 
 SEARCH_LENGTHS = ("long", "short")
-SEARCH_STARTS = ("rewind", "init")
 BALANCERS = ("gradbalance", "lagrangian")
 
 
@@ -218,8 +217,8 @@ class SearchConfig:
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not self.lr > 0):
             raise ValueError(f"cts.lr must be null (the training rate) or positive, got {self.lr!r}")
-        if self.search_at not in SEARCH_STARTS:
-            raise ValueError(f"cts.search_at must be one of {SEARCH_STARTS}, got {self.search_at!r}")
+        if self.search_at not in STARTS:
+            raise ValueError(f"cts.search_at must be one of {STARTS}, got {self.search_at!r}")
         if self.loss_scale is not None and (isinstance(self.loss_scale, bool)
                                             or not isinstance(self.loss_scale, (int, float))
                                             or not math.isfinite(self.loss_scale) or not self.loss_scale > 0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import zlib
 
 import numpy as np
@@ -12,21 +13,24 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # and cuda:N
+
+
+def check_device_choice(choice: object) -> str:
+    """``choice`` if it is a device this project can be told to use, whether or not this machine
+    has it (``resolve_device`` checks that); else a ValueError naming ``runtime.device``."""
+    if not isinstance(choice, str) or not re.fullmatch(rf"{'|'.join(DEVICE_CHOICES)}|cuda:\d+", choice):
+        raise ValueError(f"runtime.device must be one of {', '.join(DEVICE_CHOICES)} or cuda:N, got {choice!r}")
+    return choice
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
     """``auto`` takes CUDA when present, else the CPU; ``cuda[:n]`` must be available."""
-    if choice == "auto":
+    if check_device_choice(choice) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(choice)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"runtime.device must be one of {DEVICE_CHOICES} or cuda:N, got {choice!r}") from exc
+    device = torch.device(choice)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"runtime.device is {choice!r} but CUDA is not available here; use 'auto' or 'cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"runtime.device must be one of {DEVICE_CHOICES} (or cuda:N), got {choice!r}")
     return device
 
 

@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+# Where a ticket's weights come from: the rewind point θ_k, or the initialisation θ_0 (the search's
+# cts.search_at and the saliency methods' pai.at choose among them).
+STARTS = ("rewind", "init")
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training or search produced a NaN or infinite loss; the message names the stage and step."""
 
