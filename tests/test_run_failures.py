@@ -61,5 +61,6 @@ def test_cli_reports_a_bad_sparsity_in_one_line(project):
          "--params", "grid.sparsities=[1.2]"],
         cwd=project, capture_output=True, text=True, timeout=120,
     )
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert "grid.sparsities: 1.2 is outside (0, 1)" in done.stdout + done.stderr
+    assert "as logging configuration" not in done.stdout + done.stderr, "no notice opens the command"

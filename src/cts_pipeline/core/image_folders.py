@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .data import DataFileError, DatasetInfo, DatasetNotFoundError
+from .data_registry import DataFileError, DatasetInfo, DatasetNotFoundError
 from .distributed import rank_and_world
 
 logger = logging.getLogger(__name__)
