@@ -282,6 +282,10 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
         if device.type == "cuda" and not under_torchrun() and nproc > torch.cuda.device_count():
             problems.append(f"runtime.distributed.nproc = {nproc} processes, one GPU each, but this machine has "
                             f"{torch.cuda.device_count()}")
+        elif device.type == "cuda" and device.index is not None and nproc > 1:
+            problems.append(f"runtime.device = {runtime.device!r} names one GPU, but {named} = {nproc} processes "
+                            "each need their own: use device: cuda (or auto), and the processes take GPUs 0.."
+                            f"{nproc - 1}")
     if info.streamed and sections["training"].batch_size % nproc:
         problems.append(f"training.batch_size = {sections['training'].batch_size} must be a multiple of "
                         f"{named} = {nproc}: each process loads an equal part of every batch")

@@ -81,10 +81,20 @@ def join_torchrun_group() -> None:
     if dist.is_initialized():
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        torch.cuda.set_device(own_gpu(int(os.environ["LOCAL_RANK"]), "torchrun's --nproc-per-node"))
         dist.init_process_group(backend="nccl")
     else:
         dist.init_process_group(backend="gloo")
+
+
+def own_gpu(local_rank: int, named: str) -> int:
+    """The GPU of the process with ``local_rank`` on this machine: its own, never shared (NCCL
+    refuses two ranks on one device). ``named`` says which setting chose the process count."""
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"{named}: process {local_rank} needs a GPU of its own, but this machine has {count}; "
+                         f"run at most {count} processes per machine")
+    return local_rank
 
 
 def all_sum(*tensors: torch.Tensor) -> None:
@@ -114,23 +124,34 @@ def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _entry(fn: Callable[..., Any], backend: str, args: tuple, kwargs: dict) -> Any:
+    if backend == "nccl":  # before the group: NCCL binds each rank to the current device
+        torch.cuda.set_device(own_gpu(int(os.environ["LOCAL_RANK"]), "runtime.distributed.nproc"))
     dist.init_process_group(backend=backend)
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
         return fn(*args, **kwargs)
     finally:
         dist.destroy_process_group()
 
 
+def backend_for(device: torch.device) -> str:
+    """The process group's backend follows the run's device, not what the machine has: NCCL for
+    CUDA tensors, gloo for CPU ones (``device: cpu`` on a GPU machine included)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` in ``nproc`` local processes joined in one process group; rank 0's
-    return value. ``fn`` must be importable (a module-level function): the processes are spawned."""
+    return value. ``fn`` must be importable (a module-level function): the processes are spawned.
+    ``backend`` defaults to the machine's (``backend_for`` of CUDA when present); with NCCL each
+    rank takes a GPU of its own."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend or backend_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if backend == "nccl" and nproc > torch.cuda.device_count():
+        raise ValueError(f"runtime.distributed.nproc = {nproc} processes, one GPU each, but this machine has "
+                         f"{torch.cuda.device_count()}")
     if threading.current_thread() is not threading.main_thread():
         # Off the main thread (a Dask or Kedro thread-pool worker) the launcher cannot install its
         # signal handlers and warns at every launch; the ranks still end with this call.

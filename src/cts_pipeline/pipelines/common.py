@@ -48,7 +48,7 @@ def distributable(node_fn):
 
     @functools.wraps(node_fn)
     def run(*args):
-        from ..core.distributed import launch, rank_and_world, under_torchrun
+        from ..core.distributed import backend_for, launch, rank_and_world, under_torchrun
 
         runtime = next((a for a in args if isinstance(a, RuntimeConfig)), None)
         distributed = (runtime.distributed if runtime is not None else None) or {}
@@ -64,7 +64,8 @@ def distributable(node_fn):
             return node_fn(*args)
         threads = max(1, (runtime.num_threads or torch.get_num_threads()) // nproc)
         result, finished, records = launch(_node_in_rank, nproc, node_fn.__module__, node_fn.__qualname__, args,
-                                           threads, bool(distributed.get("sync_batchnorm")))
+                                           threads, bool(distributed.get("sync_batchnorm")),
+                                           backend=backend_for(resolve_device(runtime.device)))
         adopt_deferred(finished)
         for logger_name, level, message in records:  # rank 0's log, in this process's handlers
             logging.getLogger(logger_name).log(level, "%s", message)
