@@ -77,3 +77,53 @@ def test_launching_more_nccl_processes_than_gpus_is_refused_before_any_start(one
     with pytest.raises(ValueError, match="runtime.distributed.nproc = 2 processes, one GPU each, but this machine "
                                          "has 1"):
         distributed.launch(print, 2, backend="nccl")
+
+
+@pytest.fixture
+def cuda_flags(monkeypatch):
+    """cuDNN and cuBLAS flags as they were, and an Ampere-or-later device as far as the policy can tell."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+     torch.backends.cudnn.benchmark) = saved[:3]
+    torch.use_deterministic_algorithms(saved[3])
+
+
+def test_the_cuda_policy_is_explicit_and_named_on_the_hardware_line(cuda_flags, monkeypatch):
+    import os
+
+    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.core.runtime import CudaPolicy, describe_hardware
+
+    cuda = torch.device("cuda")
+    RuntimeConfig().cuda_policy.apply(cuda)  # the defaults
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert "NVIDIA H200 (CUDA " in describe_hardware(cuda) and "TF32 on, cudnn.benchmark on)" in describe_hardware(cuda)
+
+    CudaPolicy(tf32=False, deterministic=True).apply(cuda)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert "TF32 off, cudnn.benchmark off, deterministic" in describe_hardware(cuda)
+
+
+def test_before_ampere_tf32_stays_off_and_a_cpu_run_is_left_alone(cuda_flags, monkeypatch):
+    from cts_pipeline.core.runtime import CudaPolicy
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    CudaPolicy(tf32=True).apply(torch.device("cuda"))
+    assert not torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark = False
+    CudaPolicy(deterministic=True).apply(torch.device("cpu"))
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+
+
+def test_runtime_switches_are_checked_by_name():
+    from cts_pipeline.config import RuntimeConfig
+
+    with pytest.raises(ValueError, match="runtime.tf32 must be true or false, got 'yes'"):
+        RuntimeConfig(tf32="yes")

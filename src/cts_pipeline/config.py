@@ -22,7 +22,7 @@ from .core.data import DATASETS, ensure_available, get_dataset_info
 from .core.distributed import under_torchrun
 from .core.masks import count_prunable, kept_count
 from .core.models import MODELS, build_model, check_model_fits
-from .core.runtime import check_device_choice, resolve_device
+from .core.runtime import CudaPolicy, check_device_choice, resolve_device
 from .core.training import TrainRecipe
 from .grid import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
 
@@ -102,7 +102,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """``runtime`` parameters: where and how verbosely to run; they never change a result."""
+    """``runtime`` parameters: where and how to run. On a CPU they never change a result; on a GPU
+    TF32 and determinism change the last bits (``core.runtime.CudaPolicy``)."""
 
     device: str = "auto"
     progress: bool = True
@@ -118,6 +119,12 @@ class RuntimeConfig:
     distributed: Mapping[str, Any] | None = None  # {nproc: N}: train and search over N local processes
     data_workers: int | None = None  # loader processes of a streamed (image-folder) dataset; 0 = in this
     #                                   process; null = up to 4, as the CPUs allow
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions on Ampere and later (core.runtime.CudaPolicy)
+    deterministic: bool = False  # CUDA: deterministic algorithms, so a GPU run repeats to the bit (slower)
+
+    @property
+    def cuda_policy(self) -> CudaPolicy:
+        return CudaPolicy(tf32=self.tf32, deterministic=self.deterministic)
 
     def __post_init__(self) -> None:
         if self.distributed is not None:
@@ -134,6 +141,9 @@ class RuntimeConfig:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise ValueError(f"runtime.data_workers must be null or a non-negative integer, got {workers!r}")
         check_device_choice(self.device)
+        for key in ("tf32", "deterministic"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"runtime.{key} must be true or false, got {getattr(self, key)!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"runtime.num_threads must be null or a positive integer, got {self.num_threads!r}")
         if self.channels_last not in ("auto", True, False):

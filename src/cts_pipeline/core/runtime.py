@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,6 +35,44 @@ def resolve_device(choice: str = "auto") -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class CudaPolicy:
+    """How CUDA computes, chosen once per run (``runtime.tf32``, ``runtime.deterministic``) rather
+    than left to torch's defaults, and named on the hardware line of every result.
+
+    - ``tf32``: fp32 matmuls and convolutions in TF32 on Ampere and later (about 8x the fp32
+      throughput; 10-bit mantissas in the products, fp32 sums). Ignored before Ampere.
+    - ``benchmark``: cuDNN times its algorithms once per shape and keeps the fastest: the loops'
+      shapes are fixed, so this pays off from the second step. Off under ``deterministic``.
+    - ``deterministic``: ``torch.use_deterministic_algorithms`` with cuBLAS's workspace setting, so a
+      GPU run repeats to the bit (slower; a CPU run repeats to the bit without it).
+    """
+
+    tf32: bool = True
+    deterministic: bool = False
+
+    @property
+    def benchmark(self) -> bool:
+        return not self.deterministic
+
+    def apply(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            return
+        ampere = torch.cuda.get_device_capability(device)[0] >= 8
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32 and ampere
+        torch.backends.cudnn.allow_tf32 = self.tf32 and ampere
+        torch.backends.cudnn.benchmark = self.benchmark
+        if self.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; read when cuBLAS starts.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(self.deterministic)
+
+    def describe(self) -> str:
+        tf32 = "on" if torch.backends.cuda.matmul.allow_tf32 else "off"
+        return (f"TF32 {tf32}, cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}"
+                f"{', deterministic' if torch.are_deterministic_algorithms_enabled() else ''}")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA kernels run asynchronously), so a timing is true."""
     if device.type == "cuda":
@@ -43,7 +82,8 @@ def synchronize(device: torch.device) -> None:
 def describe_hardware(device: torch.device) -> str:
     """One line naming what a timing was measured on (goes next to every reported time)."""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+        return (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}; {CudaPolicy().describe()}), "
+                f"torch {torch.__version__}")
     cpu = _cpu_model() or platform.processor() or platform.machine()
     # The kernel family (AVX512, AVX2, DEFAULT) is part of what a result depends on: float sums
     # round differently across them (docs/architecture.md, "What is bit-exact where").

@@ -111,10 +111,13 @@ def loop_bars(runtime: RuntimeConfig) -> bool:
 
 
 def device_for(runtime: RuntimeConfig) -> torch.device:
-    """The run's device, with the CPU thread count ``runtime`` asks for."""
+    """The run's device, with the CPU thread count and the CUDA policy (TF32, cudnn.benchmark,
+    determinism) ``runtime`` asks for."""
     if runtime.num_threads is not None:
         torch.set_num_threads(runtime.num_threads)
-    return resolve_device(runtime.device)
+    device = resolve_device(runtime.device)
+    runtime.cuda_policy.apply(device)
+    return device
 
 
 def split_to_payload(split) -> dict:
