@@ -137,3 +137,11 @@ def test_a_truncated_or_malformed_ticket_is_named_in_our_words(ticket_file, dama
         ticket_file.write_bytes((10 ** 12).to_bytes(8, "little") + payload[8:])
     with pytest.raises(ValueError, match=rf"{ticket_file} is not a complete ticket file: "):
         load_ticket(ticket_file)
+
+
+def test_a_ticket_reads_in_one_short_line(digits):
+    images, labels = digits
+    ticket = find_ticket(lenet(), images, labels, sparsity=0.9, epochs=1, batch_size=32)
+    text = repr(ticket)
+    assert text.startswith(f"Ticket(sparsity 90.00 %, kept {ticket.kept_weights} of 50200 weights; fc1.weight ")
+    assert "tensor" not in text and len(text) < 300

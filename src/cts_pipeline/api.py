@@ -36,8 +36,20 @@ class Ticket:
     history: list[dict] = field(default_factory=list)  # per search epoch: objective, kept/budget, λ
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Prune ``model`` in place (``torch.nn.utils.prune.custom_from_mask``) and return it."""
+        """Prune ``model`` in place (``torch.nn.utils.prune.custom_from_mask``) and return it.
+
+        The pruned network is not yet a ticket's result: retrain ``mask ⊙ θ_k`` (the pipeline's
+        retraining) before you evaluate it; right after pruning it is near chance."""
         return prune_with_mask(model, self.mask)
+
+    def __repr__(self) -> str:
+        """Short and readable: the sparsity, the kept count and each layer's density (the default
+        dataclass repr printed every mask and score tensor)."""
+        layers = ", ".join(f"{name} {r['kept']}/{r['total']} ({100 * r['density']:.2f} %)"
+                           for name, r in self.layers.items())
+        total = sum(r["total"] for r in self.layers.values())
+        return (f"Ticket(sparsity {100 * self.sparsity:.2f} %, kept {self.kept_weights} of {total} weights; "
+                f"{layers})")
 
 
 def _as_tensors(data: Any, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
