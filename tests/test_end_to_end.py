@@ -62,6 +62,8 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
     assert sorted(c.info.run_name for c in children) == ["50.00% cts_kl s0", "90.00% cts_kl s0", "dense s0"]
     assert sorted(c.data.tags["namespace"] for c in children) == [
         "cts_kl.seed0.sp50_00", "cts_kl.seed0.sp90_00", "dense.seed0"]
+    assert sorted((c.data.tags["method"], c.data.tags["sparsity"], c.data.tags["seed"]) for c in children) == [
+        ("cts_kl", "0.5000", "0"), ("cts_kl", "0.9000", "0"), ("dense", "0.0000", "0")]
     for child in children:
         params, metrics = child.data.params, child.data.metrics
         for key in ("method", "model", "dataset", "seed", "density", "rewind_epoch"):

@@ -208,7 +208,9 @@ class RunTracker:
         if dataset_name in self.children:
             return self.children[dataset_name]
         namespace = metrics.get("namespace") or f"{metrics['method']}.seed{metrics['seed']}"
+        # method, sparsity and seed as tags too: the UI's "group by" and compare view take tags.
         tags = {"mlflow.parentRunId": self.parent_run_id, "method": str(metrics["method"]),
+                "sparsity": f"{float(metrics.get('sparsity') or 0.0):.4f}", "seed": str(metrics.get("seed")),
                 "namespace": namespace}
         if metrics.get("collapsed_layers"):
             tags["layer_collapse"] = ",".join(metrics["collapsed_layers"])
