@@ -156,6 +156,7 @@ def find_ticket(
     refused before any compute with one ``ValueError`` or ``TypeError`` naming the argument.
     """
     densities = _densities(sparsity)
+    batched = isinstance(sparsity, list | tuple)
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_ticket: model must be a torch.nn.Module, got {type(model).__name__}")
     images, targets = _as_tensors(data, labels)
@@ -169,14 +170,13 @@ def find_ticket(
     recipe = TrainRecipe(epochs=max(epochs, 1), batch_size=batch_size, lr=0.1, milestones=[], rewind_epoch=0)
     was_training = model.training
     try:
-        found = concrete_search(model, split, density=densities if isinstance(sparsity, list | tuple)
-                                else densities[0], config=config, recipe=recipe, seed=seed, stage="find_ticket",
-                                progress=progress)
+        found = concrete_search(model, split, density=densities if batched else densities[0], config=config,
+                                recipe=recipe, seed=seed, stage="find_ticket", progress=progress)
     finally:
         model.train(was_training)
     tickets = [_ticket(result, density) for result, density in
                zip(found if isinstance(found, list) else [found], densities, strict=True)]
-    return tickets if isinstance(sparsity, list | tuple) else tickets[0]
+    return tickets if batched else tickets[0]
 
 
 def _ticket(result, density: float) -> Ticket:
@@ -228,6 +228,7 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 
     from .core.records import RECORD_SUFFIX, payload_mismatch
     from .core.tickets import read_ticket
+    from .errors import first_line
 
     try:
         payload = path.read_bytes()
@@ -258,7 +259,3 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
         raise ValueError(f"{path}: its masks keep {sum(kept.values())} weights where its manifest says "
                          f"{manifest['kept_weights']}")
     return mask, state, manifest
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

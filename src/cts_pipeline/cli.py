@@ -27,6 +27,7 @@ from .errors import CONFIGURATION_EXIT, FAILED_RUN_EXIT, describe
 
 logger = logging.getLogger(__name__)
 
+
 def is_the_program() -> bool:
     """Whether this process is ``kedro run`` itself, not a test or a notebook calling the command."""
     program = Path(sys.argv[0])  # kedro's __main__ renames itself "python -m kedro"

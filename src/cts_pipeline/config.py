@@ -19,7 +19,7 @@ import torch
 
 from .core.cts import SearchConfig
 from .core.data import DATASETS, ensure_available, get_dataset_info
-from .core.distributed import under_torchrun
+from .core.distributed import check_one_gpu_each, under_torchrun
 from .core.masks import count_prunable, kept_count
 from .core.models import MODELS, build_model, check_model_fits
 from .core.runtime import CudaPolicy, check_device_choice, resolve_device
@@ -289,10 +289,12 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
         if distributed.get("sync_batchnorm") and device.type != "cuda":
             problems.append(f"runtime.distributed.sync_batchnorm needs CUDA (torch's SyncBatchNorm runs on GPUs "
                             f"only); this run's device is {device}")
-        if device.type == "cuda" and not under_torchrun() and nproc > torch.cuda.device_count():
-            problems.append(f"runtime.distributed.nproc = {nproc} processes, one GPU each, but this machine has "
-                            f"{torch.cuda.device_count()}")
-        elif device.type == "cuda" and device.index is not None and nproc > 1:
+        if device.type == "cuda" and not under_torchrun():
+            try:
+                check_one_gpu_each(nproc)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if device.type == "cuda" and device.index is not None and nproc > 1:
             problems.append(f"runtime.device = {runtime.device!r} names one GPU, but {named} = {nproc} processes "
                             "each need their own: use device: cuda (or auto), and the processes take GPUs 0.."
                             f"{nproc - 1}")

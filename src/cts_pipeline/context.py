@@ -41,8 +41,8 @@ class ProjectContext(KedroContext):
         ``typed_sections`` names the setting, every one at once, with "did you mean"."""
         from .config import typed_sections
 
-        if self._validated_params_cache is None:
-            typed_sections(self.config_loader["parameters"])
+        if self._validated_params_cache is None:  # the parameters the catalog reads too, read once
+            typed_sections(active_config.parameters(self.config_loader))
         return super()._get_validated_params()
 
 

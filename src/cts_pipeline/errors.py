@@ -25,6 +25,12 @@ INTERRUPTED_EXIT = 130  # the shell's convention for a run stopped by SIGINT (12
 FAILED_NODE = "cts_failed_node"  # the attribute that names the node an error came from
 
 
+def first_line(exc: BaseException) -> str:
+    """An error as one short line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def input_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the run's input cannot be used", wherever they are raised."""
     import yaml

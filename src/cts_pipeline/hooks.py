@@ -22,14 +22,13 @@ from kedro.framework.hooks import hook_impl
 from .config import ConfigError, typed_sections, validate_run
 from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
 from .datasets._records import NO_RECORD, RecordedArtifact, check_file
-from .errors import mark_failed_node
+from .errors import first_line, mark_failed_node
 from .pipelines.common import ArtifactMismatch
 from .tracking import (
     RunTracker,
     TrackingSettings,
     TrackingUnavailable,
     check_reachable,
-    first_line,
     source_tags,
 )
 

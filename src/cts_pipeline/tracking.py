@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import first_line
+
 logger = logging.getLogger(__name__)
 
 # MLflow retries a failing HTTP call for minutes by default (7 retries, exponential back-off);
@@ -365,8 +367,3 @@ def child_run_name(metrics: Mapping[str, Any]) -> str:
     if metrics.get("method") == "dense" or metrics.get("sparsity") is None:
         return f"{metrics['method']} s{metrics['seed']}"
     return f"{100 * float(metrics['sparsity']):.2f}% {metrics['method']} s{metrics['seed']}"
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

@@ -87,6 +87,13 @@ def join_torchrun_group() -> None:
         dist.init_process_group(backend="gloo")
 
 
+def check_one_gpu_each(nproc: int, named: str = "runtime.distributed.nproc") -> None:
+    """Refuse ``nproc`` processes on this machine's GPUs when they would have to share one."""
+    if nproc > torch.cuda.device_count():
+        raise ValueError(f"{named} = {nproc} processes, one GPU each, but this machine has "
+                         f"{torch.cuda.device_count()}")
+
+
 def own_gpu(local_rank: int, named: str) -> int:
     """The GPU of the process with ``local_rank`` on this machine: its own, never shared (NCCL
     refuses two ranks on one device). ``named`` says which setting chose the process count."""
@@ -149,9 +156,8 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | None =
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
     backend = backend or backend_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if backend == "nccl" and nproc > torch.cuda.device_count():
-        raise ValueError(f"runtime.distributed.nproc = {nproc} processes, one GPU each, but this machine has "
-                         f"{torch.cuda.device_count()}")
+    if backend == "nccl":
+        check_one_gpu_each(nproc)
     if threading.current_thread() is not threading.main_thread():
         # Off the main thread (a Dask or Kedro thread-pool worker) the launcher cannot install its
         # signal handlers and warns at every launch; the ranks still end with this call.
