@@ -161,12 +161,12 @@ def test_stacked_forward_is_declined_for_layers_it_does_not_know():
 
 def test_unsupported_models_search_through_vmap(digits_train, monkeypatch):
     used = []
-    real = cts.stacked_forward
-    monkeypatch.setattr(cts, "stacked_forward", lambda *a: used.append(1) or real(*a))
-    monkeypatch.setattr(cts, "stacked_supports", lambda model: False)
+    real = cts.forwards.stacked_forward
+    monkeypatch.setattr(cts.forwards, "stacked_forward", lambda *a: used.append(1) or real(*a))
+    monkeypatch.setattr(cts.forwards, "stacked_supports", lambda model: False)
     results = run(convnet(), digits_train.subset(64), [0.2, 0.05])
     assert not used and len(results) == 2
-    monkeypatch.setattr(cts, "stacked_supports", lambda model: True)
+    monkeypatch.setattr(cts.forwards, "stacked_supports", lambda model: True)
     run(convnet(), digits_train.subset(64), [0.2, 0.05])
     assert used
 

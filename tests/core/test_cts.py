@@ -319,7 +319,7 @@ def test_lagrangian_rate_is_dropped_with_the_mask_rate_in_a_search(digits_train,
         made.append(real(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(cts, "make_balancer", recording)
+    monkeypatch.setattr(cts.search, "make_balancer", recording)
     result = search(lenet(), digits_train.subset(320), epochs=2, batch_size=64, lr=0.05,
                     balance="lagrangian")
     assert len(made) == 1 and isinstance(made[0], Lagrangian)
@@ -395,7 +395,7 @@ def test_a_search_that_fails_midway_leaves_the_model_as_it_was(digits_train, mon
         return real_step(*args, **kwargs)
 
     real_step = cts.search_step
-    monkeypatch.setattr(cts, "search_step", failing_step)
+    monkeypatch.setattr(cts.search, "search_step", failing_step)
     with pytest.raises(KeyboardInterrupt):
         cts.concrete_search(model, digits_train.subset(192), density=0.1, config=SearchConfig(epochs=2),
                             recipe=TrainRecipe(epochs=2, batch_size=64, lr=0.1), seed=0, channels_last=channels_last,
@@ -532,7 +532,7 @@ def test_search_gradient_matches_a_naive_reference(digits_train, monkeypatch, ob
     density = 0.2
     seen = {"noise": [], "batches": [], "grads": []}
 
-    real_noise, real_batches, real_combine = cts.concrete_noise, cts.iterate_batches, GradBalance.combine
+    real_noise, real_batches, real_combine = cts.concrete_noise, cts.search.iterate_batches, GradBalance.combine
 
     def noise(num, generator, device, out=None):
         drawn = real_noise(num, generator, device, out=out)
@@ -548,8 +548,8 @@ def test_search_gradient_matches_a_naive_reference(digits_train, monkeypatch, ob
         seen["grads"].append(task_grad.clone())
         return real_combine(self, logits, task_grad)
 
-    monkeypatch.setattr(cts, "concrete_noise", noise)
-    monkeypatch.setattr(cts, "iterate_batches", batches)
+    monkeypatch.setattr(cts.relaxation, "concrete_noise", noise)
+    monkeypatch.setattr(cts.search, "iterate_batches", batches)
     monkeypatch.setattr(GradBalance, "combine", combine)
     search(model, split, density=density, epochs=1, batch_size=64, objective=objective, loss_scale=loss_scale)
     assert len(seen["noise"]) == len(seen["batches"]) == len(seen["grads"]) == 1
@@ -607,7 +607,7 @@ def test_noise_is_drawn_once_per_weight_per_step_and_shared_by_the_batch(digits_
         assert all(out[n].shape == s for n, s in self.shapes.items()), "no batch dimension"
         return out
 
-    monkeypatch.setattr(cts, "concrete_noise", noise)
+    monkeypatch.setattr(cts.relaxation, "concrete_noise", noise)
     monkeypatch.setattr(ConcreteMask, "masked_weights", masked)
     result = search(model, digits_train.subset(200), epochs=2, batch_size=64)
     assert result.steps == 8  # 4 batches (the last of 8) x 2 epochs
@@ -649,7 +649,7 @@ def test_adam_rate_drops_tenfold_once_at_88_percent(digits_train, monkeypatch, s
 
 def test_search_optimizer_and_data_follow_the_search_settings(digits_train, monkeypatch):
     groups, batch_calls = [], []
-    real_step, real_batches = torch.optim.Adam.step, cts.iterate_batches
+    real_step, real_batches = torch.optim.Adam.step, cts.search.iterate_batches
 
     def step(self, *args, **kwargs):
         groups.append({k: v for k, v in self.param_groups[0].items() if k != "params"})
@@ -661,7 +661,7 @@ def test_search_optimizer_and_data_follow_the_search_settings(digits_train, monk
         return real_batches(split, batch_size, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    monkeypatch.setattr(cts, "iterate_batches", batches)
+    monkeypatch.setattr(cts.search, "iterate_batches", batches)
     concrete_search(  # a recipe that augments and decays weights: the search must do neither
         lenet(), digits_train.subset(96), density=0.1, config=SearchConfig(epochs=2),
         recipe=TrainRecipe(epochs=2, batch_size=48, lr=0.3, augment=True, weight_decay=5e-4),

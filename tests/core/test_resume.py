@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent('''
     train_split, test_split = load_splits("digits")
     train_split, test_split = train_split.subset(256), test_split.subset(64)
     recipe = TrainRecipe(epochs=4, batch_size=32, lr=0.05, milestones=[3], rewind_epoch=1)
-    real_batches = cts.iterate_batches
+    real_batches = cts.search.iterate_batches
 
 
     def die():
@@ -49,11 +49,11 @@ SCRIPT = textwrap.dedent('''
             if len(calls) == kill_after + 1:  # the epoch after `kill_after` has started: its checkpoint exists
                 die()
             return real_batches(*args, **kwargs)
-        cts.iterate_batches = batches
+        cts.search.iterate_batches = batches
         density = 0.1 if what == "search" else [0.1, 0.03]  # one search, or a batched one
         found = cts.concrete_search(net, train_split, density=density, config=cts.SearchConfig(epochs=4),
                                     recipe=recipe, seed=3, checkpoint=checkpoint, progress=False)
-        cts.iterate_batches = real_batches
+        cts.search.iterate_batches = real_batches
         results = found if isinstance(found, list) else [found]
         torch.save({"scores": {f"{i}.{n}": s for i, r in enumerate(results) for n, s in r.scores.items()},
                     "resumed_at": results[0].resumed_at,

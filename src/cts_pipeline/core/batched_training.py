@@ -27,10 +27,10 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
+from .epochs import EpochLoop
 from .masks import check_mask_matches
 from .runtime import generator, synchronize
 from .stacked import rewired, unstack
@@ -130,9 +130,7 @@ def train_tickets(
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
     results = [TrainResult() for _ in range(rows)]
 
-    first = start_epoch
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None:
+    def restore(saved) -> None:
         with torch.no_grad():
             for n, p in tickets.params.items():
                 p.copy_(saved["params"][n])
@@ -142,18 +140,25 @@ def train_tickets(
         for result, history in zip(results, saved["history"], strict=True):
             result.history = list(history)
             result.resumed_at = int(saved["epochs_done"])
-        first = int(saved["epochs_done"])
-        logger.info("%s: resuming from the checkpoint after epoch %d/%d", stage, first, recipe.epochs)
+
+    def state() -> dict:
+        return {
+            "params": {n: p.detach() for n, p in tickets.params.items()},
+            "buffers": tickets.buffers,
+            "optimizer": optimizer.state_dict(),
+            "history": [r.history for r in results],
+        }
 
     def zero_pruned() -> None:
         with torch.no_grad():
             for n, k in keep.items():
                 tickets.params[n].mul_(k)
 
+    loop = EpochLoop(stage, first=start_epoch, end=recipe.epochs, total=recipe.epochs, checkpoint=checkpoint,
+                     progress=progress)
+    loop.resume(restore)
     zero_pruned()
-    for epoch in tqdm(range(first, recipe.epochs), desc=stage, unit="epoch", disable=not progress or None,
-                      leave=False):
-        epoch_started = time.perf_counter()
+    for epoch in loop:
         lr = recipe.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -179,13 +184,12 @@ def train_tickets(
             step_losses[step] = losses.detach()
             correct += (logits.detach().argmax(2) == y).sum(1)
         check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)
-        seconds = (time.perf_counter() - epoch_started) / rows
+        seconds = loop.seconds() / rows
         denominator = len(train_split) if recipe.loss_reduction == "sum" else steps_per_epoch
         per_sample = (step_losses.sum(0) / denominator).tolist()
         accuracy = (100.0 * correct / len(train_split)).tolist()
-        last = epoch + 1 == recipe.epochs
         tests = None
-        if test_split is not None and (last or (epoch + 1) % recipe.eval_every == 0):
+        if test_split is not None and (loop.is_last(epoch) or (epoch + 1) % recipe.eval_every == 0):
             eval_started = time.perf_counter()
             tests = evaluate_stacked(tickets, test_split, recipe.eval_batch_size, channels_last=channels_last)
             eval_seconds = (time.perf_counter() - eval_started) / rows
@@ -196,23 +200,14 @@ def train_tickets(
                 record.update(test_loss=tests[k]["loss"], test_accuracy=tests[k]["accuracy"],
                               eval_seconds=eval_seconds)
             result.history.append(record)
-        if checkpoint is not None and not last:
-            checkpoint.save({
-                "epochs_done": epoch + 1,
-                "params": {n: p.detach() for n, p in tickets.params.items()},
-                "buffers": tickets.buffers,
-                "optimizer": optimizer.state_dict(),
-                "history": [r.history for r in results],
-            })
-        logger.info("%s epoch %d/%d: lr %.4g, train loss %s, test acc %s (%.1f s per ticket)", stage, epoch + 1,
-                    recipe.epochs, lr, " ".join(f"{v:.4f}" for v in per_sample),
-                    " ".join(f"{t['accuracy']:.2f}" for t in tests) if tests else "-", seconds,
-                    extra={"stage": stage, "epoch": epoch + 1, "epochs": recipe.epochs})
+        loop.end_epoch(epoch, state, (
+            f"{stage} epoch {epoch + 1}/{recipe.epochs}: lr {lr:.4g}, train loss "
+            + " ".join(f"{v:.4f}" for v in per_sample) + ", test acc "
+            + (" ".join(f"{t['accuracy']:.2f}" for t in tests) if tests else "-") + f" ({seconds:.1f} s per ticket)"))
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     states = [tickets.state_dict(k) for k in range(rows)]
-    if checkpoint is not None:
-        checkpoint.finish()
+    loop.finish()
     return states, results
 
 

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
 from .distributed import all_sum, rank_and_world, shard, sync_batchnorm
+from .epochs import EpochLoop
 from .masks import check_mask_matches, prunable_parameters
 from .runtime import generator
 
@@ -223,24 +223,31 @@ def train(
     steps_per_epoch = _num_batches(len(train_split), recipe.batch_size)
     result = TrainResult()
 
-    first = start_epoch
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None:
+    def restore(saved) -> None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         result.history = list(saved["history"])
         result.snapshots = {int(k): v for k, v in saved["snapshots"].items()}
-        first = result.resumed_at = int(saved["epochs_done"])
-        logger.info("%s: resuming from the checkpoint after epoch %d/%d", stage, first, end_epoch)
-    elif start_epoch in snapshot_epochs:
-        result.snapshots[start_epoch] = _cpu_state(model)
+
+    def state() -> dict:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "history": result.history,
+            "snapshots": {str(k): v for k, v in result.snapshots.items()},
+        }
+
+    loop = EpochLoop(stage, first=start_epoch, end=end_epoch, total=recipe.epochs, checkpoint=checkpoint,
+                     progress=progress)
+    result.resumed_at = loop.resume(restore)
+    if result.resumed_at is None and start_epoch in snapshot_epochs:
+        result.snapshots[start_epoch] = state_on_cpu(model)
 
     _zero_pruned(masked)
-    epochs = tqdm(range(first, end_epoch), desc=stage, unit="epoch", disable=not progress or None, leave=False)
-    for epoch in epochs:
-        epoch_started = time.perf_counter()
+    for epoch in loop:
         lr = recipe.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -291,37 +298,23 @@ def train(
             "lr": lr,
             "train_loss": per_sample,
             "train_accuracy": 100.0 * correct.item() / len(train_split),
+            "seconds": loop.seconds(),  # training only: evaluation is timed apart
         }
-        last = epoch + 1 == end_epoch
-        record["seconds"] = time.perf_counter() - epoch_started  # training only: evaluation is timed apart
-        if test_split is not None and (last or (epoch + 1) % recipe.eval_every == 0):
+        if test_split is not None and (loop.is_last(epoch) or (epoch + 1) % recipe.eval_every == 0):
             eval_started = time.perf_counter()
             test = evaluate(model, test_split, recipe.eval_batch_size, channels_last=channels_last)
             record.update(test_loss=test["loss"], test_accuracy=test["accuracy"],
                           eval_seconds=time.perf_counter() - eval_started)
         result.history.append(record)
         if epoch + 1 in snapshot_epochs:
-            result.snapshots[epoch + 1] = _cpu_state(model)
-        if checkpoint is not None and not last and rank == 0:  # one writer; every rank resumes
-            checkpoint.save({
-                "epochs_done": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "history": result.history,
-                "snapshots": {str(k): v for k, v in result.snapshots.items()},
-            })
-        # stage/epoch/epochs as record attributes: a display can follow the loop (sweep_progress.py).
-        logger.info(_format_epoch(stage, record, recipe.epochs),
-                    extra={"stage": stage, "epoch": epoch + 1, "epochs": recipe.epochs})
-        if progress:
-            epochs.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record.get('test_accuracy', record['train_accuracy']):.1f}")
+            result.snapshots[epoch + 1] = state_on_cpu(model)
+        loop.end_epoch(epoch, state, _format_epoch(stage, record, recipe.epochs), postfix={
+            "loss": f"{record['train_loss']:.3f}", "acc": f"{record.get('test_accuracy', record['train_accuracy']):.1f}"})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, model)
     if channels_last:
         model.to(memory_format=torch.contiguous_format)  # callers get the usual layout back
-    if checkpoint is not None:
-        checkpoint.finish()
+    loop.finish()
     return result
 
 
@@ -330,7 +323,8 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def state_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached, contiguous CPU copy of the weights and buffers (a snapshot, a catalog entry)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 

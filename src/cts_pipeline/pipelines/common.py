@@ -161,11 +161,6 @@ def build_network(
     return net.to(device)
 
 
-def state_on_cpu(net: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the weights and buffers (what a catalog entry stores)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-
-
 def batched_if_faster(runtime: RuntimeConfig, stage: str, measure: Callable[[], float], rows: int,
                       what: str, doing: str, together: str) -> bool:
     """Whether K rows run batched: always with ``runtime.batch_sparsities: true``; with ``auto``, where

@@ -10,7 +10,7 @@ from ...console import PROGRESS_LOGGER
 from ...core.masks import count_prunable
 from ...core.models import count_parameters
 from ...core.runtime import describe_hardware
-from ...core.training import TrainRecipe, train
+from ...core.training import TrainRecipe, state_on_cpu, train
 from ...grid import Branch
 from ..common import (
     build_network,
@@ -20,7 +20,6 @@ from ..common import (
     distributable,
     loop_bars,
     split_from_payload,
-    state_on_cpu,
     uses_channels_last,
 )
 

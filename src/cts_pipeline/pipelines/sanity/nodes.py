@@ -14,8 +14,8 @@ from ...core.data import get_dataset_info
 from ...core.masks import mask_to_payload, payload_to_mask
 from ...core.runtime import generator
 from ...core.sanity import invert, layerwise_shuffle, passes, reinitialised
+from ...core.training import state_on_cpu
 from ...grid import Branch
-from ..common import state_on_cpu
 
 
 def shuffle_mask(mask: dict, branch: Branch) -> dict:

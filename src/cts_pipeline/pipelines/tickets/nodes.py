@@ -24,7 +24,7 @@ from ...core.masks import (
     thin_layers,
 )
 from ...core.runtime import describe_hardware
-from ...core.training import TrainRecipe, evaluate, train
+from ...core.training import TrainRecipe, evaluate, state_on_cpu, train
 from ...grid import Branch, search_group_namespace
 from ..common import (
     ArtifactMismatch,
@@ -36,7 +36,6 @@ from ..common import (
     distributable,
     loop_bars,
     split_from_payload,
-    state_on_cpu,
     uses_channels_last,
 )
 

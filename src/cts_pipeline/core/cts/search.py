@@ -1,0 +1,326 @@
+"""The search loop: one step, the run over epochs, its result, and the batched-versus-single probe."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..checkpoints import Checkpoint
+from ..data import Split, iterate_batches
+from ..distributed import all_sum, average_over_ranks, rank_and_world, shard
+from ..epochs import EpochLoop
+from ..masks import prunable_parameters, unflatten
+from ..runtime import UniformNoise, generator, synchronize
+from ..training import TrainRecipe, check_finite, to_layout
+from .balance import BUDGET_SLACK, GradBalance, Lagrangian, make_balancer, row_sum
+from .config import LR_DROP_AT, LR_DROP_FACTOR, SearchConfig
+from .forwards import batch_statistics, check_stacked, masked_forward
+from .objectives import OBJECTIVES, Objective
+from .relaxation import ConcreteMask
+
+logger = logging.getLogger(__name__)
+
+
+def search_step(
+    model: nn.Module,
+    relaxation: ConcreteMask,
+    objective: Objective,
+    balancer: GradBalance | Lagrangian,
+    optimizer: torch.optim.Optimizer,
+    noise: UniformNoise,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_scale: float = 1.0,
+    share: float | None = None,
+    world: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the search (inside :func:`batch_statistics`); returns the objective (unscaled)
+    and ``Σσ(s)``, per row when batched.
+
+    One noise draw per weight for the whole batch (and every row), the teacher forward once and
+    without autograd, the masked forward on views of ``θ ⊙ m̃``, the gradient of
+    ``loss_scale × objective`` to the logits only, GradBalance, one Adam step.
+    """
+    soft = relaxation.sample(noise)
+    if objective.kind == "network":
+        if relaxation.batched:
+            raise ValueError("network objectives (feature_mse, grad_mse, gradnorm) search one density at a time")
+        loss = objective.fn(model, relaxation, soft, x, y)
+    else:
+        dense_logits = None
+        if objective.needs_teacher:
+            with torch.no_grad():
+                dense_logits = model(x)
+        sparse_logits = masked_forward(model, relaxation, soft, x)
+        if relaxation.batched:
+            loss = torch.vmap(lambda s: objective.fn(s, dense_logits, y))(sparse_logits)
+        else:
+            loss = objective.fn(sparse_logits, dense_logits, y)
+    # Rows are independent, so the gradient of their sum is each row's own gradient.
+    (task_grad,) = torch.autograd.grad(loss.sum() * loss_scale, relaxation.logits)
+    if world > 1:  # under DDP (core/distributed.py) ``x`` is this rank's slice: to the global batch's
+        task_grad = average_over_ranks(task_grad, share, world)
+    grad, expected = balancer.combine(relaxation.logits.detach(), task_grad)
+    relaxation.logits.grad = grad
+    optimizer.step()
+    return loss.detach(), expected
+
+
+def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequence[float], config: SearchConfig,
+                         recipe: TrainRecipe, *, seed: int, channels_last: bool = False, steps: int = 2) -> float:
+    """The time of one batched search step over K densities against K single steps: below 1,
+    searching the K densities together saves time on this device; above 1, one at a time does.
+
+    The stacked layout wins where K copies of the activations stay cheap (the digits convnet on a
+    CPU: 0.77 of the time) and loses where they do not (ResNet-20 at batch 512 on a CPU: 2.0×), and
+    no rule of thumb predicts that across devices and shapes, so it is measured, as cuDNN's
+    benchmark mode measures its algorithms. Each side runs one warm-up step and ``steps`` timed
+    ones on logits, optimizers, noise and a batch of its own (the split's first samples), so the
+    search's own state and random streams are untouched.
+    """
+    device = train_split.device
+    objective = OBJECTIVES[config.objective]
+    lr = config.lr if config.lr is not None else recipe.lr
+    index = torch.arange(min(recipe.batch_size, len(train_split)))
+    x = to_layout(train_split.take(index), channels_last)
+    y = train_split.labels[index].to(device)
+    weights = prunable_parameters(model)
+
+    def seconds_per_step(density: float | list[float]) -> float:
+        relaxation = ConcreteMask(weights, density)
+        balancer = make_balancer(config.balance, density, relaxation.num_weights, lr)
+        optimizer = torch.optim.Adam([relaxation.logits], lr=lr, fused=True)
+        noise = UniformNoise(device, seed, "stacking-probe", 0)
+        if relaxation.batched:
+            relaxation.stacked = check_stacked(model, relaxation, x, "stacking probe")
+        for i in range(steps + 1):
+            if i == 1:  # after the warm-up step
+                synchronize(device)
+                started = time.perf_counter()
+            search_step(model, relaxation, objective, balancer, optimizer, noise, x, y, config.effective_loss_scale)
+        synchronize(device)
+        return (time.perf_counter() - started) / steps
+
+    with frozen_for_search(model, channels_last), batch_statistics(model):
+        return seconds_per_step([float(k) for k in densities]) / (len(densities) * seconds_per_step(densities[0]))
+
+
+@contextmanager
+def frozen_for_search(model: nn.Module, channels_last: bool):
+    """The model's weights frozen (only the logits learn) and, with ``channels_last``, in NHWC,
+    for the duration of a search or a probe; both restored on the way out, whatever happens."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+
+
+@dataclass
+class SearchResult:
+    scores: dict[str, torch.Tensor]
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    budget: float = 0.0
+    peak_expected_over_budget: float = 0.0
+    final_expected_over_budget: float = 0.0
+    resumed_at: int | None = None
+    shared_by: int = 1  # how many densities searched together in one batched search
+
+    @property
+    def group_seconds(self) -> float:
+        """Wall-clock of all search epochs, across resumes (of the whole batch when batched)."""
+        return sum(r["seconds"] for r in self.history)
+
+    @property
+    def seconds(self) -> float:
+        """This ticket's share of the search's wall-clock: the whole of it, or 1/K of a batch of K."""
+        return self.group_seconds / self.shared_by
+
+
+def _layer_diagnostics(relaxation: ConcreteMask, row: int | None) -> dict[str, dict[str, float]]:
+    """Per layer: the expected kept count ``Σσ(s)`` and the median ``|gradient|`` handed to Adam."""
+    logits = relaxation.logits.detach()
+    grad = relaxation.logits.grad
+    if row is not None:
+        logits, grad = logits[row], grad[row]
+    kept = unflatten(torch.sigmoid(logits), relaxation.shapes)
+    grads = unflatten(grad.abs(), relaxation.shapes)
+    return {name: {"expected_kept": kept[name].sum().item(), "grad_median": grads[name].median().item()}
+            for name in relaxation.shapes}
+
+
+def concrete_search(
+    model: nn.Module,
+    train_split: Split,
+    *,
+    density: float | Sequence[float],
+    config: SearchConfig,
+    recipe: TrainRecipe,
+    seed: int,
+    stage: str = "search",
+    checkpoint: Checkpoint | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+    diagnostics: bool = False,
+) -> SearchResult | list[SearchResult]:
+    """Learn mask logits for ``model``'s current weights (``θ_k``), which stay frozen.
+
+    ``density`` is one density, or a sequence of densities searched together as one batched
+    search (one :class:`SearchResult` per density, in order). A batched search shares the teacher
+    forward, the noise draw and the data order, and vectorises the masked forwards; its rows are
+    the single searches at those densities (same seed) up to float rounding. Network objectives
+    cannot be vectorised and run one density after another.
+
+    ``model`` and ``train_split`` must be on the same device. The data are the training split with
+    evaluation transforms (no augmentation), shuffled, at the training batch size. Returns the
+    logits per layer; :func:`cts_pipeline.core.masks.global_topk_mask` turns them into the mask.
+    With ``checkpoint``, the search state is saved after every epoch and a matching one resumed;
+    data order and noise of epoch ``e`` depend only on ``(seed, e)``, so resuming changes nothing.
+    ``channels_last`` runs the convolutions in NHWC (1.8x faster ResNet-20 search steps on CPU).
+    ``diagnostics`` adds per-layer expected kept counts and median gradient magnitudes to every
+    epoch's record (one sort per layer per epoch).
+    """
+    batched = isinstance(density, Sequence)
+    densities = [float(k) for k in density] if batched else [float(density)]
+    if not densities:
+        raise ValueError("density: an empty sequence of densities")
+    for k in densities:
+        if not 0.0 < k < 1.0:
+            raise ValueError(f"density must be in (0, 1), got {k!r}")
+    objective = OBJECTIVES[config.objective]
+    if batched and objective.kind == "network":
+        return [concrete_search(model, train_split, density=k, config=config, recipe=recipe, seed=seed,
+                                stage=f"{stage} {k:g}", checkpoint=None, channels_last=channels_last,
+                                progress=progress, diagnostics=diagnostics) for k in densities]
+    device = train_split.device
+    epochs = config.search_epochs(recipe.epochs)
+    lr = config.lr if config.lr is not None else recipe.lr
+    loss_scale = config.effective_loss_scale
+    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+    rank, world = rank_and_world()
+    total_steps = epochs * steps_per_epoch
+    drop_step = round(LR_DROP_AT * total_steps)
+    rows = len(densities)
+
+    # The weights stay frozen and, with channels_last, in NHWC only while the search runs: restored
+    # however it ends (an error, an interrupt), so the caller's model is as it was.
+    with frozen_for_search(model, channels_last):
+        relaxation = ConcreteMask(prunable_parameters(model), densities if batched else densities[0])
+        balancer = make_balancer(config.balance, densities if batched else densities[0], relaxation.num_weights, lr)
+        optimizer = torch.optim.Adam([relaxation.logits], lr=lr, fused=True)  # one kernel for all logits
+        budgets = [BUDGET_SLACK * k * relaxation.num_weights for k in densities]
+        expected_trace = torch.zeros((total_steps, rows) if batched else (total_steps,), device=device)
+        histories: list[list[dict]] = [[] for _ in densities]
+
+        def restore(saved) -> bool:
+            if tuple(saved["logits"].shape) != tuple(relaxation.logits.shape):
+                logger.warning("%s: ignoring a checkpoint of another shape %s", stage, tuple(saved["logits"].shape))
+                return False
+            with torch.no_grad():
+                relaxation.logits.copy_(saved["logits"])
+            optimizer.load_state_dict(saved["optimizer"])
+            balancer.load_state_dict(saved["balancer"])
+            expected_trace[: saved["expected_trace"].shape[0]] = saved["expected_trace"].to(device)
+            histories[:] = [list(h) for h in saved["history"]] if batched else [list(saved["history"])]
+            return True
+
+        def state() -> dict:
+            return {
+                "logits": relaxation.logits.detach(),
+                "optimizer": optimizer.state_dict(),
+                "balancer": balancer.state_dict(),
+                "expected_trace": expected_trace[:step],
+                "history": histories if batched else histories[0],
+            }
+
+        loop = EpochLoop(stage, first=0, end=epochs, total=epochs, checkpoint=checkpoint, progress=progress)
+        resumed_at = loop.resume(restore)
+        step = (resumed_at or 0) * steps_per_epoch
+        checked_stacked = None
+        with batch_statistics(model):
+            for epoch in loop:
+                step_losses = torch.zeros((steps_per_epoch, rows) if batched else steps_per_epoch, device=device)
+                under_steps = torch.zeros(rows if batched else (), device=device)
+                noise = UniformNoise(device, seed, "concrete-noise", epoch)
+                batches = iterate_batches(
+                    train_split, recipe.batch_size, shuffle=True,
+                    generator=generator(device, seed, "search-order", epoch),
+                )
+                for i, (x, y) in enumerate(batches):
+                    share = None
+                    if world > 1:
+                        x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
+                    x = to_layout(x, channels_last)
+                    if batched and checked_stacked is None:
+                        relaxation.stacked = checked_stacked = check_stacked(model, relaxation, x, stage)
+                    if step == drop_step:
+                        for group in optimizer.param_groups:
+                            group["lr"] *= LR_DROP_FACTOR
+                        balancer.drop_lr(LR_DROP_FACTOR)
+                    loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y,
+                                                 loss_scale, share, world)
+                    step_losses[i] = loss if world == 1 else loss * (share / world)
+                    expected_trace[step] = expected.reshape(-1) if batched else expected
+                    under_steps += ~balancer.over_budget.reshape(under_steps.shape)
+                    step += 1
+                all_sum(step_losses)  # the global batch's objective on every rank
+                check_finite(step_losses, stage=stage, epoch=epoch, epochs=epochs)
+                seconds = loop.seconds()
+                losses = step_losses.mean(0).reshape(-1).tolist()
+                kept_now = expected_trace[step - 1].reshape(-1).tolist()
+                multipliers = (balancer.multiplier.reshape(-1).tolist() if balancer.multiplier is not None
+                               else [0.0] * rows)
+                under = (under_steps / steps_per_epoch).reshape(-1).tolist()
+                messages = []
+                for r in range(rows):
+                    record = {
+                        "epoch": epoch + 1,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "loss": losses[r],
+                        "expected_kept": kept_now[r],
+                        "expected_over_budget": kept_now[r] / budgets[r],
+                        "multiplier": multipliers[r],
+                        "under_budget_fraction": under[r],  # steps with λ* = 0: the moving average only decays
+                        "seconds": seconds,  # the whole epoch's wall-clock, shared by the rows when batched
+                    }
+                    if diagnostics:
+                        record["layers"] = _layer_diagnostics(relaxation, r if batched else None)
+                    histories[r].append(record)
+                    messages.append(
+                        f"{stage} epoch {epoch + 1}/{epochs}{f' density {densities[r]:g}' if batched else ''}: "
+                        f"{config.objective} {record['loss']:.5f}, expected kept {record['expected_kept']:.0f} = "
+                        f"{record['expected_over_budget']:.3f} x budget, multiplier {record['multiplier']:.3g} "
+                        f"({seconds:.1f} s)")
+                loop.end_epoch(epoch, state, messages)
+    final_expected = row_sum(torch.sigmoid(relaxation.logits.detach())).reshape(-1).tolist()
+    peaks = expected_trace.reshape(total_steps, rows).max(0).values.tolist()
+    results = [
+        SearchResult(
+            scores=relaxation.scores(r if batched else None),
+            history=histories[r],
+            steps=step,
+            budget=budgets[r],
+            peak_expected_over_budget=max(peaks[r], final_expected[r]) / budgets[r],
+            final_expected_over_budget=final_expected[r] / budgets[r],
+            resumed_at=resumed_at,
+            shared_by=rows,
+        )
+        for r in range(rows)
+    ]
+    loop.finish()
+    return results if batched else results[0]
