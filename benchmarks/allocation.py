@@ -5,6 +5,11 @@ CTS-KL and its variants against SynFlow and SNIP at extreme sparsity on small co
     python benchmarks/allocation.py --widths 16 --seeds 0
     python benchmarks/allocation.py --mnist ../shared/data --json docs/allocation.json --write-docs  # +20 min
     python benchmarks/allocation.py --from-json docs/allocation.json   # the tables again, from the raw numbers
+    python benchmarks/allocation.py --authors-bn --json docs/allocation_authors_bn.json --write-docs  # ~8 min
+
+``--authors-bn`` runs CTS-KL (×100) and SynFlow again with the authors' BatchNorm handling (TLAB
+68c9740): no running statistics (the batch's statistics at evaluation, in the search and in
+SynFlow's stand-in neutral ones), γ ~ U(0, 1), and their per-GPU evaluation batch of 128.
 
 Runs `core/` directly (no Kedro): digits, `convnet` at each width, the default recipe of
 `conf/base/parameters.yml` (30 epochs, SGD 0.1, x0.1 at 15 and 25, batch 64, weight decay 5e-4,
@@ -59,6 +64,8 @@ DIGITS = TrainRecipe(epochs=30, batch_size=64, lr=0.1, momentum=0.9, weight_deca
 MNIST = TrainRecipe(epochs=20, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
                     milestones=(10, 15), gamma=0.1, rewind_epoch=1, eval_every=1000)
 MNIST_METHODS = ("cts_kl x1 (old default)", "cts_kl x100 (authors)", "synflow")
+AUTHORS_BN = {"bn_running_stats": False, "bn_weight_init": "uniform"}
+AUTHORS_BN_METHODS = ("cts_kl x100 (authors)", "synflow")
 
 
 class Setup:
@@ -220,7 +227,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write every row to this file")
     parser.add_argument("--from-json", help="print the tables from a file written by --json")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the tables in docs/results.md")
+    parser.add_argument("--authors-bn", action="store_true", help="CTS-KL and SynFlow with the authors' BatchNorm "
+                        "handling (no running statistics, γ ~ U(0, 1), evaluation batch 128)")
     args = parser.parse_args()
+    block = "allocation-authors-bn" if args.authors_bn else "allocation"
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
@@ -228,9 +238,15 @@ def main() -> None:
     else:
         torch.set_num_threads(torch.get_num_threads())
         digits = load_splits("digits")
-        setups = [(Setup(f"convnet width {w} on digits", "convnet", {"width": w}, DIGITS, digits, METHODS),
-                   args.seeds) for w in args.widths]
-        if args.mnist:
+        if args.authors_bn:
+            recipe = replace(DIGITS, eval_batch_size=128)
+            setups = [(Setup(f"convnet width {w} on digits, the authors' BatchNorm", "convnet",
+                             {"width": w, **AUTHORS_BN}, recipe, digits, AUTHORS_BN_METHODS), args.seeds)
+                      for w in args.widths]
+        else:
+            setups = [(Setup(f"convnet width {w} on digits", "convnet", {"width": w}, DIGITS, digits, METHODS),
+                       args.seeds) for w in args.widths]
+        if args.mnist and not args.authors_bn:
             mnist = load_splits("mnist", args.mnist)
             setups.append((Setup("LeNet-300-100 on MNIST", "lenet_300_100", {}, MNIST, mnist, MNIST_METHODS), [0, 1]))
         started = time.perf_counter()
@@ -243,8 +259,9 @@ def main() -> None:
     text = tables(rows)
     print(text)
     if args.write_docs:
-        stamp = f"Written by `python benchmarks/allocation.py --write-docs` on {datetime.date.today()}; {hardware}."
-        replace_block("docs/results.md", "allocation", f"{stamp}\n{text}")
+        flag = " --authors-bn" if args.authors_bn else ""
+        stamp = f"Written by `python benchmarks/allocation.py{flag} --write-docs` on {datetime.date.today()}; {hardware}."
+        replace_block("docs/results.md", block, f"{stamp}\n{text}")
 
 
 if __name__ == "__main__":

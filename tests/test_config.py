@@ -117,7 +117,8 @@ def test_model_too_big_for_the_input_names_both(params):
 
 
 def test_every_preset_is_valid_apart_from_its_data(params):
-    for preset in ("smoke", "mnist_lenet", "cifar10_resnet20", "cifar10_vgg16", "imagenet_resnet50"):
+    for preset in ("smoke", "mnist_lenet", "cifar10_resnet20", "cifar10_vgg16", "imagenet_resnet50",
+                   "cifar100_resnet20", "tiny_imagenet_resnet18"):
         merged = copy.deepcopy(params)
         override = yaml.safe_load((PROJECT_ROOT / "conf" / preset / "parameters.yml").read_text())
         for section, values in override.items():
@@ -135,3 +136,23 @@ def test_a_pipeline_that_would_produce_nothing_is_refused(params, pipeline, chan
     with pytest.raises(ConfigError, match=named):
         validate_run(with_changes(params, **changes), [pipeline])
     validate_run(with_changes(params, **changes), ["cts"])  # other pipelines still run
+
+
+def test_virtual_ranks_with_several_processes_is_refused_in_one_line(params):
+    with pytest.raises(ConfigError, match=r"training.virtual_ranks = 2 cannot be combined with "
+                                          r"runtime.distributed.nproc = 2 yet"):
+        validate_run(with_changes(params, training={"virtual_ranks": 2, "batch_size": 64},
+                                  runtime={"distributed": {"nproc": 2}, "device": "cpu"}))
+
+
+def test_grid_levels_take_a_range_for_the_command_line():
+    from cts_pipeline.grid import GridConfig, sparsity_label
+
+    grid = GridConfig(levels="2..42/2")
+    assert grid.levels == tuple(range(2, 43, 2))
+    labels = [sparsity_label(s) for s in grid.sparsities]
+    assert labels == sorted(labels) and len(set(labels)) == 21
+    assert labels[-1] == "sp99_9915" and labels[10] == "sp99_26"  # four decimals only from 99.9 % on
+    assert GridConfig(levels="18..20").levels == (18, 19, 20)
+    with pytest.raises(ValueError, match=r"grid.levels must be a list of levels or a range FIRST..LAST\[/STEP\]"):
+        GridConfig(levels="42..2")

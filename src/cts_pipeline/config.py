@@ -15,13 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from .core.cts import SearchConfig
 from .core.data import DATASETS, ensure_available, get_dataset_info
 from .core.distributed import check_one_gpu_each, under_torchrun
 from .core.masks import count_prunable, kept_count
-from .core.models import MODELS, build_model, check_model_fits
+from .core.models import MODELS, build_model, check_model_fits, skeleton
 from .core.runtime import CudaPolicy, check_device_choice, resolve_device
 from .core.training import TrainRecipe
 from .grid import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
@@ -69,10 +67,33 @@ class DataConfig:
     download: bool = False
     train_subset: int | None = None  # keep the first N training samples (tiny presets for tests)
     test_subset: int | None = None
+    # Per-channel normalisation on the [0, 1] scale; null: the dataset's own statistics (data_registry).
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    # The training crop of a streamed (image-folder) dataset: torchvision's RandomResizedCrop, or the
+    # authors' (longer side to 500 pixels, then scale (0.1, 1), ratio (0.8, 1.25)).
+    resized_crop: str = "torchvision"
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
             raise ValueError(f"data.name: unknown dataset {self.name!r}; known: {', '.join(sorted(DATASETS))}")
+        if self.resized_crop not in ("torchvision", "authors"):
+            raise ValueError(f"data.resized_crop must be torchvision or authors, got {self.resized_crop!r}")
+        if self.resized_crop != "torchvision" and not DATASETS[self.name].streamed:
+            raise ValueError(f"data.resized_crop applies to image-folder datasets; {self.name} is cropped by "
+                             "training.augment's padded random crop (training.crop_padding)")
+        channels = DATASETS[self.name].image_shape[0]
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not (isinstance(value, (list, tuple)) and len(value) == channels
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise ValueError(f"data.{key} must be null or {channels} numbers (one per channel of "
+                                 f"{self.name}), got {value!r}")
+            if key == "std" and not all(v > 0 for v in value):
+                raise ValueError(f"data.std must be positive, got {value!r}")
+            object.__setattr__(self, key, tuple(float(v) for v in value))
         if not isinstance(self.download, bool):
             raise ValueError(f"data.download must be true or false, got {self.download!r}")
         for key in ("train_subset", "test_subset"):
@@ -269,9 +290,8 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     except ValueError as exc:
         problems.append(f"{exc} (data.name = {data.name!r})")
     else:
-        with torch.device("meta"):  # shapes only: no weight is allocated or initialised
-            prunable = count_prunable(MODELS[model.name](
-                image_shape=info.image_shape, num_classes=info.num_classes, **model.options))
+        prunable = count_prunable(skeleton(  # shapes only: no weight is allocated or initialised
+            model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options))
         for sparsity in grid.sparsities:
             try:
                 kept_count(1.0 - sparsity, prunable)
@@ -298,6 +318,9 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
             problems.append(f"runtime.device = {runtime.device!r} names one GPU, but {named} = {nproc} processes "
                             "each need their own: use device: cuda (or auto), and the processes take GPUs 0.."
                             f"{nproc - 1}")
+    if sections["training"].virtual_ranks > 1 and nproc > 1:
+        problems.append(f"training.virtual_ranks = {sections['training'].virtual_ranks} cannot be combined with "
+                        f"{named} = {nproc} yet: virtual ranks reproduce N devices on one process")
     if info.streamed and sections["training"].batch_size % nproc:
         problems.append(f"training.batch_size = {sections['training'].batch_size} must be a multiple of "
                         f"{named} = {nproc}: each process loads an equal part of every batch")

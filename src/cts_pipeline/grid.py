@@ -31,8 +31,11 @@ CHECKS = {"shuffle": "shuffled", "invert": "inverted", "reinit": "reinit"}  # ch
 
 def sparsity_label(sparsity: float) -> str:
     """``0.9926`` -> ``sp99_26``, ``0.05`` -> ``sp05_00``: percent with two decimals, zero-padded so
-    that names sort in sparsity order (kedro-viz lists namespaces by name); a valid namespace part."""
-    return "sp" + f"{100 * sparsity:05.2f}".replace(".", "_")
+    that names sort in sparsity order (kedro-viz lists namespaces by name); a valid namespace part.
+    From 99.9 % on, four decimals (``1 − 0.8^42`` -> ``sp99_9915``), where the authors' grid puts
+    levels 0.003 % apart; such names still sort after every two-decimal one."""
+    decimals = 4 if sparsity >= 0.999 else 2
+    return "sp" + f"{100 * sparsity:0{3 + decimals}.{decimals}f}".replace(".", "_")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def _fractions(name: str, values: Any, *, allow_empty: bool = False) -> tuple[fl
     clashes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if clashes:
         raise ValueError(f"{name}: several values round to the same branch {clashes}; "
-                         "sparsities must differ at 0.01 % resolution")
+                         "sparsities must differ at 0.01 % resolution (0.0001 % from 99.9 % on)")
     return tuple(float(s) for s in values)
 
 
@@ -123,6 +126,8 @@ class GridConfig:
     levels: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.levels, str):  # "2..42/2": a range, inclusive, for --params (which splits lists at commas)
+            object.__setattr__(self, "levels", _level_range(self.levels))
         if self.levels is not None:
             levels = self.levels
             if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
@@ -144,6 +149,17 @@ class GridConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"grid.seeds has duplicates: {list(self.seeds)}")
         object.__setattr__(self, "seeds", tuple(self.seeds))
+
+
+def _level_range(text: str) -> list[int]:
+    """``"FIRST..LAST"`` or ``"FIRST..LAST/STEP"`` as the levels FIRST, FIRST + STEP, … up to LAST."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*(?:/\s*(\d+))?\s*", text)
+    if match is None or int(match[3] or 1) < 1 or int(match[1]) > int(match[2]):
+        raise ValueError(f"grid.levels must be a list of levels or a range FIRST..LAST[/STEP] such as 2..42/2, "
+                         f"got {text!r}")
+    return list(range(int(match[1]), int(match[2]) + 1, int(match[3] or 1)))
 
 
 @dataclass(frozen=True)
@@ -229,6 +245,8 @@ def cts_method_name(cts: Mapping) -> str:
         name += f"_floor{cts['min_kept_per_layer']}"
     if cts.get("search_at", "rewind") != "rewind":
         name += f"_at_{cts['search_at']}"
+    if cts.get("schedule", "project") != "project":
+        name += f"_{cts['schedule']}_schedule"
     return name
 
 

@@ -205,3 +205,40 @@ def test_a_daemonic_process_reads_in_process_instead_of_failing(tmp_path):
     assert daemon.exitcode == 0
     assert labels == [y.tolist() for _, y in iterate_batches(train.with_workers(0), 2, shuffle=True,
                                                              generator=generator("cpu", 0, "data-order", 0))]
+
+
+def test_the_authors_training_crop_and_a_runs_normalisation_reach_the_streamed_batches(tmp_path):
+    """data.resized_crop: authors gives their ImageNet crop (the longer side to 500 pixels, then
+    scale (0.1, 1) and ratio (0.8, 1.25)); data.mean / data.std normalise the streamed batches too."""
+    import dataclasses
+
+    from torchvision.transforms import v2
+
+    from cts_pipeline.core.image_folders import transforms_for
+
+    steps = transforms_for("imagenet", "train", resized_crop="authors").transforms
+    resize = next(t for t in steps if type(t) is v2.Resize)
+    crop = next(t for t in steps if isinstance(t, v2.RandomResizedCrop))
+    assert resize.max_size == 500 and resize.size is None
+    assert crop.scale == (0.1, 1.0) and crop.ratio == (0.8, 1.25) and crop.size == (224, 224)
+    default = transforms_for("imagenet", "train").transforms
+    assert not any(type(t) is v2.Resize for t in default)
+    assert next(t for t in default if isinstance(t, v2.RandomResizedCrop)).scale == (0.08, 1.0)
+
+    imagenet(tmp_path)
+    info = dataclasses.replace(DATASETS["imagenet"], mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    split = open_streamed(info, tmp_path, "train", workers=0, resized_crop="authors")
+    assert split.dataset("train").transform.transforms[1].max_size == 500
+    x, y = next(iter(iterate_batches(split, 4, shuffle=False)))  # evaluation transforms: flat images
+    means = x.mean(dim=(2, 3))
+    expected = torch.tensor([(40 / 255 - 0.5) / 0.25 if label == 0 else (140 / 255 - 0.5) / 0.25 for label in y])
+    assert torch.allclose(means, expected[:, None].expand_as(means), atol=0.03)
+
+
+def test_the_authors_crop_is_refused_for_in_memory_datasets():
+    from cts_pipeline.config import DataConfig
+
+    with pytest.raises(ValueError, match="data.resized_crop applies to image-folder datasets; cifar10"):
+        DataConfig(name="cifar10", resized_crop="authors")
+    with pytest.raises(ValueError, match="data.resized_crop must be torchvision or authors"):
+        DataConfig(name="imagenet", resized_crop="tlab")

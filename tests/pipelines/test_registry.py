@@ -199,7 +199,8 @@ def test_every_search_setting_is_in_the_branch_name():
     """Branch artifacts are keyed on the recipe only, so the name must spell out every choice."""
     base = SearchConfig()
     changed = {"objective": "fkl", "search_length": "short", "epochs": 7, "balance": "lagrangian",
-               "lr": 0.05, "search_at": "init", "loss_scale": 1.0, "min_kept_per_layer": 16}
+               "lr": 0.05, "search_at": "init", "loss_scale": 1.0, "min_kept_per_layer": 16,
+               "schedule": "authors"}
     assert set(changed) == {f.name for f in dataclasses.fields(SearchConfig)}
     for field, value in changed.items():
         other = dataclasses.replace(base, **{field: value})

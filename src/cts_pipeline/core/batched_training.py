@@ -42,9 +42,11 @@ logger = logging.getLogger(__name__)
 
 def supports(model: nn.Module, recipe: TrainRecipe, device: torch.device) -> bool:
     """Whether these tickets can train stacked: layers the stacked layout knows, BatchNorm with a
-    fixed momentum, and no fp16 loss scaling (one scaler would be shared by the K tickets)."""
+    fixed momentum, no fp16 loss scaling (one scaler would be shared by the K tickets), and one
+    rank (virtual ranks train one ticket at a time)."""
     norms_ok = all(m.momentum is not None for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    return stacked_supports(model) and norms_ok and _effective_precision(recipe.precision, device) != "fp16"
+    return (stacked_supports(model) and norms_ok and _effective_precision(recipe.precision, device) != "fp16"
+            and recipe.virtual_ranks == 1)
 
 
 class StackedTickets:
@@ -165,7 +167,8 @@ def train_tickets(
         step_losses = torch.zeros(steps_per_epoch, rows, device=device)
         correct = torch.zeros(rows, dtype=torch.int64, device=device)
         batches = iterate_batches(train_split, recipe.batch_size, shuffle=True,
-                                  generator=generator(device, seed, "data-order", epoch), augment=recipe.augment)
+                                  generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
+                                  padding=recipe.crop_padding)
         for step, (x, y) in enumerate(batches):
             if epoch < recipe.warmup_epochs:
                 lr = recipe.warmup_lr(epoch, step, steps_per_epoch)

@@ -46,6 +46,9 @@ def _structural_copy(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> nn.M
             param.fill_(1.0)  # BatchNorm scales, unprunable weights (VGG's classifier): pass everything on
     for module in net.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.running_mean is None:  # built without running statistics (bn_running_stats: false)
+                module.running_mean = torch.zeros(module.num_features, dtype=torch.float64)
+                module.running_var = torch.ones(module.num_features, dtype=torch.float64)
             module.running_mean.zero_()
             module.running_var.fill_(1.0 - module.eps)  # x / sqrt(var + eps) = x
         elif isinstance(module, nn.MaxPool2d):

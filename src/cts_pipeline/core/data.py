@@ -427,24 +427,40 @@ def _draw_crop_flip(
     return top.to(device), left.to(device), flip.to(device)
 
 
-def _crop_flip(
-    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, pad: int
-) -> torch.Tensor:
-    """Zero-pad a batch by ``pad``, crop each image at its own offset, mirror those flagged.
+CROP_PADDINGS = ("zeros", "reflect")
 
-    Equivalent per image to torchvision ``RandomCrop(size, padding=pad)`` followed by a horizontal
-    flip, but done as one gather over the whole batch.
+
+def _crop_flip(
+    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, pad: int,
+    padding: str = "zeros",
+) -> torch.Tensor:
+    """Pad a batch by ``pad`` (zeros, or the image mirrored at its edge), crop each image at its
+    own offset, mirror those flagged.
+
+    Equivalent per image to torchvision ``RandomCrop(size, padding=pad, padding_mode=padding)``
+    followed by a horizontal flip, but done as one gather over the whole batch. Reflection is read
+    straight from the image through mirrored indices (``reflect``: the edge pixel not repeated, as
+    ``F.pad``), so it needs no padded copy and works on raw uint8 on any device.
     """
     b, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))  # zeros: black in raw pixel values
     ys = torch.arange(h, device=images.device)
     xs = torch.arange(w, device=images.device)
     rows = top[:, None] + ys  # [B, H]
     # Flipping the crop is reading its columns right to left, so flip the index, not the image.
     cols = left[:, None] + torch.where(flip[:, None], (w - 1) - xs, xs)  # [B, W]
+    if padding == "reflect":
+        source, rows, cols = images, _reflect(rows - pad, h), _reflect(cols - pad, w)
+    else:
+        source = F.pad(images, (pad, pad, pad, pad))  # zeros: black in raw pixel values
     batch = torch.arange(b, device=images.device)[:, None, None, None]
     chans = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+    return source[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions in a line of ``size`` pixels mirrored at its edges: −1 → 1, size → size − 2."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
 def iterate_batches(
@@ -456,12 +472,14 @@ def iterate_batches(
     augment: bool = False,
     drop_last: bool = False,
     pad: int = 4,
+    padding: str = "zeros",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (normalised float32 images, int64 labels) on the split's device.
 
     Random numbers are drawn in a fixed order (the epoch's permutation, then per batch the crop
     rows, crop columns and flips), all from ``generator``, so a seeded generator replays an epoch
-    exactly. Draws happen on the generator's device, which should be the split's.
+    exactly. Draws happen on the generator's device, which should be the split's. ``padding``
+    (``zeros`` or ``reflect``) fills the crop's border; streamed folders use their own transforms.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -471,6 +489,8 @@ def iterate_batches(
         return
     if pad < 0:
         raise ValueError(f"pad must be non-negative, got {pad}")
+    if padding not in CROP_PADDINGS:
+        raise ValueError(f"padding must be one of {CROP_PADDINGS}, got {padding!r}")
     n = len(split)
     device = split.images.device
     order = None
@@ -490,6 +510,6 @@ def iterate_batches(
             images, labels = source[idx], split.labels[idx]
         if augment:
             top, left, flip = _draw_crop_flip(images.shape[0], pad, generator, device)
-            yield normalize(_crop_flip(images, top, left, flip, pad), split.info), labels
+            yield normalize(_crop_flip(images, top, left, flip, pad, padding), split.info), labels
         else:
             yield images, labels

@@ -58,19 +58,32 @@ LAYOUTS = {
 }
 
 
-def transforms_for(name: str, stage: str):
-    """``stage``: ``train`` (random resized crop, flip) or ``eval`` (resize, center crop)."""
+# The training crop: torchvision's RandomResizedCrop defaults, or the authors' (TLAB 68c9740
+# data/imagenet.py: the longer side resized to 500 pixels, ResizeMax, then scale (0.1, 1) and
+# aspect ratio (0.8, 1.25), DataAugmentation).
+RESIZED_CROPS = {
+    "torchvision": {"max_side": None, "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)},
+    "authors": {"max_side": 500, "scale": (0.1, 1.0), "ratio": (0.8, 1.25)},
+}
+
+
+def transforms_for(name: str, stage: str, *, mean: tuple[float, ...] = IMAGENET_MEAN,
+                   std: tuple[float, ...] = IMAGENET_STD, resized_crop: str = "torchvision"):
+    """``stage``: ``train`` (random resized crop as ``resized_crop`` says, flip) or ``eval``
+    (resize, center crop); then normalised with ``mean`` and ``std``."""
     from torchvision.transforms import v2
 
     size = LAYOUTS[name].image_size
     if stage == "train":
-        geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        crop = RESIZED_CROPS[resized_crop]
+        first = [v2.Resize(size=None, max_size=crop["max_side"], antialias=True)] if crop["max_side"] else []
+        geometry = [*first, v2.RandomResizedCrop(size, scale=crop["scale"], ratio=crop["ratio"], antialias=True),
+                    v2.RandomHorizontalFlip()]
     elif stage == "eval":
         geometry = [v2.Resize(round(size * EVAL_RESIZE_RATIO), antialias=True), v2.CenterCrop(size)]
     else:
         raise ValueError(f"stage must be 'train' or 'eval', got {stage!r}")
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 # Tiny-ImageNet's official archive (the cs231n course's); ImageNet has no public download.
@@ -236,6 +249,7 @@ class StreamedSplit:
     digest: str = ""  # samples_digest of the kept samples
     device: torch.device = torch.device("cpu")
     workers: int = 4
+    resized_crop: str = "torchvision"  # the training crop (RESIZED_CROPS; data.resized_crop)
     # The scanned folder (every sample, evaluation transforms): scanning ImageNet's 1.28 M files
     # takes seconds, so it is done once per split and shared by every stage's dataset.
     folder: Dataset | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -251,7 +265,8 @@ class StreamedSplit:
         if self.folder is None:
             self.folder = image_folder(self.info.name, self.root, self.split, "eval")
         staged = copy.copy(self.folder)  # the same sample list; ImageFolder and ours read .transform
-        staged.transform = transforms_for(self.info.name, stage)
+        staged.transform = transforms_for(self.info.name, stage, mean=self.info.mean, std=self.info.std,
+                                          resized_crop=self.resized_crop)
         return staged
 
     def to(self, device: torch.device | str) -> StreamedSplit:
@@ -314,7 +329,7 @@ class StreamedSplit:
 
 
 def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: list[int] | None = None,
-                  digest: str | None = None, workers: int = 4) -> StreamedSplit:
+                  digest: str | None = None, workers: int = 4, resized_crop: str = "torchvision") -> StreamedSplit:
     """A :class:`StreamedSplit` over the folder's samples (or those at ``indices``). With
     ``digest`` (from a prepared split), refuses a folder whose files or labels have changed."""
     root = Path(root).expanduser().resolve()
@@ -325,4 +340,5 @@ def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: l
         raise DataFileError(f"the {split} images of dataset {info.name!r} under {root} changed since the data were "
                          "prepared (files or labels differ); rerun the data node (or the whole run)")
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return StreamedSplit(info, root, split, labels, indices, found, workers=workers, folder=folder)
+    return StreamedSplit(info, root, split, labels, indices, found, workers=workers, folder=folder,
+                         resized_crop=resized_crop)

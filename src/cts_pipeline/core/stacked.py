@@ -120,7 +120,7 @@ def rewired(model: nn.Module, params: Mapping[str, torch.Tensor], rows: int,
                                       _row_param(module, name, params, "bias", rows), rows)
             elif isinstance(module, _NORMS):
                 running = None
-                if buffers is not None:
+                if buffers is not None and module.track_running_stats:
                     prefix = f"{name}." if name else ""
                     running = (buffers[prefix + "running_mean"].view(-1), buffers[prefix + "running_var"].view(-1))
                 module.forward = _norm(module, _row_param(module, name, params, "weight", rows),

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import Checkpoint
-from .data import Split, iterate_batches
+from .data import CROP_PADDINGS, Split, iterate_batches
 from .distributed import all_sum, rank_and_world, shard, sync_batchnorm
 from .epochs import EpochLoop
 from .masks import check_mask_matches, prunable_parameters
 from .runtime import generator
+from .virtual_ranks import rank_chunks, running_stats_of
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,14 @@ class TrainRecipe:
     loss_reduction: str = "mean"
     grad_clip_norm: float | None = None
     augment: bool = False
+    crop_padding: str = "zeros"  # the random crop's border: zeros (torchvision's default) | reflect (the authors')
     precision: str = "fp32"
     eval_batch_size: int = 1000
     eval_every: int = 1
     warmup_epochs: int = 0  # linear warm-up per step over the first epochs (the authors' ImageNet recipe: 5)
+    # N-device data parallelism reproduced on one device (core/virtual_ranks.py): each batch in N
+    # chunks with their own BatchNorm statistics, gradients averaged as DDP averages ranks.
+    virtual_ranks: int = 1
 
     def __post_init__(self) -> None:
         for name in ("lr", "momentum", "weight_decay", "gamma"):  # before any comparison with a number
@@ -86,8 +91,14 @@ class TrainRecipe:
         _require(0 < self.gamma <= 1, "training.gamma", self.gamma, "in (0, 1]")
         _require(self.loss_reduction in ("mean", "sum"), "training.loss_reduction", self.loss_reduction, "'mean' or 'sum'")
         _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "training.grad_clip_norm", self.grad_clip_norm, "null or positive")
+        _require(self.crop_padding in CROP_PADDINGS, "training.crop_padding", self.crop_padding,
+                 f"one of {CROP_PADDINGS}")
         _require(self.precision in PRECISIONS, "training.precision", self.precision, f"one of {PRECISIONS}")
         _require(_is_count(self.eval_every) and self.eval_every >= 1, "training.eval_every", self.eval_every, "a positive integer")
+        _require(_is_count(self.virtual_ranks) and self.virtual_ranks >= 1, "training.virtual_ranks",
+                 self.virtual_ranks, "a positive integer")
+        _require(self.batch_size % self.virtual_ranks == 0, "training.virtual_ranks", self.virtual_ranks,
+                 f"a divisor of training.batch_size = {self.batch_size} (each virtual rank takes an equal share)")
         _require(_is_count(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs, "training.warmup_epochs",
                  self.warmup_epochs, f"an epoch count in [0, training.epochs = {self.epochs}]")
 
@@ -212,6 +223,10 @@ def train(
         def autocast():
             return torch.autocast(device.type, dtype=autocast_dtype)
     rank, world = rank_and_world()
+    virtual = recipe.virtual_ranks
+    if virtual > 1 and world > 1:
+        raise ValueError("training.virtual_ranks cannot be combined with runtime.distributed yet; "
+                         "use one or the other")
     # Under DDP a rank's loss is weighted to its part of the global batch's: by its slice's share
     # of the batch for a mean, by the number of ranks for a sum (DDP averages the gradients).
     sum_share = float(world) if recipe.loss_reduction == "sum" else None
@@ -257,6 +272,7 @@ def train(
         batches = iterate_batches(
             train_split, recipe.batch_size, shuffle=True,
             generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
+            padding=recipe.crop_padding,
         )
         for step, (x, y) in enumerate(batches):
             if epoch < recipe.warmup_epochs:
@@ -266,16 +282,21 @@ def train(
             if world > 1:
                 x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
                 share = sum_share or share
-            with autocast():
-                logits = forward(to_layout(x, channels_last))
-                loss = F.cross_entropy(logits.float(), y, reduction=recipe.loss_reduction)
-                weighted = loss * share if world > 1 else loss
             optimizer.zero_grad(set_to_none=True)
+            # One chunk per virtual rank (core/virtual_ranks.py); the plain step is the one chunk.
+            for part, (x_part, y_part) in enumerate(rank_chunks(x, y, virtual)):
+                with running_stats_of(model, part), autocast():
+                    logits = forward(to_layout(x_part, channels_last))
+                    loss = F.cross_entropy(logits.float(), y_part, reduction=recipe.loss_reduction)
+                    weighted = loss * share if world > 1 else loss
+                    if virtual > 1:  # DDP's average over the ranks' gradients
+                        weighted = weighted / virtual
+                (scaler.scale(weighted) if scaler is not None else weighted).backward()
+                if virtual > 1:
+                    step_losses[step] += loss.detach() / (virtual if recipe.loss_reduction == "mean" else 1)
+                    correct += (logits.detach().argmax(1) == y_part).sum()
             if scaler is not None:
-                scaler.scale(weighted).backward()
                 scaler.unscale_(optimizer)
-            else:
-                weighted.backward()
             if recipe.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip_norm)
             if scaler is not None:
@@ -284,11 +305,11 @@ def train(
             else:
                 optimizer.step()
             _zero_pruned(masked)
-            if world == 1:
-                step_losses[step] = loss.detach()
-            else:  # this rank's part of the global batch's loss, summed over ranks below
-                step_losses[step] = loss.detach() * (share / world if recipe.loss_reduction == "mean" else 1.0)
-            correct += (logits.detach().argmax(1) == y).sum()
+            if virtual == 1:  # (virtual ranks recorded theirs chunk by chunk above)
+                # Under DDP: this rank's part of the global batch's loss, summed over ranks below.
+                ddp_part = 1.0 if world == 1 or recipe.loss_reduction == "sum" else share / world
+                step_losses[step] = loss.detach() if world == 1 else loss.detach() * ddp_part
+                correct += (logits.detach().argmax(1) == y).sum()
         all_sum(step_losses, correct)  # the global batch's loss and accuracy on every rank
         # One host sync per epoch instead of one per step; the failing step is still named exactly.
         check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)

@@ -6,6 +6,7 @@ them anywhere); nodes move what they use to the run's device and hand CPU copies
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -135,6 +136,9 @@ def split_from_payload(payload: Mapping, device: torch.device, workers: int | No
     ``workers`` loader processes (``runtime.data_workers``; None: up to 4, as this process's share
     of the CPUs allows)."""
     info = get_dataset_info(payload["dataset"])
+    if "normalization" in payload:  # data.mean / data.std set by the run
+        norm = payload["normalization"]
+        info = dataclasses.replace(info, mean=tuple(norm["mean"]), std=tuple(norm["std"]))
     if "streamed" in payload:
         from ..core.distributed import rank_and_world
         from ..core.image_folders import open_streamed
@@ -145,7 +149,7 @@ def split_from_payload(payload: Mapping, device: torch.device, workers: int | No
         where = payload["streamed"]
         indices = None if where["indices"] is None else where["indices"].tolist()
         return open_streamed(info, where["root"], where["split"], indices=indices, digest=where["digest"],
-                             workers=workers).to(device)
+                             workers=workers, resized_crop=payload.get("resized_crop", "torchvision")).to(device)
     return Split(images=payload["images"], labels=payload["labels"], info=info).to(device)
 
 
@@ -186,10 +190,12 @@ def uses_channels_last(runtime: RuntimeConfig, net: nn.Module) -> bool:
 
 def data_fingerprint(payload: Mapping) -> dict[str, Any]:
     """What identifies a prepared split cheaply: its dataset, shape and labels."""
+    extra = {k: payload[k] for k in ("normalization", "resized_crop") if k in payload}
     if "streamed" in payload:
-        return {"dataset": payload["dataset"], "files": payload["streamed"]["digest"], "labels": payload["labels"]}
+        return {"dataset": payload["dataset"], "files": payload["streamed"]["digest"], "labels": payload["labels"],
+                **extra}
     return {"dataset": payload["dataset"], "shape": list(payload["images"].shape), "labels": payload["labels"],
-            "raw": payload.get("raw_digest")}
+            "raw": payload.get("raw_digest"), **extra}
 
 
 def checkpoint_for(runtime: RuntimeConfig, namespace: str, stage: str, *key: Any) -> Checkpoint | None:

@@ -30,7 +30,14 @@ from .balance import (
     Lagrangian,
     make_balancer,
 )
-from .config import LR_DROP_AT, LR_DROP_FACTOR, SEARCH_LENGTHS, SHORT_SEARCH_FRACTION, SearchConfig
+from .config import (
+    LR_DROP_AT,
+    LR_DROP_FACTOR,
+    SCHEDULES,
+    SEARCH_LENGTHS,
+    SHORT_SEARCH_FRACTION,
+    SearchConfig,
+)
 from .forwards import batch_statistics
 from .objectives import (
     OBJECTIVES,
@@ -54,7 +61,7 @@ from .search import (
 
 __all__ = [
     "BALANCERS", "BUDGET_SLACK", "CONSTRAINT_SCALE", "LR_DROP_AT", "LR_DROP_FACTOR", "MULTIPLIER_EMA",
-    "NOISE_EPS", "OBJECTIVES", "SEARCH_LENGTHS", "SHORT_SEARCH_FRACTION", "TEMPERATURE", "ConcreteMask",
+    "NOISE_EPS", "OBJECTIVES", "SCHEDULES", "SEARCH_LENGTHS", "SHORT_SEARCH_FRACTION", "TEMPERATURE", "ConcreteMask",
     "GradBalance", "Lagrangian", "Objective", "SearchConfig", "SearchResult", "batch_statistics",
     "concrete_noise", "concrete_search", "cross_entropy", "feature_mse", "forward_kl", "frozen_for_search", "grad_mse", "gradient_norm",
     "logit", "loss_ratio", "make_balancer", "reverse_kl", "search_step", "soft_mask", "stacked_search_ratio",

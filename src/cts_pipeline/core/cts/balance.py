@@ -75,8 +75,12 @@ class GradBalance:
         self.multiplier: torch.Tensor | None = None
         self.over_budget: torch.Tensor | None = None  # this step's c > 0, per row (diagnostics)
 
-    def combine(self, logits: torch.Tensor, task_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the gradient for the optimizer and the current expected kept count ``Σσ(s)``."""
+    def combine(self, logits: torch.Tensor, task_grad: torch.Tensor,
+                rank_grads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the gradient for the optimizer and the current expected kept count ``Σσ(s)``.
+
+        ``rank_grads`` (``[N, *task_grad.shape]``, whose mean is ``task_grad``): each virtual rank's
+        gradient; λ* is then computed per rank and averaged, as the authors' code does under DDP."""
         keep_prob = torch.sigmoid(logits)
         expected = row_sum(keep_prob)
         # g_sp = scale·σ(1 − σ); kept unscaled as `spread` and scaled inside the norms and the sum
@@ -84,7 +88,10 @@ class GradBalance:
         scale = self._rows.get("scale", logits)
         spread = torch.addcmul(keep_prob, keep_prob, keep_prob, value=-1.0)
         self.over_budget = expected > self._rows.get("budget", logits, torch.float64)  # ⇔ c > 0
-        ratio = _row_norm(task_grad) / _row_norm(scale * spread).clamp_min(1e-12)
+        if rank_grads is None:
+            ratio = _row_norm(task_grad) / _row_norm(scale * spread).clamp_min(1e-12)
+        else:
+            ratio = (_row_norm(rank_grads) / _row_norm(scale * spread).clamp_min(1e-12)).mean(0)
         target = torch.where(self.over_budget, ratio, torch.zeros_like(ratio))
         if self.multiplier is None:
             self.multiplier = target
@@ -116,7 +123,10 @@ class Lagrangian:
         self.multiplier: torch.Tensor | None = None
         self.over_budget: torch.Tensor | None = None
 
-    def combine(self, logits: torch.Tensor, task_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def combine(self, logits: torch.Tensor, task_grad: torch.Tensor,
+                rank_grads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As GradBalance's; λ's ascent does not depend on the ranks' gradients (the authors
+        average λ's gradient over ranks, and it is the same constraint on every rank)."""
         keep_prob = torch.sigmoid(logits)
         expected = row_sum(keep_prob)
         budget = self._rows.get("budget", logits)

@@ -19,8 +19,9 @@ from ..epochs import EpochLoop
 from ..masks import prunable_parameters, unflatten
 from ..runtime import UniformNoise, generator, synchronize
 from ..training import TrainRecipe, check_finite, to_layout
+from ..virtual_ranks import rank_chunks
 from .balance import BUDGET_SLACK, GradBalance, Lagrangian, make_balancer, row_sum
-from .config import LR_DROP_AT, LR_DROP_FACTOR, SearchConfig
+from .config import LR_DROP_FACTOR, SearchConfig
 from .forwards import batch_statistics, check_stacked, masked_forward
 from .objectives import OBJECTIVES, Objective
 from .relaxation import ConcreteMask
@@ -40,14 +41,39 @@ def search_step(
     loss_scale: float = 1.0,
     share: float | None = None,
     world: int = 1,
+    virtual_ranks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the search (inside :func:`batch_statistics`); returns the objective (unscaled)
     and ``Σσ(s)``, per row when batched.
 
     One noise draw per weight for the whole batch (and every row), the teacher forward once and
     without autograd, the masked forward on views of ``θ ⊙ m̃``, the gradient of
-    ``loss_scale × objective`` to the logits only, GradBalance, one Adam step.
+    ``loss_scale × objective`` to the logits only, GradBalance, one Adam step. With
+    ``virtual_ranks`` N > 1 (:mod:`..virtual_ranks`), each of N chunks of the batch gets its own
+    noise draw and its own forwards; the gradients are averaged, and GradBalance averages the
+    chunks' λ*, as the authors' code does on N GPUs.
     """
+    parts = [_objective_and_gradient(model, relaxation, objective, noise, x_part, y_part, loss_scale)
+             for x_part, y_part in rank_chunks(x, y, virtual_ranks)]
+    rank_grads = None
+    if len(parts) == 1:
+        loss, task_grad = parts[0]
+    else:
+        loss = torch.stack([part[0] for part in parts]).mean(0)
+        rank_grads = torch.stack([part[1] for part in parts])
+        task_grad = rank_grads.mean(0)
+    if world > 1:  # under DDP (core/distributed.py) ``x`` is this rank's slice: to the global batch's
+        task_grad = average_over_ranks(task_grad, share, world)
+    grad, expected = balancer.combine(relaxation.logits.detach(), task_grad, rank_grads)
+    relaxation.logits.grad = grad
+    optimizer.step()
+    return loss, expected
+
+
+def _objective_and_gradient(model: nn.Module, relaxation: ConcreteMask, objective: Objective, noise: UniformNoise,
+                            x: torch.Tensor, y: torch.Tensor, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One noise draw, the objective on ``(x, y)`` (per row when batched, detached) and the
+    gradient of ``loss_scale × objective`` with respect to the logits."""
     soft = relaxation.sample(noise)
     if objective.kind == "network":
         if relaxation.batched:
@@ -65,12 +91,7 @@ def search_step(
             loss = objective.fn(sparse_logits, dense_logits, y)
     # Rows are independent, so the gradient of their sum is each row's own gradient.
     (task_grad,) = torch.autograd.grad(loss.sum() * loss_scale, relaxation.logits)
-    if world > 1:  # under DDP (core/distributed.py) ``x`` is this rank's slice: to the global batch's
-        task_grad = average_over_ranks(task_grad, share, world)
-    grad, expected = balancer.combine(relaxation.logits.detach(), task_grad)
-    relaxation.logits.grad = grad
-    optimizer.step()
-    return loss.detach(), expected
+    return loss.detach(), task_grad
 
 
 def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequence[float], config: SearchConfig,
@@ -213,8 +234,11 @@ def concrete_search(
     loss_scale = config.effective_loss_scale
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
     rank, world = rank_and_world()
+    if recipe.virtual_ranks > 1 and world > 1:
+        raise ValueError("training.virtual_ranks cannot be combined with runtime.distributed yet; "
+                         "use one or the other")
     total_steps = epochs * steps_per_epoch
-    drop_step = round(LR_DROP_AT * total_steps)
+    drop_step = config.lr_drop_step(epochs, steps_per_epoch)
     rows = len(densities)
 
     # The weights stay frozen and, with channels_last, in NHWC only while the search runs: restored
@@ -273,7 +297,7 @@ def concrete_search(
                             group["lr"] *= LR_DROP_FACTOR
                         balancer.drop_lr(LR_DROP_FACTOR)
                     loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y,
-                                                 loss_scale, share, world)
+                                                 loss_scale, share, world, recipe.virtual_ranks)
                     step_losses[i] = loss if world == 1 else loss * (share / world)
                     expected_trace[step] = expected.reshape(-1) if batched else expected
                     under_steps += ~balancer.over_budget.reshape(under_steps.shape)

@@ -26,4 +26,8 @@ def prepare_data(data: DataConfig) -> tuple[dict, dict]:
                 data.name, len(train), len(test), train.info.image_shape, train.info.num_classes)
     # What the splits were built from, so a rerun over other raw files is noticed (hooks.FreshnessHook).
     raw = {"raw_digest": raw_files_digest(data.name, data.root)}
+    if data.mean is not None or data.std is not None:  # the recipe's own normalisation (data.mean, data.std)
+        raw["normalization"] = {"mean": list(data.mean or train.info.mean), "std": list(data.std or train.info.std)}
+    if data.resized_crop != "torchvision":  # the training crop of streamed images (data.resized_crop)
+        raw["resized_crop"] = data.resized_crop
     return {**split_to_payload(train), **raw}, {**split_to_payload(test), **raw}
