@@ -58,6 +58,10 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
     assert parents[0].data.tags["mlflow.source.name"] == "kedro run --pipelines=cts --env=smoke"
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parents[0].data.params["grid.sparsities"] == "(0.5, 0.9)"
+    # Settings whose null means "derived" are logged as what they resolve to.
+    assert parents[0].data.params["cts.lr"] == "0.05 (training.lr)"
+    assert parents[0].data.params["cts.epochs"].endswith("(long: training.epochs = 3)")
+    assert parents[0].data.params["cts.loss_scale"] == "100 (the authors' factor for kl)"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.info.run_name for c in children) == ["50.00% cts_kl s0", "90.00% cts_kl s0", "dense s0"]
     assert sorted(c.data.tags["namespace"] for c in children) == [

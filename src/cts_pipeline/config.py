@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .core.checkpoints import parse_interval
 from .core.cts import SearchConfig
 from .core.data import DATASETS, ensure_available, get_dataset_info
 from .core.distributed import check_one_gpu_each, under_torchrun
@@ -130,6 +131,9 @@ class RuntimeConfig:
     progress: bool = True
     num_threads: int | None = None
     checkpoint_dir: str | None = "data/06_models/checkpoints"  # null: no per-epoch checkpoints
+    # How often a long loop writes its checkpoint: N epochs, "600s" / "10min", or auto (whenever
+    # writing it costs at most 5 % of the training time since the last one; the GPU presets' choice).
+    checkpoint_every: int | str = 1
     channels_last: str | bool = "auto"  # auto: NHWC for convolutional models (faster on CPUs)
     compile: bool = False  # torch.compile the training forward (worth it on GPUs, not on CPUs)
     # One batched CTS search (and retraining) per seed and CTS configuration. true: always batched, so
@@ -169,6 +173,7 @@ class RuntimeConfig:
             raise ValueError(f"runtime.num_threads must be null or a positive integer, got {self.num_threads!r}")
         if self.channels_last not in ("auto", True, False):
             raise ValueError(f"runtime.channels_last must be auto, true or false, got {self.channels_last!r}")
+        parse_interval(self.checkpoint_every)  # raises naming runtime.checkpoint_every
         if self.batch_sparsities not in ("auto", True, False):
             raise ValueError(f"runtime.batch_sparsities must be auto, true or false, got {self.batch_sparsities!r}")
         for key in ("compile", "progress", "strict"):

@@ -25,6 +25,11 @@ INTERRUPTED_EXIT = 130  # the shell's convention for a run stopped by SIGINT (12
 FAILED_NODE = "cts_failed_node"  # the attribute that names the node an error came from
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be used (an input error, exit 2); the message is one line for the
+    user. Defined here rather than in ``tracking`` so that this module imports nothing that uses it."""
+
+
 def first_line(exc: BaseException) -> str:
     """An error as one short line: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
@@ -39,7 +44,6 @@ def input_error_types() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .core.data import DataFileError, DatasetNotFoundError
     from .runners import SchedulerUnreachable
-    from .tracking import TrackingUnavailable
 
     return (ConfigError, DataFileError, DatasetNotFoundError, TrackingUnavailable, SchedulerUnreachable,
             MissingConfigException, yaml.YAMLError)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import first_line
+from .errors import TrackingUnavailable, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ CHILD_METRICS = (
     "test_accuracy", "test_loss", "achieved_sparsity", "achieved_density", "kept_weights",
     "prunable_weights", "dense_test_accuracy", "parameters", "effective_kept_weights", "inactive_kept_weights",
 )
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking store cannot be used; the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +82,24 @@ class TrackingSettings:
     def resolved_uri(self, project_path: Path) -> str:
         return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                 or f"sqlite:///{(Path(project_path) / 'mlflow.db').as_posix()}")
+
+
+def parent_run_params(sections: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's typed sections as the parent run's parameters, with the settings whose ``null``
+    means "derived" logged as what they resolve to, and from what (``cts.epochs: 30 (long:
+    training.epochs)``), so that a reader of the MLflow table never sees a bare ``None``."""
+    out = dict(sections)
+    cts, training = sections.get("cts"), sections.get("training")
+    if cts is not None and training is not None and hasattr(cts, "search_epochs"):
+        resolved = dict(cts.as_dict())
+        if cts.epochs is None:
+            resolved["epochs"] = f"{cts.search_epochs(training.epochs)} ({cts.search_length}: training.epochs = {training.epochs})"
+        if cts.lr is None:
+            resolved["lr"] = f"{training.lr:g} (training.lr)"
+        if cts.loss_scale is None:
+            resolved["loss_scale"] = f"{cts.effective_loss_scale:g} (the authors' factor for {cts.objective})"
+        out["cts"] = resolved
+    return out
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -151,7 +165,10 @@ class RunTracker:
 
     @classmethod
     def start(cls, settings: TrackingSettings, project_path: Path, run_name: str,
-              params: Mapping[str, Any], tags: Mapping[str, str]) -> RunTracker:
+              params: Mapping[str, Any], tags: Mapping[str, str], started_at: float | None = None) -> RunTracker:
+        """The parent run, opened now; ``started_at`` is when the ``kedro run`` began (the run is
+        opened in a writer thread while the first nodes already run, and a branch that started
+        before it was opened still belongs to it)."""
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         uri = settings.resolved_uri(project_path)
@@ -171,7 +188,7 @@ class RunTracker:
             # MLflow's own record of what kind of experiment this is. (MLflow 3.17's UI still opens
             # on its GenAI overview unless the URL says ?workflowType=machine_learning: see ui_link.)
             client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
-            started_at = time.time()
+            started_at = time.time() if started_at is None else started_at
             run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags), start_time=_ms(started_at))
         except Exception as exc:
             raise TrackingUnavailable(f"the MLflow store {uri} refused the run ({first_line(exc)})") from exc

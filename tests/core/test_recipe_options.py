@@ -71,6 +71,7 @@ def test_with_running_stats_the_default_is_unchanged():
         assert torch.equal(a, b), k
 
 
+@pytest.mark.cross_path
 def test_without_running_stats_training_and_stacked_retraining_agree(digits):
     train_split, test_split = digits[0].subset(256), digits[1].subset(200)
     recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.05, eval_batch_size=100)
@@ -208,6 +209,7 @@ def test_a_non_default_schedule_is_its_own_method():
 # --- data: the crop's border and the normalisation ---------------------------------------------
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("padding", ["zeros", "reflect"])
 def test_crop_padding_matches_torch_pad_then_crop(padding):
     from cts_pipeline.core.data import _crop_flip, _draw_crop_flip
@@ -267,6 +269,7 @@ def test_virtual_ranks_must_divide_the_batch():
         TrainRecipe(epochs=1, batch_size=32, lr=0.1, virtual_ranks=0)
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_virtual_ranks_training_step_is_ddp_over_chunks(digits, reduction):
     """One step with 2 virtual ranks against its definition written out: each half of the batch
@@ -310,6 +313,7 @@ def test_one_virtual_rank_is_the_plain_step_to_the_bit(digits):
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
+@pytest.mark.cross_path
 def test_virtual_ranks_search_step_draws_noise_and_lambda_per_rank(digits):
     """One search step with 2 virtual ranks against the authors' optimize_step on 2 GPUs, written
     out: each rank its own noise draw, teacher and masked forward on its half (batch statistics),

@@ -18,7 +18,9 @@ import io
 import json
 import logging
 import os
+import re
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,12 +62,46 @@ def _feed(h, value: Any) -> None:
         h.update(json.dumps(value, sort_keys=True, default=str).encode())
 
 
-class Checkpoint:
-    """One loop's checkpoint file at ``path``, valid only for ``key``."""
+# `auto` keeps the time spent writing checkpoints at or under this share of the loop's time.
+AUTO_CHECKPOINT_SHARE = 0.05
 
-    def __init__(self, path: str | Path, key: str):
+
+def parse_interval(every: int | str) -> tuple[str, float]:
+    """``runtime.checkpoint_every`` as (kind, amount): ``N`` epochs, ``"Ns"`` / ``"Nmin"`` of
+    wall-clock, or ``"auto"`` (a checkpoint whenever writing it costs at most 5 % of the training
+    time since the last one: every epoch where that is cheap, further apart where it is not)."""
+    if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
+        return "epochs", float(every)
+    if every == "auto":
+        return "auto", AUTO_CHECKPOINT_SHARE
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|min)\s*", every) if isinstance(every, str) else None
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"runtime.checkpoint_every must be a number of epochs (1, 2, ...), a time such as "
+                         f"'600s' or '10min', or 'auto'; got {every!r}")
+    return "seconds", float(match[1]) * (60.0 if match[2] == "min" else 1.0)
+
+
+class Checkpoint:
+    """One loop's checkpoint file at ``path``, valid only for ``key``, written at the interval
+    ``every`` asks for (:func:`parse_interval`; after every epoch by default)."""
+
+    def __init__(self, path: str | Path, key: str, every: int | str = 1):
         self.path = Path(path)
         self.key = key
+        self.kind, self.amount = parse_interval(every)
+        self._epochs_since = 0
+        self._seconds_since = 0.0  # the loop's wall-clock since the last save
+        self._save_seconds: float | None = None  # what the last save took
+
+    def due(self, epoch_seconds: float) -> bool:
+        """After an epoch that took ``epoch_seconds``: is a checkpoint due now?"""
+        self._epochs_since += 1
+        self._seconds_since += epoch_seconds
+        if self.kind == "epochs":
+            return self._epochs_since >= self.amount
+        if self.kind == "seconds":
+            return self._seconds_since >= self.amount
+        return self._save_seconds is None or self._save_seconds <= self.amount * self._seconds_since
 
     def load(self) -> dict | None:
         """The saved state, or None when there is none for this key (a mismatch is logged). In a
@@ -94,6 +130,7 @@ class Checkpoint:
         partial = self.path.with_name(f"{self.path.name}.partial-{uuid.uuid4().hex[:8]}")
         # Serialised in memory first: torch.save straight to a full disk fails with an opaque
         # "unexpected pos" error, a plain write with ENOSPC.
+        started = time.perf_counter()
         buffer = io.BytesIO()
         torch.save({**state, "format": FORMAT, "key": self.key}, buffer)
         try:
@@ -107,6 +144,8 @@ class Checkpoint:
             raise
         finally:
             partial.unlink(missing_ok=True)
+        self._save_seconds = time.perf_counter() - started
+        self._epochs_since, self._seconds_since = 0, 0.0
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 class EpochLoop:
     """Epochs ``first … end − 1`` of a schedule of ``total`` epochs, for the loop named ``stage``.
 
-    With ``checkpoint``, the state is saved after every epoch but the last (by rank 0 alone in a
-    process group: every rank resumes from what rank 0 read), and :meth:`resume` picks a matching
-    one up. Epochs are counted from 0; a record's and a checkpoint's ``epochs_done`` from 1.
+    With ``checkpoint``, the state is saved after an epoch when the checkpoint's interval says so
+    (every epoch by default; never after the last), by rank 0 alone in a process group (every rank
+    resumes from what rank 0 read), and :meth:`resume` picks a matching one up. Epochs are counted from 0; a record's and a checkpoint's ``epochs_done`` from 1.
     """
 
     def __init__(self, stage: str, *, first: int, end: int, total: int, checkpoint: Checkpoint | None = None,
@@ -77,9 +77,10 @@ class EpochLoop:
 
     def end_epoch(self, epoch: int, state: Callable[[], Mapping[str, Any]], messages: list[str] | str, *,
                   postfix: Mapping[str, str] | None = None) -> None:
-        """After epoch ``epoch``: save ``state()`` (unless it was the last epoch), then log each message
+        """After epoch ``epoch``: save ``state()`` if a checkpoint is due (never after the last epoch), then log each message
         with the stage and epoch as record attributes, which a display follows (``sweep_progress``)."""
-        if self.checkpoint is not None and not self.is_last(epoch) and rank_and_world()[0] == 0:
+        if (self.checkpoint is not None and not self.is_last(epoch) and rank_and_world()[0] == 0
+                and self.checkpoint.due(self.seconds())):
             self.checkpoint.save({"epochs_done": epoch + 1, **state()})
         for message in [messages] if isinstance(messages, str) else messages:
             logger.info(message, extra={"stage": self.stage, "epoch": epoch + 1, "epochs": self.total})

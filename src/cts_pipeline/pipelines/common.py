@@ -204,4 +204,5 @@ def checkpoint_for(runtime: RuntimeConfig, namespace: str, stage: str, *key: Any
         return None
     parts = [asdict(k) if hasattr(k, "__dataclass_fields__") else k for k in key]
     tag = digest(stage, *parts)
-    return Checkpoint(Path(runtime.checkpoint_dir) / namespace / f"{stage}-{tag}.pt", tag)
+    return Checkpoint(Path(runtime.checkpoint_dir) / namespace / f"{stage}-{tag}.pt", tag,
+                      every=runtime.checkpoint_every)

@@ -1,0 +1,34 @@
+"""What the hooks read from the catalog: which datasets are results, their files, and fresh loads."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+RESULT_TABLE_SUFFIX = "_results_table"
+
+
+def is_result(dataset_name: str, node) -> bool:
+    """A branch's (or the dense run's) metrics: what becomes a child run."""
+    return "metrics" in node.tags and dataset_name.endswith(".metrics")
+
+
+def load_fresh(catalog, name: str) -> Any:
+    """``name`` as saved by whichever process ran its node: a versioned dataset caches the version
+    it last resolved, which is stale when another process saved a newer one."""
+    catalog.release(name)
+    return catalog.load(name)
+
+
+def artifact_path(catalog, name: str) -> str:
+    """Where ``name``'s data were read from: the version folder's file for a versioned dataset."""
+    dataset = catalog.get(name, fallback_to_runtime_pattern=True)
+    for where in ("_get_load_path", "_get_save_path"):
+        try:
+            return str(getattr(dataset, where)())
+        except Exception:
+            continue
+    return str(getattr(dataset, "_filepath", name))

@@ -1,0 +1,49 @@
+"""The checkpoints of a node's loops go once its outputs are saved, and stay if saving failed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+from ..core.checkpoints import defer_removal, keep_deferred, remove_deferred
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointHook:
+    """A node's per-epoch checkpoints are removed only once all its outputs are saved: a failed
+    save (a full disk, a dead store) then costs nothing, since the rerun resumes from them."""
+
+    def __init__(self) -> None:
+        self.unsaved: dict[Any, set[str]] = {}
+
+    @hook_impl
+    def before_node_run(self, node) -> None:
+        defer_removal()
+        self.unsaved[node] = set(node.outputs)
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, node) -> None:
+        left = self.unsaved.get(node)
+        if left is not None:
+            left.discard(dataset_name)
+            if not left:
+                del self.unsaved[node]
+                remove_deferred()
+
+    @hook_impl
+    def after_node_run(self, node, outputs: dict[str, Any]) -> None:
+        if node.outputs and outputs:
+            return  # their saves come next
+        self.unsaved.pop(node, None)
+        if not node.outputs:
+            remove_deferred()
+        else:  # a runner that ran the node elsewhere (DaskRunner) cleans up there
+            keep_deferred()
+
+    @hook_impl
+    def on_node_error(self, node) -> None:
+        self.unsaved.pop(node, None)
+        keep_deferred()
