@@ -68,3 +68,47 @@ def test_find_ticket_on_a_plain_module_and_tensors():
     assert all(torch.equal(again.mask[k], ticket.mask[k]) for k in ticket.mask), "same data, same seed, same mask"
     ticket.apply(model)
     assert all(not model.get_submodule(k.rpartition(".")[0]).weight[~m].any() for k, m in ticket.mask.items())
+
+
+def test_the_library_face_imports_no_pipeline_stack():
+    """``from cts_pipeline import find_ticket, load_ticket`` in a notebook pulls in neither Kedro,
+    MLflow, Dask, matplotlib nor rich: a fresh interpreter that refuses those imports loads the API."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('kedro', 'kedro_datasets', 'mlflow', 'dask', 'distributed',\n"
+        "                                  'matplotlib', 'rich'):\n"
+        "            raise ImportError('refused: ' + name)\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "from cts_pipeline import find_ticket, load_ticket, Ticket\n"
+        "print('imported')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("shape, model", [
+    ((64,), lambda: torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))),
+    ((8, 8), lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))),  # a sequence of 8 steps
+])
+def test_find_ticket_takes_inputs_of_any_shape_the_model_takes(shape, model):
+    """An MLP on ``[N, features]`` and a model on ``[N, steps, features]``: inputs are handed to the
+    model as they are (no image normalisation), one search or a batched one, exact kept counts."""
+    train, _ = load_splits("digits")
+    inputs = normalize(train.images[:256], train.info).reshape(256, *shape)
+    labels = train.labels[:256]
+    torch.manual_seed(0)
+    net = model()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    one = find_ticket(net, inputs, labels, sparsity=0.9, epochs=2, batch_size=64)
+    both = find_ticket(net, inputs, labels, sparsity=[0.9, 0.95], epochs=2, batch_size=64)
+    total = sum(p.numel() for n, p in net.named_parameters() if n.endswith("weight"))
+    assert one.kept_weights == round(0.1 * total) == both[0].kept_weights
+    assert both[1].kept_weights == round(0.05 * total)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match=r"inputs must be \[N, \.\.\.\] \(one row per sample\), got \[256\]"):
+        find_ticket(net, inputs[:, 0].reshape(-1) if inputs.dim() == 2 else inputs[:, 0, 0], labels, sparsity=0.9)

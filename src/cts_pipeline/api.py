@@ -97,8 +97,8 @@ def _check_inputs(model: nn.Module, images: torch.Tensor, targets: torch.Tensor)
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"find_ticket: labels must be integer class indices (torch.long), got {targets.dtype}; "
                         "convert them with labels.long() if they are whole numbers")
-    if images.dim() != 4:
-        raise ValueError(f"find_ticket: inputs must be images [N, C, H, W], got {list(images.shape)}")
+    if images.dim() < 2:
+        raise ValueError(f"find_ticket: inputs must be [N, ...] (one row per sample), got {list(images.shape)}")
     device = next(model.parameters()).device
     was_training = model.training
     try:
@@ -138,7 +138,8 @@ def find_ticket(
     Args:
         model: the network whose weights the search keeps or drops, at the weights to search on
             (the rewind point ``θ_k``, or the initialisation). It is not changed.
-        data: inputs ``[N, C, H, W]``, already normalised as the model expects, with ``labels``;
+        data: inputs ``[N, ...]`` of any shape the model takes (``[N, features]`` for an MLP,
+            ``[N, C, H, W]`` for images), already normalised as the model expects, with ``labels``;
             or a DataLoader (any iterable) of ``(inputs, labels)`` batches, read once into memory.
         labels: integer class indices ``[N]`` in ``[0, classes)``, with a tensor ``data``.
         sparsity: the fraction of prunable weights removed, in (0, 1) (0.9926 for 99.26 %); a list
@@ -162,9 +163,8 @@ def find_ticket(
     images, targets = _as_tensors(data, labels)
     classes = _check_inputs(model, images, targets)
     device = next(model.parameters()).device
-    # Inputs are taken as they are: an identity normalisation (mean 0, std 1, scale 1).
-    info = DatasetInfo("user data", tuple(images.shape[1:]), classes, (0.0,) * images.shape[1],
-                       (1.0,) * images.shape[1], 1.0, "user")
+    # Inputs are taken as they are, whatever their shape ([N, features], sequences, images).
+    info = DatasetInfo("user data", tuple(images.shape[1:]), classes, (), (), 1.0, "user", inputs_ready=True)
     split = Split(images=images.to(device, torch.float32), labels=targets.to(device, torch.int64), info=info)
     config = SearchConfig(objective=objective, epochs=epochs, lr=lr)
     recipe = TrainRecipe(epochs=max(epochs, 1), batch_size=batch_size, lr=0.1, milestones=[], rewind_epoch=0)

@@ -403,7 +403,10 @@ def _norm_constants(device: torch.device, info: DatasetInfo) -> tuple[torch.Tens
 
 
 def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    """Raw pixels [B, C, H, W] (uint8 or raw-scale float) to float32 ``(x / max - mean) / std``."""
+    """Raw pixels [B, C, H, W] (uint8 or raw-scale float) to float32 ``(x / max - mean) / std``;
+    inputs that are ready as they are (``info.inputs_ready``) are only made float32."""
+    if info.inputs_ready:
+        return images.to(torch.float32, copy=True)
     channels = info.image_shape[0]
     if images.dim() < 3 or images.shape[-3] != channels:
         raise ValueError(

@@ -18,6 +18,9 @@ class DatasetInfo:
     std: tuple[float, ...]
     max_value: float  # 255.0 for uint8 image datasets, 16.0 for digits
     source: str  # "scikit-learn", "torchvision" (held in memory) or "image-folder" (streamed)
+    # The inputs are already what the model takes (find_ticket's tensors, of any shape): batches are
+    # handed over as float32, without scaling or normalisation.
+    inputs_ready: bool = False
 
     @property
     def streamed(self) -> bool:
