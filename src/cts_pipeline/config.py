@@ -19,6 +19,7 @@ from .core.checkpoints import parse_interval
 from .core.cts import SearchConfig
 from .core.data import DATASETS, ensure_available, get_dataset_info
 from .core.distributed import check_one_gpu_each, under_torchrun
+from .core.image_folders import RESIZED_CROPS
 from .core.masks import count_prunable, kept_count
 from .core.models import MODELS, build_model, check_model_fits, skeleton
 from .core.runtime import CudaPolicy, check_device_choice, resolve_device
@@ -78,8 +79,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
             raise ValueError(f"data.name: unknown dataset {self.name!r}; known: {', '.join(sorted(DATASETS))}")
-        if self.resized_crop not in ("torchvision", "authors"):
-            raise ValueError(f"data.resized_crop must be torchvision or authors, got {self.resized_crop!r}")
+        if self.resized_crop not in RESIZED_CROPS:
+            raise ValueError(f"data.resized_crop must be {' or '.join(RESIZED_CROPS)}, got {self.resized_crop!r}")
         if self.resized_crop != "torchvision" and not DATASETS[self.name].streamed:
             raise ValueError(f"data.resized_crop applies to image-folder datasets; {self.name} is cropped by "
                              "training.augment's padded random crop (training.crop_padding)")

@@ -90,7 +90,7 @@ def parent_run_params(sections: Mapping[str, Any]) -> dict[str, Any]:
     training.epochs)``), so that a reader of the MLflow table never sees a bare ``None``."""
     out = dict(sections)
     cts, training = sections.get("cts"), sections.get("training")
-    if cts is not None and training is not None and hasattr(cts, "search_epochs"):
+    if cts is not None and training is not None:
         resolved = dict(cts.as_dict())
         if cts.epochs is None:
             resolved["epochs"] = f"{cts.search_epochs(training.epochs)} ({cts.search_length}: training.epochs = {training.epochs})"

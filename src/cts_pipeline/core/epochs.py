@@ -38,7 +38,8 @@ class EpochLoop:
 
     With ``checkpoint``, the state is saved after an epoch when the checkpoint's interval says so
     (every epoch by default; never after the last), by rank 0 alone in a process group (every rank
-    resumes from what rank 0 read), and :meth:`resume` picks a matching one up. Epochs are counted from 0; a record's and a checkpoint's ``epochs_done`` from 1.
+    resumes from what rank 0 read), and :meth:`resume` picks a matching one up.
+    Epochs are counted from 0; a record's and a checkpoint's ``epochs_done`` from 1.
     """
 
     def __init__(self, stage: str, *, first: int, end: int, total: int, checkpoint: Checkpoint | None = None,
@@ -46,7 +47,6 @@ class EpochLoop:
         self.stage, self.first, self.end, self.total = stage, first, end, total
         self.checkpoint = checkpoint
         self.progress = progress
-        self.resumed_at: int | None = None
         self._bar = None
         self._epoch_started = 0.0
 
@@ -57,9 +57,9 @@ class EpochLoop:
         saved = self.checkpoint.load() if self.checkpoint is not None else None
         if saved is None or restore(saved) is False:
             return None
-        self.first = self.resumed_at = int(saved["epochs_done"])
+        self.first = int(saved["epochs_done"])
         logger.info("%s: resuming from the checkpoint after epoch %d/%d", self.stage, self.first, self.end)
-        return self.resumed_at
+        return self.first
 
     def __iter__(self) -> Iterator[int]:
         self._bar = tqdm(range(self.first, self.end), desc=self.stage, unit="epoch",
@@ -77,8 +77,9 @@ class EpochLoop:
 
     def end_epoch(self, epoch: int, state: Callable[[], Mapping[str, Any]], messages: list[str] | str, *,
                   postfix: Mapping[str, str] | None = None) -> None:
-        """After epoch ``epoch``: save ``state()`` if a checkpoint is due (never after the last epoch), then log each message
-        with the stage and epoch as record attributes, which a display follows (``sweep_progress``)."""
+        """After epoch ``epoch``: save ``state()`` if a checkpoint is due (never after the last
+        epoch), then log each message with the stage and epoch as record attributes, which a
+        display follows (``sweep_progress``)."""
         if (self.checkpoint is not None and not self.is_last(epoch) and rank_and_world()[0] == 0
                 and self.checkpoint.due(self.seconds())):
             self.checkpoint.save({"epochs_done": epoch + 1, **state()})

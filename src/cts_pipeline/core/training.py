@@ -25,7 +25,7 @@ from .distributed import all_sum, rank_and_world, shard, sync_batchnorm
 from .epochs import EpochLoop
 from .masks import check_mask_matches, prunable_parameters
 from .runtime import generator
-from .virtual_ranks import rank_chunks, running_stats_of
+from .virtual_ranks import check_one_process, rank_chunks, running_stats_of
 
 logger = logging.getLogger(__name__)
 
@@ -220,9 +220,7 @@ def train(
             return torch.autocast(device.type, dtype=autocast_dtype)
     rank, world = rank_and_world()
     virtual = recipe.virtual_ranks
-    if virtual > 1 and world > 1:
-        raise ValueError("training.virtual_ranks cannot be combined with runtime.distributed yet; "
-                         "use one or the other")
+    check_one_process(virtual, world)
     # Under DDP a rank's loss is weighted to its part of the global batch's: by its slice's share
     # of the batch for a mean, by the number of ranks for a sum (DDP averages the gradients).
     sum_share = float(world) if recipe.loss_reduction == "sum" else None

@@ -38,11 +38,11 @@ def rank_chunks(x: torch.Tensor, y: torch.Tensor, ranks: int) -> list[tuple[torc
 def running_stats_of(model: nn.Module, rank: int) -> Iterator[None]:
     """Within the block, BatchNorm running statistics are updated only if ``rank`` is 0 (DDP's
     broadcast of rank 0's buffers); the other ranks normalise with their own batch all the same."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
-    if rank == 0 or not norms:
+    if rank == 0:  # the plain step (and the first chunk): nothing to do, no scan of the modules
         yield
         return
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
     saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0  # running = (1 − 0)·running + 0·batch: unchanged
@@ -53,3 +53,11 @@ def running_stats_of(model: nn.Module, rank: int) -> Iterator[None]:
             m.momentum = momentum
             if count is not None:
                 m.num_batches_tracked.copy_(count)
+
+
+def check_one_process(virtual_ranks: int, world: int) -> None:
+    """Virtual ranks reproduce N devices inside one process; several real processes as well are not
+    supported yet (``config.validate_run`` refuses the combination at run start)."""
+    if virtual_ranks > 1 and world > 1:
+        raise ValueError("training.virtual_ranks cannot be combined with runtime.distributed yet; "
+                         "use one or the other")

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-logger = logging.getLogger(__name__)
-
 
 RESULT_TABLE_SUFFIX = "_results_table"
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
 from ..core.checkpoints import defer_removal, keep_deferred, remove_deferred
-
-logger = logging.getLogger(__name__)
 
 
 class CheckpointHook:

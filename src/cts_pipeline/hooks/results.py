@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
 from .catalog import RESULT_TABLE_SUFFIX, load_fresh
-
-logger = logging.getLogger(__name__)
 
 
 class ResultsPrinterHook:

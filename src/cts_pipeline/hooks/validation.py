@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,6 @@ from ..config import ConfigError, validate_run
 from ..errors import mark_failed_node
 from ..pipelines.common import ArtifactMismatch
 from .catalog import artifact_path
-
-logger = logging.getLogger(__name__)
 
 
 class RunValidationHook:

@@ -19,7 +19,7 @@ from ..epochs import EpochLoop
 from ..masks import prunable_parameters, unflatten
 from ..runtime import UniformNoise, generator, synchronize
 from ..training import TrainRecipe, check_finite, to_layout
-from ..virtual_ranks import rank_chunks
+from ..virtual_ranks import check_one_process, rank_chunks
 from .balance import BUDGET_SLACK, GradBalance, Lagrangian, make_balancer, row_sum
 from .config import LR_DROP_FACTOR, SearchConfig
 from .forwards import batch_statistics, check_stacked, masked_forward
@@ -234,9 +234,7 @@ def concrete_search(
     loss_scale = config.effective_loss_scale
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
     rank, world = rank_and_world()
-    if recipe.virtual_ranks > 1 and world > 1:
-        raise ValueError("training.virtual_ranks cannot be combined with runtime.distributed yet; "
-                         "use one or the other")
+    check_one_process(recipe.virtual_ranks, world)
     total_steps = epochs * steps_per_epoch
     drop_step = config.lr_drop_step(epochs, steps_per_epoch)
     rows = len(densities)
