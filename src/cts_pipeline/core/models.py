@@ -271,7 +271,7 @@ def _without_running_stats(model: nn.Module) -> None:
 
 
 @contextmanager
-def neutral_statistics(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
+def neutral_statistics(model: nn.Module) -> Iterator[None]:
     """Within the block, BatchNorm layers built without running statistics have neutral ones
     (mean 0, variance 1), so in evaluation mode every BatchNorm is a fixed affine map, as the
     structural methods (SynFlow, the connectivity check) need: on their all-ones input, batch
@@ -279,8 +279,8 @@ def neutral_statistics(model: nn.Module, dtype: torch.dtype | None = None) -> It
     bare = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None]
     for m in bare:
         like = m.weight if m.weight is not None else torch.empty(0)
-        m.running_mean = torch.zeros(m.num_features, dtype=dtype or like.dtype, device=like.device)
-        m.running_var = torch.ones(m.num_features, dtype=dtype or like.dtype, device=like.device)
+        m.running_mean = torch.zeros(m.num_features, dtype=like.dtype, device=like.device)
+        m.running_var = torch.ones(m.num_features, dtype=like.dtype, device=like.device)
     try:
         yield
     finally:

@@ -178,15 +178,15 @@ def synflow_flow(
     prunable = prunable_parameters(model)
     # A model built without running statistics (bn_running_stats: false) gets neutral ones (μ = 0,
     # σ² = 1) for the duration: in eval mode its BatchNorm is then |γ|x/sqrt(1 + ε) + |β|.
-    with neutral_statistics(model), torch.no_grad():
-        tensors = {n: p.detach().abs().double() for n, p in model.named_parameters()}
-        tensors.update({n: b.detach().abs().double() if b.is_floating_point() else b.clone()
-                        for n, b in model.named_buffers()})
-    weights = {n: (tensors[n] * mask[n]).requires_grad_(True) for n in prunable}
-    device = next(iter(prunable.values())).device
-    ones = torch.ones(1, *image_shape, dtype=torch.float64, device=device)
-    with neutral_statistics(model), _mode(model, training=False):
-        flow = functional_call(model, {**tensors, **weights}, (ones,)).sum()
+    with neutral_statistics(model):
+        with torch.no_grad():
+            tensors = {n: p.detach().abs().double() for n, p in model.named_parameters()}
+            tensors.update({n: b.detach().abs().double() if b.is_floating_point() else b.clone()
+                            for n, b in model.named_buffers()})
+        weights = {n: (tensors[n] * mask[n]).requires_grad_(True) for n in prunable}
+        ones = torch.ones(1, *image_shape, dtype=torch.float64, device=next(iter(prunable.values())).device)
+        with _mode(model, training=False):
+            flow = functional_call(model, {**tensors, **weights}, (ones,)).sum()
     grads = torch.autograd.grad(flow, list(weights.values()), materialize_grads=True)
     return {n: (w.detach() * g).abs() for (n, w), g in zip(weights.items(), grads, strict=True)}
 
