@@ -9,7 +9,10 @@ side by side in one process (issue 8).
 Every row runs both sides on the same frozen weights, data order and noise, interleaved, and
 reports the median of the per-repeat ratios batched / sequential (targets: <= 0.5 on the default
 convnet/digits, <= 0.7 on LeNet-300-100/MNIST). It also reports how many mask entries differ
-between the two sides (float rounding only; see tests/core/test_batched_search.py).
+between the two sides (float rounding only; see tests/core/test_batched_search.py), which path
+the batched rows took (stacked, or vmap where the stacked layout failed its check; micro-batches
+where device memory cut the batch), the retraining's precision, and the batched side's peak
+device memory (CUDA).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from cts_pipeline.core.data import Split, load_splits
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
 from cts_pipeline.core.runtime import describe_hardware, resolve_device
-from cts_pipeline.core.training import TrainRecipe, to_layout, train
+from cts_pipeline.core.training import TrainRecipe, effective_precision, to_layout, train
 
 LEVELS = (10, 14, 18, 22, 24)  # the default grid: 89.26 ... 99.53 %
 
@@ -104,6 +107,7 @@ def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRe
                                progress=False, channels_last=channels_last)
 
     t_seq, t_bat, ratio, singles, rows = side_by_side(sequential, batched, repeats, device)
+    peak = peak_memory(batched, device)
     differ, kept = swapped(densities, singles, rows)
     agreement = f"{differ} of {kept} kept weights swapped"
     if device.type == "cpu":
@@ -112,7 +116,20 @@ def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRe
         agreement += f" (one at a time, {threads}: {swapped(densities, singles, other)[0]})"
     bound = (f"{batching_headroom(net, split, recipe.batch_size, len(densities), device, channels_last, repeats):.2f}"
              if headroom else "—")
-    emit(f"| {label} | K = {len(densities)} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | {bound} | {agreement} |")
+    path = rows[0].forward_path + (f" / {rows[0].micro_batches} micro-batches" if rows[0].micro_batches > 1 else "")
+    emit(f"| {label} | K = {len(densities)} | {path} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | {bound} | "
+         f"{peak} | {agreement} |")
+
+
+def peak_memory(run, device: torch.device) -> str:
+    """The most device memory ``run()`` holds at once (CUDA; "—" on a CPU, which has no such counter)."""
+    if device.type != "cuda":
+        return "—"
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    sync(device)
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
 
 
 def on_other_threads(run):
@@ -162,6 +179,7 @@ def measure_retraining(label: str, model: str, split: Split, test: Split, recipe
         return [r.final["test_accuracy"] for r in results]
 
     t_seq, t_bat, ratio, one, stacked = side_by_side(sequential, batched, repeats, device)
+    peak = peak_memory(batched, device)
     gap = max(abs(a - b) for a, b in zip(one, stacked, strict=True))
     agreement = f"largest test-accuracy gap {gap:.2f} points"
     if device.type == "cpu":  # the yardstick, as for the search: one at a time on another thread count
@@ -169,8 +187,9 @@ def measure_retraining(label: str, model: str, split: Split, test: Split, recipe
         agreement += f" (one at a time, {threads}: {max(abs(a - b) for a, b in zip(one, other, strict=True)):.2f})"
     bound = (f"{batching_headroom(fresh(), split, recipe.batch_size, len(densities), device, channels_last, repeats):.2f}"
              if headroom else "—")
-    emit(f"| retraining: {label} | K = {len(densities)} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | {bound} | "
-         f"{agreement} |")
+    precision = effective_precision(recipe.precision, device)
+    emit(f"| retraining: {label} | K = {len(densities)} | stacked, {precision} | {t_seq:.2f} s | {t_bat:.2f} s | "
+         f"**{ratio:.2f}** | {bound} | {peak} | {agreement} |")
 
 
 def main() -> None:
@@ -186,8 +205,9 @@ def main() -> None:
     emit(f"Hardware: {describe_hardware(device)}; "
          f"`python benchmarks/batched.py{' --mnist' if args.mnist else ''}"
          f"{f' --repeats {args.repeats}' if args.repeats != 3 else ''}`, {datetime.date.today()}.\n")
-    emit("| network and data | tickets | one at a time | batched | ratio | one K·B batch / K batches of B | agreement |")
-    emit("|---|---|---|---|---|---|---|")
+    emit("| network and data | tickets | batched path | one at a time | batched | ratio | one K·B batch / K batches "
+         "of B | batched peak memory | agreement |")
+    emit("|---|---|---|---|---|---|---|---|---|")
     digits, digits_test = (s.to(device) for s in load_splits("digits"))
     measure("convnet (56,224 weights), digits, batch 64, 3 search epochs", "convnet", {}, digits,
             TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats, channels_last=True, headroom=True)
@@ -207,6 +227,11 @@ def main() -> None:
             measure("ResNet-20 (270,896 weights), CIFAR-shaped noise, batch 512, 1 search epoch (10,240 images)",
                     "resnet20", {}, cifar, TrainRecipe(epochs=1, batch_size=512, lr=0.1), grid, device,
                     args.repeats, channels_last=True, headroom=True)
+        for k in (5, 15):  # stacked retraining in the default precision (bf16 on a recent GPU)
+            grid = [0.8 ** L for L in (16, 18, 20, 22, 24)] * (k // 5)
+            measure_retraining("ResNet-20, CIFAR-shaped noise, batch 512, 1 epoch (10,240 images)", "resnet20",
+                               cifar, cifar.subset(1024), TrainRecipe(epochs=1, batch_size=512, lr=0.1), grid,
+                               device, args.repeats, True)
     if args.write_docs:
         # The CPU table and a GPU's live side by side: each device writes its own block.
         block = "batched" if device.type == "cpu" else f"batched-{device.type}"

@@ -4,7 +4,7 @@
 #
 #     run(command="bash benchmarks/gpu.sh", timeout_s=560)
 #
-# Each part has its own time limit, so a slow part cannot cost the others (about 8 min in all,
+# Each part has its own time limit, so a slow part cannot cost the others (at most 8 min 40 s in all,
 # inside the session's 15 min of device time with the machine's start). The rewritten
 # docs/performance.md and every part's log come back under $OUT; copy the file over the local one.
 set -u
@@ -25,13 +25,14 @@ part() {  # part SECONDS NAME COMMAND...: run it under a limit, keep its log, sa
     tail -n 25 "$OUT/$name.log"
 }
 
-# Rows 1-3 of the speed table: the training loop, the search step against the training step, the
-# data path (ResNet-20 at batch 512).
-part 110 speed "$PYTHON" benchmarks/speed.py --device cuda --rows 1,2,3 --write-docs
-# Batched against one-at-a-time search and retraining, with ResNet-20 at K = 5 and K = 15.
-part 160 batched "$PYTHON" benchmarks/batched.py --device cuda --resnet --write-docs
+# Rows 1-3 of the speed table: the training loop, the search step against the training step
+# (ResNet-20 and VGG-16 at batch 512, with each step's peak memory), the data path.
+part 120 speed "$PYTHON" benchmarks/speed.py --device cuda --rows 1,2,3 --write-docs
+# Batched against one-at-a-time search (the path each took: stacked or vmap) and retraining
+# (stacked, in the default bf16), ResNet-20 at K = 5 and K = 15, with peak memory.
+part 180 batched "$PYTHON" benchmarks/batched.py --device cuda --resnet --write-docs
 # The whole grid against LTR per epoch of work, ResNet-20 on CIFAR-shaped noise.
-part 90 grid_epochs "$PYTHON" benchmarks/grid_epochs.py --device cuda --write-docs
-# ResNet-50 throughput: fp32 against bf16, channels_last, DDP with one process.
-part 110 resnet50 "$PYTHON" benchmarks/resnet50_throughput.py --device cuda --write-docs
+part 80 grid_epochs "$PYTHON" benchmarks/grid_epochs.py --device cuda --write-docs
+# ResNet-50 throughput and peak memory: fp32, bf16 and fp16, channels_last, the DDP wrapper alone.
+part 140 resnet50 "$PYTHON" benchmarks/resnet50_throughput.py --device cuda --write-docs
 cp docs/performance.md "$OUT/performance.md"

@@ -1,8 +1,9 @@
 """ResNet-50 training throughput on synthetic ImageNet-shaped batches (issue 12's GPU rows).
 
-Images/s of the project's training loop (``core.training.train``) in fp32 against bf16, with
-channels_last on and off, and in one process against ``nproc: 1`` under DDP (the wrapper's own
-overhead: one process group of one rank, NCCL on CUDA). Plain PyTorch only, so it runs on the
+Images/s and peak device memory of the project's training loop (``core.training.train``) in fp32,
+bf16 and fp16, with channels_last on and off, and in one process against the DDP wrapper with one
+rank (the wrapper's own cost per step: one process group of one rank, NCCL on CUDA; no
+communication, which needs a second GPU). Plain PyTorch only, so it runs on the
 device machine without Kedro:
 
     PYTHONPATH=src python benchmarks/resnet50_throughput.py --device cuda             # about 3 min on an H200
@@ -32,7 +33,8 @@ from cts_pipeline.core.training import TrainRecipe, train
 
 
 def images_per_second(model_name: str, size: int, batch: int, steps: int, device: str, precision: str,
-                      channels_last: bool) -> float:
+                      channels_last: bool) -> tuple[float, float | None]:
+    """Images/s of the training loop, and its peak device memory in GiB (CUDA; else None)."""
     info = dataclasses.replace(DATASETS["imagenet"], image_shape=(3, size, size))
     generator = torch.Generator().manual_seed(0)
     n = batch * steps
@@ -43,9 +45,13 @@ def images_per_second(model_name: str, size: int, batch: int, steps: int, device
                         generator=torch.Generator().manual_seed(1)).to(device)
     recipe = TrainRecipe(epochs=3, batch_size=batch, lr=0.1, precision=precision, loss_reduction="sum",
                          grad_clip_norm=2.0)
+    on_cuda = split.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(split.device)
     history = train(model, split, None, recipe, seed=0, stage="throughput", channels_last=channels_last,
                     progress=False).history
-    return n / statistics.median(r["seconds"] for r in history[1:])
+    peak = torch.cuda.max_memory_allocated(split.device) / 2**30 if on_cuda else None
+    return n / statistics.median(r["seconds"] for r in history[1:]), peak
 
 
 def main() -> None:
@@ -60,25 +66,31 @@ def main() -> None:
     batch, steps = (8, 2) if args.quick else (args.batch, args.steps)
     on_cuda = args.device.startswith("cuda")
     rows = []
-    for precision in ("fp32", "bf16") if on_cuda else ("fp32",):
+
+    def add(label: str, measured: tuple[float, float | None]) -> None:
+        rows.append((label, *measured))
+        print(f"{label}: {measured[0]:.0f} images/s", flush=True)
+
+    for precision in ("fp32", "bf16", "fp16") if on_cuda else ("fp32",):
         for channels_last in (False, True):
-            speed = images_per_second(model, size, batch, steps, args.device, precision, channels_last)
-            rows.append((f"one process, {precision}, {'channels_last' if channels_last else 'NCHW'}", speed))
-            print(f"{rows[-1][0]}: {speed:.0f} images/s", flush=True)
+            add(f"one process, {precision}, {'channels_last' if channels_last else 'NCHW'}",
+                images_per_second(model, size, batch, steps, args.device, precision, channels_last))
     best_precision = "bf16" if on_cuda else "fp32"
-    ddp = launch(images_per_second, 1, model, size, batch, steps, args.device, best_precision, True,
-                 backend="nccl" if on_cuda else "gloo")
-    rows.append((f"DDP, nproc 1, {best_precision}, channels_last", ddp))
-    print(f"{rows[-1][0]}: {ddp:.0f} images/s", flush=True)
-    single = next(speed for label, speed in rows if label == f"one process, {best_precision}, channels_last")
+    # One rank: DDP's own cost per step (its hooks and bucket copies), with no second rank to
+    # all-reduce with; what several GPUs cost in communication is benchmarks/distributed.py's.
+    add(f"DDP wrapper alone (one rank, no all-reduce partner), {best_precision}, channels_last",
+        launch(images_per_second, 1, model, size, batch, steps, args.device, best_precision, True,
+               backend="nccl" if on_cuda else "gloo"))
+    single = next(speed for label, speed, _ in rows if label == f"one process, {best_precision}, channels_last")
     lines = [f"`python benchmarks/resnet50_throughput.py --device {args.device}`, {datetime.date.today()}, "
              f"{describe_hardware(torch.device(args.device))}. {model}, {size}x{size} synthetic images, "
-             f"batch {batch}, summed loss with clipping.", "",
-             "| run | images/s | against fp32 NCHW |", "|---|---|---|"]
-    for label, speed in rows:
-        lines.append(f"| {label} | {speed:.0f} | {speed / rows[0][1]:.2f} |")
+             f"batch {batch}, summed loss with clipping; fp16 with its gradient scaler and fused SGD.", "",
+             "| run | images/s | against fp32 NCHW | peak memory |", "|---|---|---|---|"]
+    for label, speed, peak in rows:
+        memory = f"{peak:.1f} GiB" if peak is not None else "—"
+        lines.append(f"| {label} | {speed:.0f} | {speed / rows[0][1]:.2f} | {memory} |")
     lines.append("")
-    lines.append(f"DDP over one process / one process: **{ddp / single:.2f}** of the images/s.")
+    lines.append(f"The DDP wrapper with one rank / one process: **{rows[-1][1] / single:.2f}** of the images/s.")
     print("\n".join(lines))
     if args.write_docs:
         replace_block("docs/performance.md", "resnet50", "\n".join(lines))

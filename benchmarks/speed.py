@@ -80,7 +80,7 @@ def write_table(device: torch.device) -> None:
     ]))
 
 
-LABELS = {"lenet_300_100": "LeNet-300-100", "resnet20": "ResNet-20"}
+LABELS = {"lenet_300_100": "LeNet-300-100", "resnet20": "ResNet-20", "vgg16": "VGG-16"}
 
 
 sync = synchronize  # the other benchmarks import it from here
@@ -196,12 +196,22 @@ def step_ratio(name: str, shape, batch: int, device: torch.device, channels_last
     search()
     t_dense, t_search, ratio = interleaved(dense, search, repeats, device)
     d = relaxation.num_weights
-    convolutional = name == "resnet20"
+    convolutional = name in ("resnet20", "vgg16")
+    memory = f"; peak {peak_gib(search, device)} vs {peak_gib(dense, device)}" if device.type == "cuda" else ""
     row(2, f"CTS search step / dense training step, {LABELS[name]}{' NHWC' if channels_last else ' NCHW' if convolutional else ''} "
-        f"({d:,} logits), batch {batch}",
-        f"{t_search / steps * 1e3:.1f} ms vs {t_dense / steps * 1e3:.1f} ms", f"{ratio:.2f}",
+        f"({d:,} logits), batch {batch}, fp32",
+        f"{t_search / steps * 1e3:.1f} ms vs {t_dense / steps * 1e3:.1f} ms{memory}", f"{ratio:.2f}",
         "≤ 1.5 (floor ≈ 1.33)" if convolutional else "below the straightforward 2.6–2.8",
         ratio <= 1.5 if convolutional else ratio < 2.6)
+
+
+def peak_gib(run, device: torch.device) -> str:
+    """The most device memory ``run()`` holds at once, in GiB (CUDA only)."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    sync(device)
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +445,8 @@ def main() -> None:
         step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=True, repeats=args.repeats, steps=5)
         step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=False, repeats=args.repeats, steps=5)
         step_ratio("lenet_300_100", (1, 28, 28), 128, device, channels_last=False, repeats=args.repeats, steps=100)
+        if device.type == "cuda":  # VGG-16's 15 M weights at batch 512: minutes per row on a CPU
+            step_ratio("vgg16", (3, 32, 32), conv_batch, device, channels_last=True, repeats=args.repeats, steps=5)
     if 3 in rows:
         data_path_ratio(device, 5_000, repeats=3)
     if 4 in rows:

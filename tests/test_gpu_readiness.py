@@ -249,8 +249,8 @@ def test_stacked_retraining_under_bf16_matches_one_at_a_time(monkeypatch):
     from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
     from cts_pipeline.core.models import build_model
 
-    monkeypatch.setattr(training, "_effective_precision", lambda precision, device: precision)
-    monkeypatch.setattr(batched, "_effective_precision", lambda precision, device: precision)
+    monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
+    monkeypatch.setattr(batched, "effective_precision", lambda precision, device: precision)
     train_split, test_split = (s.subset(n) for s, n in zip(load_splits("digits"), (256, 128), strict=True))
     recipe = training.TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision="bf16")
 
@@ -272,3 +272,275 @@ def test_stacked_retraining_under_bf16_matches_one_at_a_time(monkeypatch):
                 assert torch.allclose(state[name], value, rtol=5e-2, atol=5e-3), name
         assert result.final["train_loss"] == pytest.approx(single.final["train_loss"], rel=2e-2)
         assert all(bool((state[n][mask[n] == 0] == 0).all()) for n in mask)
+
+
+def test_auto_precision_is_bf16_where_the_gpu_has_it_and_fp32_elsewhere(monkeypatch, caplog):
+    """The default ``training.precision: auto``: bf16 autocast (no scaler, so no host sync) on a
+    GPU with native bf16, fp32 on older GPUs and, without a word, on the CPU."""
+    import logging
+
+    from cts_pipeline.core.training import TrainRecipe, effective_precision
+
+    assert TrainRecipe(epochs=1, batch_size=8, lr=0.1).precision == "auto"
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert effective_precision("auto", cuda) == "bf16"
+    assert effective_precision("fp16", cuda) == "fp16"  # asked for (the authors' presets): kept
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert effective_precision("auto", cuda) == "fp32"
+    with caplog.at_level(logging.WARNING, logger="cts_pipeline"):
+        assert effective_precision("auto", torch.device("cpu")) == "fp32"
+    assert not caplog.records
+
+
+# --- memory (item 2: a ResNet-50 search at batch 1024 saves about 82 GiB of activations) -----------
+
+
+def _lenet_search(density, seed=0):
+    """A LeNet (no BatchNorm: micro-batches give exactly the batch's gradient) and its relaxation."""
+    from cts_pipeline.core.cts import ConcreteMask
+    from cts_pipeline.core.masks import prunable_parameters
+    from cts_pipeline.core.models import build_model
+
+    model = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
+                        generator=torch.Generator().manual_seed(seed))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 8, 8, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+    return model, ConcreteMask(prunable_parameters(model), density), x, y
+
+
+@pytest.mark.parametrize("density", [0.05, [0.05, 0.2]], ids=["one density", "two rows"])
+@pytest.mark.parametrize("objective", ["kl", "ce"])
+def test_micro_batches_give_the_whole_batch_gradient(density, objective):
+    """The search's gradient over 64 samples in 5 uneven micro-batches is the one-batch gradient,
+    and so is the objective: each piece's mean is weighted by its share of the samples."""
+    from cts_pipeline.core.cts import OBJECTIVES
+    from cts_pipeline.core.cts.search import _objective_and_gradient
+    from cts_pipeline.core.memory import MicroBatches
+    from cts_pipeline.core.runtime import UniformNoise
+
+    model, relaxation, x, y = _lenet_search(density)
+
+    def run(micro):
+        noise = UniformNoise("cpu", 0, "concrete-noise", 0)
+        return _objective_and_gradient(model, relaxation, OBJECTIVES[objective], noise, x, y, 100.0, micro)
+
+    whole_loss, whole_grad = run(None)
+    loss, grad = run(MicroBatches(5, limit=32, stage="test"))
+    assert grad.shape == relaxation.logits.shape
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, whole_grad, rtol=1e-4, atol=1e-5 * float(whole_grad.abs().max()))
+
+
+def test_an_out_of_memory_step_repeats_in_more_pieces_with_the_same_noise(monkeypatch, caplog):
+    """A step that runs out of device memory doubles its micro-batches and runs again, with one
+    warning; the noise was drawn before, so the step is the one an unfailed step would have taken."""
+    import logging
+
+    from cts_pipeline.core.cts import OBJECTIVES, GradBalance, search
+    from cts_pipeline.core.memory import MicroBatches
+    from cts_pipeline.core.runtime import UniformNoise
+
+    def step(micro):
+        model, relaxation, x, y = _lenet_search(0.05)
+        optimizer = torch.optim.Adam([relaxation.logits], lr=0.1)
+        balancer = GradBalance(0.05, relaxation.num_weights)
+        search.search_step(model, relaxation, OBJECTIVES["kl"], balancer, optimizer,
+                           UniformNoise("cpu", 0, "concrete-noise", 0), x, y, 100.0, micro_batches=micro)
+        return relaxation.logits.detach()
+
+    plain = step(None)
+    real = search._objective
+    pieces_seen = []
+
+    def small_device(model, relaxation, objective, soft, x, y):
+        pieces_seen.append(x.shape[0])
+        if x.shape[0] > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 82.00 GiB")
+        return real(model, relaxation, objective, soft, x, y)
+
+    monkeypatch.setattr(search, "_objective", small_device)
+    micro = MicroBatches(1, limit=32, stage="cts search")
+    with caplog.at_level(logging.WARNING, logger="cts_pipeline"):
+        fell_back = step(micro)
+    assert micro.count == 4 and pieces_seen == [64, 32, 16, 16, 16, 16]
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "cts search: out of device memory; each batch now runs as 2 micro-batches" in warning
+    # After one Adam step (about lr · sign(g) where |g| passes Adam's eps): float rounding only.
+    torch.testing.assert_close(fell_back, plain, rtol=1e-4, atol=1e-4)
+
+    with pytest.raises(torch.OutOfMemoryError):  # past the limit the error stands
+        MicroBatches(1, limit=1, stage="x").run(lambda count: small_device(None, None, None, None,
+                                                                           torch.zeros(64), None))
+
+
+def test_objectives_that_are_not_batch_means_run_whole():
+    from cts_pipeline.core.cts import OBJECTIVES
+    from cts_pipeline.core.cts.search import _gradient_to_mask, _micro_batches
+
+    model, relaxation, x, y = _lenet_search(0.05)
+    assert _micro_batches(model, relaxation, OBJECTIVES["dloss"], x, y, 1.0, 1, 0, "s").limit == 1
+    assert _micro_batches(model, relaxation, OBJECTIVES["kl"], x, y, 1.0, 4, 0, "s").limit == 8  # 16 per rank
+    soft = torch.sigmoid(relaxation.logits.detach()).requires_grad_(True)
+    with pytest.raises(ValueError, match="loss_ratio objective is not a mean over samples"):
+        _gradient_to_mask(model, relaxation, OBJECTIVES["dloss"], soft, x, y, 1.0, 2)
+
+
+def test_the_plan_fits_a_share_of_the_free_memory(monkeypatch):
+    """Measured at 8 samples, scaled to the batch, cut to fit 80 % of the free memory; never below
+    two samples a piece (BatchNorm); a CPU plans nothing."""
+    from cts_pipeline.core import memory
+
+    assert memory.micro_batches_to_fit(2**20, 1024, 400 * 2**20) == 4  # 1 GiB over 320 MiB
+    assert memory.micro_batches_to_fit(2**20, 1024, 2**40) == 1
+    assert memory.micro_batches_to_fit(2**30, 64, 2**20) == 32  # at most 2 samples a piece
+    probed = []
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 100 * 2**20)
+    monkeypatch.setattr(memory, "peak_bytes", lambda device, step: (step(), 8 * 2**20)[1])
+    assert memory.plan_micro_batches(torch.device("cuda"), 512, probed.append, "s") == 7  # 512 MiB / 80 MiB
+    assert probed == [8]
+
+    def no_room(samples):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(memory, "release_cached_memory", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert memory.plan_micro_batches(torch.device("cuda"), 512, no_room, "s") == 256
+    monkeypatch.undo()
+    assert memory.plan_micro_batches(torch.device("cpu"), 512, probed.append, "s") == 1 and probed == [8]
+
+
+def test_a_search_planned_in_micro_batches_finds_the_same_logits_and_says_so(monkeypatch):
+    """Through the whole loop: a plan of 4 micro-batches (as a small GPU would make) gives the
+    logits of the whole-batch search, and the result records it with the path its rows took."""
+    from cts_pipeline.core.cts import SearchConfig, concrete_search, search
+    from cts_pipeline.core.data import load_splits
+    from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.training import TrainRecipe
+
+    train_split = load_splits("digits")[0].subset(128)
+    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.1)
+
+    def run(density):
+        model = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
+                            generator=torch.Generator().manual_seed(0))
+        return concrete_search(model, train_split, density=density, config=SearchConfig(objective="kl"),
+                               recipe=recipe, seed=0, progress=False)
+
+    whole = run([0.05, 0.2])
+    monkeypatch.setattr(search, "plan_micro_batches", lambda device, batch, probe, stage: 4)
+    pieces = run([0.05, 0.2])
+    for a, b in zip(whole, pieces, strict=True):
+        assert (a.micro_batches, b.micro_batches) == (1, 4) and a.forward_path == b.forward_path == "stacked"
+        for name in a.scores:
+            torch.testing.assert_close(b.scores[name], a.scores[name], rtol=1e-4, atol=1e-4)
+    assert run(0.05).forward_path == "single"
+
+
+# --- the stacked-versus-vmap check (item 3: TF32 would send every batched search to vmap) -------
+
+
+def test_the_stacked_check_compares_in_full_fp32(cuda_flags, monkeypatch):
+    from cts_pipeline.core.cts import ConcreteMask, forwards
+    from cts_pipeline.core.masks import prunable_parameters
+    from cts_pipeline.core.models import build_model
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # runtime.tf32's default
+    model = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
+                        generator=torch.Generator().manual_seed(0))
+    relaxation = ConcreteMask(prunable_parameters(model), [0.1, 0.3])
+    seen = []
+    real = forwards.masked_forward
+
+    def spy(*args):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(*args)
+
+    monkeypatch.setattr(forwards, "masked_forward", spy)
+    with forwards.batch_statistics(model):
+        assert forwards.check_stacked(model, relaxation, torch.randn(16, 1, 8, 8), "s")
+    assert seen == [(False, False)] * 2
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+
+
+# --- whatever runs out of memory, the run goes on one row at a time -----------------------------
+
+
+@pytest.fixture
+def digits_payloads():
+    from cts_pipeline.config import DataConfig, ModelConfig, RuntimeConfig
+    from cts_pipeline.pipelines.common import build_network, split_from_payload
+    from cts_pipeline.pipelines.data_processing.nodes import prepare_data
+
+    train, test = prepare_data(DataConfig(name="digits", train_subset=128, test_subset=64))
+    model = ModelConfig(name="lenet_300_100")
+    runtime = RuntimeConfig(device="cpu", progress=False, checkpoint_dir=None)
+    net = build_network(model, split_from_payload(train, torch.device("cpu"), None), torch.device("cpu"), seed=0)
+    return train, test, model, runtime, {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_a_batched_search_that_does_not_fit_runs_one_density_at_a_time(digits_payloads, monkeypatch, caplog):
+    import logging
+
+    from cts_pipeline.core.training import TrainRecipe
+    from cts_pipeline.grid import Branch
+    from cts_pipeline.pipelines.cts import nodes
+
+    train, _test, model, runtime, theta = digits_payloads
+    real = nodes.concrete_search
+
+    def rows_do_not_fit(*args, density, **kwargs):
+        if not isinstance(density, float):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(*args, density=density, **kwargs)
+
+    monkeypatch.setattr(nodes, "concrete_search", rows_do_not_fit)
+    monkeypatch.setattr(nodes, "release_cached_memory", lambda: None)
+    group = [Branch("cts_kl", 0, s, family="cts", settings={"objective": "kl", "epochs": 1}) for s in (0.9, 0.95)]
+    with caplog.at_level(logging.WARNING, logger="cts_pipeline"):
+        out = nodes.search_masks(theta, train, model, TrainRecipe(epochs=2, batch_size=64, lr=0.1), runtime, *group)
+    assert "2 densities searched together do not fit in device memory; searching them one at a time" in caplog.text
+    assert [out[f"{b.namespace}.mask_log"]["search_path"] for b in group] == ["single", "single"]
+
+
+def test_a_probe_that_runs_out_of_memory_chooses_one_at_a_time(monkeypatch, caplog):
+    import logging
+
+    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.pipelines import common
+
+    def probe():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(common, "release_cached_memory", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="cts_pipeline"):
+        assert not common.batched_if_faster(RuntimeConfig(batch_sparsities="auto"), "g", probe, 3, "w", "training",
+                                            "them stacked")
+    assert "the probe of 3 rows at once ran out of device memory; training one at a time" in caplog.text
+
+
+# --- loader workers (item 8) and torch.compile with DDP (item 9) --------------------------------
+
+
+def test_loader_workers_default_to_the_cpus_less_one_per_process(monkeypatch):
+    from cts_pipeline.pipelines import common
+
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert common.default_data_workers(1) == 15 and common.default_data_workers(4) == 3
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0})
+    assert common.default_data_workers(1) == 1
+
+
+def test_compile_wraps_the_ddp_model_not_the_other_way_round(monkeypatch):
+    from cts_pipeline.core import training
+
+    wrapped = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m: wrapped.append(("ddp", m)) or "ddp")
+    monkeypatch.setattr(torch, "compile", lambda m: wrapped.append(("compile", m)) or "compiled")
+    model = torch.nn.Linear(2, 2)
+    assert training.training_forward(model, 4, True) == "compiled"
+    assert wrapped == [("ddp", model), ("compile", "ddp")]
+    wrapped.clear()
+    assert training.training_forward(model, 1, False) is model and wrapped == []

@@ -47,6 +47,7 @@ REACHABLE_TIMEOUT_S = 5
 CHILD_PARAMS = (
     "method", "family", "objective", "model", "dataset", "sparsity", "density", "seed", "rewind_epoch",
     "search_length", "search_epochs", "start", "start_epoch", "checked_method", "namespace", "hardware",
+    "search_path", "search_micro_batches", "retrain_path",
 )
 CHILD_METRICS = (
     "test_accuracy", "test_loss", "achieved_sparsity", "achieved_density", "kept_weights",

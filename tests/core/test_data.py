@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cts_pipeline.core import data
+from cts_pipeline.core import data, data_transforms
 from cts_pipeline.core.data import (
     DATASETS,
     DataFileError,
@@ -422,8 +422,8 @@ def test_normalize_float_input_is_left_untouched_and_constants_are_cached():
         normalize(raw, info), normalize(raw.round().byte(), info), atol=0.02, rtol=0
     )
     assert torch.equal(raw, before)
-    first = data._norm_constants(raw.device, info)
-    assert all(a is b for a, b in zip(first, data._norm_constants(raw.device, info), strict=True))
+    first = data_transforms._norm_constants(raw.device, info)
+    assert all(a is b for a, b in zip(first, data_transforms._norm_constants(raw.device, info), strict=True))
 
 
 def test_normalize_rejects_wrong_channel_count():
@@ -523,7 +523,7 @@ def test_batched_crop_flip_matches_per_sample_reference():
     grid = [(t, lft, f) for t in range(2 * pad + 1) for lft in range(2 * pad + 1) for f in (0, 1)]
     split = toy_split(len(grid))
     top, left, flip = (torch.tensor(col) for col in zip(*grid, strict=True))
-    out = data._crop_flip(split.images, top, left, flip.bool(), pad)
+    out = data_transforms.crop_flip(split.images, top, left, flip.bool(), pad)
     assert out.shape == split.images.shape and out.dtype == torch.uint8
     for i, (t, lft, f) in enumerate(grid):
         expected = reference_crop_flip(split.images[i], t, lft, bool(f), pad)
@@ -551,7 +551,7 @@ def test_iterate_batches_augmentation_replays_the_reference():
     generator = torch.Generator().manual_seed(7)
     for b, (x, y) in enumerate(batches):
         images = split.images[b * batch_size : (b + 1) * batch_size]
-        top, left, flip = data._draw_crop_flip(len(images), pad, generator, images.device)
+        top, left, flip = data_transforms.draw_crop_flip(len(images), pad, generator, images.device)
         assert 0 <= int(top.min()) and int(top.max()) <= 2 * pad
         expected = torch.stack(
             [

@@ -59,10 +59,26 @@ def test_tiny_imagenet_train_and_val_have_their_labels_and_sizes(tmp_path):
     assert [label for _, label in val.samples] == [0, 1], "validation labels come from the annotations"
     image, label = val[1]
     assert image.shape == (3, 64, 64) and label == 1
-    # Evaluation only resizes and crops a flat image: every pixel is the normalised value.
-    expected = (140 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert torch.allclose(image.mean(dim=(1, 2)), expected, atol=0.03)
+    # Evaluation only resizes and crops a flat image; the pixels stay uint8 (normalised on the device).
+    assert image.dtype == torch.uint8 and torch.allclose(image.float().mean(dim=(1, 2)), torch.tensor(140.0), atol=8)
     assert train[0][0].shape == (3, 64, 64)
+
+
+def test_streamed_batches_cross_as_uint8_and_are_normalised_on_the_device(tmp_path):
+    """Issue 20, item 8: the loader workers decode and crop only; a quarter of float32's bytes
+    cross to the device, where the batch is normalised, with a deeper prefetch queue."""
+    from cts_pipeline.core.image_folders import PREFETCH_BATCHES
+
+    tiny_imagenet(tmp_path)
+    train = load_splits("tiny_imagenet", tmp_path)[1].with_workers(1)
+    x, y = next(iter(iterate_batches(train, 2, shuffle=False)))
+    [loader] = train._loaders.values()
+    assert loader.prefetch_factor == PREFETCH_BATCHES and loader.num_workers == 1
+    raw, _ = next(iter(loader))
+    assert raw.dtype == torch.uint8 and x.dtype == torch.float32
+    expected = (140 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(x[1].mean(dim=(1, 2)), expected, atol=0.03)
+    torch.testing.assert_close(train.take(torch.tensor([0, 1])), x)
 
 
 def test_imagenet_layout_crops_to_224_and_streams_in_batches(tmp_path):

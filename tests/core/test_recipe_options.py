@@ -212,7 +212,8 @@ def test_a_non_default_schedule_is_its_own_method():
 @pytest.mark.cross_path
 @pytest.mark.parametrize("padding", ["zeros", "reflect"])
 def test_crop_padding_matches_torch_pad_then_crop(padding):
-    from cts_pipeline.core.data import _crop_flip, _draw_crop_flip
+    from cts_pipeline.core.data_transforms import crop_flip as _crop_flip
+    from cts_pipeline.core.data_transforms import draw_crop_flip as _draw_crop_flip
 
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     top, left, flip = _draw_crop_flip(16, 4, torch.Generator().manual_seed(3), torch.device("cpu"))

@@ -35,7 +35,7 @@ from .masks import check_mask_matches
 from .runtime import generator, synchronize
 from .stacked import rewired, unstack
 from .stacked import supports as stacked_supports
-from .training import TrainRecipe, TrainResult, _effective_precision, check_finite, to_layout, train
+from .training import TrainRecipe, TrainResult, check_finite, effective_precision, to_layout, train
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def supports(model: nn.Module, recipe: TrainRecipe, device: torch.device) -> boo
     fixed momentum, no fp16 loss scaling (one scaler would be shared by the K tickets), and one
     rank (virtual ranks train one ticket at a time)."""
     norms_ok = all(m.momentum is not None for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    return (stacked_supports(model) and norms_ok and _effective_precision(recipe.precision, device) != "fp16"
+    return (stacked_supports(model) and norms_ok and effective_precision(recipe.precision, device) != "fp16"
             and recipe.virtual_ranks == 1)
 
 
@@ -112,7 +112,7 @@ def train_tickets(
     wall-clock over K (each ticket's share). With ``checkpoint``, resumes as :func:`.training.train`.
     """
     device = train_split.device
-    precision = _effective_precision(recipe.precision, device)
+    precision = effective_precision(recipe.precision, device)
     if not supports(model, recipe, device):
         raise ValueError("these tickets cannot train stacked; use training.train one by one")
     for mask in masks:

@@ -9,7 +9,7 @@ Two layouts under ``root``:
 
 Training uses RandomResizedCrop and a horizontal flip; evaluation, and the search (which sees
 the training images as evaluation does, ``method.md``), Resize then CenterCrop. Both normalise
-with ImageNet's mean and std. Everything is torchvision's: ``ImageFolder``, ``transforms.v2``,
+with ImageNet's mean and std (or ``data.mean`` / ``data.std``), on the device, from uint8 batches. Everything is torchvision's: ``ImageFolder``, ``transforms.v2``,
 ``DataLoader``; only the Tiny-ImageNet validation annotations need a reader of their own, since
 torchvision ships no Tiny-ImageNet dataset.
 
@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .data_registry import DataFileError, DatasetInfo, DatasetNotFoundError
+from .data_transforms import normalize
 from .distributed import rank_and_world
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_RESIZE_RATIO = 256 / 224  # the standard Resize(256) before CenterCrop(224), at any size
+# Batches each loader worker keeps ready (torch's default is 2): a GPU step on a bf16 ResNet-50
+# takes less than one worker's decoding of a batch, so a deeper queue rides out slow JPEGs.
+PREFETCH_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,11 @@ RESIZED_CROPS = {
 }
 
 
-def transforms_for(name: str, stage: str, *, mean: tuple[float, ...] = IMAGENET_MEAN,
-                   std: tuple[float, ...] = IMAGENET_STD, resized_crop: str = "torchvision"):
+def transforms_for(name: str, stage: str, *, resized_crop: str = "torchvision"):
     """``stage``: ``train`` (random resized crop as ``resized_crop`` says, flip) or ``eval``
-    (resize, center crop); then normalised with ``mean`` and ``std``."""
+    (resize, center crop), on uint8 pixels. Normalising is left to the device the batch goes to
+    (:func:`.data.normalize`): a quarter of the bytes cross to it, and the loader workers' CPUs
+    spend nothing on float arithmetic."""
     from torchvision.transforms import v2
 
     size = LAYOUTS[name].image_size
@@ -83,7 +88,7 @@ def transforms_for(name: str, stage: str, *, mean: tuple[float, ...] = IMAGENET_
         geometry = [v2.Resize(round(size * EVAL_RESIZE_RATIO), antialias=True), v2.CenterCrop(size)]
     else:
         raise ValueError(f"stage must be 'train' or 'eval', got {stage!r}")
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose([v2.ToImage(), *geometry])
 
 
 # Tiny-ImageNet's official archive (the cs231n course's); ImageNet has no public download.
@@ -265,8 +270,7 @@ class StreamedSplit:
         if self.folder is None:
             self.folder = image_folder(self.info.name, self.root, self.split, "eval")
         staged = copy.copy(self.folder)  # the same sample list; ImageFolder and ours read .transform
-        staged.transform = transforms_for(self.info.name, stage, mean=self.info.mean, std=self.info.std,
-                                          resized_crop=self.resized_crop)
+        staged.transform = transforms_for(self.info.name, stage, resized_crop=self.resized_crop)
         return staged
 
     def to(self, device: torch.device | str) -> StreamedSplit:
@@ -292,7 +296,9 @@ class StreamedSplit:
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
                 augment: bool = False, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of (normalised images, labels) on :attr:`device`. Shuffled epochs are split
+        """One epoch of (normalised float32 images, labels) on :attr:`device`: the loader's uint8
+        batches (pinned on CUDA, :data:`PREFETCH_BATCHES` ahead per worker) are normalised there.
+        Shuffled epochs are split
         over the ranks of a process group: each rank gets ``batch_size / world`` images of every
         global batch, the union being the global batch one process would see. Unshuffled epochs
         (evaluation) read every image on every rank."""
@@ -313,19 +319,20 @@ class StreamedSplit:
             samples = _SeededSamples(self.dataset("train" if augment else "eval"), self.indices)
             self._loaders[key] = DataLoader(
                 samples, batch_size=batch_size // world, sampler=order, num_workers=workers,
-                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last)
+                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last,
+                prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
         loader = self._loaders[key]
         if shuffle:
             gen_device = generator.device if generator is not None else "cpu"
             loader.sampler.set_seed(int(torch.randint(0, 2**62, (), generator=generator, device=gen_device)))
         for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield normalize(x.to(self.device, non_blocking=True), self.info), y.to(self.device, non_blocking=True)
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
         """The images at ``index`` (evaluation transforms) as one normalised batch on :attr:`device`."""
         dataset = self.dataset("eval")
         images = [dataset[self.indices[i] if self.indices is not None else i][0] for i in index.tolist()]
-        return torch.stack(images).to(self.device)
+        return normalize(torch.stack(images).to(self.device), self.info)
 
 
 def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: list[int] | None = None,

@@ -29,7 +29,9 @@ from .virtual_ranks import check_one_process, rank_chunks, running_stats_of
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+# auto: bf16 autocast on GPUs with native bf16 (Ampere and later; no gradient scaler, so no host
+# sync), fp32 elsewhere. fp16 needs a scaler (the authors' code); the search always runs in fp32.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # Where a ticket's weights come from: the rewind point θ_k, or the initialisation θ_0 (the search's
@@ -58,7 +60,7 @@ class TrainRecipe:
     grad_clip_norm: float | None = None
     augment: bool = False
     crop_padding: str = "zeros"  # the random crop's border: zeros (torchvision's default) | reflect (the authors')
-    precision: str = "fp32"
+    precision: str = "auto"
     eval_batch_size: int = 1000
     eval_every: int = 1
     warmup_epochs: int = 0  # linear warm-up per step over the first epochs (the authors' ImageNet recipe: 5)
@@ -206,7 +208,7 @@ def train(
     """
     end_epoch = recipe.epochs if end_epoch is None else end_epoch
     device = train_split.device
-    precision = _effective_precision(recipe.precision, device)
+    precision = effective_precision(recipe.precision, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     masked = _mask_pairs(model, mask, device)
@@ -226,9 +228,7 @@ def train(
     sum_share = float(world) if recipe.loss_reduction == "sum" else None
     if world > 1:
         model = sync_batchnorm(model)
-    forward = torch.compile(model) if compile_model else model
-    if world > 1:  # inside a process group (core/distributed.py): gradients averaged over ranks
-        forward = torch.nn.parallel.DistributedDataParallel(forward)
+    forward = training_forward(model, world, compile_model)
     steps_per_epoch = _num_batches(len(train_split), recipe.batch_size)
     result = TrainResult()
 
@@ -333,6 +333,20 @@ def train(
     return result
 
 
+def training_forward(model: nn.Module, world: int, compile_model: bool) -> nn.Module:
+    """What a training step calls: under a process group (:mod:`.distributed`), DDP over ``model``
+    so gradients average over ranks; with ``compile_model``, ``torch.compile`` around that. In
+    this order dynamo's DDP optimizer cuts the graph at DDP's gradient buckets, so each bucket's
+    all-reduce still overlaps the rest of the backward (compiled first, DDP would see one opaque
+    module and reduce everything after the backward)."""
+    forward = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(forward)
+    if compile_model:
+        forward = torch.compile(forward)
+    return forward
+
+
 def optimizer_and_scaler(params: list[torch.Tensor], recipe: TrainRecipe, lr: float, precision: str,
                          device: torch.device) -> tuple[torch.optim.SGD, torch.amp.GradScaler | None]:
     """The recipe's SGD and, for fp16, its gradient scaler. Under fp16 the SGD is fused: the scaler
@@ -387,7 +401,13 @@ def _num_batches(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
-def _effective_precision(precision: str, device: torch.device) -> str:
+def effective_precision(precision: str, device: torch.device) -> str:
+    """What ``training.precision`` means on ``device``: ``auto`` is bf16 on a CUDA device with
+    native bf16 (compute capability 8 and up) and fp32 elsewhere; half precision asked for
+    explicitly on a CPU trains in fp32, with a warning."""
+    if precision == "auto":
+        native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        return "bf16" if native_bf16 else "fp32"
     if precision != "fp32" and device.type != "cuda":
         logger.warning("training.precision=%s applies on CUDA only; training in fp32 on %s", precision, device)
         return "fp32"

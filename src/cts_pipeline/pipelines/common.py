@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -21,6 +22,7 @@ from torch import nn
 from ..config import ModelConfig, RuntimeConfig
 from ..core.checkpoints import Checkpoint, adopt_deferred, defer_removal, digest, take_deferred
 from ..core.data import Split, get_dataset_info
+from ..core.memory import release_cached_memory
 from ..core.runtime import generator, resolve_device
 
 # Nodes that compute on the run's device; a distributed runner gives each one GPU
@@ -131,10 +133,16 @@ def split_to_payload(split) -> dict:
     return {"dataset": split.info.name, "images": split.images.cpu(), "labels": split.labels.cpu()}
 
 
+def default_data_workers(processes: int) -> int:
+    """Loader workers per process when ``runtime.data_workers`` is null: the CPUs this process may
+    use, shared by the run's processes, less one each for the process itself (at least one)."""
+    return max(1, len(os.sched_getaffinity(0)) // processes - 1)
+
+
 def split_from_payload(payload: Mapping, device: torch.device, workers: int | None = 0):
     """The split a payload describes on ``device``; a streamed one reads its images with
-    ``workers`` loader processes (``runtime.data_workers``; None: up to 4, as this process's share
-    of the CPUs allows)."""
+    ``workers`` loader processes (``runtime.data_workers``; None: this process's share of the
+    CPUs, less one for the process itself: decoding JPEGs is what keeps a GPU waiting)."""
     info = get_dataset_info(payload["dataset"])
     if "normalization" in payload:  # data.mean / data.std set by the run
         norm = payload["normalization"]
@@ -144,7 +152,7 @@ def split_from_payload(payload: Mapping, device: torch.device, workers: int | No
         from ..core.image_folders import open_streamed
 
         if workers is None:
-            workers = min(4, max(1, len(os.sched_getaffinity(0)) // rank_and_world()[1] - 1))
+            workers = default_data_workers(rank_and_world()[1])
 
         where = payload["streamed"]
         indices = None if where["indices"] is None else where["indices"].tolist()
@@ -174,7 +182,14 @@ def batched_if_faster(runtime: RuntimeConfig, stage: str, measure: Callable[[], 
 
     if runtime.batch_sparsities is True:
         return True
-    ratio = broadcast_object(measure())
+    try:
+        ratio = measure()
+    except torch.OutOfMemoryError:  # K rows at once do not fit this device: one at a time, not a failed run
+        release_cached_memory()
+        logger.warning("%s: the probe of %d rows at once ran out of device memory; %s one at a time", stage, rows,
+                       doing)
+        ratio = math.inf
+    ratio = broadcast_object(ratio)
     faster = ratio < 1.0
     logger.info("%s: %s %.2f of %d single steps on this device; %s %s (runtime.batch_sparsities: auto)", stage,
                 what, ratio, rows, doing, together if faster else "one at a time")

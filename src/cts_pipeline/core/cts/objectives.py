@@ -134,18 +134,22 @@ class Objective:
     ratio of norms, so the scale multiplies the whole gradient handed to Adam; Adam is invariant to
     that except through its ``eps`` (1e-8), which the unscaled logit gradients (medians near 1e-8
     and below) fall under. See ``docs/architecture.md``, "The loss scale".
+
+    ``batch_mean`` objectives can run a batch as micro-batches (``core.memory``) with the same
+    gradient; the loss ratio and the network objectives are not means over samples and run whole.
     """
 
     fn: Callable[..., torch.Tensor]
     needs_teacher: bool
     kind: str = "logits"
     loss_scale: float = 100.0
+    batch_mean: bool = False  # a mean over the batch's samples: micro-batches weighted by size give it exactly
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "kl": Objective(reverse_kl, needs_teacher=True),
-    "fkl": Objective(forward_kl, needs_teacher=True),
-    "ce": Objective(cross_entropy, needs_teacher=False),
+    "kl": Objective(reverse_kl, needs_teacher=True, batch_mean=True),
+    "fkl": Objective(forward_kl, needs_teacher=True, batch_mean=True),
+    "ce": Objective(cross_entropy, needs_teacher=False, batch_mean=True),
     "dloss": Objective(loss_ratio, needs_teacher=True, loss_scale=10_000.0),
     "feature_mse": Objective(feature_mse, needs_teacher=True, kind="network"),
     "grad_mse": Objective(grad_mse, needs_teacher=True, kind="network"),

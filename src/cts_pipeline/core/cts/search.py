@@ -17,6 +17,7 @@ from ..data import Split, iterate_batches
 from ..distributed import all_sum, average_over_ranks, rank_and_world, shard
 from ..epochs import EpochLoop
 from ..masks import prunable_parameters, unflatten
+from ..memory import MicroBatches, plan_micro_batches
 from ..runtime import UniformNoise, generator, synchronize
 from ..training import TrainRecipe, check_finite, to_layout
 from ..virtual_ranks import check_one_process, rank_chunks
@@ -42,6 +43,7 @@ def search_step(
     share: float | None = None,
     world: int = 1,
     virtual_ranks: int = 1,
+    micro_batches: MicroBatches | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the search (inside :func:`batch_statistics`); returns the objective (unscaled)
     and ``Σσ(s)``, per row when batched.
@@ -51,9 +53,10 @@ def search_step(
     ``loss_scale × objective`` to the logits only, GradBalance, one Adam step. With
     ``virtual_ranks`` N > 1 (:mod:`..virtual_ranks`), each of N chunks of the batch gets its own
     noise draw and its own forwards; the gradients are averaged, and GradBalance averages the
-    chunks' λ*, as the authors' code does on N GPUs.
+    chunks' λ*, as the authors' code does on N GPUs. ``micro_batches`` (:mod:`..memory`) cuts each
+    chunk's forwards into pieces that fit the device, under the same noise draw.
     """
-    parts = [_objective_and_gradient(model, relaxation, objective, noise, x_part, y_part, loss_scale)
+    parts = [_objective_and_gradient(model, relaxation, objective, noise, x_part, y_part, loss_scale, micro_batches)
              for x_part, y_part in rank_chunks(x, y, virtual_ranks)]
     rank_grads = None
     if len(parts) == 1:
@@ -71,27 +74,79 @@ def search_step(
 
 
 def _objective_and_gradient(model: nn.Module, relaxation: ConcreteMask, objective: Objective, noise: UniformNoise,
-                            x: torch.Tensor, y: torch.Tensor, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                            x: torch.Tensor, y: torch.Tensor, loss_scale: float,
+                            micro_batches: MicroBatches | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One noise draw, the objective on ``(x, y)`` (per row when batched, detached) and the
-    gradient of ``loss_scale × objective`` with respect to the logits."""
+    gradient of ``loss_scale × objective`` with respect to the logits.
+
+    The soft mask is sampled once, with its graph to the logits. The objective's gradient is taken
+    to a detached copy of it, over the whole batch or (``micro_batches``) piece by piece, each
+    piece's mean weighted by its share of the samples; then once through the sigmoid to the logits.
+    An out-of-memory error part-way through leaves the noise drawn and the logits untouched, so
+    the step repeats in more pieces and computes the same.
+    """
     soft = relaxation.sample(noise)
+    soft_leaf = soft.detach().requires_grad_(True)
+    if micro_batches is None:
+        loss, soft_grad = _gradient_to_mask(model, relaxation, objective, soft_leaf, x, y, loss_scale, 1)
+    else:
+        loss, soft_grad = micro_batches.run(
+            lambda count: _gradient_to_mask(model, relaxation, objective, soft_leaf, x, y, loss_scale, count))
+    (task_grad,) = torch.autograd.grad(soft, relaxation.logits, soft_grad)
+    return loss, task_grad
+
+
+def _gradient_to_mask(model: nn.Module, relaxation: ConcreteMask, objective: Objective, soft: torch.Tensor,
+                      x: torch.Tensor, y: torch.Tensor, loss_scale: float,
+                      pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective on ``(x, y)`` and the gradient of ``loss_scale × objective`` to the soft mask,
+    computed over ``pieces`` micro-batches (objectives that are batch means only)."""
+    if pieces > 1 and not objective.batch_mean:
+        raise ValueError(f"the {objective.fn.__name__} objective is not a mean over samples: it cannot run "
+                         "in micro-batches")
+    loss_total, grad_total = None, None
+    for x_piece, y_piece in zip(torch.tensor_split(x, pieces), torch.tensor_split(y, pieces), strict=True):
+        weight = x_piece.shape[0] / x.shape[0]
+        loss = _objective(model, relaxation, objective, soft, x_piece, y_piece)
+        # Rows are independent, so the gradient of their sum is each row's own gradient.
+        scale = loss_scale if pieces == 1 else loss_scale * weight
+        (grad,) = torch.autograd.grad(loss.sum() * scale, soft)
+        loss = loss.detach() if pieces == 1 else loss.detach() * weight
+        loss_total = loss if loss_total is None else loss_total + loss
+        grad_total = grad if grad_total is None else grad_total.add_(grad)
+    return loss_total, grad_total
+
+
+def _objective(model: nn.Module, relaxation: ConcreteMask, objective: Objective, soft: torch.Tensor,
+               x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The objective of the network masked by ``soft`` on ``(x, y)``, per row when batched."""
     if objective.kind == "network":
         if relaxation.batched:
             raise ValueError("network objectives (feature_mse, grad_mse, gradnorm) search one density at a time")
-        loss = objective.fn(model, relaxation, soft, x, y)
-    else:
-        dense_logits = None
-        if objective.needs_teacher:
-            with torch.no_grad():
-                dense_logits = model(x)
-        sparse_logits = masked_forward(model, relaxation, soft, x)
-        if relaxation.batched:
-            loss = torch.vmap(lambda s: objective.fn(s, dense_logits, y))(sparse_logits)
-        else:
-            loss = objective.fn(sparse_logits, dense_logits, y)
-    # Rows are independent, so the gradient of their sum is each row's own gradient.
-    (task_grad,) = torch.autograd.grad(loss.sum() * loss_scale, relaxation.logits)
-    return loss.detach(), task_grad
+        return objective.fn(model, relaxation, soft, x, y)
+    dense_logits = None
+    if objective.needs_teacher:
+        with torch.no_grad():
+            dense_logits = model(x)
+    sparse_logits = masked_forward(model, relaxation, soft, x)
+    if relaxation.batched:
+        return torch.vmap(lambda s: objective.fn(s, dense_logits, y))(sparse_logits)
+    return objective.fn(sparse_logits, dense_logits, y)
+
+
+def _micro_batches(model: nn.Module, relaxation: ConcreteMask, objective: Objective, x: torch.Tensor,
+                   y: torch.Tensor, loss_scale: float, virtual_ranks: int, seed: int, stage: str) -> MicroBatches:
+    """The search's micro-batching: planned from a probe step on a few samples of the first batch
+    (CUDA), doubled on an out-of-memory error; objectives that are not batch means run whole."""
+    chunk = math.ceil(x.shape[0] / virtual_ranks)  # what one step's forwards take at once
+    limit = max(1, chunk // 2) if objective.batch_mean else 1
+    probe_noise = UniformNoise(x.device, seed, "memory-probe", 0)
+
+    def probe(samples: int) -> None:
+        _objective_and_gradient(model, relaxation, objective, probe_noise, x[:samples], y[:samples], loss_scale)
+
+    planned = plan_micro_batches(x.device, chunk, probe, stage) if limit > 1 else 1
+    return MicroBatches(planned, limit=limit, stage=stage)
 
 
 def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequence[float], config: SearchConfig,
@@ -161,6 +216,8 @@ class SearchResult:
     final_expected_over_budget: float = 0.0
     resumed_at: int | None = None
     shared_by: int = 1  # how many densities searched together in one batched search
+    forward_path: str = "single"  # how its rows ran: single (one density), stacked or vmap (forwards.py)
+    micro_batches: int = 1  # the pieces each batch ran in, to fit device memory (core/memory.py)
 
     @property
     def group_seconds(self) -> float:
@@ -273,7 +330,7 @@ def concrete_search(
         loop = EpochLoop(stage, first=0, end=epochs, total=epochs, checkpoint=checkpoint, progress=progress)
         resumed_at = loop.resume(restore)
         step = (resumed_at or 0) * steps_per_epoch
-        checked_stacked = None
+        checked_stacked, micro_batches = None, None
         with batch_statistics(model):
             for epoch in loop:
                 step_losses = torch.zeros((steps_per_epoch, rows) if batched else steps_per_epoch, device=device)
@@ -290,12 +347,15 @@ def concrete_search(
                     x = to_layout(x, channels_last)
                     if batched and checked_stacked is None:
                         relaxation.stacked = checked_stacked = check_stacked(model, relaxation, x, stage)
+                    if micro_batches is None:
+                        micro_batches = _micro_batches(model, relaxation, objective, x, y, loss_scale,
+                                                       recipe.virtual_ranks, seed, stage)
                     if step == drop_step:
                         for group in optimizer.param_groups:
                             group["lr"] *= LR_DROP_FACTOR
                         balancer.drop_lr(LR_DROP_FACTOR)
                     loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y,
-                                                 loss_scale, share, world, recipe.virtual_ranks)
+                                                 loss_scale, share, world, recipe.virtual_ranks, micro_batches)
                     step_losses[i] = loss if world == 1 else loss * (share / world)
                     expected_trace[step] = expected.reshape(-1) if batched else expected
                     under_steps += ~balancer.over_budget.reshape(under_steps.shape)
@@ -331,6 +391,7 @@ def concrete_search(
                 loop.end_epoch(epoch, state, messages)
     final_expected = row_sum(torch.sigmoid(relaxation.logits.detach())).reshape(-1).tolist()
     peaks = expected_trace.reshape(total_steps, rows).max(0).values.tolist()
+    path = ("stacked" if relaxation.stacked else "vmap") if batched else "single"
     results = [
         SearchResult(
             scores=relaxation.scores(r if batched else None),
@@ -341,6 +402,8 @@ def concrete_search(
             final_expected_over_budget=final_expected[r] / budgets[r],
             resumed_at=resumed_at,
             shared_by=rows,
+            forward_path=path,
+            micro_batches=micro_batches.count if micro_batches is not None else 1,
         )
         for r in range(rows)
     ]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from ...config import ModelConfig, RuntimeConfig
 from ...core.cts import SearchConfig, SearchResult, concrete_search, stacked_search_ratio
+from ...core.memory import release_cached_memory
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe
 from ...grid import Branch, search_group_namespace
@@ -62,6 +65,8 @@ def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result
         "seconds": result.seconds,  # this ticket's share: the batched search's time over its K masks
         "search_group": [b.namespace for b in group],
         "search_group_seconds": result.group_seconds,
+        "search_path": result.forward_path,  # single, or how K rows ran together: stacked or vmap
+        "search_micro_batches": result.micro_batches,
         "history": result.history,
         "hardware": hardware,
         "started_at": started_at,  # wall-clock (Unix seconds): the branch's start in MLflow
@@ -129,7 +134,16 @@ def search_masks(
         return found if together else [found]
 
     # One at a time, each branch's search is the one its own node would run (same checkpoint too).
-    results = search(group) if batched else [r for b in group for r in search((b,))]
+    results = None
+    if batched:
+        try:
+            results = search(group)
+        except torch.OutOfMemoryError:  # even in micro-batches of two samples: K rows at once do not fit
+            release_cached_memory()
+            logger.warning("%s: %d densities searched together do not fit in device memory; searching them one "
+                           "at a time", search_group_namespace(first), len(group))
+    if results is None:
+        results = [r for b in group for r in search((b,))]
     hardware = describe_hardware(device)
     out = {}
     for branch, result in zip(group, results, strict=True):

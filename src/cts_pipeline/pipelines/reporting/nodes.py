@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 COLUMNS = [
     "method", "family", "seed", "target_sparsity_pct", "achieved_sparsity_pct", "kept_weights",
     "effective_kept_weights", "disconnected", "diverged", "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
-    "retrain_s", "total_s", "eval_s", "collapsed_layers", "thin_layers", "start", "model", "dataset", "rewind_epoch", "hardware",
+    "retrain_s", "total_s", "eval_s", "collapsed_layers", "thin_layers", "start", "model", "dataset", "rewind_epoch", "search_path",
+    "retrain_path", "hardware",
 ]
 
 
@@ -56,12 +57,24 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
             "model": m["model"],
             "dataset": m["dataset"],
             "rewind_epoch": m["rewind_epoch"],
+            # How the stage times were earned: a CTS search's rows (single, stacked, vmap; "/ N
+            # micro-batches" where memory cut the batch) and a retraining (single, stacked xK).
+            "search_path": _search_path(m),
+            "retrain_path": m.get("retrain_path") or "",
             "hardware": m["hardware"],
         })
     table = pd.DataFrame(rows, columns=COLUMNS)
     return (table.assign(_dense_last=table["method"].ne("dense"))
             .sort_values(["_dense_last", "method", "target_sparsity_pct", "seed"], kind="stable")
             .drop(columns="_dense_last").reset_index(drop=True))
+
+
+def _search_path(m: Mapping) -> str:
+    path = m.get("search_path")
+    if not path:
+        return ""
+    pieces = m.get("search_micro_batches") or 1
+    return path if pieces == 1 else f"{path} / {pieces} micro-batches"
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from ...config import ModelConfig, RuntimeConfig
 from ...console import PROGRESS_LOGGER
 from ...core.batched_training import stacked_training_ratio, train_tickets
@@ -23,6 +25,7 @@ from ...core.masks import (
     prunable_parameters,
     thin_layers,
 )
+from ...core.memory import release_cached_memory
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, evaluate, state_on_cpu, train
 from ...grid import Branch, search_group_namespace
@@ -114,7 +117,7 @@ def retrain_ticket(
                                   theta_start, keep, data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
     )
-    return state_on_cpu(net), _retrain_log(branch, first, result, started_at)
+    return state_on_cpu(net), _retrain_log(branch, first, result, started_at, retrain_path="single")
 
 
 def _retrain_log(branch: Branch, first: int, result, started_at: float, **extra) -> dict:
@@ -151,6 +154,14 @@ def retrain_tickets(
     first = start_epoch(training, first_branch)
     keeps = [branch_mask(p, b, net) for p, b in zip(payloads, branches, strict=True)]
     stage = f"{search_group_namespace(first_branch)} retrain x{len(branches)}"
+
+    def one_at_a_time() -> dict[str, dict]:
+        out = {}
+        for payload, branch in zip(payloads, branches, strict=True):
+            weights, log = retrain_ticket(theta_start, payload, train_data, test_data, model, training, runtime, branch)
+            out[f"{branch.namespace}.final_weights"], out[f"{branch.namespace}.retrain_log"] = weights, log
+        return out
+
     # The stacked path has no DDP: over several processes the tickets train one at a time.
     if not batched_training_supports(net, training, device) or runtime.compile \
             or (runtime.distributed or {}).get("nproc", 1) > 1 \
@@ -159,23 +170,26 @@ def retrain_tickets(
                 lambda: stacked_training_ratio(net, keeps, train_split, training, seed=first_branch.seed,
                                                channels_last=uses_channels_last(runtime, net)),
                 len(keeps), f"stacked training steps of {len(keeps)} tickets take", "training", "them stacked"):
-        out = {}
-        for payload, branch in zip(payloads, branches, strict=True):
-            weights, log = retrain_ticket(theta_start, payload, train_data, test_data, model, training, runtime, branch)
-            out[f"{branch.namespace}.final_weights"], out[f"{branch.namespace}.retrain_log"] = weights, log
-        return out
-    states, results = train_tickets(
-        net, keeps, train_split, test_split, training, seed=first_branch.seed, stage=stage, start_epoch=first,
-        progress=loop_bars(runtime), channels_last=uses_channels_last(runtime, net),
-        checkpoint=checkpoint_for(runtime, search_group_namespace(first_branch), "retrain", model, training,
-                                  *[b.as_dict() for b in branches], theta_start, *keeps,
-                                  data_fingerprint(train_data)),
-    )
+        return one_at_a_time()
+    try:
+        states, results = train_tickets(
+            net, keeps, train_split, test_split, training, seed=first_branch.seed, stage=stage, start_epoch=first,
+            progress=loop_bars(runtime), channels_last=uses_channels_last(runtime, net),
+            checkpoint=checkpoint_for(runtime, search_group_namespace(first_branch), "retrain", model, training,
+                                      *[b.as_dict() for b in branches], theta_start, *keeps,
+                                      data_fingerprint(train_data)),
+        )
+    except torch.OutOfMemoryError:
+        release_cached_memory()
+        logger.warning("%s: %d tickets stacked do not fit in device memory; retraining them one at a time",
+                       stage, len(keeps))
+        return one_at_a_time()
     out = {}
     for branch, state, result in zip(branches, states, results, strict=True):
         out[f"{branch.namespace}.final_weights"] = state
         out[f"{branch.namespace}.retrain_log"] = _retrain_log(branch, first, result, started_at,
-                                                              retrain_group=[b.namespace for b in branches])
+                                                              retrain_group=[b.namespace for b in branches],
+                                                              retrain_path=f"stacked x{len(branches)}")
     return out
 
 
@@ -261,6 +275,11 @@ def evaluate_ticket(
         # How the mask was found, per search epoch (CTS only): the objective, Σσ over the budget, λ.
         "search_history": [{k: r[k] for k in ("epoch", "loss", "expected_over_budget", "multiplier") if k in r}
                            for r in mask_log.get("history", [])],
+        # How the branch's work ran: the search's rows (single, stacked, vmap) and its micro-batches,
+        # and the retraining (single, or stacked with K tickets): the times above depend on it.
+        "search_path": mask_log.get("search_path"),
+        "search_micro_batches": mask_log.get("search_micro_batches"),
+        "retrain_path": retrain_log.get("retrain_path"),
         "hardware": describe_hardware(device),
         # Wall-clock (Unix seconds) of the branch's stages, for MLflow's start, end and duration.
         "started_at": mask_log.get("started_at"),
