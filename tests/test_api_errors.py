@@ -104,7 +104,7 @@ def rewrite(path, mask=None, weights=None, manifest=None, *, record: bool) -> No
 
 
 def test_a_ticket_whose_masks_disagree_with_its_manifest_is_refused(ticket_file):
-    model, mask = load_ticket(ticket_file)  # intact: loads
+    model, mask, _ = load_ticket(ticket_file)  # intact: loads
     edited = {name: torch.ones_like(keep) if i == 0 else keep for i, (name, keep) in enumerate(mask.items())}
     rewrite(ticket_file, mask=edited, record=True)  # a consistent record: only the manifest can tell
     first = next(iter(mask))

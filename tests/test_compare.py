@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pandas as pd
 import torch
@@ -116,6 +117,13 @@ def check_the_notebook(project, monkeypatch, *, with_sanity: bool) -> None:
     assert any("passes" in t for t in tables) == with_sanity
     printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "kept " in printed and "98.00 % sparsity" in printed  # the one-call API's cell
+    # Issue 24: no log lines or warnings in the cells, and the summary rounded with whole counts.
+    noise = [o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not noise, noise
+    assert "INFO" not in printed and "Warning" not in printed, printed
+    [shown] = [t for t in tables if "test_accuracy_mean" in t]
+    # Rounded (no float noise), and the counts (kept weights: hundreds and more) shown as integers.
+    assert not re.search(r"\d\.\d{3,}", shown) and not re.search(r">\d{3,}\.0<", shown), shown[:2000]
 
 
 def test_summary_counts_collapsed_seeds_after_a_csv_round_trip(tmp_path):

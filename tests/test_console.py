@@ -69,3 +69,20 @@ def test_a_log_file_that_cannot_be_written_is_one_warning_not_a_traceback_per_re
     assert [r.getMessage() for r in warned] == [
         f"the log file {tmp_path / 'info.log'} cannot be written (Is a directory); logging to the terminal only"]
     assert "Logging error" not in capsys.readouterr().err
+
+
+def test_a_link_is_printed_whole_at_100_columns(tmp_path):
+    """Issue 24: the MLflow link, cut by the log handler at the terminal's width, gave a broken URL
+    when copied. It is printed as one soft-wrapped line: the terminal folds it, the text stays whole."""
+    import io
+
+    from rich.console import Console
+
+    from cts_pipeline.console import show_unwrapped
+
+    out = io.StringIO()
+    console = Console(file=out, width=100, force_terminal=True, color_system=None)
+    url = ("http://127.0.0.1:5000/#/experiments/1/runs/0123456789abcdef0123456789abcdef"
+           "?workflowType=machine_learning")
+    show_unwrapped(f"MLflow: {url}", console)
+    assert out.getvalue() == f"MLflow: {url}\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -56,6 +57,8 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["mlflow.source.name"] == "kedro run --pipelines=cts --env=smoke"
+    # The pipeline, then the time: what tells runs apart in MLflow's narrow name column.
+    assert re.fullmatch(r"cts \d\d-\d\d \d\d:\d\d:\d\d smoke", parents[0].info.run_name)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parents[0].data.params["grid.sparsities"] == "(0.5, 0.9)"
     # Settings whose null means "derived" are logged as what they resolve to.
@@ -76,6 +79,11 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
             assert key in metrics, f"{child.info.run_name} lacks metric {key}"
         if params["method"] == "cts_kl":
             assert params["objective"] == "kl" and params["search_length"] == "long"
+            # The smoke run searches and retrains its two sparsities together: the paths that
+            # ran, and each ticket's time as a share beside the group's whole.
+            assert params["search_path"] == "stacked" and params["retrain_path"] == "stacked x2"
+            assert params["search_shared_by"] == "2" and params["retrain_shared_by"] == "2"
+            assert metrics["seconds_find_mask_group"] == pytest.approx(2 * metrics["seconds_find_mask"])
             assert metrics["seconds_find_mask"] > 0 and metrics["seconds_retrain"] > 0
             trajectory = client.get_metric_history(child.info.run_id, "search/expected_over_budget")
             assert [m.step for m in trajectory] == list(range(1, int(params["search_epochs"]) + 1))

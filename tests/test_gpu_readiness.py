@@ -544,3 +544,31 @@ def test_compile_wraps_the_ddp_model_not_the_other_way_round(monkeypatch):
     assert wrapped == [("ddp", model), ("compile", "ddp")]
     wrapped.clear()
     assert training.training_forward(model, 1, False) is model and wrapped == []
+
+
+def test_a_step_whose_backward_ran_out_of_memory_repeats_from_the_same_noise(monkeypatch):
+    """An out-of-memory error in the backward frees the soft mask's graph: the repeat rebuilds it
+    from the noise already drawn (no new draw), so the step is still the plain one."""
+    from cts_pipeline.core.cts import OBJECTIVES, search
+    from cts_pipeline.core.memory import MicroBatches
+    from cts_pipeline.core.runtime import UniformNoise
+
+    def gradient(micro):
+        model, relaxation, x, y = _lenet_search(0.05)
+        return search._objective_and_gradient(model, relaxation, OBJECTIVES["kl"],
+                                              UniformNoise("cpu", 0, "concrete-noise", 0), x, y, 100.0, micro)[1]
+
+    plain = gradient(None)
+    real = search._whole_batch_gradient
+
+    def backward_fails(model, relaxation, objective, soft, x, y, loss_scale):
+        loss = search._objective(model, relaxation, objective, soft, x, y)
+        torch.autograd.grad(loss.sum(), relaxation.logits)  # the graph is gone, as after a failed backward
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(search, "_whole_batch_gradient", backward_fails)
+    micro = MicroBatches(1, limit=32, stage="s")
+    repeated = gradient(micro)
+    monkeypatch.setattr(search, "_whole_batch_gradient", real)
+    assert micro.count == 2
+    torch.testing.assert_close(repeated, plain, rtol=1e-4, atol=1e-5 * float(plain.abs().max()))

@@ -28,6 +28,7 @@ def test_the_display_follows_nodes_and_the_epochs_core_logs(monkeypatch):
         logging.getLogger("cts_pipeline.core.cts").info(
             "search epoch 3/8", extra={"stage": "cts_kl.seed0 search x2", "epoch": 3, "epochs": 8})
         logging.getLogger("cts_pipeline.core.cts").info("a line without a stage")
+        assert display.progress.tasks[0].completed == 3 / 8, "the sweep moves inside a long node"
         display.node_done()
         sweep, stage = display.progress.tasks
         assert (sweep.completed, sweep.total) == (1, 4)
@@ -73,7 +74,7 @@ def test_a_run_on_a_terminal_shows_the_sweep_and_hides_the_loop_bars(project, mo
             seen["epochs"] += 1
             super().epoch(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_progress, "_rich_console", lambda: console)
+    monkeypatch.setattr(sweep_progress, "rich_console", lambda: console)
     monkeypatch.setattr(sweep_progress, "wanted", lambda stream=None: True)
     monkeypatch.setattr(sweep_progress, "SweepProgress", Spy)
     run_pipeline(project)
@@ -81,3 +82,16 @@ def test_a_run_on_a_terminal_shows_the_sweep_and_hides_the_loop_bars(project, mo
     assert seen["epochs"] > 0, "the stage line must follow the epochs"
     assert seen["loop_bars"] == {False}, "the loops' own bars stay hidden under the display"
     assert not sweep_progress.display_active(), "the display closes before the table is printed"
+
+
+def test_a_run_says_first_what_it_will_run():
+    """Issue 24: plain `kedro run` started the whole compare-and-sanity sweep without a word."""
+    from types import SimpleNamespace
+
+    nodes = [SimpleNamespace(namespace=ns) for ns in (
+        "dense.seed0", "cts_kl.seed0", "cts_kl.seed0.sp89_26", "cts_kl.seed0.sp99_53", "snip.seed0.sp89_26",
+        "snip.seed0.sp99_53", "cts_kl.seed1.sp89_26", None)]
+    line = sweep_progress.describe_sweep(None, SimpleNamespace(nodes=nodes), 42)
+    assert line == ("kedro run: __default__ (compare + sanity: every method, then the sanity checks), 42 nodes; "
+                    "5 branches: 2 methods, 2 sparsities, 2 seeds")
+    assert sweep_progress.describe_sweep(["cts"], SimpleNamespace(nodes=nodes[:1]), 3) == "kedro run: cts, 3 nodes"

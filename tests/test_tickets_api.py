@@ -25,7 +25,8 @@ def test_an_exported_ticket_reloads_to_its_own_accuracy(finished_project):
     assert manifest["method"] == "cts_kl" and manifest["target_sparsity"] == 0.9
     assert manifest["kept_weights"] == sum(manifest["layer_kept"].values()) == 369
 
-    model, mask = load_ticket(path)
+    model, mask, manifest_loaded = load_ticket(path)
+    assert manifest_loaded == manifest  # the ticket says what it is: method, sparsity, accuracy, recipe
     mask_file = payload_to_mask(torch.load(latest(project, "data/07_model_output/smoke/cts_kl-*/seed0/sp90_00/mask.pt"),
                                            weights_only=True))
     assert all(torch.equal(mask[k], mask_file[k]) for k in mask_file)
@@ -38,7 +39,7 @@ def test_an_exported_ticket_reloads_to_its_own_accuracy(finished_project):
         owner, _, attr = name.rpartition(".")
         assert not getattr(model.get_submodule(owner), attr)[~keep].any()
 
-    fresh, _ = load_ticket(path, weights=False)
+    fresh = load_ticket(path, weights=False).model
     assert hasattr(fresh.get_submodule(next(iter(mask)).rpartition(".")[0]), "weight_mask")
 
 
@@ -63,9 +64,6 @@ def test_find_ticket_on_a_plain_module_and_tensors():
     assert ticket.kept_weights == round(0.1 * total) == sum(r["kept"] for r in ticket.layers.values())
     assert len(ticket.history) == 2 and "expected_over_budget" in ticket.history[-1]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the search leaves weights alone"
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, train.labels), batch_size=64)
-    again = find_ticket(model, loader, sparsity=0.9, epochs=2, batch_size=64)
-    assert all(torch.equal(again.mask[k], ticket.mask[k]) for k in ticket.mask), "same data, same seed, same mask"
     ticket.apply(model)
     assert all(not model.get_submodule(k.rpartition(".")[0]).weight[~m].any() for k, m in ticket.mask.items())
 
@@ -112,3 +110,72 @@ def test_find_ticket_takes_inputs_of_any_shape_the_model_takes(shape, model):
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     with pytest.raises(ValueError, match=r"inputs must be \[N, \.\.\.\] \(one row per sample\), got \[256\]"):
         find_ticket(net, inputs[:, 0].reshape(-1) if inputs.dim() == 2 else inputs[:, 0, 0], labels, sparsity=0.9)
+
+
+class CountingDigits(torch.utils.data.Dataset):
+    """Digits as an MLP takes them, counting every sample read (a stand-in for data too large to hold)."""
+
+    def __init__(self, n: int):
+        train, _ = load_splits("digits")
+        self.inputs = normalize(train.images[:n], train.info).reshape(n, 64)
+        self.labels = train.labels[:n]
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.inputs[i], self.labels[i]
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+def test_a_dataloader_is_streamed_every_epoch_never_gathered():
+    """Issue 23: a DataLoader is read batch by batch in each epoch, so data larger than memory can be
+    searched: every sample is read once per epoch (and the first batch once for the checks), not
+    once into one tensor. Several sparsities batch into one search."""
+    data = CountingDigits(256)
+    loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    net = mlp()
+    tickets = find_ticket(net, loader, sparsity=[0.9, 0.95], epochs=3)
+    assert data.reads == 64 + 3 * 256
+    total = sum(p.numel() for n, p in net.named_parameters() if n.endswith("weight"))
+    assert [t.kept_weights for t in tickets] == [round(0.1 * total), round(0.05 * total)]
+    assert len(tickets[0].history) == 3
+
+
+def test_prunable_chooses_the_layers_and_the_others_stay_dense():
+    data = CountingDigits(128)
+    net = mlp()
+    by_name = find_ticket(net, data.inputs, data.labels, sparsity=0.9, epochs=1, batch_size=64, prunable=["0"])
+    assert list(by_name.mask) == ["0.weight"] and by_name.kept_weights == round(0.1 * 64 * 32)
+    by_rule = find_ticket(net, data.inputs, data.labels, sparsity=0.9, epochs=1, batch_size=64,
+                          prunable=lambda name, module: module.out_features == 10)
+    assert list(by_rule.mask) == ["2.weight"] and by_rule.kept_weights == 32
+    assert not hasattr(net, "keep_dense"), "the model is as it was"
+    with pytest.raises(ValueError, match="prunable names 5, which are not Conv or Linear layers"):
+        find_ticket(net, data.inputs, data.labels, sparsity=0.9, prunable=["5"])
+    with pytest.raises(ValueError, match="prunable selects no layer"):
+        find_ticket(net, data.inputs, data.labels, sparsity=0.9, prunable=lambda name, module: False)
+
+
+def test_a_ticket_retrains_with_the_projects_trainer_and_reports_test_accuracy():
+    from cts_pipeline.core.training import TrainRecipe
+
+    train, test = load_splits("digits")
+    inputs, labels = normalize(train.images, train.info).reshape(-1, 64), train.labels
+    net = mlp()
+    ticket = find_ticket(net, inputs, labels, sparsity=0.9, epochs=2)
+    recipe = TrainRecipe(epochs=3, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    result = ticket.retrain(net, inputs, labels, test=(normalize(test.images, test.info).reshape(-1, 64), test.labels),
+                            recipe=recipe)
+    assert len(result.history) == 3 and result.final["test_accuracy"] > 50.0  # far above chance (10 %)
+    weights = dict(net.named_parameters())
+    assert all(not weights[n][~keep].any() for n, keep in ticket.mask.items()), "pruned weights stay zero"
+    with pytest.raises(ValueError, match="not one pruned by ticket.apply"):
+        ticket.retrain(ticket.apply(mlp()), inputs, labels)

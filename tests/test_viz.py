@@ -66,3 +66,31 @@ def test_previews_are_rounded_and_short(tmp_path):
     # kedro-viz picks the widget by the annotation's name
     assert CSVDataset.preview.__annotations__["return"] in ("TablePreview", TablePreview)
     assert JSONDataset.preview.__annotations__["return"] in ("JSONPreview", JSONPreview)
+
+
+def test_previews_show_every_row_and_lead_with_the_result(tmp_path):
+    """Issue 24: the results preview hid the sixth row and put test accuracy in column 11; a
+    metrics preview had test_accuracy 23rd of 34 and raw Unix times; tickets had no preview."""
+    import pandas as pd
+    import torch
+
+    from cts_pipeline.datasets import CSVDataset, JSONDataset, TicketDataset
+
+    table = CSVDataset(filepath=str(tmp_path / "t.csv"))
+    rows = [{"family": "cts", "hardware": "CPU", "method": "cts_kl", "seed": 0, "target_sparsity_pct": p,
+             "test_accuracy": 90.0 + i} for i, p in enumerate((89.26, 95.6, 98.2, 99.26, 99.53, 99.9))]
+    table.save(pd.DataFrame(rows))
+    preview = table.preview()
+    assert preview["columns"][:4] == ["method", "target_sparsity_pct", "seed", "test_accuracy"]
+    assert len(preview["data"]) == 6
+    metrics = JSONDataset(filepath=str(tmp_path / "m.json"))
+    metrics.save({"dataset": "digits", "started_at": 1_796_000_000.5, "seconds": {"total": 12.345},
+                  "method": "cts_kl", "test_accuracy": 97.5})
+    shown = json.loads(metrics.preview())
+    assert list(shown)[:2] == ["test_accuracy", "method"] and shown["seconds"] == {"total": 12.3}
+    assert shown["started_at"].startswith("2026-") and ":" in shown["started_at"]
+    ticket = TicketDataset(filepath=str(tmp_path / "ticket.safetensors"))
+    ticket.save({"mask": {"fc.weight": torch.ones(2, 2, dtype=torch.bool)},
+                 "manifest": {"format": "cts-pipeline/ticket-v1", "test_accuracy": 97.5, "target_sparsity": 0.98,
+                              "layer_kept": {"fc.weight": 4}}})
+    assert list(json.loads(ticket.preview()))[:2] == ["test_accuracy", "target_sparsity"]

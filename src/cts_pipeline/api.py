@@ -2,26 +2,33 @@
 
     from cts_pipeline import find_ticket, load_ticket
 
-    ticket = find_ticket(model, images, labels, sparsity=0.9926)   # CTS-KL on your model and data
-    ticket.apply(model)                                             # prune it in place
-    model, mask = load_ticket("data/07_model_output/.../ticket.safetensors/<version>/ticket.safetensors")
+    ticket = find_ticket(model, inputs, labels, sparsity=0.9926)    # CTS-KL on your model and data
+    tickets = find_ticket(model, loader, sparsity=[0.982, 0.9926])   # a DataLoader, several sparsities
+    result = ticket.retrain(model, inputs, labels, test=(test_inputs, test_labels))  # mask ⊙ θ, trained
+    loaded = load_ticket("data/07_model_output/.../ticket.safetensors/<version>/ticket.safetensors")
+    loaded.model, loaded.mask, loaded.manifest
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .core.cts import SearchConfig, concrete_search
-from .core.data import DatasetInfo, Split
-from .core.masks import global_topk_mask, layer_report
+from .core.masks import global_topk_mask, layer_report, prunable_parameters
 from .core.tickets import prune_with_mask
-from .core.training import TrainRecipe
+from .core.training import TrainRecipe, TrainResult
+from .core.user_data import LoaderSplit, inputs_info, is_streamable, tensor_split
+
+# What Ticket.retrain trains with when no recipe is given: the default run's dense recipe, short.
+RETRAIN_DEFAULTS = TrainRecipe(epochs=10, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=(),
+                               rewind_epoch=0)
 
 
 @dataclass
@@ -41,6 +48,46 @@ class Ticket:
         The pruned network is not yet a ticket's result: retrain ``mask ⊙ θ_k`` (the pipeline's
         retraining) before you evaluate it; right after pruning it is near chance."""
         return prune_with_mask(model, self.mask)
+
+    def retrain(self, model: nn.Module, data: torch.Tensor | Iterable, labels: torch.Tensor | None = None, *,
+                test: tuple[torch.Tensor, torch.Tensor] | Iterable | None = None, recipe: TrainRecipe | None = None,
+                seed: int = 0, progress: bool = False) -> TrainResult:
+        """Retrain ``mask ⊙ model``'s current weights with the project's trainer, in place.
+
+        Args:
+            model: the network the mask was found on, at the weights to start from (``θ_k``).
+                It is trained in place; pruned weights are zeroed first and after every step.
+            data, labels: the training data, as for :func:`find_ticket` (tensors, or a DataLoader
+                read batch by batch in every epoch, in its own order).
+            test: ``(inputs, labels)`` or a DataLoader to evaluate on after the last epoch (read
+                into memory); its accuracy is ``result.final["test_accuracy"]``.
+            recipe: a :class:`~cts_pipeline.core.training.TrainRecipe` (SGD, schedule, epochs);
+                default :data:`RETRAIN_DEFAULTS` (10 epochs, lr 0.1, momentum 0.9, weight decay 5e-4).
+            seed: seeds the data order of tensor data.
+            progress: show a progress bar over the epochs.
+
+        Returns the :class:`~cts_pipeline.core.training.TrainResult`: per-epoch ``history`` with
+        the training loss and accuracy, and ``final["test_accuracy"]`` with ``test``.
+        """
+        from .core.training import train
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Ticket.retrain: model must be a torch.nn.Module, got {type(model).__name__}")
+        missing = sorted(set(self.mask) - set(dict(model.named_parameters())))
+        if missing:
+            raise ValueError(f"Ticket.retrain: the model has no parameter {', '.join(missing[:3])} of this ticket's "
+                             "mask (give the network the ticket was found on, not one pruned by ticket.apply)")
+        recipe = recipe if recipe is not None else RETRAIN_DEFAULTS
+        device = next(model.parameters()).device
+        train_split, batch_size = _user_split(model, data, labels, device)
+        test_split = None
+        if test is not None:
+            test_inputs, test_labels = test if isinstance(test, tuple | list) else _as_tensors(test, None)
+            test_split = tensor_split(torch.as_tensor(test_inputs), torch.as_tensor(test_labels),
+                                      train_split.info.num_classes, device)
+        recipe = replace(recipe, batch_size=batch_size or recipe.batch_size, eval_every=recipe.epochs)
+        return train(model, train_split, test_split, recipe, seed=seed, stage="retrain", mask=self.mask,
+                     progress=progress)
 
     def __repr__(self) -> str:
         """Short and readable: the sparsity, the kept count and each layer's density (the default
@@ -68,6 +115,52 @@ def _as_tensors(data: Any, labels: torch.Tensor | None) -> tuple[torch.Tensor, t
                     f"got data of type {type(data).__name__} and no labels")
 
 
+def _user_split(model: nn.Module, data: Any, labels: torch.Tensor | None, device: torch.device):
+    """``data`` as a split the loops read, checked against the model first; and the loader's batch
+    size when it is streamed (None for tensors)."""
+    if labels is None and is_streamable(data):
+        first_inputs, first_labels = next(iter(data))
+        classes = _check_inputs(model, torch.as_tensor(first_inputs), torch.as_tensor(first_labels))
+        return LoaderSplit(data, inputs_info(tuple(first_inputs.shape[1:]), classes), device), data.batch_size
+    inputs, targets = _as_tensors(data, labels)
+    return tensor_split(inputs, targets, _check_inputs(model, inputs, targets), device), None
+
+
+@contextmanager
+def _only_prunable(model: nn.Module, prunable: Callable[[str, nn.Module], bool] | Sequence[str] | None
+                   ) -> Iterator[None]:
+    """Within the block, ``model``'s prunable weights are those ``prunable`` picks among its Conv
+    and Linear layers (module names, or a predicate on ``(name, module)``): the others are kept
+    dense through the model's ``keep_dense`` (restored after, whatever happens)."""
+    if prunable is None:
+        yield
+        return
+    layers = {name.rsplit(".", 1)[0] if "." in name else "": name for name in prunable_parameters(model)}
+    modules = dict(model.named_modules())
+    if callable(prunable):
+        chosen = {m for m in layers if prunable(m, modules[m])}
+    elif isinstance(prunable, Sequence) and not isinstance(prunable, str) and all(isinstance(n, str) for n in prunable):
+        unknown = sorted(set(prunable) - set(layers))
+        if unknown:
+            raise ValueError(f"find_ticket: prunable names {', '.join(unknown[:4])}, which are not Conv or Linear "
+                             f"layers of the model; its layers: {', '.join(list(layers)[:8])}")
+        chosen = set(prunable)
+    else:
+        raise TypeError("find_ticket: prunable must be a list of module names or a function (name, module) -> bool, "
+                        f"got {type(prunable).__name__}")
+    if not chosen:
+        raise ValueError("find_ticket: prunable selects no layer; the default is every Conv and Linear layer")
+    had, before = hasattr(model, "keep_dense"), getattr(model, "keep_dense", ())
+    model.keep_dense = (*before, *sorted(set(layers) - chosen))
+    try:
+        yield
+    finally:
+        if had:
+            model.keep_dense = before
+        else:
+            del model.keep_dense
+
+
 def _densities(sparsity: Any) -> list[float]:
     """``sparsity`` (a number, or a list of numbers, in (0, 1)) as densities, checked by name."""
     values = list(sparsity) if isinstance(sparsity, list | tuple) else [sparsity]
@@ -85,8 +178,6 @@ def _densities(sparsity: Any) -> list[float]:
 def _check_inputs(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> int:
     """Refuse, before any compute, data the search could only fail on later (or, worse, run on);
     returns the number of classes the model predicts."""
-    from .core.masks import prunable_parameters
-
     if not prunable_parameters(model):
         raise ValueError(f"find_ticket: model ({type(model).__name__}) has no Conv2d or Linear layer to prune")
     if len(images) == 0:
@@ -132,6 +223,7 @@ def find_ticket(
     lr: float | None = None,
     seed: int = 0,
     progress: bool = False,
+    prunable: Callable[[str, nn.Module], bool] | Sequence[str] | None = None,
 ) -> Ticket | list[Ticket]:
     """Concrete Ticket Search on any ``nn.Module`` and data, at one sparsity or several.
 
@@ -140,7 +232,9 @@ def find_ticket(
             (the rewind point ``θ_k``, or the initialisation). It is not changed.
         data: inputs ``[N, ...]`` of any shape the model takes (``[N, features]`` for an MLP,
             ``[N, C, H, W]`` for images), already normalised as the model expects, with ``labels``;
-            or a DataLoader (any iterable) of ``(inputs, labels)`` batches, read once into memory.
+            or a DataLoader of ``(inputs, labels)`` batches, read batch by batch in every epoch (never
+            gathered into memory; its own order and batch size; ``batch_size`` is then unused); or
+            another iterable of batches, read once into memory.
         labels: integer class indices ``[N]`` in ``[0, classes)``, with a tensor ``data``.
         sparsity: the fraction of prunable weights removed, in (0, 1) (0.9926 for 99.26 %); a list
             runs one batched search and returns one Ticket per sparsity, in the same order.
@@ -149,9 +243,13 @@ def find_ticket(
         batch_size: samples per search step.
         lr: Adam's rate for the logits (None: the method's default, 0.1).
         seed: seeds the data order and the Concrete noise.
-        progress: show a progress bar over the search's epochs.
+        progress: show a progress bar over the search's epochs (off by default: a notebook's cell
+            stays quiet).
+        prunable: which layers may be pruned: a list of module names (``["features.0", "fc1"]``) or
+            a function ``(name, module) -> bool``, among the Conv and Linear layers; the others stay
+            dense. Default: every Conv and Linear layer, as in the pipeline.
 
-    The prunable weights are those of every ``Conv2d`` and ``Linear`` layer, as in the pipeline;
+    The prunable weights are those of every ``Conv2d`` and ``Linear`` layer (or ``prunable``'s);
     each mask keeps exactly ``round((1 − sparsity)·d)`` weights. A ticket is a mask, not a trained
     network: retrain ``mask ⊙ θ_k`` (the pipeline's ``retrain`` step) before using it. Bad input is
     refused before any compute with one ``ValueError`` or ``TypeError`` naming the argument.
@@ -160,18 +258,19 @@ def find_ticket(
     batched = isinstance(sparsity, list | tuple)
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_ticket: model must be a torch.nn.Module, got {type(model).__name__}")
-    images, targets = _as_tensors(data, labels)
-    classes = _check_inputs(model, images, targets)
+    if not prunable_parameters(model):
+        raise ValueError(f"find_ticket: model ({type(model).__name__}) has no Conv2d or Linear layer to prune")
     device = next(model.parameters()).device
     # Inputs are taken as they are, whatever their shape ([N, features], sequences, images).
-    info = DatasetInfo("user data", tuple(images.shape[1:]), classes, (), (), 1.0, "user", inputs_ready=True)
-    split = Split(images=images.to(device, torch.float32), labels=targets.to(device, torch.int64), info=info)
+    split, loader_batch = _user_split(model, data, labels, device)
     config = SearchConfig(objective=objective, epochs=epochs, lr=lr)
-    recipe = TrainRecipe(epochs=max(epochs, 1), batch_size=batch_size, lr=0.1, milestones=[], rewind_epoch=0)
+    recipe = TrainRecipe(epochs=max(epochs, 1), batch_size=loader_batch or batch_size, lr=0.1, milestones=[],
+                         rewind_epoch=0)
     was_training = model.training
     try:
-        found = concrete_search(model, split, density=densities if batched else densities[0], config=config,
-                                recipe=recipe, seed=seed, stage="find_ticket", progress=progress)
+        with _only_prunable(model, prunable):
+            found = concrete_search(model, split, density=densities if batched else densities[0], config=config,
+                                    recipe=recipe, seed=seed, stage="find_ticket", progress=progress)
     finally:
         model.train(was_training)
     tickets = [_ticket(result, density) for result, density in
@@ -187,12 +286,22 @@ def _ticket(result, density: float) -> Ticket:
                   layers=layer_report(mask), history=result.history)
 
 
-def load_ticket(path: str | Path, *, weights: bool = True) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+class LoadedTicket(NamedTuple):
+    """What :func:`load_ticket` gives: the pruned network, its mask, and the manifest that says what
+    it is (method, sparsity, test accuracy, model, dataset, seed, recipe's rewind epoch)."""
+
+    model: nn.Module
+    mask: dict[str, torch.Tensor]
+    manifest: dict[str, Any]
+
+
+def load_ticket(path: str | Path, *, weights: bool = True) -> LoadedTicket:
     """A ticket file (``ticket.safetensors``, written by every pipeline branch) as a network.
 
     Builds the model its manifest names, loads the retrained weights (``weights=False``: a fresh
     seeded initialisation instead, to retrain the mask elsewhere) and prunes it with the mask
-    through ``torch.nn.utils.prune.custom_from_mask``. Returns ``(model, mask)``.
+    through ``torch.nn.utils.prune.custom_from_mask``. Returns ``LoadedTicket(model, mask,
+    manifest)``: ``model, mask, manifest = load_ticket(path)``.
 
     Refuses, naming the file: a file that does not match the ``.record.json`` beside it (when
     there is one), a truncated or malformed file, and masks that disagree with the manifest
@@ -217,7 +326,7 @@ def load_ticket(path: str | Path, *, weights: bool = True) -> tuple[nn.Module, d
             raise ValueError(f"{path}: its weights do not fit the model its manifest names: "
                              f"{str(exc).splitlines()[0]}") from None
     try:
-        return prune_with_mask(model, mask), mask
+        return LoadedTicket(prune_with_mask(model, mask), mask, manifest)
     except ValueError as exc:
         raise ValueError(f"{path}: its mask does not fit the model its manifest names: {exc}") from None
 

@@ -89,3 +89,29 @@ def _drop_unwritable_log_files(root: logging.Logger) -> None:
             handler.close()
             logging.getLogger(__name__).warning("the log file %s cannot be written (%s); logging to the terminal only",
                                                 path, exc.strerror or exc)
+
+
+def rich_console():
+    """The console of Kedro's rich log handler (a terminal), or None (off a terminal, in a worker)."""
+    from kedro.logging import RichHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RichHandler):
+            return handler.console
+    return None
+
+
+def show_unwrapped(line: str, console=None) -> None:
+    """A line that must survive copying whole (a URL): printed as one soft-wrapped line on the
+    terminal, so the terminal folds it visually and a copy or a click gets the whole of it, where
+    a log handler would cut it into pieces at the width; a plain progress record off a terminal.
+    ``info.log`` gets it either way."""
+    console = console if console is not None else rich_console()
+    if console is None:
+        logging.getLogger(PROGRESS_LOGGER).info("%s", line)
+        return
+    for handler in logging.getLogger().handlers:  # the log file still records it
+        if getattr(handler, "baseFilename", None):
+            handler.handle(logging.LogRecord(PROGRESS_LOGGER, logging.INFO, __file__, 0, "%s", (line,), None))
+    console.print(line, soft_wrap=True, markup=False, highlight=False, emoji=False)
+

@@ -19,6 +19,8 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from .console import PROGRESS_LOGGER, rich_console
+
 CORE_LOGGER = "cts_pipeline"
 
 _active: SweepProgress | None = None
@@ -52,11 +54,19 @@ class SweepProgress:
     """Two lines: the sweep (nodes done of those to run) and the stage now running."""
 
     def __init__(self, console, total_nodes: int) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
+        # The time left, from the pace so far ("-:--:--" until there is one): the sweep moves by
+        # nodes and, inside a long node, by its epochs, so the pace exists before the first node ends.
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=30),
-                                 TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=console,
-                                 transient=True, refresh_per_second=4)
+                                 TextColumn("{task.fields[count]}"), TimeElapsedColumn(), TextColumn("left"),
+                                 TimeRemainingColumn(), console=console, transient=True, refresh_per_second=4)
         self.total_nodes = total_nodes
         self.sweep = self.progress.add_task("sweep", total=total_nodes, count=f"0/{total_nodes} nodes")
         self.stage = self.progress.add_task("starting", total=1, count="", visible=False)
@@ -81,15 +91,9 @@ class SweepProgress:
     def epoch(self, stage: str, epoch: int, epochs: int, unit: str = "epoch") -> None:
         self.progress.update(self.stage, description=f"  {stage}", completed=epoch, total=epochs,
                              count=f"{unit} {epoch}/{epochs}", visible=True)
-
-
-def _rich_console():
-    from kedro.logging import RichHandler
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, RichHandler):
-            return handler.console
-    return None
+        # The running node's share of its own work, so the bar (and the time left) moves during
+        # a long search or training; never a whole node before the node is done.
+        self.progress.update(self.sweep, completed=self.done + min(epoch / epochs, 0.99))
 
 
 def nodes_to_run(pipeline, catalog, only_missing_outputs: bool) -> int:
@@ -101,14 +105,32 @@ def nodes_to_run(pipeline, catalog, only_missing_outputs: bool) -> int:
                if not node.outputs or any(name in catalog and not catalog.exists(name) for name in node.outputs))
 
 
+def describe_sweep(pipeline_names: list[str] | None, pipeline, nodes: int) -> str:
+    """What a run is about to do, in one line: the pipelines, how many nodes will run, and the
+    branches (method, seed, sparsity namespaces) they make, e.g. ``kedro run: __default__ (compare
+    + sanity), 126 nodes; 38 branches: 10 methods, 5 sparsities, 1 seed``."""
+    names = ", ".join(pipeline_names or ["__default__"])
+    if names == "__default__":
+        names = "__default__ (compare + sanity: every method, then the sanity checks)"
+    branches = {n.namespace for n in pipeline.nodes if n.namespace and len(n.namespace.split(".")) == 3}
+    parts = [ns.split(".") for ns in branches]
+    counts = [(len({p[0] for p in parts}), "method"), (len({p[2] for p in parts}), "sparsity"),
+              (len({p[1] for p in parts}), "seed")]
+    grid = ", ".join(f"{n} {what if n == 1 else 'sparsities' if what == 'sparsity' else what + 's'}"
+                     for n, what in counts)
+    return f"kedro run: {names}, {nodes} nodes" + (f"; {len(branches)} branches: {grid}" if branches else "")
+
+
 class SweepProgressHook:
     @hook_impl(trylast=True)  # after FreshnessHook has flagged what must be recomputed
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         global _active
-        console = _rich_console()
+        total = nodes_to_run(pipeline, catalog, bool(run_params.get("only_missing_outputs")))
+        logging.getLogger(PROGRESS_LOGGER).info("%s", describe_sweep(run_params.get("pipeline_names"), pipeline,
+                                                                     total))
+        console = rich_console()
         if _active is not None or console is None or not wanted():
             return
-        total = nodes_to_run(pipeline, catalog, bool(run_params.get("only_missing_outputs")))
         _active = SweepProgress(console, total)
         _active.start()
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .console import show_unwrapped
 from .errors import TrackingUnavailable, first_line
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,10 @@ logger = logging.getLogger(__name__)
 # MLflow retries a failing HTTP call for minutes by default (7 retries, exponential back-off);
 # a dead server would then stall every branch. A few short retries are enough for a blip.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 # MLflow's own INFO lines ("Creating initial MLflow database tables…") on a fresh
+                 # store, printed by its own handler over the live display; its warnings still show.
+                 "MLFLOW_LOGGING_LEVEL": "WARNING"}
 REACHABLE_TIMEOUT_S = 5
 
 # What a child run records as parameters (the coordinates of a result); everything numeric in
@@ -47,7 +51,7 @@ REACHABLE_TIMEOUT_S = 5
 CHILD_PARAMS = (
     "method", "family", "objective", "model", "dataset", "sparsity", "density", "seed", "rewind_epoch",
     "search_length", "search_epochs", "start", "start_epoch", "checked_method", "namespace", "hardware",
-    "search_path", "search_micro_batches", "retrain_path",
+    "search_path", "search_micro_batches", "retrain_path", "search_shared_by", "retrain_shared_by", "test_images",
 )
 CHILD_METRICS = (
     "test_accuracy", "test_loss", "achieved_sparsity", "achieved_density", "kept_weights",
@@ -198,7 +202,7 @@ class RunTracker:
         if settings.system_metrics:
             tracker._start_monitor(uri)
         logger.info("MLflow: run %s in experiment %r at %s", run.info.run_id, settings.experiment_name, uri)
-        logging.getLogger("cts_pipeline.progress").info("MLflow: %s", ui_link(uri, experiment_id, run.info.run_id))
+        show_unwrapped(f"MLflow: {ui_link(uri, experiment_id, run.info.run_id)}")
         return tracker
 
     def _start_monitor(self, uri: str) -> None:

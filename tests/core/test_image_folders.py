@@ -258,3 +258,20 @@ def test_the_authors_crop_is_refused_for_in_memory_datasets():
         DataConfig(name="cifar10", resized_crop="authors")
     with pytest.raises(ValueError, match="data.resized_crop must be torchvision or authors"):
         DataConfig(name="imagenet", resized_crop="tlab")
+
+
+def test_tiny_imagenet_is_evaluated_whole_and_takes_the_authors_crop():
+    """Tiny-ImageNet's images are the model's 64 pixels: evaluation keeps every pixel (the
+    ImageNet-style 256/224 resize only cut the borders); the authors' training crop there is
+    scale (0.6, 1), ratio (0.8, 1.25) (TLAB 68c9740 data/tiny_imagenet.py:72-73)."""
+    from torchvision.transforms import v2
+
+    from cts_pipeline.core.image_folders import transforms_for
+
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(transforms_for("tiny_imagenet", "eval")(image), image)
+    crop = next(t for t in transforms_for("tiny_imagenet", "train", resized_crop="authors").transforms
+                if isinstance(t, v2.RandomResizedCrop))
+    assert crop.scale == (0.6, 1.0) and crop.ratio == (0.8, 1.25) and crop.size == (64, 64)
+    imagenet_eval = transforms_for("imagenet", "eval").transforms
+    assert next(t for t in imagenet_eval if type(t) is v2.Resize).size == [256]

@@ -204,7 +204,7 @@ def test_ltr_trains_each_level_but_the_last_from_the_rewind_point(ltr_run, dense
     assert len(calls) == 2  # levels 1 and 2; level 3's ticket is retrained by the pipeline
     for level, call in enumerate(calls, start=1):
         assert call["kwargs"]["start_epoch"] == RECIPE.rewind_epoch
-        assert call["kwargs"]["stage"] == f"ltr level {level}"
+        assert call["kwargs"]["stage"] == f"ltr level {level}/3"  # the levels to go are in sight
         assert call["mask"] is masks[level]
         for n, value in call["start"].items():  # a fresh θ_k, not the previous level's weights
             assert torch.equal(value, rewind[n]), n

@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_RESIZE_RATIO = 256 / 224  # the standard Resize(256) before CenterCrop(224), at any size
 # Batches each loader worker keeps ready (torch's default is 2): a GPU step on a bf16 ResNet-50
 # takes less than one worker's decoding of a batch, so a deeper queue rides out slow JPEGs.
 PREFETCH_BATCHES = 4
@@ -54,20 +53,28 @@ class FolderLayout:
     folder: str        # under root
     image_size: int    # the side of the crops the model sees
     num_classes: int
+    # Evaluation's resize before the center crop, as a multiple of the crop: ImageNet's standard
+    # Resize(256) before CenterCrop(224); 1 for Tiny-ImageNet, whose images are the model's 64
+    # pixels already and are evaluated whole (the authors' CenterCrop there is the identity).
+    eval_resize_ratio: float = 1.0
 
 
 LAYOUTS = {
     "tiny_imagenet": FolderLayout("tiny-imagenet-200", 64, 200),
-    "imagenet": FolderLayout("imagenet", 224, 1000),
+    "imagenet": FolderLayout("imagenet", 224, 1000, eval_resize_ratio=256 / 224),
 }
 
 
-# The training crop: torchvision's RandomResizedCrop defaults, or the authors' (TLAB 68c9740
-# data/imagenet.py: the longer side resized to 500 pixels, ResizeMax, then scale (0.1, 1) and
-# aspect ratio (0.8, 1.25), DataAugmentation).
+# The training crop per dataset: torchvision's RandomResizedCrop defaults, or the authors' (TLAB
+# 68c9740): on ImageNet the longer side resized to 500 pixels, then scale (0.1, 1) and aspect ratio
+# (0.8, 1.25) (data/imagenet.py, ResizeMax and DataAugmentation); on Tiny-ImageNet scale (0.6, 1)
+# and ratio (0.8, 1.25) (data/tiny_imagenet.py:72-73; its colour jitter is not reproduced, see
+# docs/architecture.md, "The authors' recipe").
+_TORCHVISION_CROP = {"max_side": None, "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)}
 RESIZED_CROPS = {
-    "torchvision": {"max_side": None, "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)},
-    "authors": {"max_side": 500, "scale": (0.1, 1.0), "ratio": (0.8, 1.25)},
+    "torchvision": {"imagenet": _TORCHVISION_CROP, "tiny_imagenet": _TORCHVISION_CROP},
+    "authors": {"imagenet": {"max_side": 500, "scale": (0.1, 1.0), "ratio": (0.8, 1.25)},
+                "tiny_imagenet": {"max_side": None, "scale": (0.6, 1.0), "ratio": (0.8, 1.25)}},
 }
 
 
@@ -80,12 +87,12 @@ def transforms_for(name: str, stage: str, *, resized_crop: str = "torchvision"):
 
     size = LAYOUTS[name].image_size
     if stage == "train":
-        crop = RESIZED_CROPS[resized_crop]
+        crop = RESIZED_CROPS[resized_crop][name]
         first = [v2.Resize(size=None, max_size=crop["max_side"], antialias=True)] if crop["max_side"] else []
         geometry = [*first, v2.RandomResizedCrop(size, scale=crop["scale"], ratio=crop["ratio"], antialias=True),
                     v2.RandomHorizontalFlip()]
     elif stage == "eval":
-        geometry = [v2.Resize(round(size * EVAL_RESIZE_RATIO), antialias=True), v2.CenterCrop(size)]
+        geometry = [v2.Resize(round(size * LAYOUTS[name].eval_resize_ratio), antialias=True), v2.CenterCrop(size)]
     else:
         raise ValueError(f"stage must be 'train' or 'eval', got {stage!r}")
     return v2.Compose([v2.ToImage(), *geometry])

@@ -154,7 +154,7 @@ def lottery_ticket_rewinding(
             model = make_model()
             # Only a level's final accuracy is kept: evaluating every epoch would cost time for nothing.
             result = train(model, train_split, test_split, replace(recipe, eval_every=recipe.epochs), seed=seed,
-                           stage=f"{stage} level {level}", start_epoch=start_epoch, mask=mask,
+                           stage=f"{stage} level {level}/{max_level}", start_epoch=start_epoch, mask=mask,
                            checkpoint=level_checkpoint(level) if level_checkpoint is not None else None,
                            progress=progress)
             seconds, accuracy = result.seconds, result.final.get("test_accuracy")
@@ -166,8 +166,8 @@ def lottery_ticket_rewinding(
                              test_accuracy=accuracy, cumulative_seconds=cumulative)
         records.append(record)
         logger.info(
-            "%s level %d: density %.6f (sparsity %.4f %%), %d kept, found after %.1f s%s",
-            stage, level, density, 100.0 * (1.0 - density), record.kept, cumulative,
+            "%s level %d/%d: density %.6f (sparsity %.4f %%), %d kept, found after %.1f s%s",
+            stage, level, max_level, density, 100.0 * (1.0 - density), record.kept, cumulative,
             "" if accuracy is None else f", trained to {accuracy:.2f} % in {seconds:.1f} s",
         )
         cumulative += seconds

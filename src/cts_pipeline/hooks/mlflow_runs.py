@@ -26,6 +26,12 @@ IN_PROCESS_RUNNERS = ("SequentialRunner", "ThreadRunner")
 
 
 
+def parent_run_name(pipelines: str, env: str, when: float | None = None) -> str:
+    """``cts 12-03 22:56:13 local``: the pipeline, then the time, the parts that tell runs apart
+    within the width MLflow's name column shows (the session id is a tag, ``kedro.session_id``)."""
+    return f"{pipelines} {time.strftime('%m-%d %H:%M:%S', time.localtime(when))} {env}"
+
+
 class MlflowHook:
     """A parent MLflow run per pipeline run, a child run per result, the report as artifacts."""
 
@@ -65,7 +71,7 @@ class MlflowHook:
             "kedro.runner": re.sub(r"^<?([\w.]+).*", r"\1", str(run_params.get("runner"))).rsplit(".", 1)[-1],
         }
         start = partial(RunTracker.start, self.settings, self.project_path,
-                        run_name=f"{names} [{env}] {run_params.get('run_id')}",
+                        run_name=parent_run_name(names, env),
                         params=parent_run_params(typed_sections(catalog.load("parameters"))), tags=tags,
                         started_at=time.time())
         try:

@@ -32,9 +32,12 @@ def print_tables(tables: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..pipelines.reporting.nodes import summary_rows
+    from ..pipelines.reporting.nodes import shared_time_notes, summary_rows, test_set_note
 
-    console = Console(width=max(Console().width, 140))
+    # A terminal's own width (rich fits the columns, wrapping headers); off one, wide enough for
+    # every column on one line, since nothing wraps a log file's lines.
+    terminal = Console()
+    console = terminal if terminal.is_terminal else Console(width=140)
     for name, table in tables.items():
         if name == "sanity_table":
             header = list(table.columns)
@@ -42,12 +45,18 @@ def print_tables(tables: dict[str, Any]) -> None:
             title = "sanity checks (a method passes when the check costs accuracy beyond the seed spread)"
         else:
             header, rows = summary_rows(table)
+            if not any(row[-1] for row in rows):  # no note to show: its column's width goes to the numbers
+                header, rows = header[:-1], [row[:-1] for row in rows]
             title = f"{name.removesuffix(RESULT_TABLE_SUFFIX)}: last-epoch test accuracy, mean ± std over seeds"
         out = Table(title=title, title_justify="left")
         for i, column in enumerate(header):
-            out.add_column(column, justify="left" if i in (0, len(header) - 1) else "right")
+            out.add_column(column, justify="left" if i == 0 or column == "note" else "right")
         for row in rows:
             out.add_row(*row)
         console.print(out)
+        if name != "sanity_table":
+            for note in [*shared_time_notes(table), test_set_note(table)]:
+                if note:
+                    console.print(note, soft_wrap=True, highlight=False)
         if "hardware" in table:
             console.print(f"hardware: {'; '.join(sorted(table['hardware'].unique()))}")

@@ -68,6 +68,11 @@ class ConcreteMask:
         noise = concrete_noise(self.num_weights, source, self.theta.device, out=self._noise)
         return soft_mask(self.logits, noise)
 
+    def soft_from_last_noise(self) -> torch.Tensor:
+        """The soft mask(s) of the last :meth:`sample` again, with a fresh graph to the logits and no
+        new draw (a step repeated after an out-of-memory error computes what the first try would)."""
+        return soft_mask(self.logits, self._noise)
+
     @property
     def num_weights(self) -> int:
         return self.theta.numel()

@@ -79,39 +79,53 @@ def _objective_and_gradient(model: nn.Module, relaxation: ConcreteMask, objectiv
     """One noise draw, the objective on ``(x, y)`` (per row when batched, detached) and the
     gradient of ``loss_scale × objective`` with respect to the logits.
 
-    The soft mask is sampled once, with its graph to the logits. The objective's gradient is taken
-    to a detached copy of it, over the whole batch or (``micro_batches``) piece by piece, each
-    piece's mean weighted by its share of the samples; then once through the sigmoid to the logits.
-    An out-of-memory error part-way through leaves the noise drawn and the logits untouched, so
-    the step repeats in more pieces and computes the same.
+    Whole, one backward from the objective to the logits. In ``micro_batches`` of the batch
+    (:mod:`..memory`), the gradient is taken piece by piece to a detached copy of the soft mask,
+    each piece's mean weighted by its share of the samples, then once through the sigmoid to the
+    logits. The noise is drawn once, before: an out-of-memory error part-way through rebuilds the
+    soft mask from the same noise and repeats the step in more pieces, so it computes the same.
     """
     soft = relaxation.sample(noise)
-    soft_leaf = soft.detach().requires_grad_(True)
     if micro_batches is None:
-        loss, soft_grad = _gradient_to_mask(model, relaxation, objective, soft_leaf, x, y, loss_scale, 1)
-    else:
-        loss, soft_grad = micro_batches.run(
-            lambda count: _gradient_to_mask(model, relaxation, objective, soft_leaf, x, y, loss_scale, count))
-    (task_grad,) = torch.autograd.grad(soft, relaxation.logits, soft_grad)
-    return loss, task_grad
+        return _whole_batch_gradient(model, relaxation, objective, soft, x, y, loss_scale)
+    attempts = []
+
+    def attempt(pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # A failed backward may have freed the first soft mask's graph: rebuild it, same noise.
+        current = relaxation.soft_from_last_noise() if attempts else soft
+        attempts.append(pieces)
+        if pieces == 1:
+            return _whole_batch_gradient(model, relaxation, objective, current, x, y, loss_scale)
+        soft_leaf = current.detach().requires_grad_(True)
+        loss, soft_grad = _gradient_to_mask(model, relaxation, objective, soft_leaf, x, y, loss_scale, pieces)
+        (task_grad,) = torch.autograd.grad(current, relaxation.logits, soft_grad)
+        return loss, task_grad
+
+    return micro_batches.run(attempt)
+
+
+def _whole_batch_gradient(model: nn.Module, relaxation: ConcreteMask, objective: Objective, soft: torch.Tensor,
+                          x: torch.Tensor, y: torch.Tensor, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = _objective(model, relaxation, objective, soft, x, y)
+    # Rows are independent, so the gradient of their sum is each row's own gradient.
+    (task_grad,) = torch.autograd.grad(loss.sum() * loss_scale, relaxation.logits)
+    return loss.detach(), task_grad
 
 
 def _gradient_to_mask(model: nn.Module, relaxation: ConcreteMask, objective: Objective, soft: torch.Tensor,
                       x: torch.Tensor, y: torch.Tensor, loss_scale: float,
                       pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The objective on ``(x, y)`` and the gradient of ``loss_scale × objective`` to the soft mask,
-    computed over ``pieces`` micro-batches (objectives that are batch means only)."""
-    if pieces > 1 and not objective.batch_mean:
+    """The objective on ``(x, y)`` and the gradient of ``loss_scale × objective`` to the soft mask
+    (a leaf), over ``pieces`` micro-batches (objectives that are batch means only)."""
+    if not objective.batch_mean:
         raise ValueError(f"the {objective.fn.__name__} objective is not a mean over samples: it cannot run "
                          "in micro-batches")
     loss_total, grad_total = None, None
     for x_piece, y_piece in zip(torch.tensor_split(x, pieces), torch.tensor_split(y, pieces), strict=True):
         weight = x_piece.shape[0] / x.shape[0]
         loss = _objective(model, relaxation, objective, soft, x_piece, y_piece)
-        # Rows are independent, so the gradient of their sum is each row's own gradient.
-        scale = loss_scale if pieces == 1 else loss_scale * weight
-        (grad,) = torch.autograd.grad(loss.sum() * scale, soft)
-        loss = loss.detach() if pieces == 1 else loss.detach() * weight
+        (grad,) = torch.autograd.grad(loss.sum() * (loss_scale * weight), soft)
+        loss = loss.detach() * weight
         loss_total = loss if loss_total is None else loss_total + loss
         grad_total = grad if grad_total is None else grad_total.add_(grad)
     return loss_total, grad_total

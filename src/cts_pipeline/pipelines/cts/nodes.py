@@ -8,6 +8,7 @@ import time
 import torch
 
 from ...config import ModelConfig, RuntimeConfig
+from ...console import PROGRESS_LOGGER
 from ...core.cts import SearchConfig, SearchResult, concrete_search, stacked_search_ratio
 from ...core.memory import release_cached_memory
 from ...core.runtime import describe_hardware
@@ -26,6 +27,7 @@ from ..common import (
 )
 
 logger = logging.getLogger(__name__)
+progress = logging.getLogger(PROGRESS_LOGGER)
 
 # A search has diverged when its expected kept count Σσ(s) ends outside this band around the
 # budget (GradBalance holds it within 1.1x; healthy searches end at 0.95-1.05), or when its logits
@@ -64,7 +66,8 @@ def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result
         "final_expected_over_budget": result.final_expected_over_budget,
         "seconds": result.seconds,  # this ticket's share: the batched search's time over its K masks
         "search_group": [b.namespace for b in group],
-        "search_group_seconds": result.group_seconds,
+        "search_group_seconds": result.group_seconds,  # the whole search's wall-clock, shared or not
+        "search_shared_by": result.shared_by,  # how many masks that wall-clock produced together
         "search_path": result.forward_path,  # single, or how K rows ran together: stacked or vmap
         "search_micro_batches": result.micro_batches,
         "history": result.history,
@@ -144,6 +147,9 @@ def search_masks(
                            "at a time", search_group_namespace(first), len(group))
     if results is None:
         results = [r for b in group for r in search((b,))]
+    elif results[0].shared_by > 1:  # the group's real wall-clock, said once (each ticket reports its share)
+        progress.info("%s: one search of %d sparsities, %.1f s (1/%d a ticket)",
+                      search_group_namespace(first), len(group), results[0].group_seconds, len(group))
     hardware = describe_hardware(device)
     out = {}
     for branch, result in zip(group, results, strict=True):

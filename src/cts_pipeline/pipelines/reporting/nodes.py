@@ -18,7 +18,8 @@ COLUMNS = [
     "method", "family", "seed", "target_sparsity_pct", "achieved_sparsity_pct", "kept_weights",
     "effective_kept_weights", "disconnected", "diverged", "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
     "retrain_s", "total_s", "eval_s", "collapsed_layers", "thin_layers", "start", "model", "dataset", "rewind_epoch", "search_path",
-    "retrain_path", "hardware",
+    "retrain_path", "search_shared_by", "find_mask_group_s", "search_group_id", "retrain_shared_by",
+    "retrain_group_s", "retrain_group_id", "test_images", "hardware",
 ]
 
 
@@ -61,6 +62,15 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
             # micro-batches" where memory cut the batch) and a retraining (single, stacked xK).
             "search_path": _search_path(m),
             "retrain_path": m.get("retrain_path") or "",
+            # find_mask_s and retrain_s are a ticket's share where K tickets were made in one
+            # wall-clock (a batched search, a stacked retraining): the whole of it, and its group.
+            "search_shared_by": m.get("search_shared_by", 1),
+            "find_mask_group_s": seconds.get("find_mask_group", 0.0 if dense else seconds["find_mask"]),
+            "search_group_id": m.get("search_group_id") or "",
+            "retrain_shared_by": m.get("retrain_shared_by", 1),
+            "retrain_group_s": seconds.get("retrain_group", seconds["train"] if dense else seconds["retrain"]),
+            "retrain_group_id": m.get("retrain_group_id") or "",
+            "test_images": m.get("test_images"),  # one image is 100 / test_images points of accuracy
             "hardware": m["hardware"],
         })
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -122,6 +132,25 @@ def summary_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def shared_time_notes(table: pd.DataFrame) -> list[str]:
+    """Per method whose tickets shared a wall-clock, one line saying so, with the group's real time
+    (mean over seeds): the table's find-mask and retrain seconds are then shares of it."""
+    notes = []
+    for method, rows in table[~table["method"].eq("dense")].groupby("method", sort=False):
+        parts = []
+        for stage, count, whole, group_id in (("search", "search_shared_by", "find_mask_group_s", "search_group_id"),
+                                              ("retraining", "retrain_shared_by", "retrain_group_s",
+                                               "retrain_group_id")):
+            if count not in rows or not (rows[count].fillna(1) > 1).any():
+                continue
+            groups = rows[rows[count] > 1].drop_duplicates(group_id)
+            seconds = groups.groupby("seed")[whole].sum().mean()
+            parts.append(f"one {stage} of {int(groups[count].max())} ({seconds:.1f} s a seed)")
+        if parts:
+            notes.append(f"{method}: times are each ticket's share of {' and '.join(parts)}")
+    return notes
+
+
 def format_summary(table: pd.DataFrame) -> str:
     """The summary as fixed-width text (logs, docs)."""
     header, rows = summary_rows(table)
@@ -130,7 +159,8 @@ def format_summary(table: pd.DataFrame) -> str:
                        for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
              for line in [header, *rows]]
     hardware = "; ".join(sorted(table["hardware"].unique()))
-    return "\n".join(lines) + f"\nhardware: {hardware}"
+    notes = [*shared_time_notes(table), test_set_note(table)]
+    return "\n".join([*lines, *[n for n in notes if n], f"hardware: {hardware}"])
 
 
 def _figure(width: float, height: float):
@@ -147,9 +177,18 @@ def _dense_band(ax, table: pd.DataFrame) -> None:
             ax.axhspan(dense.mean() - dense.std(), dense.mean() + dense.std(), color="black", alpha=0.08)
 
 
-def _finish(fig: Figure, ax, xlabel: str, title: str) -> Figure:
+def test_set_note(table: pd.DataFrame) -> str:
+    """How coarse the accuracies are: the test set's size and what one image is worth."""
+    sizes = sorted({int(n) for n in table.get("test_images", pd.Series(dtype=float)).dropna()})
+    if len(sizes) != 1:
+        return ""
+    return f"{sizes[0]:,} test images: one is {100 / sizes[0]:.2g} points"
+
+
+def _finish(fig: Figure, ax, xlabel: str, title: str, table: pd.DataFrame | None = None) -> Figure:
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%, last epoch)")
+    note = test_set_note(table) if table is not None else ""
+    ax.set_ylabel(f"test accuracy (%, last epoch{'; ' + note if note else ''})")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -170,7 +209,7 @@ def accuracy_plot(table: pd.DataFrame, title: str) -> Figure:
     ticks = sorted(set(100 - table.loc[table["method"] != "dense", "target_sparsity_pct"]))
     if ticks:
         ax.set_xticks(ticks)
-    return _finish(fig, ax, "sparsity (% of prunable weights removed)", title)
+    return _finish(fig, ax, "sparsity (% of prunable weights removed)", title, table)
 
 
 def _log_seconds_axis(ax) -> None:
@@ -190,45 +229,77 @@ def _log_seconds_axis(ax) -> None:
 
 
 def time_plot(table: pd.DataFrame, title: str) -> Figure:
-    """Test accuracy against end-to-end wall-clock (find the mask and train the ticket)."""
+    """Test accuracy against the cumulative wall-clock of the grid up to each ticket (dense
+    training to θ_k once, then each mask and retraining, the grid walked from the lowest sparsity
+    up), means ± std over seeds. A batched group's time is spread evenly over its tickets, so its
+    points do not pile up at one x; the grid-cost plot counts it once instead."""
     fig, ax = _figure(8, 5)
     _dense_band(ax, table)
-    for method, rows in summary(table[table["method"] != "dense"]).groupby("method", sort=False):
-        ax.errorbar(rows["total_s"], rows["test_accuracy_mean"], yerr=rows["test_accuracy_std"],
-                    marker="o", ls="", capsize=3, label=method)
-        for r in rows.itertuples():
-            ax.annotate(f"{r.target_sparsity_pct:.4g}", (r.total_s, r.test_accuracy_mean), fontsize=8,
-                        xytext=(3, 3), textcoords="offset points")
+    costs = grid_cost(table, shared="spread")
+    for method, rows in costs.groupby("method", sort=False):
+        means = rows.groupby("target_sparsity_pct", sort=True).agg(
+            seconds=("cumulative_s", "mean"), accuracy=("test_accuracy", "mean"), std=("test_accuracy", "std"))
+        ax.errorbar(means["seconds"], means["accuracy"], yerr=means["std"].fillna(0.0), marker="o", ls="",
+                    capsize=3, label=method)
+        for sparsity, r in means.iterrows():
+            ax.annotate(f"{sparsity:.2f}", (r["seconds"], r["accuracy"]), fontsize=8, xytext=(3, 3),
+                        textcoords="offset points")
     _log_seconds_axis(ax)
-    return _finish(fig, ax, "wall-clock per ticket, s (log; labels: sparsity %)", title)
+    return _finish(fig, ax, "cumulative wall-clock up to this ticket, s (log; a batched search or retraining "
+                   "shared evenly by its tickets; labels: sparsity %)", title, table)
 
 
-def grid_cost(table: pd.DataFrame) -> pd.DataFrame:
+def grid_cost(table: pd.DataFrame, shared: str = "once") -> pd.DataFrame:
     """Per method and seed, the wall-clock to produce its tickets at every grid sparsity, and the
     running total as the grid is walked from the lowest sparsity up (``cumulative_s`` per ticket).
 
-    A ticket's own cost is its share of finding the mask plus its retraining (with batching, its
-    share of the batched search and of the batched retraining). The dense training to θ_k is
-    counted once per method and seed. LTR's masks are nested, so reaching its deepest level pays
-    for every shallower one: its cost is the deepest ticket's cumulative ``find_mask_s`` (dense
-    training included) plus the retraining of each grid ticket. Sanity checks are not methods and
-    are left out.
+    A ticket's own cost is finding its mask plus its retraining. Where K tickets came out of one
+    wall-clock (a batched search, a stacked retraining), ``shared="once"`` pays that whole time at
+    the group's first ticket and nothing at the others, which is what producing the grid costs;
+    ``"spread"`` pays each ticket its 1/K share, so the points of a group spread over its time
+    (the accuracy-versus-time plot). Tables without the group columns fall back to the shares. The
+    dense training to θ_k is counted once per method and seed. LTR's masks are nested, so reaching
+    its deepest level pays for every shallower one: its cost is the deepest ticket's cumulative
+    ``find_mask_s`` (dense training included) plus the retrainings. Sanity checks are not methods
+    and are left out.
     """
+    if shared not in ("once", "spread"):
+        raise ValueError(f"shared must be 'once' or 'spread', got {shared!r}")
     rows = []
     tickets = table[~table["method"].eq("dense") & ~table["family"].eq("sanity")]
     for (method, seed), group in tickets.groupby(["method", "seed"], sort=False):
         group = group.sort_values("target_sparsity_pct")
-        retrain = group["retrain_s"].cumsum()
+        retrain = _paid(group, "retrain_s", "retrain_group_s", "retrain_group_id", shared).cumsum()
         if (group["family"] == "ltr").all():
             cumulative = group["find_mask_s"] + retrain
         else:
-            cumulative = group["to_rewind_s"].max() + group["find_mask_s"].cumsum() + retrain
+            find = _paid(group, "find_mask_s", "find_mask_group_s", "search_group_id", shared)
+            cumulative = group["to_rewind_s"].max() + find.cumsum() + retrain
         for r, total in zip(group.itertuples(), cumulative, strict=True):
             rows.append({"method": method, "seed": seed, "target_sparsity_pct": r.target_sparsity_pct,
                          "test_accuracy": r.test_accuracy, "cumulative_s": float(total)})
     out = pd.DataFrame(rows, columns=["method", "seed", "target_sparsity_pct", "test_accuracy", "cumulative_s"])
     out["grid_cost_s"] = out.groupby(["method", "seed"], sort=False)["cumulative_s"].transform("max")
     return out
+
+
+def _paid(group: pd.DataFrame, share: str, whole: str, group_id: str, shared: str) -> pd.Series:
+    """What reaching each ticket (in walk order) costs of one stage: its share, or under
+    ``shared="once"`` a group's whole time at its first ticket and nothing at the rest."""
+    if shared == "spread" or whole not in group or group_id not in group:
+        return group[share]
+    seen: set[str] = set()
+    paid = []
+    ids = group[group_id].astype("string").fillna("")  # read back from CSV: NaN where no group
+    for gid, own, total in zip(ids, group[share], group[whole], strict=True):
+        if not gid:
+            paid.append(own)
+        elif gid in seen:
+            paid.append(0.0)
+        else:
+            seen.add(gid)
+            paid.append(total)
+    return pd.Series(paid, index=group.index, dtype=float)
 
 
 def grid_cost_plot(table: pd.DataFrame, title: str) -> Figure:
@@ -245,8 +316,8 @@ def grid_cost_plot(table: pd.DataFrame, title: str) -> Figure:
             ax.annotate(f"{sparsity:.2f}", (r["cumulative_s"], r["test_accuracy"]), fontsize=8,
                         xytext=(4, 3), textcoords="offset points")
     _log_seconds_axis(ax)
-    return _finish(fig, ax, "cumulative wall-clock to produce the grid up to this sparsity, s (log; labels: sparsity %)",
-                   title)
+    return _finish(fig, ax, "cumulative wall-clock to produce the grid up to this sparsity, s (log; a batched "
+                   "search or retraining paid once, at its first ticket; labels: sparsity %)", title, table)
 
 
 def layer_density_plot(metrics: Sequence[Mapping], sparsity: float | None, title: str) -> Figure:
