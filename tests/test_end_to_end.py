@@ -66,6 +66,9 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
     assert parents[0].data.params["cts.epochs"].endswith("(long: training.epochs = 3)")
     assert parents[0].data.params["cts.loss_scale"] == "100 (the authors' factor for kl)"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    # One accuracy-versus-sparsity line per method on the parent (step: sparsity in 0.01 %).
+    line = client.get_metric_history(parents[0].info.run_id, "accuracy_vs_sparsity/cts_kl")
+    assert sorted(m.step for m in line) == [5000, 9000]
     assert sorted(c.info.run_name for c in children) == ["50.00% cts_kl s0", "90.00% cts_kl s0", "dense s0"]
     assert sorted(c.data.tags["namespace"] for c in children) == [
         "cts_kl.seed0.sp50_00", "cts_kl.seed0.sp90_00", "dense.seed0"]

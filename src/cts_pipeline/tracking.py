@@ -311,10 +311,14 @@ class RunTracker:
         if hasattr(value, "to_csv"):
             self.client.log_text(self.parent_run_id, value.to_csv(index=False), f"{name}.csv")
             if name.endswith("_results_table") and {"method", "target_sparsity_pct", "test_accuracy"} <= set(value):
-                means = value.groupby(["method", "target_sparsity_pct"])["test_accuracy"].mean()
+                means = value.groupby(["method", "target_sparsity_pct"])["test_accuracy"].mean().round(4)
                 stamp = _ms(time.time())
                 batch = [Metric(metric_name(f"test_accuracy/{method}/sp{pct:05.2f}".replace(".", "_")), float(acc),
                                 stamp, 0) for (method, pct), acc in means.items()]
+                # One accuracy-versus-sparsity line per method in the parent's charts: the step is
+                # the sparsity in hundredths of a percent (9926 for 99.26 %), MLflow's x-axis.
+                batch += [Metric(metric_name(f"accuracy_vs_sparsity/{method}"), float(acc), stamp,
+                                 int(round(100 * pct))) for (method, pct), acc in means.items()]
                 self.client.log_batch(self.parent_run_id, metrics=batch)
         elif hasattr(value, "savefig"):
             self.client.log_figure(self.parent_run_id, value, f"{name}.png")
@@ -385,7 +389,8 @@ def source_tags(project_path: Path, command: str) -> dict[str, str]:
 
 def child_run_name(metrics: Mapping[str, Any]) -> str:
     """What tells children apart first, since the runs table cuts names at about 20 characters:
-    ``99.26% cts_kl s0``, ``dense s0``."""
+    ``99.26% cts_kl s0``, ``05.00% snip s1``, ``dense s0``. The sparsity is zero-padded, so sorting
+    the runs table by name lists a sweep's children in sparsity order."""
     if metrics.get("method") == "dense" or metrics.get("sparsity") is None:
         return f"{metrics['method']} s{metrics['seed']}"
-    return f"{100 * float(metrics['sparsity']):.2f}% {metrics['method']} s{metrics['seed']}"
+    return f"{100 * float(metrics['sparsity']):05.2f}% {metrics['method']} s{metrics['seed']}"
