@@ -158,8 +158,9 @@ def test_when_a_checkpoint_is_due(tmp_path):
     assert [auto.due(4.0) for _ in range(5)] == [False, False, False, False, True]
 
 
-@pytest.mark.parametrize("every, last_saved", [(2, 2), ("auto", 1)])
-def test_a_run_stopped_between_checkpoints_resumes_from_the_last_one_to_the_bit(tmp_path, every, last_saved):
+@pytest.mark.parametrize("every, last_saved, background", [(2, 2, False), ("auto", 1, False), (2, 2, True)])
+def test_a_run_stopped_between_checkpoints_resumes_from_the_last_one_to_the_bit(tmp_path, every, last_saved,
+                                                                                  background):
     """A run stopped after epoch 3 resumes from its last checkpoint (after epoch 2 when every 2
     epochs; after epoch 1 when auto finds a save of 0.15 s worth 3 epochs of 1 s) and ends exactly
     where an uninterrupted run ends (one process: bit equality holds)."""
@@ -185,12 +186,13 @@ def test_a_run_stopped_between_checkpoints_resumes_from_the_last_one_to_the_bit(
         if done == 3:
             raise Stop
 
-    checkpoint = Checkpoint(tmp_path / "t.pt", "k", every=every)
+    checkpoint = Checkpoint(tmp_path / "t.pt", "k", every=every, background=background)
     if every == "auto":  # epochs here take milliseconds: time them as 1 s, and the save as 0.15 s
         checkpoint.due = _timed_as(checkpoint, epoch=1.0, save=0.15)
     with pytest.raises(Stop):
         train(net(), split, None, recipe, seed=1, stage="t", checkpoint=checkpoint, on_epoch_end=stop_after_three,
               progress=False)
+    checkpoint.wait()  # a background write lands whole even when the loop has stopped
     assert torch.load(tmp_path / "t.pt", weights_only=True)["epochs_done"] == last_saved
     resumed = net()
     result = train(resumed, split, None, recipe, seed=1, stage="t", checkpoint=Checkpoint(tmp_path / "t.pt", "k"),
@@ -198,6 +200,40 @@ def test_a_run_stopped_between_checkpoints_resumes_from_the_last_one_to_the_bit(
     assert result.resumed_at == last_saved
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_background_checkpoint_writes_the_state_as_it_was_and_reports_a_failed_write(tmp_path, monkeypatch):
+    """Item 7: with ``background`` (a GPU run's checkpoints) the loop waits only for a copy of the
+    state; what lands is that copy, whatever the loop does next, and a write that fails is raised
+    by the next save or by finish, not lost."""
+    import errno
+
+    from cts_pipeline.core.checkpoints import Checkpoint
+    from cts_pipeline.pipelines import common
+
+    weights = torch.zeros(1000)
+    checkpoint = Checkpoint(tmp_path / "s.pt", "k", background=True)
+    checkpoint.save({"epochs_done": 1, "weights": weights, "nested": {"moments": [weights]}})
+    weights.add_(1.0)  # the next epoch, while the file is written
+    checkpoint.wait()
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert saved["epochs_done"] == 1 and not saved["weights"].any() and not saved["nested"]["moments"][0].any()
+
+    def full_disk(state):
+        raise OSError(errno.ENOSPC, "no space left on the device holding the checkpoint")
+
+    monkeypatch.setattr(checkpoint, "_write", full_disk)
+    checkpoint.save({"epochs_done": 2})
+    with pytest.raises(OSError, match="no space left"):
+        checkpoint.finish()
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["epochs_done"] == 1, "the previous one is kept"
+
+    from cts_pipeline.config import RuntimeConfig
+
+    runtime = RuntimeConfig(device="cpu", checkpoint_dir=str(tmp_path))
+    assert not common.checkpoint_for(runtime, "ns", "train", "key").background
+    monkeypatch.setattr(common, "resolve_device", lambda choice: torch.device("cuda"))
+    assert common.checkpoint_for(runtime, "ns", "train", "key").background
 
 
 def _timed_as(checkpoint, *, epoch: float, save: float):

@@ -83,15 +83,25 @@ def parse_interval(every: int | str) -> tuple[str, float]:
 
 class Checkpoint:
     """One loop's checkpoint file at ``path``, valid only for ``key``, written at the interval
-    ``every`` asks for (:func:`parse_interval`; after every epoch by default)."""
+    ``every`` asks for (:func:`parse_interval`; after every epoch by default).
 
-    def __init__(self, path: str | Path, key: str, every: int | str = 1):
+    With ``background`` (the GPU's choice, ``pipelines.common.checkpoint_for``), :meth:`save`
+    copies the state to the CPU, which is all the loop waits for, and a writer thread serialises
+    and writes it while the next epoch runs: a VGG-16 search's 1.2 GB no longer stalls the GPU.
+    One write is in flight at a time (the next save waits for it), a failed write is raised by the
+    next save or by :meth:`finish`, and the file still appears whole or not at all.
+    """
+
+    def __init__(self, path: str | Path, key: str, every: int | str = 1, background: bool = False):
         self.path = Path(path)
         self.key = key
         self.kind, self.amount = parse_interval(every)
+        self.background = background
         self._epochs_since = 0
         self._seconds_since = 0.0  # the loop's wall-clock since the last save
         self._save_seconds: float | None = None  # what the last save took
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
 
     def due(self, epoch_seconds: float) -> bool:
         """After an epoch that took ``epoch_seconds``: is a checkpoint due now?"""
@@ -126,11 +136,40 @@ class Checkpoint:
         return state
 
     def save(self, state: Mapping[str, Any]) -> None:
+        started = time.perf_counter()
+        if not self.background:
+            self._write(state)
+            self._save_seconds = time.perf_counter() - started
+        else:
+            self.wait()  # one write in flight; raises what the previous one met
+            # The loop goes on changing its tensors: what is written is a copy taken now.
+            snapshot = _on_cpu({**state})
+            self._save_seconds = time.perf_counter() - started  # what the loop waited for
+            self._writer = threading.Thread(target=self._write_in_background, args=(snapshot,),
+                                            name=f"checkpoint {self.path.name}")
+            self._writer.start()
+        self._epochs_since, self._seconds_since = 0, 0.0
+
+    def wait(self) -> None:
+        """Until the write in flight (if any) is done; raises the error it met."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            raise error
+
+    def _write_in_background(self, state: Mapping[str, Any]) -> None:
+        try:
+            self._write(state)
+        except BaseException as exc:  # handed to the loop's thread by wait()
+            self._write_error = exc
+
+    def _write(self, state: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f"{self.path.name}.partial-{uuid.uuid4().hex[:8]}")
         # Serialised in memory first: torch.save straight to a full disk fails with an opaque
         # "unexpected pos" error, a plain write with ENOSPC.
-        started = time.perf_counter()
         buffer = io.BytesIO()
         torch.save({**state, "format": FORMAT, "key": self.key}, buffer)
         try:
@@ -144,19 +183,30 @@ class Checkpoint:
             raise
         finally:
             partial.unlink(missing_ok=True)
-        self._save_seconds = time.perf_counter() - started
-        self._epochs_since, self._seconds_since = 0, 0.0
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
     def finish(self) -> None:
-        """The loop is done: remove the file now, or once the caller has stored the result."""
+        """The loop is done: remove the file now, or once the caller has stored the result (a
+        write in flight is waited for first, so it cannot land after the removal)."""
+        self.wait()
         pending = getattr(_deferred, "paths", None)
         if pending is None:
             self.remove()
         else:
             pending.append(self.path)
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it copied to the CPU (nested dicts, lists and tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 _deferred = threading.local()  # per thread: a node's loops and its output saving share one

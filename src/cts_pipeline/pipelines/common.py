@@ -219,5 +219,7 @@ def checkpoint_for(runtime: RuntimeConfig, namespace: str, stage: str, *key: Any
         return None
     parts = [asdict(k) if hasattr(k, "__dataclass_fields__") else k for k in key]
     tag = digest(stage, *parts)
+    # In the background on a GPU, where a synchronous write stalls the device; on a CPU the
+    # write would compete with the loop for the same cores, so it stays in the loop's thread.
     return Checkpoint(Path(runtime.checkpoint_dir) / namespace / f"{stage}-{tag}.pt", tag,
-                      every=runtime.checkpoint_every)
+                      every=runtime.checkpoint_every, background=resolve_device(runtime.device).type == "cuda")
