@@ -13,20 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-# What artifacts depend on beyond their dataset name. A branch's name already spells out every
-# choice that shapes it (cts_kl_short_at_init, snip_at_rewind, cts_kl_shuffled, seed, sparsity), so
-# branches are keyed on the recipe they share; a report depends on everything. `runtime` never
-# changes a result; data.root and data.download only say where the (canonical) files are.
-KEY_SCOPES = {
-    "runs": ("data", "model", "training"),
-    "report": ("data", "model", "training", "cts", "methods", "pai", "grid", "sanity", "report"),
-}
-
-# Bumped whenever the code changes what a configuration computes (a new default inside the method),
-# so that artifacts made by older code are never served to a run of this one.
-# 2: CTS multiplies its objective by the authors' loss scale (cts.loss_scale: null).
-RESULTS_REVISION = 2
-
 _config_loader: Any = None
 
 
@@ -80,14 +66,9 @@ def config_key(scope: str) -> str:
 
     Artifacts live under their key, so ``kedro run --only-missing-outputs`` skips exactly the
     branches already computed with this configuration, and a changed setting never reuses a
-    stale result: a new ``cts.*`` choice is a new branch name, a new recipe a new key.
+    stale result: a new ``cts.*`` choice is a new branch name, a new recipe a new key. What enters
+    the key is decided in :mod:`cts_pipeline.identity`.
     """
-    from .core.checkpoints import digest
+    from .identity import catalog_key
 
-    if scope not in KEY_SCOPES:
-        raise ValueError(f"config_key scope must be one of {sorted(KEY_SCOPES)}, got {scope!r}")
-    params = parameters()
-    sections = {name: params.get(name) for name in KEY_SCOPES[scope]}
-    if isinstance(sections.get("data"), dict):
-        sections["data"] = {k: v for k, v in sections["data"].items() if k not in ("root", "download")}
-    return digest(RESULTS_REVISION, sections)
+    return catalog_key(parameters(), scope)

@@ -20,6 +20,7 @@ from typing import Any
 from .core.ltr import level_density, level_for_sparsity
 from .core.saliency import SCORERS
 from .core.training import STARTS
+from .identity import cts_method_name
 
 BRANCH_PARAM = "branch"
 MAX_LEVEL = 60  # 0.8**60 keeps 1.5e-6 of the weights: beyond any network's last weight
@@ -226,28 +227,6 @@ def _plain(section: Any) -> dict:
     if hasattr(section, "as_dict"):
         return section.as_dict()
     return dict(section)
-
-
-def cts_method_name(cts: Mapping) -> str:
-    """``cts_<objective>``, plus every non-default choice, so variants never share a branch."""
-    name = f"cts_{cts.get('objective', 'kl')}"
-    if cts.get("epochs") is not None:
-        name += f"_{cts['epochs']}ep"
-    elif cts.get("search_length", "long") != "long":
-        name += f"_{cts['search_length']}"
-    if cts.get("balance", "gradbalance") != "gradbalance":
-        name += f"_{cts['balance']}"
-    if cts.get("lr") is not None:
-        name += f"_lr{cts['lr']:g}".replace(".", "p")
-    if cts.get("loss_scale") is not None:
-        name += f"_ls{cts['loss_scale']:g}".replace(".", "p").replace("+", "")
-    if cts.get("min_kept_per_layer"):
-        name += f"_floor{cts['min_kept_per_layer']}"
-    if cts.get("search_at", "rewind") != "rewind":
-        name += f"_at_{cts['search_at']}"
-    if cts.get("schedule", "project") != "project":
-        name += f"_{cts['schedule']}_schedule"
-    return name
 
 
 @dataclass

@@ -20,7 +20,7 @@ from cts_pipeline.core.masks import count_prunable, global_topk_mask, prunable_p
 from cts_pipeline.core.models import build_model, count_parameters, skeleton
 from cts_pipeline.core.saliency import synflow_flow
 from cts_pipeline.core.training import TrainRecipe, train
-from cts_pipeline.grid import cts_method_name
+from cts_pipeline.identity import cts_method_name
 
 DIGITS = (1, 8, 8)
 

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,11 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, RuntimeConfig
-from ..core.checkpoints import Checkpoint, adopt_deferred, defer_removal, digest, take_deferred
+from ..core.checkpoints import Checkpoint, adopt_deferred, defer_removal, take_deferred
 from ..core.data import Split, get_dataset_info
 from ..core.memory import release_cached_memory
 from ..core.runtime import generator, resolve_device
+from ..identity import checkpoint_tag
 
 # Nodes that compute on the run's device; a distributed runner gives each one GPU
 # (cts_pipeline.runners.DaskRunner, workers started with --resources GPU=1).
@@ -217,8 +217,7 @@ def checkpoint_for(runtime: RuntimeConfig, namespace: str, stage: str, *key: Any
     """The per-epoch checkpoint of one loop, named by a digest of everything that decides its result."""
     if runtime.checkpoint_dir is None:
         return None
-    parts = [asdict(k) if hasattr(k, "__dataclass_fields__") else k for k in key]
-    tag = digest(stage, *parts)
+    tag = checkpoint_tag(stage, *key)
     # In the background on a GPU, where a synchronous write stalls the device; on a CPU the
     # write would compete with the loop for the same cores, so it stays in the loop's thread.
     return Checkpoint(Path(runtime.checkpoint_dir) / namespace / f"{stage}-{tag}.pt", tag,
