@@ -478,27 +478,33 @@ def test_a_search_planned_in_micro_batches_finds_the_same_logits_and_says_so(mon
 # --- the stacked-versus-vmap check (item 3: TF32 would send every batched search to vmap) -------
 
 
-def test_the_stacked_check_compares_in_full_fp32(cuda_flags, monkeypatch):
+def test_the_stacked_check_compares_in_float64_and_gives_the_model_back(monkeypatch):
+    """Item 3: in float32 the two forwards differ by rounding beyond any fixed tolerance (TF32 on a
+    GPU; ResNet-50 with batch statistics over two images on a CPU, 2e-5), so the check runs both in
+    float64 on a few samples, and the model returns to float32 afterwards."""
     from cts_pipeline.core.cts import ConcreteMask, forwards
     from cts_pipeline.core.masks import prunable_parameters
     from cts_pipeline.core.models import build_model
 
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # runtime.tf32's default
-    model = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
+    model = build_model("resnet50", image_shape=(3, 32, 32), num_classes=10, bn_running_stats=False,
                         generator=torch.Generator().manual_seed(0))
-    relaxation = ConcreteMask(prunable_parameters(model), [0.1, 0.3])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    relaxation = ConcreteMask(prunable_parameters(model), [0.1, 0.01])
     seen = []
     real = forwards.masked_forward
 
-    def spy(*args):
-        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
-        return real(*args)
+    def spy(model, relaxation, soft, x):
+        seen.append((x.dtype, x.shape[0], next(model.parameters()).dtype))
+        return real(model, relaxation, soft, x)
 
     monkeypatch.setattr(forwards, "masked_forward", spy)
     with forwards.batch_statistics(model):
-        assert forwards.check_stacked(model, relaxation, torch.randn(16, 1, 8, 8), "s")
-    assert seen == [(False, False)] * 2
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+        assert forwards.check_stacked(model, relaxation, torch.randn(2, 3, 32, 32), "s")
+        assert forwards.check_stacked(model, relaxation, torch.randn(64, 3, 32, 32), "s")
+    assert seen[:2] == [(torch.float64, 2, torch.float64)] * 2
+    assert seen[2][1] == forwards.CHECK_SAMPLES, "a few samples: no memory to plan for"
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and relaxation.logits.dtype == torch.float32
 
 
 # --- whatever runs out of memory, the run goes on one row at a time -----------------------------
@@ -608,3 +614,35 @@ def test_a_step_whose_backward_ran_out_of_memory_repeats_from_the_same_noise(mon
     monkeypatch.setattr(search, "_whole_batch_gradient", real)
     assert micro.count == 2
     torch.testing.assert_close(repeated, plain, rtol=1e-4, atol=1e-5 * float(plain.abs().max()))
+
+
+@pytest.mark.parametrize("error, kept", [(1e-13, True), (1e-3, False)], ids=["rounding", "a layout bug"])
+def test_the_stacked_check_tells_rounding_from_a_wrong_layout(monkeypatch, caplog, error, kept):
+    """float64 rounding relative to the outputs' size passes (large logits included); an error of
+    a thousandth of the outputs sends the search to vmap with one warning naming the stage."""
+    import logging
+
+    from cts_pipeline.core.cts import ConcreteMask, forwards
+    from cts_pipeline.core.masks import prunable_parameters
+    from cts_pipeline.core.models import build_model
+
+    model = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
+                        generator=torch.Generator().manual_seed(0))
+    relaxation = ConcreteMask(prunable_parameters(model), [0.1, 0.3])
+    real = forwards.stacked_forward
+
+    def off_by(model, weights, x):
+        out = real(model, weights, x) * 1000.0  # large logits, as batch statistics over few samples give
+        return out + error * out.abs().max()
+
+    monkeypatch.setattr(forwards, "stacked_forward", off_by)
+    real_vmap = forwards.masked_forward
+
+    def reference_scaled(model, relaxation, soft, x):
+        out = real_vmap(model, relaxation, soft, x)
+        return out if relaxation.stacked else out * 1000.0
+
+    monkeypatch.setattr(forwards, "masked_forward", reference_scaled)
+    with caplog.at_level(logging.WARNING, logger="cts_pipeline"), forwards.batch_statistics(model):
+        assert forwards.check_stacked(model, relaxation, torch.randn(16, 1, 8, 8), "cts_kl.seed0 search") is kept
+    assert ("cts_kl.seed0 search: the stacked batched forward differs from vmap" in caplog.text) is not kept

@@ -7,8 +7,6 @@ import os
 import platform
 import re
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,19 +71,6 @@ class CudaPolicy:
         tf32 = "on" if torch.backends.cuda.matmul.allow_tf32 else "off"
         return (f"TF32 {tf32}, cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}"
                 f"{', deterministic' if torch.are_deterministic_algorithms_enabled() else ''}")
-
-
-@contextmanager
-def full_fp32() -> Iterator[None]:
-    """Within the block, fp32 matmuls and convolutions run in full fp32, not TF32, whatever
-    ``runtime.tf32`` says: for checks that compare two ways of computing the same thing, where
-    TF32's 10-bit products (errors near 1e-3 on VGG-16) would hide a real mismatch."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def synchronize(device: torch.device) -> None:
