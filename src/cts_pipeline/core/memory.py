@@ -71,7 +71,7 @@ def plan_micro_batches(device: torch.device, batch: int, probe: Callable[[int], 
     try:
         used = peak_bytes(device, lambda: probe(samples))
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
+        release_cached_memory()
         logger.warning("%s: even a probe step on %d samples ran out of device memory; the step will "
                        "split its batch as far as it can", stage, samples)
         return max(1, batch // min_samples)

@@ -88,12 +88,11 @@ def _objective_and_gradient(model: nn.Module, relaxation: ConcreteMask, objectiv
     soft = relaxation.sample(noise)
     if micro_batches is None:
         return _whole_batch_gradient(model, relaxation, objective, soft, x, y, loss_scale)
-    attempts = []
+    fresh = [soft]  # the first attempt's soft mask, until it is used
 
     def attempt(pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
         # A failed backward may have freed the first soft mask's graph: rebuild it, same noise.
-        current = relaxation.soft_from_last_noise() if attempts else soft
-        attempts.append(pieces)
+        current = fresh.pop() if fresh else relaxation.soft_from_last_noise()
         if pieces == 1:
             return _whole_batch_gradient(model, relaxation, objective, current, x, y, loss_scale)
         soft_leaf = current.detach().requires_grad_(True)

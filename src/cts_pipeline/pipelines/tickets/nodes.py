@@ -248,8 +248,7 @@ def evaluate_ticket(
     # find_mask and retrain above are 1/K shares of it; the whole of it is kept beside them.
     search_shared_by = int(mask_log.get("search_shared_by", 1))
     retrain_shared_by = int(retrain_log.get("retrain_shared_by", 1))
-    seconds["find_mask_group"] = float(mask_log.get("search_group_seconds", seconds["find_mask"])) \
-        if search_shared_by > 1 else seconds["find_mask"]
+    seconds["find_mask_group"] = float(mask_log.get("search_group_seconds", seconds["find_mask"]))
     seconds["retrain_group"] = seconds["retrain"] * retrain_shared_by
     shared = max(search_shared_by, retrain_shared_by) > 1
     # Under 80 characters for the default run, so the line fits 100 columns with rich's time and
