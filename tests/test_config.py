@@ -138,11 +138,16 @@ def test_a_pipeline_that_would_produce_nothing_is_refused(params, pipeline, chan
     validate_run(with_changes(params, **changes), ["cts"])  # other pipelines still run
 
 
-def test_virtual_ranks_with_several_processes_is_refused_in_one_line(params):
-    with pytest.raises(ConfigError, match=r"training.virtual_ranks = 2 cannot be combined with "
-                                          r"runtime.distributed.nproc = 2 yet"):
-        validate_run(with_changes(params, training={"virtual_ranks": 2, "batch_size": 64},
-                                  runtime={"distributed": {"nproc": 2}, "device": "cpu"}))
+def test_virtual_ranks_are_shared_equally_by_the_processes_or_refused_in_one_line(params):
+    def run_with(virtual_ranks, nproc):
+        return validate_run(with_changes(params, training={"virtual_ranks": virtual_ranks, "batch_size": 64},
+                                         runtime={"distributed": {"nproc": nproc}, "device": "cpu"}))
+
+    run_with(4, 2)  # each process plays two of the recipe's four ranks
+    run_with(1, 2)  # one recipe rank: the processes split one device's step
+    with pytest.raises(ConfigError, match=r"training.virtual_ranks = 2 must be a multiple of "
+                                          r"runtime.distributed.nproc = 4: each process plays"):
+        run_with(2, 4)
 
 
 def test_grid_levels_take_a_range_for_the_command_line():

@@ -417,8 +417,8 @@ def test_objectives_that_are_not_batch_means_run_whole():
     from cts_pipeline.core.cts.search import _gradient_to_mask, _micro_batches
 
     model, relaxation, x, y = _lenet_search(0.05)
-    assert _micro_batches(model, relaxation, OBJECTIVES["dloss"], x, y, 1.0, 1, 0, "s").limit == 1
-    assert _micro_batches(model, relaxation, OBJECTIVES["kl"], x, y, 1.0, 4, 0, "s").limit == 8  # 16 per rank
+    assert _micro_batches(model, relaxation, OBJECTIVES["dloss"], x, y, 1.0, 64, 0, "s").limit == 1
+    assert _micro_batches(model, relaxation, OBJECTIVES["kl"], x, y, 1.0, 16, 0, "s").limit == 8  # 16 per rank
     soft = torch.sigmoid(relaxation.logits.detach()).requires_grad_(True)
     with pytest.raises(ValueError, match="loss_ratio objective is not a mean over samples"):
         _gradient_to_mask(model, relaxation, OBJECTIVES["dloss"], soft, x, y, 1.0, 2)

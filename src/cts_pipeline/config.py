@@ -324,9 +324,13 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
             problems.append(f"runtime.device = {runtime.device!r} names one GPU, but {named} = {nproc} processes "
                             "each need their own: use device: cuda (or auto), and the processes take GPUs 0.."
                             f"{nproc - 1}")
-    if sections["training"].virtual_ranks > 1 and nproc > 1:
-        problems.append(f"training.virtual_ranks = {sections['training'].virtual_ranks} cannot be combined with "
-                        f"{named} = {nproc} yet: virtual ranks reproduce N devices on one process")
+    virtual_ranks = sections["training"].virtual_ranks
+    if virtual_ranks > 1 and virtual_ranks % nproc:
+        problems.append(f"training.virtual_ranks = {virtual_ranks} must be a multiple of {named} = {nproc}: "
+                        "each process plays an equal number of the recipe's ranks")
+    if virtual_ranks > 1 and distributed.get("sync_batchnorm"):
+        problems.append(f"runtime.distributed.sync_batchnorm cannot be combined with training.virtual_ranks = "
+                        f"{virtual_ranks}: each virtual rank normalises its own part of the batch")
     if info.streamed and sections["training"].batch_size % nproc:
         problems.append(f"training.batch_size = {sections['training'].batch_size} must be a multiple of "
                         f"{named} = {nproc}: each process loads an equal part of every batch")

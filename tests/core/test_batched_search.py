@@ -45,9 +45,9 @@ def recorded_task_gradients(monkeypatch, balancer_cls):
     seen = []
     real = balancer_cls.combine
 
-    def combine(self, logits, task_grad, rank_grads=None):
+    def combine(self, logits, task_grad, rank_norms=None):
         seen.append(task_grad.clone())
-        return real(self, logits, task_grad, rank_grads)
+        return real(self, logits, task_grad, rank_norms)
 
     monkeypatch.setattr(balancer_cls, "combine", combine)
     return seen

@@ -544,9 +544,9 @@ def test_search_gradient_matches_a_naive_reference(digits_train, monkeypatch, ob
             seen["batches"].append((x, y))
             yield x, y
 
-    def combine(self, logits, task_grad, rank_grads=None):
+    def combine(self, logits, task_grad, rank_norms=None):
         seen["grads"].append(task_grad.clone())
-        return real_combine(self, logits, task_grad, rank_grads)
+        return real_combine(self, logits, task_grad, rank_norms)
 
     monkeypatch.setattr(cts.relaxation, "concrete_noise", noise)
     monkeypatch.setattr(cts.search, "iterate_batches", batches)

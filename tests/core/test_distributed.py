@@ -181,3 +181,73 @@ def converted_batchnorm() -> list[list[str]]:
     use_sync_batchnorm(False)
     return found
 
+
+
+def train_and_search_with_virtual_ranks(virtual_ranks: int, densities) -> dict:
+    """The digits convnet (BatchNorm) trained and searched with the authors' ``virtual_ranks``
+    recipe ranks, in however many processes call it; 72 images, so the last batch of 8 is uneven."""
+    from dataclasses import replace
+
+    from cts_pipeline.core.cts import SearchConfig, concrete_search
+    from cts_pipeline.core.masks import global_topk_mask
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 17, (72, 1, 8, 8), generator=generator, dtype=torch.uint8)
+    train_split = Split(images, torch.randint(0, 10, (72,), generator=generator), DATASETS["digits"])
+    recipe = replace(RECIPE, batch_size=32, loss_reduction="sum", lr=0.002, virtual_ranks=virtual_ranks)
+    model = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
+                        generator=torch.Generator().manual_seed(1))
+    history = train(model, train_split, None, recipe, seed=0, stage="ranks train", progress=False).history
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    found = concrete_search(model, train_split, density=densities, config=SearchConfig(epochs=2), recipe=recipe,
+                            seed=0, stage="ranks search", progress=False)
+    return {"state": state, "history": history, "world": rank_and_world()[1],
+            "scores": [r.scores for r in found], "search": [r.history for r in found],
+            "masks": [global_topk_mask(r.scores, k) for r, k in zip(found, densities, strict=True)]}
+
+
+@pytest.mark.cross_path
+@pytest.mark.parametrize("virtual_ranks", [2, 4])
+def test_recipe_ranks_on_one_process_are_those_of_two_gloo_processes(virtual_ranks):
+    """The authors' N-GPU recipe (BatchNorm per rank, the loss averaged over ranks, one noise draw
+    and one λ* per rank in the search) gives the same training and search whether one process
+    plays the N ranks or two processes play N/2 each (N = 4: two chunks per process, so DDP's
+    no_sync and the gathering of the ranks' gradient norms are exercised)."""
+    densities = [0.2, 0.05]
+    one = train_and_search_with_virtual_ranks(virtual_ranks, densities)
+    two = launch(train_and_search_with_virtual_ranks, 2, virtual_ranks, densities, backend="gloo")
+    assert two["world"] == 2
+    for name, weight in one["state"].items():
+        assert torch.allclose(two["state"][name].float(), weight.float(), atol=1e-5, rtol=1e-4), name
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["train_accuracy"] == pytest.approx(a["train_accuracy"])
+    for scores_one, scores_two in zip(one["scores"], two["scores"], strict=True):
+        for name, logits in scores_one.items():
+            assert torch.allclose(scores_two[name], logits, atol=1e-4, rtol=1e-4), name
+    for rows_one, rows_two in zip(one["search"], two["search"], strict=True):
+        for a, b in zip(rows_one, rows_two, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+            assert b["multiplier"] == pytest.approx(a["multiplier"], rel=1e-4, abs=1e-9)
+            assert b["expected_kept"] == pytest.approx(a["expected_kept"], rel=1e-5)
+    for mask_one, mask_two in zip(one["masks"], two["masks"], strict=True):
+        assert_equivalent_masks(mask_one, mask_two, what=f"{virtual_ranks} recipe ranks: one process against two")
+
+
+def test_each_recipe_rank_draws_its_own_noise_stream_and_takes_its_own_chunks():
+    from cts_pipeline.core.virtual_ranks import RankLayout
+
+    x, y = torch.arange(10.0), torch.arange(10)
+    one = RankLayout(4)
+    assert [c[1].tolist() for c in one.chunks(x, y)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    second = RankLayout(4, process=1, processes=2)
+    assert [c[1].tolist() for c in second.chunks(x, y)] == [[6, 7], [8, 9]]  # the same chunks, not 5 + 5 split
+    assert [second.stream_suffix(c) for c in range(2)] == [("rank", 2), ("rank", 3)]
+    assert one.stream_suffix(0) == ()  # recipe rank 0 keeps the plain search's stream
+    streamed = RankLayout(4, process=1, processes=2, presharded=True)
+    assert [c[1].tolist() for c in streamed.chunks(x[:5], y[:5])] == [[0, 1, 2], [3, 4]]
+    with pytest.raises(ValueError, match=r"training.virtual_ranks = 2 must be a multiple of the 4 processes"):
+        RankLayout(2, processes=4)
+    plain = RankLayout(1, process=1, processes=2)  # one rank: the plain step, its noise shared
+    assert plain.chunks(x, y)[0][0] is x and plain.per_process == 1 and plain.stream_suffix(0) == ()

@@ -334,6 +334,7 @@ def test_virtual_ranks_search_step_draws_noise_and_lambda_per_rank(digits):
     )
     from cts_pipeline.core.masks import unflatten
     from cts_pipeline.core.runtime import UniformNoise
+    from cts_pipeline.core.virtual_ranks import RankLayout
 
     model = convnet()
     x, y = digits[0].take(torch.arange(64)), digits[0].labels[:64]
@@ -347,14 +348,15 @@ def test_virtual_ranks_search_step_draws_noise_and_lambda_per_rank(digits):
     for p in model.parameters():
         p.requires_grad_(False)
     with batch_statistics(model):
-        search_step(model, relaxation, OBJECTIVES["kl"], balancer, optimizer, UniformNoise("cpu", 5, "n"), x, y,
-                    loss_scale=100.0, virtual_ranks=2)
+        search_step(model, relaxation, OBJECTIVES["kl"], balancer, optimizer,
+                    [UniformNoise("cpu", 5, "n"), UniformNoise("cpu", 5, "n", "rank", 1)], x, y,
+                    loss_scale=100.0, ranks=RankLayout(2))
         got_grad = relaxation.logits.grad.clone()
 
-        source = UniformNoise("cpu", 5, "n")
         theta, shapes = relaxation.theta, relaxation.shapes
         grads = []
-        for xc, yc in ((x[:32], y[:32]), (x[32:], y[32:])):
+        for xc, yc, source in ((x[:32], y[:32], UniformNoise("cpu", 5, "n")),
+                               (x[32:], y[32:], UniformNoise("cpu", 5, "n", "rank", 1))):
             logits = start.clone().requires_grad_(True)
             soft = torch.sigmoid(logits + concrete_noise(theta.numel(), source, theta.device) / TEMPERATURE)
             with torch.no_grad():

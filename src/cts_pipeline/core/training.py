@@ -25,7 +25,7 @@ from .distributed import all_sum, rank_and_world, shard, sync_batchnorm
 from .epochs import EpochLoop
 from .masks import check_mask_matches, prunable_parameters
 from .runtime import generator
-from .virtual_ranks import check_one_process, rank_chunks, running_stats_of
+from .virtual_ranks import RankLayout, running_stats_of
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class TrainRecipe:
     eval_batch_size: int = 1000
     eval_every: int = 1
     warmup_epochs: int = 0  # linear warm-up per step over the first epochs (the authors' ImageNet recipe: 5)
-    # N-device data parallelism reproduced on one device (core/virtual_ranks.py): each batch in N
+    # N-device data parallelism reproduced on fewer devices (core/virtual_ranks.py): each batch in N
     # chunks with their own BatchNorm statistics, gradients averaged as DDP averages ranks.
     virtual_ranks: int = 1
 
@@ -221,10 +221,10 @@ def train(
         def autocast():
             return torch.autocast(device.type, dtype=autocast_dtype)
     rank, world = rank_and_world()
-    virtual = recipe.virtual_ranks
-    check_one_process(virtual, world)
-    # Under DDP a rank's loss is weighted to its part of the global batch's: by its slice's share
-    # of the batch for a mean, by the number of ranks for a sum (DDP averages the gradients).
+    ranks = RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed)
+    # Under DDP with one recipe rank, a process's loss is weighted to its part of the global
+    # batch's: by its slice's share of the batch for a mean, by the number of processes for a sum
+    # (DDP averages the gradients). With N recipe ranks each chunk weighs 1/N (ranks.loss_weight).
     sum_share = float(world) if recipe.loss_reduction == "sum" else None
     if world > 1:
         model = sync_batchnorm(model)
@@ -273,21 +273,26 @@ def train(
                 lr = recipe.warmup_lr(epoch, step, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            if world > 1:
+            if world > 1 and ranks.plain:
                 x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
                 share = sum_share or share
             optimizer.zero_grad(set_to_none=True)
-            # One chunk per virtual rank (core/virtual_ranks.py); the plain step is the one chunk.
-            for part, (x_part, y_part) in enumerate(rank_chunks(x, y, virtual)):
-                with running_stats_of(model, part), autocast():
+            # One chunk per virtual rank of this process (core/virtual_ranks.py); the plain step
+            # is the one chunk. Under DDP only the last chunk's backward reduces the gradients.
+            chunks = ranks.chunks(x, y)
+            for part, (x_part, y_part) in enumerate(chunks):
+                # (DDP decides at the forward whether the backward reduces: no_sync covers it.)
+                with (running_stats_of(model, part), _gradient_sync(forward, part == len(chunks) - 1),
+                      autocast()):
                     logits = forward(to_layout(x_part, channels_last))
                     loss = F.cross_entropy(logits.float(), y_part, reduction=recipe.loss_reduction)
-                    weighted = loss * share if world > 1 else loss
-                    if virtual > 1:  # DDP's average over the ranks' gradients
-                        weighted = weighted / virtual
+                    if not ranks.plain:  # DDP's average over the recipe's ranks' gradients
+                        weighted = loss * ranks.loss_weight
+                    else:
+                        weighted = loss * share if world > 1 else loss
                 (scaler.scale(weighted) if scaler is not None else weighted).backward()
-                if virtual > 1:
-                    step_losses[step] += loss.detach() / (virtual if recipe.loss_reduction == "mean" else 1)
+                if not ranks.plain:
+                    step_losses[step] += loss.detach() / (ranks.ranks if recipe.loss_reduction == "mean" else 1)
                     correct += (logits.detach().argmax(1) == y_part).sum()
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -299,7 +304,7 @@ def train(
             else:
                 optimizer.step()
             _zero_pruned(masked)
-            if virtual == 1:  # (virtual ranks recorded theirs chunk by chunk above)
+            if ranks.plain:  # (virtual ranks recorded theirs chunk by chunk above)
                 # Under DDP: this rank's part of the global batch's loss, summed over ranks below.
                 ddp_part = 1.0 if world == 1 or recipe.loss_reduction == "sum" else share / world
                 step_losses[step] = loss.detach() if world == 1 else loss.detach() * ddp_part
@@ -345,6 +350,15 @@ def training_forward(model: nn.Module, world: int, compile_model: bool) -> nn.Mo
     if compile_model:
         forward = torch.compile(forward)
     return forward
+
+
+def _gradient_sync(forward: nn.Module, last_chunk: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` for all but a step's last chunk: gradients accumulate locally, and the
+    last backward reduces their sum once (a plain or one-chunk step: nothing to do)."""
+    ddp = getattr(forward, "_orig_mod", forward)  # under torch.compile, the DDP module it wraps
+    if last_chunk or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
 def optimizer_and_scaler(params: list[torch.Tensor], recipe: TrainRecipe, lr: float, precision: str,

@@ -1,4 +1,4 @@
-"""N-device data parallelism reproduced on one device (``training.virtual_ranks``).
+"""N-device data parallelism reproduced on fewer devices (``training.virtual_ranks``).
 
 The authors train and search on 4 GPUs with DDP (TLAB 68c9740), and three things there depend on
 the number of devices, not only on the global batch:
@@ -12,32 +12,104 @@ the number of devices, not only on the global batch:
 With ``virtual_ranks: N`` each global batch is cut into N equal chunks (the last batch too, as
 evenly as ``torch.tensor_split`` can), and each chunk plays one rank: its own forward, so its own
 BatchNorm statistics; its loss's gradient weighted 1/N, as DDP's average; in the search its own
-noise draw and its own λ*. With DDP's default ``broadcast_buffers``, every rank starts each
+noise stream and its own λ*. With DDP's default ``broadcast_buffers``, every rank starts each
 forward from rank 0's running statistics, so only the first chunk updates them here.
 
-This module holds the two pieces the trainer and the search share; N = 1 is the plain step.
+N counts the recipe's ranks, not the processes: under M real processes (``runtime.distributed``
+or ``torchrun``) each process plays N/M consecutive chunks, so the preset's ``virtual_ranks: 4``
+means the authors' 4 GPUs whether the run has 1, 2 or 4 processes, and gives the same numbers up
+to float rounding. N must then be a multiple of M (:func:`check_ranks`). N = 1 is the plain step,
+and several processes with N = 1 split one device's step (:mod:`.distributed`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
-def rank_chunks(x: torch.Tensor, y: torch.Tensor, ranks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The global batch ``(x, y)`` as each of ``ranks`` virtual ranks sees it."""
-    if ranks == 1:
-        return [(x, y)]
-    return list(zip(torch.tensor_split(x, ranks), torch.tensor_split(y, ranks), strict=True))
+def check_ranks(virtual_ranks: int, processes: int) -> None:
+    """Refuse N virtual ranks that M processes cannot share equally (``config.validate_run`` says
+    the same at run start, naming the process count's setting)."""
+    if virtual_ranks > 1 and virtual_ranks % processes:
+        raise ValueError(f"training.virtual_ranks = {virtual_ranks} must be a multiple of the {processes} "
+                         "processes: each process plays an equal number of the recipe's ranks")
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """The recipe's ``ranks`` as this process (``process`` of ``processes``) plays them.
+
+    ``presharded``: each batch the loop gets is already this process's part (a streamed split's
+    loader shards by process), not the global batch."""
+
+    ranks: int = 1
+    process: int = 0
+    processes: int = 1
+    presharded: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranks(self.ranks, self.processes)
+
+    @property
+    def plain(self) -> bool:
+        """One rank: the plain step (several processes then split one device's step)."""
+        return self.ranks == 1
+
+    @property
+    def per_process(self) -> int:
+        """The chunks this process plays: one for the plain step, whatever the processes."""
+        return 1 if self.plain else self.ranks // self.processes
+
+    @property
+    def first(self) -> int:
+        """The recipe rank of this process's first chunk (0 for the plain step: every process
+        then plays the one rank, and shares its noise)."""
+        return 0 if self.plain else self.process * self.per_process
+
+    @property
+    def loss_weight(self) -> float:
+        """Each chunk's loss weight before DDP averages over the processes: 1/N in all."""
+        return self.processes / self.ranks
+
+    def chunks(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's chunks of a batch: of the global batch, the ones its ranks would load
+        (the same chunks whatever the process count), or its own part cut equally."""
+        if self.plain:
+            return [(x, y)]
+        parts = self.per_process if self.presharded else self.ranks
+        start = 0 if self.presharded else self.first
+        xs, ys = torch.tensor_split(x, parts), torch.tensor_split(y, parts)
+        return list(zip(xs[start:start + self.per_process], ys[start:start + self.per_process], strict=True))
+
+    def stream_suffix(self, chunk: int) -> tuple:
+        """What tells this chunk's random stream from another rank's: nothing for recipe rank 0,
+        so one rank keeps the plain stream."""
+        rank = self.first + chunk
+        return () if rank == 0 else ("rank", rank)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """``[per_process, ...]`` values of this process's chunks as ``[ranks, ...]`` on every
+        process (one all-reduce of a small tensor; nothing to do in one process)."""
+        if self.processes == 1:
+            return local
+        every = local.new_zeros((self.ranks, *local.shape[1:]))
+        every[self.first:self.first + self.per_process] = local
+        dist.all_reduce(every, op=dist.ReduceOp.SUM)
+        return every
 
 
 @contextmanager
 def running_stats_of(model: nn.Module, rank: int) -> Iterator[None]:
     """Within the block, BatchNorm running statistics are updated only if ``rank`` is 0 (DDP's
-    broadcast of rank 0's buffers); the other ranks normalise with their own batch all the same."""
+    broadcast of rank 0's buffers); the other ranks normalise with their own batch all the same.
+    ``rank`` is the chunk's index in its process: under real DDP another process's first chunk
+    updates its own copy, which DDP overwrites with rank 0's at the next forward."""
     if rank == 0:  # the plain step (and the first chunk): nothing to do, no scan of the modules
         yield
         return
@@ -53,11 +125,3 @@ def running_stats_of(model: nn.Module, rank: int) -> Iterator[None]:
             m.momentum = momentum
             if count is not None:
                 m.num_batches_tracked.copy_(count)
-
-
-def check_one_process(virtual_ranks: int, world: int) -> None:
-    """Virtual ranks reproduce N devices inside one process; several real processes as well are not
-    supported yet (``config.validate_run`` refuses the combination at run start)."""
-    if virtual_ranks > 1 and world > 1:
-        raise ValueError("training.virtual_ranks cannot be combined with runtime.distributed yet; "
-                         "use one or the other")

@@ -76,11 +76,12 @@ class GradBalance:
         self.over_budget: torch.Tensor | None = None  # this step's c > 0, per row (diagnostics)
 
     def combine(self, logits: torch.Tensor, task_grad: torch.Tensor,
-                rank_grads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rank_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the gradient for the optimizer and the current expected kept count ``Σσ(s)``.
 
-        ``rank_grads`` (``[N, *task_grad.shape]``, whose mean is ``task_grad``): each virtual rank's
-        gradient; λ* is then computed per rank and averaged, as the authors' code does under DDP."""
+        ``rank_norms`` (``[N]``, or ``[N, K, 1]`` for K rows): ‖g_task‖ of each of N recipe ranks,
+        whose gradients average to ``task_grad``; λ* is then computed per rank and averaged, as the
+        authors' code does under DDP (:mod:`..virtual_ranks`)."""
         keep_prob = torch.sigmoid(logits)
         expected = row_sum(keep_prob)
         # g_sp = scale·σ(1 − σ); kept unscaled as `spread` and scaled inside the norms and the sum
@@ -88,10 +89,11 @@ class GradBalance:
         scale = self._rows.get("scale", logits)
         spread = torch.addcmul(keep_prob, keep_prob, keep_prob, value=-1.0)
         self.over_budget = expected > self._rows.get("budget", logits, torch.float64)  # ⇔ c > 0
-        if rank_grads is None:
-            ratio = _row_norm(task_grad) / _row_norm(scale * spread).clamp_min(1e-12)
+        sparsity_norm = _row_norm(scale * spread).clamp_min(1e-12)
+        if rank_norms is None:
+            ratio = _row_norm(task_grad) / sparsity_norm
         else:
-            ratio = (_row_norm(rank_grads) / _row_norm(scale * spread).clamp_min(1e-12)).mean(0)
+            ratio = (rank_norms / sparsity_norm).mean(0)
         target = torch.where(self.over_budget, ratio, torch.zeros_like(ratio))
         if self.multiplier is None:
             self.multiplier = target
@@ -124,7 +126,7 @@ class Lagrangian:
         self.over_budget: torch.Tensor | None = None
 
     def combine(self, logits: torch.Tensor, task_grad: torch.Tensor,
-                rank_grads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rank_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As GradBalance's; λ's ascent does not depend on the ranks' gradients (the authors
         average λ's gradient over ranks, and it is the same constraint on every rank)."""
         keep_prob = torch.sigmoid(logits)

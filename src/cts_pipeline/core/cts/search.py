@@ -20,7 +20,7 @@ from ..masks import prunable_parameters, unflatten
 from ..memory import MicroBatches, plan_micro_batches
 from ..runtime import UniformNoise, generator, synchronize
 from ..training import TrainRecipe, check_finite, to_layout
-from ..virtual_ranks import check_one_process, rank_chunks
+from ..virtual_ranks import RankLayout
 from .balance import BUDGET_SLACK, GradBalance, Lagrangian, make_balancer, row_sum
 from .config import LR_DROP_FACTOR, SearchConfig
 from .forwards import batch_statistics, check_stacked, masked_forward
@@ -36,13 +36,13 @@ def search_step(
     objective: Objective,
     balancer: GradBalance | Lagrangian,
     optimizer: torch.optim.Optimizer,
-    noise: UniformNoise,
+    noise: UniformNoise | Sequence[UniformNoise],
     x: torch.Tensor,
     y: torch.Tensor,
     loss_scale: float = 1.0,
     share: float | None = None,
     world: int = 1,
-    virtual_ranks: int = 1,
+    ranks: RankLayout | None = None,
     micro_batches: MicroBatches | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the search (inside :func:`batch_statistics`); returns the objective (unscaled)
@@ -50,24 +50,39 @@ def search_step(
 
     One noise draw per weight for the whole batch (and every row), the teacher forward once and
     without autograd, the masked forward on views of ``θ ⊙ m̃``, the gradient of
-    ``loss_scale × objective`` to the logits only, GradBalance, one Adam step. With
-    ``virtual_ranks`` N > 1 (:mod:`..virtual_ranks`), each of N chunks of the batch gets its own
-    noise draw and its own forwards; the gradients are averaged, and GradBalance averages the
-    chunks' λ*, as the authors' code does on N GPUs. ``micro_batches`` (:mod:`..memory`) cuts each
-    chunk's forwards into pieces that fit the device, under the same noise draw.
+    ``loss_scale × objective`` to the logits only, GradBalance, one Adam step.
+
+    With ``ranks`` of N > 1 recipe ranks (:mod:`..virtual_ranks`), ``noise`` holds one stream per
+    chunk this process plays, and each chunk gets its own draw and its own forwards; the gradients
+    are averaged over the N ranks, and GradBalance averages their λ*, as the authors' code does on
+    N GPUs. ``x`` is then the global batch (or this process's part of it, when presharded), and the
+    objective returned is this process's mean over its chunks. Otherwise, under DDP, ``x`` is this
+    process's slice and ``share`` its weight (:func:`..distributed.shard`). ``micro_batches``
+    (:mod:`..memory`) cuts each chunk's forwards into pieces that fit the device, under the same
+    noise draw.
     """
-    parts = [_objective_and_gradient(model, relaxation, objective, noise, x_part, y_part, loss_scale, micro_batches)
-             for x_part, y_part in rank_chunks(x, y, virtual_ranks)]
-    rank_grads = None
-    if len(parts) == 1:
+    ranks = ranks or RankLayout()
+    noises = list(noise) if isinstance(noise, Sequence) else [noise]
+    chunks = ranks.chunks(x, y)
+    if len(noises) != len(chunks):
+        raise ValueError(f"search_step: {len(chunks)} chunks of the batch but {len(noises)} noise streams")
+    parts = [_objective_and_gradient(model, relaxation, objective, chunk_noise, x_part, y_part, loss_scale,
+                                     micro_batches)
+             for chunk_noise, (x_part, y_part) in zip(noises, chunks, strict=True)]
+    rank_norms = None
+    if ranks.plain:
         loss, task_grad = parts[0]
+        if world > 1:  # under DDP (core/distributed.py) ``x`` is this rank's slice: to the global batch's
+            task_grad = average_over_ranks(task_grad, share, world)
     else:
         loss = torch.stack([part[0] for part in parts]).mean(0)
-        rank_grads = torch.stack([part[1] for part in parts])
-        task_grad = rank_grads.mean(0)
-    if world > 1:  # under DDP (core/distributed.py) ``x`` is this rank's slice: to the global batch's
-        task_grad = average_over_ranks(task_grad, share, world)
-    grad, expected = balancer.combine(relaxation.logits.detach(), task_grad, rank_grads)
+        local_grads = torch.stack([part[1] for part in parts])
+        task_grad = local_grads.sum(0)
+        all_sum(task_grad)
+        task_grad = task_grad / ranks.ranks
+        # Each rank's ‖g_task‖ (per row when batched), gathered: λ* is taken per rank, then averaged.
+        rank_norms = ranks.gather(torch.linalg.vector_norm(local_grads, dim=-1, keepdim=relaxation.batched))
+    grad, expected = balancer.combine(relaxation.logits.detach(), task_grad, rank_norms)
     relaxation.logits.grad = grad
     optimizer.step()
     return loss, expected
@@ -148,10 +163,10 @@ def _objective(model: nn.Module, relaxation: ConcreteMask, objective: Objective,
 
 
 def _micro_batches(model: nn.Module, relaxation: ConcreteMask, objective: Objective, x: torch.Tensor,
-                   y: torch.Tensor, loss_scale: float, virtual_ranks: int, seed: int, stage: str) -> MicroBatches:
+                   y: torch.Tensor, loss_scale: float, chunk: int, seed: int, stage: str) -> MicroBatches:
     """The search's micro-batching: planned from a probe step on a few samples of the first batch
-    (CUDA), doubled on an out-of-memory error; objectives that are not batch means run whole."""
-    chunk = math.ceil(x.shape[0] / virtual_ranks)  # what one step's forwards take at once
+    (CUDA), doubled on an out-of-memory error; objectives that are not batch means run whole.
+    ``chunk``: the samples one step's forwards take at once (a rank's part of the batch)."""
     limit = max(1, chunk // 2) if objective.batch_mean else 1
     probe_noise = UniformNoise(x.device, seed, "memory-probe", 0)
 
@@ -304,7 +319,7 @@ def concrete_search(
     loss_scale = config.effective_loss_scale
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
     rank, world = rank_and_world()
-    check_one_process(recipe.virtual_ranks, world)
+    ranks = RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed)
     total_steps = epochs * steps_per_epoch
     drop_step = config.lr_drop_step(epochs, steps_per_epoch)
     rows = len(densities)
@@ -348,27 +363,29 @@ def concrete_search(
             for epoch in loop:
                 step_losses = torch.zeros((steps_per_epoch, rows) if batched else steps_per_epoch, device=device)
                 under_steps = torch.zeros(rows if batched else (), device=device)
-                noise = UniformNoise(device, seed, "concrete-noise", epoch)
+                # One stream per recipe rank this process plays; rank 0's is the plain search's.
+                noise = [UniformNoise(device, seed, "concrete-noise", epoch, *ranks.stream_suffix(c))
+                         for c in range(ranks.per_process)]
                 batches = iterate_batches(
                     train_split, recipe.batch_size, shuffle=True,
                     generator=generator(device, seed, "search-order", epoch),
                 )
                 for i, (x, y) in enumerate(batches):
-                    share = None
-                    if world > 1:
+                    share = 1.0  # with recipe ranks, every process plays the same number of them
+                    if world > 1 and ranks.plain:
                         x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
                     x = to_layout(x, channels_last)
                     if batched and checked_stacked is None:
                         relaxation.stacked = checked_stacked = check_stacked(model, relaxation, x, stage)
                     if micro_batches is None:
                         micro_batches = _micro_batches(model, relaxation, objective, x, y, loss_scale,
-                                                       recipe.virtual_ranks, seed, stage)
+                                                       len(ranks.chunks(x, y)[0][1]), seed, stage)
                     if step == drop_step:
                         for group in optimizer.param_groups:
                             group["lr"] *= LR_DROP_FACTOR
                         balancer.drop_lr(LR_DROP_FACTOR)
                     loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y,
-                                                 loss_scale, share, world, recipe.virtual_ranks, micro_batches)
+                                                 loss_scale, share, world, ranks, micro_batches)
                     step_losses[i] = loss if world == 1 else loss * (share / world)
                     expected_trace[step] = expected.reshape(-1) if batched else expected
                     under_steps += ~balancer.over_budget.reshape(under_steps.shape)
