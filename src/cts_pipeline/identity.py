@@ -65,6 +65,8 @@ def cts_method_name(cts: Mapping) -> str:
         name += f"_at_{cts['search_at']}"
     if cts.get("schedule", "project") != "project":
         name += f"_{cts['schedule']}_schedule"
+    if cts.get("objective") == "feature_mse" and cts.get("feature_capture", "layer_outputs") != "layer_outputs":
+        name += f"_{cts['feature_capture']}"  # (the option changes nothing for other objectives)
     return name
 
 

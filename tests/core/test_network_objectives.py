@@ -141,3 +141,71 @@ def test_network_objectives_drive_a_search(batch, name):
                              recipe=TrainRecipe(epochs=2, batch_size=64, lr=0.05), seed=0, progress=False)
     mask = global_topk_mask(result.scores, 0.2)
     assert sum(int(m.sum()) for m in mask.values()) == round(0.2 * relaxation.num_weights)
+
+
+# --- feature_mse as the authors' code runs it (cts.feature_capture: activations) ------------------
+
+
+def relu_outputs_and_softmax(model, x):
+    """Every ReLU module's output (the convnet's are modules), then softmax(logits)."""
+    outs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o.flatten(1).clone()))
+             for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    logits = model(x)
+    for h in hooks:
+        h.remove()
+    return [*outs, torch.softmax(logits, dim=1)]
+
+
+def test_activation_mse_matches_hand_computation(batch):
+    x, y = batch
+    model, relaxation, soft = setup()
+    with batch_statistics(model):
+        value = cts.activation_mse(model, relaxation, soft, x, y)
+    dense_ref, sparse_ref = masked_copy(model, relaxation, torch.ones_like(soft)), masked_copy(model, relaxation, soft)
+    with torch.no_grad():
+        dense, sparse = relu_outputs_and_softmax(dense_ref, x), relu_outputs_and_softmax(sparse_ref, x)
+    assert len(dense) == 4  # three conv-BN-ReLU blocks and softmax(logits)
+    expected = torch.stack([F.mse_loss(standardise(s, 1), standardise(d, 1)) for s, d in zip(sparse, dense, strict=True)]).mean()
+    torch.testing.assert_close(value.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert value.item() != pytest.approx(cts.feature_mse(model, relaxation, soft, x, y).item(), rel=1e-3)
+
+
+def test_activations_are_the_authors_captures_on_resnet20():
+    """Their msefeature captures every block's ReLU modules and softmax(fc) (TLAB 68c9740,
+    training/concrete_training.py:117-125): on ResNet-20 the stem's ReLU, two per residual block
+    (the second after the addition), and the logits. Ours calls F.relu, which the capture sees."""
+    from cts_pipeline.core.cts.objectives import _activations
+
+    model = build_model("resnet20", image_shape=(3, 8, 8), num_classes=10, generator=torch.Generator().manual_seed(0))
+    captured = _activations(lambda: model(torch.randn(4, 3, 8, 8)))
+    assert len(captured) == 1 + 9 * 2 + 1
+    assert all(t.shape[0] == 4 for t in captured) and all((t >= 0).all() for t in captured)
+    assert torch.allclose(captured[-1].sum(1), torch.ones(4))
+
+
+def test_feature_capture_chooses_the_objective_and_the_lagrangian_rate(batch, monkeypatch):
+    from cts_pipeline.core.cts import search
+    from cts_pipeline.identity import cts_method_name
+
+    assert SearchConfig(objective="feature_mse").resolved_objective.fn is cts.feature_mse
+    authors = SearchConfig(objective="feature_mse", feature_capture="activations", balance="lagrangian", epochs=1)
+    assert authors.resolved_objective.fn is cts.activation_mse and authors.effective_loss_scale == 100.0
+    assert SearchConfig(objective="kl", feature_capture="activations").resolved_objective.fn is cts.reverse_kl
+    with pytest.raises(ValueError, match=r"cts.feature_capture must be one of \('layer_outputs', 'activations'\)"):
+        SearchConfig(feature_capture="relu")
+    assert cts_method_name({"objective": "feature_mse", "feature_capture": "activations"}) == \
+        "cts_feature_mse_activations"
+    assert cts_method_name({"objective": "kl", "feature_capture": "activations"}) == "cts_kl"
+
+    made = []
+    real = search.make_balancer
+    monkeypatch.setattr(search, "make_balancer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    train, _ = load_splits("digits")
+    model = setup()[0]
+    result = concrete_search(model, train.subset(128), density=0.2, config=authors,
+                             recipe=TrainRecipe(epochs=2, batch_size=64, lr=0.05), seed=0, progress=False)
+    assert made[0].lr == pytest.approx(0.01 * 0.05 / 10)  # the authors' ÷ 10 on the Lagrangian's rate
+    mask = global_topk_mask(result.scores, 0.2)
+    assert sum(int(m.sum()) for m in mask.values()) == round(0.2 * sum(p.numel() for p in
+                                                                       prunable_parameters(model).values()))

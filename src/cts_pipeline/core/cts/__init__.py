@@ -40,8 +40,10 @@ from .config import (
 )
 from .forwards import batch_statistics
 from .objectives import (
+    FEATURE_CAPTURES,
     OBJECTIVES,
     Objective,
+    activation_mse,
     cross_entropy,
     feature_mse,
     forward_kl,
@@ -61,8 +63,8 @@ from .search import (
 
 __all__ = [
     "BALANCERS", "BUDGET_SLACK", "CONSTRAINT_SCALE", "LR_DROP_AT", "LR_DROP_FACTOR", "MULTIPLIER_EMA",
-    "NOISE_EPS", "OBJECTIVES", "SCHEDULES", "SEARCH_LENGTHS", "SHORT_SEARCH_FRACTION", "TEMPERATURE", "ConcreteMask",
+    "FEATURE_CAPTURES", "NOISE_EPS", "OBJECTIVES", "SCHEDULES", "SEARCH_LENGTHS", "SHORT_SEARCH_FRACTION", "TEMPERATURE", "ConcreteMask",
     "GradBalance", "Lagrangian", "Objective", "SearchConfig", "SearchResult", "batch_statistics",
-    "concrete_noise", "concrete_search", "cross_entropy", "feature_mse", "forward_kl", "frozen_for_search", "grad_mse", "gradient_norm",
+    "activation_mse", "concrete_noise", "concrete_search", "cross_entropy", "feature_mse", "forward_kl", "frozen_for_search", "grad_mse", "gradient_norm",
     "logit", "loss_ratio", "make_balancer", "reverse_kl", "search_step", "soft_mask", "stacked_search_ratio",
 ]

@@ -152,9 +152,11 @@ class Lagrangian:
 
 
 def make_balancer(name: str, density: float | Sequence[float], num_weights: int,
-                  mask_lr: float) -> GradBalance | Lagrangian:
+                  mask_lr: float, lagrange_lr_factor: float = 1.0) -> GradBalance | Lagrangian:
+    """``lagrange_lr_factor``: the objective's own scaling of the Lagrangian's rate
+    (``Objective.lagrange_lr_factor``)."""
     if name == "gradbalance":
         return GradBalance(density, num_weights)
     if name == "lagrangian":
-        return Lagrangian(density, num_weights, mask_lr)
+        return Lagrangian(density, num_weights, mask_lr * lagrange_lr_factor)
     raise ValueError(f"cts.balance must be one of {BALANCERS}, got {name!r}")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from ..training import STARTS
 from .balance import BALANCERS
-from .objectives import OBJECTIVES
+from .objectives import FEATURE_CAPTURES, OBJECTIVES, Objective
 
 LR_DROP_AT = 0.88  # Adam's rate is multiplied by 0.1 once, at 88 % of the search steps
 LR_DROP_FACTOR = 0.1
@@ -37,6 +37,7 @@ class SearchConfig:
     loss_scale: float | None = None  # null: the authors' factor for the objective (Objective.loss_scale)
     min_kept_per_layer: int = 0  # ablation: the mask keeps at least this many weights in every layer
     schedule: str = "project"  # SCHEDULES: how 0.88 and 1/8 are rounded to steps and epochs
+    feature_capture: str = "layer_outputs"  # FEATURE_CAPTURES: what feature_mse compares
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -58,6 +59,9 @@ class SearchConfig:
             raise ValueError("cts.loss_scale must be null (the authors' factor for the objective) or a "
                              f"positive number, got {self.loss_scale!r}")
 
+        if self.feature_capture not in FEATURE_CAPTURES:
+            raise ValueError(f"cts.feature_capture must be one of {tuple(FEATURE_CAPTURES)}, "
+                             f"got {self.feature_capture!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"cts.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if isinstance(self.min_kept_per_layer, bool) or not isinstance(self.min_kept_per_layer, int) \
@@ -66,9 +70,16 @@ class SearchConfig:
                              f"global top-k), got {self.min_kept_per_layer!r}")
 
     @property
+    def resolved_objective(self) -> Objective:
+        """The objective the search runs: ``objective``, with ``feature_capture`` for feature_mse."""
+        if self.objective == "feature_mse":
+            return FEATURE_CAPTURES[self.feature_capture]
+        return OBJECTIVES[self.objective]
+
+    @property
     def effective_loss_scale(self) -> float:
         """The factor the objective is multiplied by before its gradient is taken."""
-        return float(self.loss_scale) if self.loss_scale is not None else OBJECTIVES[self.objective].loss_scale
+        return float(self.loss_scale) if self.loss_scale is not None else self.resolved_objective.loss_scale
 
     def search_epochs(self, training_epochs: int) -> int:
         """``long`` = the training length, ``short`` = one eighth of it (rounded up, or down with

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from ..masks import prunable_parameters, unflatten
 
@@ -84,6 +85,45 @@ def feature_mse(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tensor, 
     return torch.stack(losses).mean()
 
 
+_RELUS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_})
+
+
+class _ReluOutputs(TorchFunctionMode):
+    """Records the output of every ReLU a forward applies, module or functional, flattened per
+    sample and in the order applied. The project's models call ``F.relu`` as often as ``nn.ReLU``,
+    so hooks on modules would miss half of them; a function mode sees both (inside it the mode is
+    off, so ``F.relu`` calling ``torch.relu`` is recorded once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _RELUS:
+            self.outputs.append(out.reshape(out.shape[0], -1))
+        return out
+
+
+def _activations(forward: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+    """Every ReLU output of ``forward()``, then the softmax of its logits."""
+    with _ReluOutputs() as capture:
+        logits = forward()
+    return [*capture.outputs, torch.softmax(logits.float(), dim=1)]
+
+
+def activation_mse(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tensor, x: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """The authors' ``msefeature`` as their code runs it (TLAB 68c9740, ``NormalizedMseFeatures``
+    in ``search/concrete.py:484``, its captures in ``training/concrete_training.py:117``): every
+    post-ReLU activation and softmax(logits), each standardised per sample, MSE, mean over them."""
+    with torch.no_grad():
+        dense = _activations(lambda: model(x))
+    sparse = _activations(lambda: functional_call(model, relaxation.masked_weights(soft), (x,)))
+    losses = [F.mse_loss(_standardise(s.float(), 1), _standardise(d.float(), 1)) for s, d in zip(sparse, dense, strict=True)]
+    return torch.stack(losses).mean()
+
+
 def _weight_gradients(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tensor | None, x: torch.Tensor,
                       labels: torch.Tensor, create_graph: bool) -> torch.Tensor:
     """∂CE/∂θ (flat, prunable weights) of the network with weights θ ⊙ m̃ (θ alone when ``soft`` is None)."""
@@ -137,6 +177,9 @@ class Objective:
 
     ``batch_mean`` objectives can run a batch as micro-batches (``core.memory``) with the same
     gradient; the loss ratio and the network objectives are not means over samples and run whole.
+
+    ``lagrange_lr_factor`` scales the Lagrangian ablation's multiplier rate for this objective: the
+    authors divide it by 10 for their feature matching (``search/concrete.py:494``).
     """
 
     fn: Callable[..., torch.Tensor]
@@ -144,6 +187,7 @@ class Objective:
     kind: str = "logits"
     loss_scale: float = 100.0
     batch_mean: bool = False  # a mean over the batch's samples: micro-batches weighted by size give it exactly
+    lagrange_lr_factor: float = 1.0
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -154,4 +198,11 @@ OBJECTIVES: dict[str, Objective] = {
     "feature_mse": Objective(feature_mse, needs_teacher=True, kind="network"),
     "grad_mse": Objective(grad_mse, needs_teacher=True, kind="network"),
     "gradnorm": Objective(gradient_norm, needs_teacher=False, kind="network", loss_scale=1.0),
+}
+
+# ``cts.feature_capture``: what ``feature_mse`` compares. ``layer_outputs`` (the default, and the
+# objective's entry above): every prunable layer's output. ``activations``: the authors' code.
+FEATURE_CAPTURES: dict[str, Objective] = {
+    "layer_outputs": OBJECTIVES["feature_mse"],
+    "activations": Objective(activation_mse, needs_teacher=True, kind="network", lagrange_lr_factor=0.1),
 }

@@ -24,7 +24,7 @@ from ..virtual_ranks import RankLayout
 from .balance import BUDGET_SLACK, GradBalance, Lagrangian, make_balancer, row_sum
 from .config import LR_DROP_FACTOR, SearchConfig
 from .forwards import batch_statistics, check_stacked, masked_forward
-from .objectives import OBJECTIVES, Objective
+from .objectives import Objective
 from .relaxation import ConcreteMask
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequen
     search's own state and random streams are untouched.
     """
     device = train_split.device
-    objective = OBJECTIVES[config.objective]
+    objective = config.resolved_objective
     lr = config.lr if config.lr is not None else recipe.lr
     index = torch.arange(min(recipe.batch_size, len(train_split)))
     x = to_layout(train_split.take(index), channels_last)
@@ -308,7 +308,7 @@ def concrete_search(
     for k in densities:
         if not 0.0 < k < 1.0:
             raise ValueError(f"density must be in (0, 1), got {k!r}")
-    objective = OBJECTIVES[config.objective]
+    objective = config.resolved_objective
     if batched and objective.kind == "network":
         return [concrete_search(model, train_split, density=k, config=config, recipe=recipe, seed=seed,
                                 stage=f"{stage} {k:g}", checkpoint=None, channels_last=channels_last,
@@ -328,7 +328,8 @@ def concrete_search(
     # however it ends (an error, an interrupt), so the caller's model is as it was.
     with frozen_for_search(model, channels_last):
         relaxation = ConcreteMask(prunable_parameters(model), densities if batched else densities[0])
-        balancer = make_balancer(config.balance, densities if batched else densities[0], relaxation.num_weights, lr)
+        balancer = make_balancer(config.balance, densities if batched else densities[0], relaxation.num_weights,
+                                 lr, objective.lagrange_lr_factor)
         optimizer = torch.optim.Adam([relaxation.logits], lr=lr, fused=True)  # one kernel for all logits
         budgets = [BUDGET_SLACK * k * relaxation.num_weights for k in densities]
         expected_trace = torch.zeros((total_steps, rows) if batched else (total_steps,), device=device)
