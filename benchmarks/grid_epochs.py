@@ -11,8 +11,7 @@ summed loss with clipping at 2.0, augmentation; fp16 on CUDA as the preset asks)
   - a masked training epoch: LTR's unit, since every level retrains from the rewind epoch;
   - a search epoch at one density, and CTS's batched search over the K grid densities (always
     fp32, as the search runs);
-  - CTS's retraining of the K tickets stacked, where the recipe allows it (fp16's loss scaling
-    cannot be shared by K tickets, so on CUDA the preset retrains one by one).
+  - CTS's retraining of the K tickets stacked (fp16 with one loss scale per ticket on CUDA).
 
 It then composes the whole grid from the preset's epoch counts (E = 160, rewind k = 9, levels 16–28):
 LTR pays (L_max + 1) · (E − k) training epochs; CTS pays E_search search epochs (160 `long`, 20
@@ -122,7 +121,7 @@ def main() -> None:
         f"({t_search / (k * t_single):.2f} of K single epochs) |",
         (f"| retraining epoch of the K tickets, stacked | {t_retrain:.2f} | {t_retrain / t_train:.2f} "
          f"({t_retrain / (k * t_train):.2f} of K single epochs) |" if stacked
-         else "| retraining epoch of the K tickets, stacked | — (fp16 cannot be stacked) | — |"),
+         else "| retraining epoch of the K tickets, stacked | — (the recipe cannot be stacked) | — |"),
         "",
         f"| whole grid (E = {EPOCHS}, rewind {REWIND}) | LTR, {max(levels) + 1} trainings | CTS batched "
         "| CTS one at a time | LTR / the faster CTS |",

@@ -277,7 +277,7 @@ def test_fp16_steps_never_wait_for_the_host(monkeypatch):
 
 @pytest.mark.cross_path
 def test_stacked_retraining_under_bf16_matches_one_at_a_time(monkeypatch):
-    """Item 5: stacked retraining takes bf16 (only fp16's shared scaler stops it). Autocast to bf16
+    """Item 5: stacked retraining takes bf16. Autocast to bf16
     runs on the CPU too; the trainer's CUDA-only guard is lifted for the test."""
     import cts_pipeline.core.batched_training as batched
     import cts_pipeline.core.training as training
@@ -307,6 +307,78 @@ def test_stacked_retraining_under_bf16_matches_one_at_a_time(monkeypatch):
             if value.is_floating_point():  # bf16 matmuls in another order: agreement to bf16's precision
                 assert torch.allclose(state[name], value, rtol=5e-2, atol=5e-3), name
         assert result.final["train_loss"] == pytest.approx(single.final["train_loss"], rel=2e-2)
+        assert all(bool((state[n][mask[n] == 0] == 0).all()) for n in mask)
+
+
+def test_the_row_scaler_is_one_grad_scaler_per_ticket():
+    """K stacked tickets under fp16, one of them overflowing: each row steps (or skips), scales and
+    grows exactly as its own torch.amp.GradScaler would, with its own SGD with momentum."""
+    from cts_pipeline.core.batched_training import RowScaler
+
+    torch.manual_seed(0)
+    start = torch.randn(3, 4)
+    grads_per_step = [torch.randn(3, 4) for _ in range(5)]
+    grads_per_step[1][1, 2] = float("inf")  # ticket 1 overflows at the second step
+    grads_per_step[3][0, 0] = float("nan")  # ticket 0 at the fourth
+    grads_per_step[0][2, 1] = float("inf")  # ticket 2 at the first: its momentum buffer not yet made
+
+    stacked = start.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([stacked], lr=0.1, momentum=0.9, weight_decay=1e-3)
+    scaler = RowScaler(3, torch.device("cpu"), init_scale=8.0, growth_interval=2)
+    rows = [start[k].clone().requires_grad_(True) for k in range(3)]
+    optimizers = [torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-3) for w in rows]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=2) for _ in rows]
+    for grads in grads_per_step:
+        optimizer.zero_grad()
+        (scaler.scaled(torch.ones(3)) * (stacked * grads).sum(1)).sum().backward()
+        finite = scaler.unscale_([stacked])
+        scaler.step(optimizer, [stacked], finite)
+        scaler.update(finite)
+        for k in range(3):
+            optimizers[k].zero_grad()
+            scalers[k].scale((rows[k] * grads[k]).sum()).backward()
+            scalers[k].step(optimizers[k])
+            scalers[k].update()
+    for k in range(3):
+        assert torch.allclose(stacked[k], rows[k], atol=1e-6), k
+        assert scaler.scale[k].item() == scalers[k].get_scale(), k
+        assert torch.allclose(optimizer.state[stacked]["momentum_buffer"][k],
+                              optimizers[k].state[rows[k]]["momentum_buffer"], atol=1e-6), k
+    assert [s.get_scale() for s in scalers] != [8.0] * 3  # the steps skipped and grew in between
+
+
+@pytest.mark.cross_path
+def test_stacked_retraining_under_fp16_matches_one_at_a_time(monkeypatch):
+    """Item 5: stacked retraining takes fp16 with one loss scale per ticket. Autocast to fp16 and
+    GradScaler run on the CPU too; the trainer's CUDA-only guard is lifted for the test."""
+    import cts_pipeline.core.batched_training as batched
+    import cts_pipeline.core.training as training
+    from cts_pipeline.core.data import load_splits
+    from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
+    from cts_pipeline.core.models import build_model
+
+    monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
+    monkeypatch.setattr(batched, "effective_precision", lambda precision, device: precision)
+    train_split, test_split = (s.subset(n) for s, n in zip(load_splits("digits"), (256, 128), strict=True))
+    recipe = training.TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision="fp16", grad_clip_norm=5.0)
+
+    def net():
+        return build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
+                           generator=torch.Generator().manual_seed(0))
+
+    model = net()
+    assert batched.supports(model, recipe, torch.device("cpu"))
+    masks = [global_topk_mask({n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i))
+                               for n, p in prunable_parameters(model).items()}, k) for i, k in enumerate((0.5, 0.2))]
+    states, results = batched.train_tickets(model, masks, train_split, test_split, recipe, seed=0, stage="stacked",
+                                            progress=False)
+    for mask, state, result in zip(masks, states, results, strict=True):
+        one = net()
+        single = training.train(one, train_split, test_split, recipe, seed=0, stage="one", mask=mask, progress=False)
+        for name, value in one.state_dict().items():
+            if value.is_floating_point():  # fp16 matmuls in another order: agreement to fp16's precision
+                assert torch.allclose(state[name], value, rtol=1e-2, atol=1e-3), name
+        assert result.final["train_loss"] == pytest.approx(single.final["train_loss"], rel=1e-2)
         assert all(bool((state[n][mask[n] == 0] == 0).all()) for n in mask)
 
 

@@ -42,11 +42,83 @@ logger = logging.getLogger(__name__)
 
 def supports(model: nn.Module, recipe: TrainRecipe, device: torch.device) -> bool:
     """Whether these tickets can train stacked: layers the stacked layout knows, BatchNorm with a
-    fixed momentum, no fp16 loss scaling (one scaler would be shared by the K tickets), and one
-    rank (virtual ranks train one ticket at a time)."""
+    fixed momentum, and one rank (virtual ranks train one ticket at a time)."""
     norms_ok = all(m.momentum is not None for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    return (stacked_supports(model) and norms_ok and effective_precision(recipe.precision, device) != "fp16"
-            and recipe.virtual_ranks == 1)
+    return stacked_supports(model) and norms_ok and recipe.virtual_ranks == 1
+
+
+class RowScaler:
+    """fp16 loss scaling for K stacked tickets, one scale per ticket, as K GradScalers.
+
+    Written here rather than taken from ``torch.amp.GradScaler`` because that keeps one scale and
+    one found-inf flag for all parameters: an overflow in one ticket would skip every ticket's step
+    and halve every scale, which K tickets trained one at a time would not do. Per ticket, this is
+    GradScaler's rule with its defaults: the loss multiplied by the scale; the gradients divided by
+    it; a ticket with a non-finite gradient keeps its weights and momentum (its step skipped) and
+    halves its scale; 2000 finite steps in a row double it. Everything stays on the device: no
+    host sync per step.
+    """
+
+    def __init__(self, rows: int, device: torch.device, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.scale = torch.full((rows,), init_scale, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+
+    def scaled(self, losses: torch.Tensor) -> torch.Tensor:
+        """The K losses, each times its ticket's scale."""
+        return losses * self.scale.to(losses.dtype)
+
+    @torch.no_grad()
+    def unscale_(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Divide each ticket's gradients by its scale; return which tickets' gradients are all finite."""
+        inverse = self.scale.double().reciprocal().float()  # as GradScaler.unscale_
+        finite = torch.ones_like(self.scale, dtype=torch.bool)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(_per_row(inverse, p.grad))
+                finite &= torch.isfinite(p.grad).reshape(p.grad.shape[0], -1).all(1)
+        return finite
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], finite: torch.Tensor) -> None:
+        """``optimizer.step()`` for the tickets whose gradients are finite: the others' weights and
+        momentum are put back. A momentum buffer the step created is zero for them, which is what an
+        absent buffer means to SGD (without dampening, its first update is the gradient itself)."""
+        before = [(p.detach().clone(), _momentum(optimizer, p)) for p in params]
+        optimizer.step()
+        for p, (weights, momentum) in zip(params, before, strict=True):
+            keep = _per_row(finite, p)
+            p.copy_(torch.where(keep, p, weights))
+            buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buffer is not None:
+                buffer.copy_(torch.where(keep, buffer, momentum if momentum is not None else torch.zeros_like(buffer)))
+
+    @torch.no_grad()
+    def update(self, finite: torch.Tensor) -> None:
+        """GradScaler.update per ticket (``torch._amp_update_scale_``'s rule)."""
+        grown = self.growth_tracker + 1
+        grow = finite & (grown == self.growth_interval)
+        self.scale.copy_(torch.where(~finite, self.scale * self.backoff_factor,
+                                     torch.where(grow, self.scale * self.growth_factor, self.scale)))
+        self.growth_tracker.copy_(torch.where(finite & ~grow, grown, torch.zeros_like(grown)))
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale.clone(), "growth_tracker": self.growth_tracker.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale.copy_(state["scale"])
+        self.growth_tracker.copy_(state["growth_tracker"])
+
+
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[K]`` values shaped to broadcast over a ``[K, ...]`` tensor."""
+    return values.view(-1, *[1] * (like.dim() - 1))
+
+
+def _momentum(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
+    buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+    return None if buffer is None else buffer.clone()
 
 
 class StackedTickets:
@@ -126,7 +198,8 @@ def train_tickets(
     params = list(tickets.params.values())
     optimizer = torch.optim.SGD(params, lr=recipe.lr_at(start_epoch), momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
-    autocast_dtype = {"bf16": torch.bfloat16}.get(precision)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = RowScaler(rows, device) if precision == "fp16" else None
     autocast = (contextlib.nullcontext if autocast_dtype is None
                 else lambda: torch.autocast(device.type, dtype=autocast_dtype))
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
@@ -139,6 +212,8 @@ def train_tickets(
             for n, b in tickets.buffers.items():
                 b.copy_(saved["buffers"][n])
         optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         for result, history in zip(results, saved["history"], strict=True):
             result.history = list(history)
             result.resumed_at = int(saved["epochs_done"])
@@ -148,6 +223,7 @@ def train_tickets(
             "params": {n: p.detach() for n, p in tickets.params.items()},
             "buffers": tickets.buffers,
             "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "history": [r.history for r in results],
         }
 
@@ -179,10 +255,16 @@ def train_tickets(
                 losses = torch.stack([F.cross_entropy(logits[k].float(), y, reduction=recipe.loss_reduction)
                                       for k in range(rows)])
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()  # rows share nothing: each ticket gets its own loss's gradient
+            # Rows share nothing: each ticket gets its own loss's gradient (under fp16, scaled by its own scale).
+            (losses if scaler is None else scaler.scaled(losses)).sum().backward()
+            finite = scaler.unscale_(params) if scaler is not None else None
             if recipe.grad_clip_norm is not None:
                 _clip_per_row(params, recipe.grad_clip_norm)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer, params, finite)
+                scaler.update(finite)
             zero_pruned()
             step_losses[step] = losses.detach()
             correct += (logits.detach().argmax(2) == y).sum(1)
