@@ -619,6 +619,45 @@ def test_a_batched_search_that_does_not_fit_runs_one_density_at_a_time(digits_pa
     assert [out[f"{b.namespace}.mask_log"]["search_path"] for b in group] == ["single", "single"]
 
 
+def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payloads, monkeypatch, caplog):
+    """A device whose free memory holds two tickets' steps: the three tickets retrain as a stacked
+    pair and then one alone, and each log says how it ran. The plan reads one ticket's probe steps
+    at 4 and 8 samples (weights 30 MiB, activations 1 MiB a sample: 94 MiB a ticket at batch 64)."""
+    import dataclasses
+    import logging
+
+    from cts_pipeline.core import memory
+    from cts_pipeline.core.training import TrainRecipe
+    from cts_pipeline.grid import Branch
+    from cts_pipeline.pipelines.cts import nodes as cts_nodes
+    from cts_pipeline.pipelines.tickets import nodes
+
+    train, test, model, runtime, theta = digits_payloads
+    runtime = dataclasses.replace(runtime, batch_sparsities=True)
+    recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.1)
+    group = [Branch("cts_kl", 0, s, family="cts", settings={"objective": "kl", "epochs": 1}) for s in (0.8, 0.9, 0.95)]
+    searched = cts_nodes.search_masks(theta, train, model, recipe, runtime, *group)
+    payloads = [nodes.topk_mask(searched[f"{b.namespace}.scores"], b) for b in group]
+    probed = []
+    mib = 2**20
+
+    def fake_peak(device, step):
+        step()
+        probed.append(len(probed))
+        return (30 + (4 if len(probed) == 1 else 8)) * mib
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 240 * mib)  # 0.8 × 240 = 192 MiB: two tickets
+    monkeypatch.setattr(memory, "peak_bytes", fake_peak)
+    with caplog.at_level(logging.INFO, logger="cts_pipeline"):
+        out = nodes.retrain_tickets(theta, train, test, model, recipe, runtime, *payloads, *group)
+    assert len(probed) == 2
+    assert "the 3 rows run in groups of 2" in caplog.text
+    logs = [out[f"{b.namespace}.retrain_log"] for b in group]
+    assert [log.get("retrain_path", "single") for log in logs] == ["stacked x2", "stacked x2", "single"]
+    assert memory.rows_to_fit(30 * mib, mib, 64, 240 * mib) == 2
+    assert memory.plan_rows(torch.device("cpu"), 3, 64, lambda n: None, "s") == 3  # nothing to plan on a CPU
+
+
 def test_a_probe_that_runs_out_of_memory_chooses_one_at_a_time(monkeypatch, caplog):
     import logging
 
@@ -718,3 +757,17 @@ def test_the_stacked_check_tells_rounding_from_a_wrong_layout(monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="cts_pipeline"), forwards.batch_statistics(model):
         assert forwards.check_stacked(model, relaxation, torch.randn(16, 1, 8, 8), "cts_kl.seed0 search") is kept
     assert ("cts_kl.seed0 search: the stacked batched forward differs from vmap" in caplog.text) is not kept
+
+
+def test_a_training_step_that_does_not_fit_names_the_recipe_settings_in_one_line():
+    """Dense training has no memory plan (its batch is the recipe's): the one-line message says
+    which settings change that, and the exit code is a failed run's."""
+    from cts_pipeline.errors import FAILED_RUN_EXIT, describe, mark_failed_node
+
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB. GPU 0 has a total capacity of "
+                                   "139.80 GiB of which 3.10 GiB is free.\nOf the allocated memory ...")
+    mark_failed_node(error, "train_dense")
+    message, code = describe(error)
+    assert code == FAILED_RUN_EXIT and "\n" not in message
+    assert message.startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 24.00 GiB.")
+    assert "lower training.batch_size, or set training.virtual_ranks: N" in message

@@ -18,6 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Searches cut their batches and stacked retraining caps its tickets to fit (core/memory.py), but
+# a training step runs the recipe's whole batch, and only the recipe can change that.
+OUT_OF_MEMORY_HINT = ("a training step takes the recipe's whole batch at once: lower training.batch_size, or set "
+                      "training.virtual_ranks: N to run each batch as N chunks, each with its own BatchNorm "
+                      "statistics (a change of recipe)")
+
 CONFIGURATION_EXIT = 2
 FAILED_RUN_EXIT = 1
 INTERRUPTED_EXIT = 130  # the shell's convention for a run stopped by SIGINT (128 + 2)
@@ -144,4 +150,6 @@ def describe(error: BaseException) -> tuple[str, int]:
     if code == FAILED_RUN_EXIT:
         name = type(shown).__name__
         text = text if text.startswith(name) else f"{name}: {text}"
+    if any(type(e).__name__ == "OutOfMemoryError" for e in causes(error)):
+        text = f"{text.splitlines()[0]} ({OUT_OF_MEMORY_HINT})"
     return text, code

@@ -296,6 +296,15 @@ def train_tickets(
     return states, results
 
 
+def probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor], train_split: Split, recipe: TrainRecipe,
+               samples: int, *, seed: int, channels_last: bool = False) -> None:
+    """One stacked training step of a single ticket on ``samples`` samples (no evaluation, no
+    checkpoint): what :func:`.memory.plan_rows` measures to cap how many tickets train at once."""
+    probe = dataclasses.replace(recipe, epochs=1, batch_size=samples, warmup_epochs=0, milestones=[])
+    train_tickets(model, [mask], train_split.subset(samples), None, probe, seed=seed, stage="memory probe",
+                  progress=False, channels_last=channels_last)
+
+
 def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.Tensor]], train_split: Split,
                            recipe: TrainRecipe, *, seed: int, channels_last: bool = False, steps: int = 3) -> float:
     """The time of a stacked training step of the K tickets against K steps of one ticket: below 1,

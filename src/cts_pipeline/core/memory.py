@@ -5,6 +5,8 @@ a ResNet-50 at batch 1024, three times that for three densities searched togethe
 predicts that across models, precisions and cuDNN's choices, so a step is measured once at a small
 batch (the peak it allocates above what was there), scaled to the full batch, and the batch is cut
 into as many micro-batches as it takes to fit :data:`DEVICE_MEMORY_SHARE` of the free memory.
+Stacked retraining, whose K tickets cannot split a batch without changing BatchNorm, caps K
+instead (:func:`plan_rows`).
 Where the plan is still wrong (fragmentation, another process), an out-of-memory error doubles
 the micro-batches and repeats the step, with one warning.
 
@@ -80,6 +82,42 @@ def plan_micro_batches(device: torch.device, batch: int, probe: Callable[[int], 
         logger.info("%s: a step's activations at batch %d come to about %.1f GiB, over %.0f %% of the "
                     "%.1f GiB free; each batch runs as %d micro-batches", stage, batch,
                     used / samples * batch / 2**30, 100 * DEVICE_MEMORY_SHARE, free / 2**30, count)
+    return count
+
+
+def rows_to_fit(fixed_bytes: float, bytes_per_sample: float, batch: int, free: int,
+                share: float = DEVICE_MEMORY_SHARE) -> int:
+    """How many stacked rows of one step over ``batch`` samples fit ``share`` of ``free`` bytes,
+    each row costing ``fixed_bytes`` (its weights, gradients, optimizer state) plus
+    ``bytes_per_sample`` per sample (its activations)."""
+    per_row = fixed_bytes + bytes_per_sample * batch
+    return int(share * free // per_row) if per_row > 0 else 2**31
+
+
+def plan_rows(device: torch.device, rows: int, batch: int, probe: Callable[[int], object], stage: str) -> int:
+    """How many of ``rows`` stacked rows (tickets) to run at once in a step over ``batch`` samples,
+    from ``probe(n)`` (one step of a single row on ``n`` samples) measured at half and all of
+    :data:`PROBE_SAMPLES`: the difference gives a row's activations per sample, the rest its
+    fixed cost, so a large model's weights are not scaled with the batch. ``rows`` on a CPU."""
+    free = free_bytes(device)
+    if free is None or rows == 1:
+        return rows
+    small, large = PROBE_SAMPLES // 2, PROBE_SAMPLES
+    try:
+        at_small = peak_bytes(device, lambda: probe(small))
+        at_large = peak_bytes(device, lambda: probe(large))
+    except torch.OutOfMemoryError:
+        release_cached_memory()
+        logger.warning("%s: even one row's probe step ran out of device memory; one row at a time", stage)
+        return 1
+    per_sample = max(0.0, (at_large - at_small) / (large - small))
+    fixed = max(0.0, at_large - per_sample * large)
+    count = max(1, min(rows, rows_to_fit(fixed, per_sample, batch, free)))
+    if count < rows:
+        logger.info("%s: one row's step at batch %d comes to about %.1f GiB; %d rows at once fit %.0f %% of the "
+                    "%.1f GiB free, so the %d rows run in groups of %d", stage, batch,
+                    (fixed + per_sample * batch) / 2**30, count, 100 * DEVICE_MEMORY_SHARE, free / 2**30, rows,
+                    count)
     return count
 
 

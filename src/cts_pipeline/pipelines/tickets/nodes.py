@@ -9,7 +9,7 @@ import torch
 
 from ...config import ModelConfig, RuntimeConfig
 from ...console import PROGRESS_LOGGER
-from ...core.batched_training import stacked_training_ratio, train_tickets
+from ...core.batched_training import probe_step, stacked_training_ratio, train_tickets
 from ...core.batched_training import supports as batched_training_supports
 from ...core.connectivity import effective_report
 from ...core.data import get_dataset_info
@@ -25,7 +25,7 @@ from ...core.masks import (
     prunable_parameters,
     thin_layers,
 )
-from ...core.memory import release_cached_memory
+from ...core.memory import plan_rows, release_cached_memory
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, evaluate, state_on_cpu, train
 from ...grid import Branch, search_group_namespace
@@ -155,45 +155,64 @@ def retrain_tickets(
     keeps = [branch_mask(p, b, net) for p, b in zip(payloads, branches, strict=True)]
     stage = f"{search_group_namespace(first_branch)} retrain x{len(branches)}"
 
-    def one_at_a_time() -> dict[str, dict]:
+    def one_at_a_time(members: list[int]) -> dict[str, dict]:
         out = {}
-        for payload, branch in zip(payloads, branches, strict=True):
+        for i in members:
+            payload, branch = payloads[i], branches[i]
             weights, log = retrain_ticket(theta_start, payload, train_data, test_data, model, training, runtime, branch)
             out[f"{branch.namespace}.final_weights"], out[f"{branch.namespace}.retrain_log"] = weights, log
         return out
 
+    channels_last = uses_channels_last(runtime, net)
+
+    def stacked(members: list[int]) -> dict[str, dict]:
+        """The tickets ``members`` (indices) as one stacked network, or one at a time if they do
+        not fit in device memory after all."""
+        group, masks = [branches[i] for i in members], [keeps[i] for i in members]
+        if len(group) == 1:
+            return one_at_a_time(members)
+        namespace = search_group_namespace(group[0])
+        stage = f"{namespace} retrain x{len(group)}"
+        try:
+            states, results = train_tickets(
+                net, masks, train_split, test_split, training, seed=group[0].seed, stage=stage, start_epoch=first,
+                progress=loop_bars(runtime), channels_last=channels_last,
+                checkpoint=checkpoint_for(runtime, namespace, "retrain", model, training, *[b.as_dict() for b in group],
+                                          theta_start, *masks, data_fingerprint(train_data)),
+            )
+        except torch.OutOfMemoryError:
+            release_cached_memory()
+            logger.warning("%s: %d tickets stacked do not fit in device memory; retraining them one at a time",
+                           stage, len(group))
+            return one_at_a_time(members)
+        progress.info("%s: %d tickets retrained stacked, %.1f s (1/%d a ticket)",
+                      namespace, len(group), results[0].seconds * len(group), len(group))
+        out = {}
+        for branch, state, result in zip(group, states, results, strict=True):
+            out[f"{branch.namespace}.final_weights"] = state
+            out[f"{branch.namespace}.retrain_log"] = _retrain_log(branch, first, result, started_at,
+                                                                  retrain_group=[b.namespace for b in group],
+                                                                  retrain_path=f"stacked x{len(group)}",
+                                                                  retrain_shared_by=len(group))
+        return out
+
+    everyone = list(range(len(branches)))
     # The stacked path has no DDP: over several processes the tickets train one at a time.
     if not batched_training_supports(net, training, device) or runtime.compile \
             or (runtime.distributed or {}).get("nproc", 1) > 1 \
             or not batched_if_faster(
                 runtime, stage,
                 lambda: stacked_training_ratio(net, keeps, train_split, training, seed=first_branch.seed,
-                                               channels_last=uses_channels_last(runtime, net)),
+                                               channels_last=channels_last),
                 len(keeps), f"stacked training steps of {len(keeps)} tickets take", "training", "them stacked"):
-        return one_at_a_time()
-    try:
-        states, results = train_tickets(
-            net, keeps, train_split, test_split, training, seed=first_branch.seed, stage=stage, start_epoch=first,
-            progress=loop_bars(runtime), channels_last=uses_channels_last(runtime, net),
-            checkpoint=checkpoint_for(runtime, search_group_namespace(first_branch), "retrain", model, training,
-                                      *[b.as_dict() for b in branches], theta_start, *keeps,
-                                      data_fingerprint(train_data)),
-        )
-    except torch.OutOfMemoryError:
-        release_cached_memory()
-        logger.warning("%s: %d tickets stacked do not fit in device memory; retraining them one at a time",
-                       stage, len(keeps))
-        return one_at_a_time()
-    progress.info("%s: %d tickets retrained stacked, %.1f s (1/%d a ticket)",
-                  search_group_namespace(first_branch), len(branches), results[0].seconds * len(branches),
-                  len(branches))
+        return one_at_a_time(everyone)
+    # On a GPU, as many tickets at once as fit the free memory (core/memory.py); all of them on a CPU.
+    per_group = plan_rows(device, len(keeps), training.batch_size,
+                          lambda samples: probe_step(net, keeps[0], train_split, training, samples,
+                                                     seed=first_branch.seed, channels_last=channels_last), stage)
     out = {}
-    for branch, state, result in zip(branches, states, results, strict=True):
-        out[f"{branch.namespace}.final_weights"] = state
-        out[f"{branch.namespace}.retrain_log"] = _retrain_log(branch, first, result, started_at,
-                                                              retrain_group=[b.namespace for b in branches],
-                                                              retrain_path=f"stacked x{len(branches)}",
-                                                              retrain_shared_by=len(branches))
+    for start in range(0, len(branches), per_group):
+        out.update(stacked(everyone[start:start + per_group]))
     return out
 
 
