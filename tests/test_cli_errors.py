@@ -152,3 +152,25 @@ def test_a_data_folder_that_cannot_be_written_is_named_before_any_compute(invoke
     assert result.exit_code == 2, result.output
     first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
     assert f"the data folder {project / 'data'} (globals.yml data_root) cannot be written" in first, first
+
+
+def test_to_outputs_without_a_pipeline_runs_the_pipeline_that_holds_them(project, monkeypatch):
+    """kedro-viz suggests `kedro run --to-outputs=cts_results_table`, without --pipelines; the
+    default pipeline (compare and sanity) has no cts report, so the project picks the smallest
+    pipeline that holds it, and says so. Outputs of the default pipeline change nothing."""
+    import cts_pipeline.cli as cli
+
+    bootstrap_project(project)
+    assert cli.pipeline_holding(["cts_results_table"], "smoke", None, {}) == "cts"
+    assert cli.pipeline_holding(["pai_results_table"], "smoke", None, {}) == "pai"
+    assert cli.pipeline_holding(["compare_results_table"], "smoke", None, {}) is None
+    assert cli.pipeline_holding(["no_such_table"], "smoke", None, {}) is None
+    seen = {}
+    monkeypatch.setattr(cli.kedro_run, "callback", lambda **kwargs: seen.update(kwargs))
+    result = CliRunner().invoke(run, ["--env=smoke", "--to-outputs=cts_results_table"])
+    assert result.exit_code == 0, result.output
+    assert seen["pipelines"] == ["cts"]
+    assert "--to-outputs=cts_results_table is in the cts pipeline, not the default one: running --pipelines=cts" \
+        in result.output
+    CliRunner().invoke(run, ["--env=smoke", "--pipelines=compare", "--to-outputs=cts_results_table"])
+    assert seen["pipelines"] == ["compare"]  # a pipeline given is never second-guessed

@@ -91,6 +91,32 @@ def interrupted_hooks() -> list[str]:
     return running
 
 
+def pipeline_holding(outputs: list[str], env: str | None, conf_source: str | None,
+                     params: dict | None) -> str | None:
+    """For ``--to-outputs`` without ``--pipelines``: the smallest registered pipeline that holds
+    every named output, where the default one does not (None where it does, or none does).
+
+    kedro-viz suggests ``kedro run --to-outputs=<dataset>`` for a dataset, without the pipeline it
+    belongs to, and ``__default__`` (compare and sanity) lacks the ``cts`` pipeline's report; the
+    project can decide which pipeline was meant, so the suggested command works."""
+    from kedro.framework.project import settings
+    from kedro.utils import find_kedro_project
+
+    from . import active_config
+    from .pipeline_registry import build_pipelines
+
+    project = find_kedro_project(Path.cwd()) or Path.cwd()
+    loader = settings.CONFIG_LOADER_CLASS(conf_source=conf_source or str(project / settings.CONF_SOURCE), env=env,
+                                          runtime_params=params or {}, **settings.CONFIG_LOADER_ARGS)
+    registered = build_pipelines(active_config.parameters(loader))
+    wanted = set(outputs)
+    if wanted <= registered["__default__"].datasets():
+        return None
+    holding = sorted((len(p.nodes), name) for name, p in registered.items()
+                     if name != "__default__" and wanted <= p.datasets())
+    return holding[0][1] if holding else None
+
+
 def _run(verbose: bool, **kwargs):
     from . import torchrun
     from .core.distributed import under_torchrun
@@ -122,6 +148,17 @@ def _run(verbose: bool, **kwargs):
                 click.echo(f"Error: rank {os.environ['RANK']}: {type(error).__name__}: {error}", err=True)
                 exit_with(FAILED_RUN_EXIT)
             exit_with(0)
+    if kwargs.get("to_outputs") and not (kwargs.get("pipeline") or kwargs.get("pipelines")):
+        try:
+            chosen = pipeline_holding(kwargs["to_outputs"], kwargs.get("env"), kwargs.get("conf_source"),
+                                      kwargs.get("params"))
+        except Exception:  # a configuration Kedro itself will name in one line when the run starts
+            logger.info("could not look for the pipeline of --to-outputs", exc_info=True)
+            chosen = None
+        if chosen is not None:
+            click.echo(f"--to-outputs={','.join(kwargs['to_outputs'])} is in the {chosen} pipeline, not the "
+                       f"default one: running --pipelines={chosen}", err=True)
+            kwargs["pipelines"] = [chosen]
     try:
         with signals_as_interrupts() as received:
             kedro_run.callback(**kwargs)

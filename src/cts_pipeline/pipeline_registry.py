@@ -28,21 +28,24 @@ from .pipelines.sanity.pipeline import create_report as sanity_report
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    # Branches read datasets of other namespaces on purpose (each branch reads its seed's
-    # dense.seed<N>.theta_rewind; reports read every branch's metrics). Kedro warns about dotted
-    # names crossing top-level namespaces; here that is the design, not a slip.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="One or more dataset names contain '.' characters")
-        return _build()
+    return build_pipelines(active_config.parameters())
 
 
 def _metrics(branches: list[Branch]) -> list[str]:
     return [f"{b.namespace}.metrics" for b in branches]
 
 
-def _build() -> dict[str, Pipeline]:
-    params = active_config.parameters()
-    p = plan(params)
+def build_pipelines(params: dict) -> dict[str, Pipeline]:
+    """Every pipeline of the sweep that the raw parameters ``params`` plan."""
+    # Branches read datasets of other namespaces on purpose (each branch reads its seed's
+    # dense.seed<N>.theta_rewind; reports read every branch's metrics). Kedro warns about dotted
+    # names crossing top-level namespaces; here that is the design, not a slip.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="One or more dataset names contain '.' characters")
+        return _build(plan(params), params)
+
+
+def _build(p, params: dict) -> dict[str, Pipeline]:
     batch = (params.get("runtime") or {}).get("batch_sparsities", True) is not False
     base = data_pipeline() + dense_pipeline(p.dense)
     cts = cts_pipeline(p.cts, batch)
