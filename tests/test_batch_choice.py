@@ -50,7 +50,7 @@ def test_auto_runs_what_the_probe_finds_faster(project, tmp_path, monkeypatch, l
 
 
 def test_a_bad_batch_sparsities_value_is_named():
-    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.config.sections import RuntimeConfig
 
     with pytest.raises(ValueError, match="runtime.batch_sparsities must be auto, true or false, got 'sometimes'"):
         RuntimeConfig(batch_sparsities="sometimes")

@@ -7,7 +7,8 @@ import copy
 import pytest
 import yaml
 
-from cts_pipeline.config import ConfigError, validate_run
+from cts_pipeline.config.sections import ConfigError
+from cts_pipeline.config.validate import validate_run
 from cts_pipeline.core.cts import SearchConfig
 from cts_pipeline.core.training import TrainRecipe
 
@@ -31,9 +32,9 @@ def with_changes(params: dict, **sections) -> dict:
 def test_grid_levels_give_every_method_the_density_of_ltr_level_l(params, caplog):
     import logging
 
+    from cts_pipeline.config.sweep import GridConfig, plan
     from cts_pipeline.core.ltr import level_density
     from cts_pipeline.core.masks import kept_count
-    from cts_pipeline.grid import GridConfig, plan
 
     assert params["grid"]["levels"] == [10, 14, 18, 22, 24]
     grid = GridConfig(levels=[18, 28], sparsities=[0.5])
@@ -53,7 +54,7 @@ def test_grid_levels_give_every_method_the_density_of_ltr_level_l(params, caplog
 
 @pytest.mark.parametrize("levels", [[0], [2.5], [], [22, 18], [18, 18], "18", [61], [True]])
 def test_bad_grid_levels_are_refused_by_name(levels):
-    from cts_pipeline.grid import GridConfig
+    from cts_pipeline.config.sweep import GridConfig
 
     with pytest.raises(ValueError, match=r"^grid\.levels"):
         GridConfig(levels=levels)
@@ -151,7 +152,7 @@ def test_virtual_ranks_are_shared_equally_by_the_processes_or_refused_in_one_lin
 
 
 def test_grid_levels_take_a_range_for_the_command_line():
-    from cts_pipeline.grid import GridConfig, sparsity_label
+    from cts_pipeline.config.sweep import GridConfig, sparsity_label
 
     grid = GridConfig(levels="2..42/2")
     assert grid.levels == tuple(range(2, 43, 2))

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from cts_pipeline.console import PROGRESS_LOGGER, QuietConsole, install
+from cts_pipeline.terminal.console import PROGRESS_LOGGER, QuietConsole, install
 
 
 def record(name: str, level: int) -> logging.LogRecord:
@@ -49,7 +49,7 @@ def test_install_swaps_kedros_rich_handler_for_plain_lines_off_a_terminal(monkey
 def test_a_log_file_that_cannot_be_written_is_one_warning_not_a_traceback_per_record(tmp_path, capsys):
     import logging.handlers
 
-    from cts_pipeline import console
+    from cts_pipeline.terminal import console
 
     (tmp_path / "info.log").mkdir()  # a directory where the log file should be
     handler = logging.handlers.RotatingFileHandler(tmp_path / "info.log", delay=True)
@@ -58,14 +58,14 @@ def test_a_log_file_that_cannot_be_written_is_one_warning_not_a_traceback_per_re
     warned = []
     catcher = logging.Handler(logging.WARNING)
     catcher.emit = warned.append
-    logging.getLogger("cts_pipeline.console").addHandler(catcher)
+    logging.getLogger("cts_pipeline.terminal.console").addHandler(catcher)
     try:
         console.install()
         assert handler not in root.handlers
         logging.getLogger("cts_pipeline").warning("a record after the check")
     finally:
         root.removeHandler(handler)
-        logging.getLogger("cts_pipeline.console").removeHandler(catcher)
+        logging.getLogger("cts_pipeline.terminal.console").removeHandler(catcher)
     assert [r.getMessage() for r in warned] == [
         f"the log file {tmp_path / 'info.log'} cannot be written (Is a directory); logging to the terminal only"]
     assert "Logging error" not in capsys.readouterr().err
@@ -78,7 +78,7 @@ def test_a_link_is_printed_whole_at_100_columns(tmp_path):
 
     from rich.console import Console
 
-    from cts_pipeline.console import show_unwrapped
+    from cts_pipeline.terminal.console import show_unwrapped
 
     out = io.StringIO()
     console = Console(file=out, width=100, force_terminal=True, color_system=None)

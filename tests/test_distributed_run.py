@@ -64,7 +64,7 @@ def test_another_runner_under_torchrun_is_refused_in_one_line(project):
 
 @pytest.mark.parametrize("value", [{"nproc": 0}, {"nprocs": 2}, 2])
 def test_a_bad_distributed_setting_is_named(value):
-    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.config.sections import RuntimeConfig
 
     with pytest.raises(ValueError, match="runtime.distributed"):
         RuntimeConfig(distributed=value)

@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from cts_pipeline.config import ConfigError, validate_run
+from cts_pipeline.config.sections import ConfigError
+from cts_pipeline.config.validate import validate_run
 from cts_pipeline.core import distributed
 
 from .conftest import PROJECT_ROOT
@@ -48,7 +49,7 @@ def test_the_backend_follows_the_run_device_not_the_machine(one_gpu):
 
 
 def test_a_distributable_node_on_the_cpu_of_a_gpu_machine_asks_for_gloo(one_gpu, monkeypatch):
-    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.config.sections import RuntimeConfig
     from cts_pipeline.pipelines import common
 
     asked = {}
@@ -95,7 +96,7 @@ def cuda_flags(monkeypatch):
 def test_the_cuda_policy_is_explicit_and_named_on_the_hardware_line(cuda_flags, monkeypatch):
     import os
 
-    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.config.sections import RuntimeConfig
     from cts_pipeline.core.runtime import CudaPolicy, describe_hardware
 
     cuda = torch.device("cuda")
@@ -123,7 +124,7 @@ def test_before_ampere_tf32_stays_off_and_a_cpu_run_is_left_alone(cuda_flags, mo
 
 
 def test_runtime_switches_are_checked_by_name():
-    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.config.sections import RuntimeConfig
 
     with pytest.raises(ValueError, match="runtime.tf32 must be true or false, got 'yes'"):
         RuntimeConfig(tf32="yes")
@@ -133,7 +134,7 @@ def test_runtime_switches_are_checked_by_name():
 
 
 def test_checkpoint_intervals_parse_and_bad_ones_are_named():
-    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.config.sections import RuntimeConfig
     from cts_pipeline.core.checkpoints import parse_interval
 
     assert parse_interval(3) == ("epochs", 3.0) and parse_interval("auto") == ("auto", 0.05)
@@ -228,7 +229,7 @@ def test_a_background_checkpoint_writes_the_state_as_it_was_and_reports_a_failed
         checkpoint.finish()
     assert torch.load(tmp_path / "s.pt", weights_only=True)["epochs_done"] == 1, "the previous one is kept"
 
-    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.config.sections import RuntimeConfig
 
     runtime = RuntimeConfig(device="cpu", checkpoint_dir=str(tmp_path))
     assert not common.checkpoint_for(runtime, "ns", "train", "key").background
@@ -584,7 +585,7 @@ def test_the_stacked_check_compares_in_float64_and_gives_the_model_back(monkeypa
 
 @pytest.fixture
 def digits_payloads():
-    from cts_pipeline.config import DataConfig, ModelConfig, RuntimeConfig
+    from cts_pipeline.config.sections import DataConfig, ModelConfig, RuntimeConfig
     from cts_pipeline.pipelines.common import build_network, split_from_payload
     from cts_pipeline.pipelines.data_processing.nodes import prepare_data
 
@@ -598,8 +599,8 @@ def digits_payloads():
 def test_a_batched_search_that_does_not_fit_runs_one_density_at_a_time(digits_payloads, monkeypatch, caplog):
     import logging
 
+    from cts_pipeline.config.sweep import Branch
     from cts_pipeline.core.training import TrainRecipe
-    from cts_pipeline.grid import Branch
     from cts_pipeline.pipelines.cts import nodes
 
     train, _test, model, runtime, theta = digits_payloads
@@ -626,9 +627,9 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
     import dataclasses
     import logging
 
+    from cts_pipeline.config.sweep import Branch
     from cts_pipeline.core import memory
     from cts_pipeline.core.training import TrainRecipe
-    from cts_pipeline.grid import Branch
     from cts_pipeline.pipelines.cts import nodes as cts_nodes
     from cts_pipeline.pipelines.tickets import nodes
 
@@ -661,7 +662,7 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
 def test_a_probe_that_runs_out_of_memory_chooses_one_at_a_time(monkeypatch, caplog):
     import logging
 
-    from cts_pipeline.config import RuntimeConfig
+    from cts_pipeline.config.sections import RuntimeConfig
     from cts_pipeline.pipelines import common
 
     def probe():

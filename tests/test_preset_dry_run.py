@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from cts_pipeline.config import typed_sections
+from cts_pipeline.config.sections import typed_sections
 from cts_pipeline.core.cts import concrete_search
 from cts_pipeline.core.data import Split, get_dataset_info
 from cts_pipeline.core.masks import count_prunable, global_topk_mask, kept_count

@@ -7,8 +7,8 @@ import logging
 
 from rich.console import Console
 
-from cts_pipeline import sweep_progress
-from cts_pipeline.sweep_progress import SweepProgress
+from cts_pipeline.terminal import progress as sweep_progress
+from cts_pipeline.terminal.progress import SweepProgress
 
 from .conftest import run_pipeline
 

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cts_pipeline.errors import TrackingUnavailable
-from cts_pipeline.tracking import RunTracker, TrackingSettings, check_reachable
+from cts_pipeline.framework.tracking import RunTracker, TrackingSettings, check_reachable
 
 from .conftest import latest, run_pipeline
 
@@ -28,7 +28,7 @@ def test_an_unreachable_server_runs_untracked_with_one_warning(project, monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", DEAD_SERVER)
     run_pipeline(project)
     assert latest(project, "data/08_reporting/smoke/report-*/cts_results.csv").exists()
-    warnings = [r.getMessage() for r in logged if r.name.startswith("cts_pipeline.hooks")]
+    warnings = [r.getMessage() for r in logged if r.name.startswith("cts_pipeline.framework.hooks")]
     assert len(warnings) == 1 and "running without tracking" in warnings[0] and "enabled: false" in warnings[0]
 
 
@@ -52,7 +52,7 @@ def test_mlflow_dying_mid_run_costs_nothing_and_is_logged_later(project, monkeyp
         run_pipeline(project)
     assert calls == ["dense.seed0.metrics"], "tracking is switched off after the first fault"
     assert latest(project, "data/08_reporting/smoke/report-*/cts_results.csv").exists()
-    warning = next(r.getMessage() for r in logged if r.name.startswith("cts_pipeline.hooks"))
+    warning = next(r.getMessage() for r in logged if r.name.startswith("cts_pipeline.framework.hooks"))
     assert "tracking is off for the rest of this run" in warning
     assert "kedro run --pipelines=cts --env=smoke --only-missing-outputs" in warning
 
@@ -145,6 +145,6 @@ def test_the_tracking_server_dying_mid_run_costs_nothing(project, monkeypatch, m
         run_pipeline(project)
     assert latest(project, "data/08_reporting/smoke/report-*/cts_results.csv").exists()
     assert latest(project, "data/07_model_output/smoke/cts_kl-*/seed0/sp90_00/ticket.safetensors").exists()
-    warnings = [r.getMessage() for r in logged if r.name.startswith("cts_pipeline.hooks")]
+    warnings = [r.getMessage() for r in logged if r.name.startswith("cts_pipeline.framework.hooks")]
     assert len(warnings) == 1 and "tracking is off for the rest of this run" in warnings[0]
     assert time.monotonic() - started < 120, "a dead server must not stall the run for minutes"

@@ -335,7 +335,6 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 
     from .core.records import RECORD_SUFFIX, payload_mismatch
     from .core.tickets import read_ticket
-    from .errors import first_line
 
     try:
         payload = path.read_bytes()
@@ -352,7 +351,8 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     try:
         mask, state, manifest = read_ticket(payload)
     except Exception as exc:  # safetensors' own errors (incomplete metadata, header too large, …)
-        raise ValueError(f"{path} is not a complete ticket file: {first_line(exc)}") from None
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path} is not a complete ticket file: {type(exc).__name__}: {reason}"[:300]) from None
     if "model" not in manifest:
         raise ValueError(f"{path}: the ticket has no manifest naming its model")
     kept = {name: int(keep.sum()) for name, keep in mask.items()}

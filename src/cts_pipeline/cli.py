@@ -22,8 +22,8 @@ from pathlib import Path
 import click
 from kedro.framework.cli.project import run as kedro_run
 
-from . import console
 from .errors import CONFIGURATION_EXIT, FAILED_RUN_EXIT, describe
+from .terminal import console
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def pipeline_holding(outputs: list[str], env: str | None, conf_source: str | Non
     from kedro.framework.project import settings
     from kedro.utils import find_kedro_project
 
-    from . import active_config
+    from .config import active as active_config
     from .pipeline_registry import build_pipelines
 
     project = find_kedro_project(Path.cwd()) or Path.cwd()
@@ -118,8 +118,8 @@ def pipeline_holding(outputs: list[str], env: str | None, conf_source: str | Non
 
 
 def _run(verbose: bool, **kwargs):
-    from . import torchrun
     from .core.distributed import under_torchrun
+    from .pipelines import torchrun
 
     verbose = verbose or os.environ.get("CTS_VERBOSE", "") not in ("", "0")
     # The quiet console from the first line: an error before the session opens (an unknown

@@ -1,4 +1,4 @@
-"""Project pipelines, built from the sweep the active configuration plans (``grid.plan``).
+"""Project pipelines, built from the sweep the active configuration plans (``config.sweep.plan``).
 
 - ``cts``: the main job, CTS with the ``cts`` settings at every grid sparsity and seed;
 - ``ltr``, ``pai``: the baselines (lottery ticket rewinding; SNIP, GraSP, SynFlow, magnitude, random);
@@ -15,8 +15,8 @@ import warnings
 
 from kedro.pipeline import Pipeline
 
-from . import active_config
-from .grid import Branch, plan
+from .config import active as active_config
+from .config.sweep import Branch, plan
 from .pipelines.cts.pipeline import create_pipeline as cts_pipeline
 from .pipelines.data_processing.pipeline import create_pipeline as data_pipeline
 from .pipelines.dense.pipeline import create_pipeline as dense_pipeline

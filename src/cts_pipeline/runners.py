@@ -41,9 +41,9 @@ from kedro.io import MemoryDataset
 from kedro.runner import AbstractRunner
 from kedro.runner.task import Task
 
-from .console import PROGRESS_LOGGER, QuietConsole
 from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
 from .pipelines.common import GPU_TAG
+from .terminal.console import PROGRESS_LOGGER, QuietConsole
 
 logger = logging.getLogger(__name__)
 
@@ -136,16 +136,16 @@ class DaskSettings:
 
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> DaskSettings:
-        from .config import settings_from
+        from .config.sections import settings_from
 
         return settings_from(cls, raw, "dask.yml")
 
 
 def _dask_config() -> dict[str, Any]:
-    """``dask.yml`` of the session's environment (the context handed its loader to active_config)."""
+    """``dask.yml`` of the session's environment (the context handed its loader to config.active)."""
     from kedro.config import MissingConfigException
 
-    from . import active_config
+    from .config import active as active_config
 
     try:
         return dict(active_config.config_loader()["dask"])

@@ -3,9 +3,9 @@
 import os
 import warnings
 
-from cts_pipeline.active_config import config_key
-from cts_pipeline.context import ProjectContext
-from cts_pipeline.hooks import (
+from cts_pipeline.config.active import config_key
+from cts_pipeline.framework.context import ProjectContext
+from cts_pipeline.framework.hooks import (
     ArtifactPathHook,
     CheckpointHook,
     FreshnessHook,
@@ -13,7 +13,7 @@ from cts_pipeline.hooks import (
     ResultsPrinterHook,
     RunValidationHook,
 )
-from cts_pipeline.sweep_progress import SweepProgressHook
+from cts_pipeline.terminal.progress import SweepProgressHook
 
 # Kedro's own OmegaConf call warns on every config load; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
@@ -31,7 +31,7 @@ os.environ.setdefault("KEDRO_MP_CONTEXT", "spawn")
 HOOKS = (RunValidationHook(), FreshnessHook(), ArtifactPathHook(), CheckpointHook(), MlflowHook(),
          ResultsPrinterHook(), SweepProgressHook())
 
-# Hands the grid to the pipeline registry and gives each branch its parameters (see context.py).
+# Hands the grid to the pipeline registry and gives each branch its parameters (see framework/context.py).
 CONTEXT_CLASS = ProjectContext
 
 CONFIG_LOADER_ARGS = {

@@ -252,7 +252,7 @@ def test_the_authors_training_crop_and_a_runs_normalisation_reach_the_streamed_b
 
 
 def test_the_authors_crop_is_refused_for_in_memory_datasets():
-    from cts_pipeline.config import DataConfig
+    from cts_pipeline.config.sections import DataConfig
 
     with pytest.raises(ValueError, match="data.resized_crop applies to image-folder datasets; cifar10"):
         DataConfig(name="cifar10", resized_crop="authors")

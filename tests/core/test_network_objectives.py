@@ -185,8 +185,8 @@ def test_activations_are_the_authors_captures_on_resnet20():
 
 
 def test_feature_capture_chooses_the_objective_and_the_lagrangian_rate(batch, monkeypatch):
+    from cts_pipeline.config.identity import cts_method_name
     from cts_pipeline.core.cts import search
-    from cts_pipeline.identity import cts_method_name
 
     assert SearchConfig(objective="feature_mse").resolved_objective.fn is cts.feature_mse
     authors = SearchConfig(objective="feature_mse", feature_capture="activations", balance="lagrangian", epochs=1)

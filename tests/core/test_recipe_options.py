@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from cts_pipeline.config.identity import cts_method_name
 from cts_pipeline.core.batched_training import train_tickets
 from cts_pipeline.core.connectivity import effective_mask
 from cts_pipeline.core.cts import SearchConfig, concrete_search
@@ -20,7 +21,6 @@ from cts_pipeline.core.masks import count_prunable, global_topk_mask, prunable_p
 from cts_pipeline.core.models import build_model, count_parameters, skeleton
 from cts_pipeline.core.saliency import synflow_flow
 from cts_pipeline.core.training import TrainRecipe, train
-from cts_pipeline.identity import cts_method_name
 
 DIGITS = (1, 8, 8)
 
@@ -242,7 +242,7 @@ def test_crop_padding_reaches_the_trainer_and_is_validated(digits, monkeypatch):
 
 
 def test_data_std_override_reaches_every_split(tmp_path):
-    from cts_pipeline.config import DataConfig
+    from cts_pipeline.config.sections import DataConfig
     from cts_pipeline.pipelines.common import data_fingerprint, split_from_payload
     from cts_pipeline.pipelines.data_processing.nodes import prepare_data
 

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import yaml
 
-from cts_pipeline import active_config
-from cts_pipeline.context import with_branch_parameters
+from cts_pipeline.config import active as active_config
+from cts_pipeline.config.identity import cts_method_name
+from cts_pipeline.config.sweep import Branch, plan, sparsity_label
 from cts_pipeline.core.cts import SearchConfig
-from cts_pipeline.grid import Branch, plan, sparsity_label
-from cts_pipeline.identity import cts_method_name
+from cts_pipeline.framework.context import with_branch_parameters
 from cts_pipeline.pipeline_registry import register_pipelines
 
 from ..conftest import PROJECT_ROOT

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from cts_pipeline.grid import Branch
+from cts_pipeline.config.sweep import Branch
 from cts_pipeline.pipelines.tickets.nodes import topk_mask
 
 

@@ -79,7 +79,7 @@ class EpochLoop:
                   postfix: Mapping[str, str] | None = None) -> None:
         """After epoch ``epoch``: save ``state()`` if a checkpoint is due (never after the last
         epoch), then log each message with the stage and epoch as record attributes, which a
-        display follows (``sweep_progress``)."""
+        display follows (``terminal/progress.py``)."""
         if (self.checkpoint is not None and not self.is_last(epoch) and rank_and_world()[0] == 0
                 and self.checkpoint.due(self.seconds())):
             self.checkpoint.save({"epochs_done": epoch + 1, **state()})

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelConfig, RuntimeConfig
+from ..config.identity import checkpoint_tag
+from ..config.sections import ModelConfig, RuntimeConfig
 from ..core.checkpoints import Checkpoint, adopt_deferred, defer_removal, take_deferred
 from ..core.data import Split, get_dataset_info
 from ..core.memory import release_cached_memory
 from ..core.runtime import generator, resolve_device
-from ..identity import checkpoint_tag
 
 # Nodes that compute on the run's device; a distributed runner gives each one GPU
 # (cts_pipeline.runners.DaskRunner, workers started with --resources GPU=1).
@@ -45,7 +45,7 @@ def distributable(node_fn):
     """A node whose loops may run over several processes: with ``runtime.distributed: {nproc: N}``
     the node runs in N local processes (``core.distributed.launch``: DDP, each rank a slice of
     every batch) and returns rank 0's result. Under ``torchrun`` it runs on every rank of torchrun's
-    group (``cts_pipeline.torchrun``; ``nproc`` is then torchrun's), and with one process as it
+    group (``cts_pipeline.pipelines.torchrun``; ``nproc`` is then torchrun's), and with one process as it
     is. Checkpoints the ranks finished are removed by this
     process once Kedro has saved the outputs, as for a node in one process (``CheckpointHook``)."""
 
@@ -56,7 +56,7 @@ def distributable(node_fn):
         runtime = next((a for a in args if isinstance(a, RuntimeConfig)), None)
         distributed = (runtime.distributed if runtime is not None else None) or {}
         if under_torchrun():  # torchrun's processes, not ours (cts_pipeline.torchrun): rank 0 leads
-            from .. import torchrun
+            from . import torchrun
 
             torchrun.lead(node_fn.__module__, node_fn.__qualname__, args, bool(distributed.get("sync_batchnorm")))
             result = node_fn(*args)
@@ -108,7 +108,7 @@ def _node_in_rank(module: str, name: str, args: tuple, threads: int, sync_batchn
 
 def loop_bars(runtime: RuntimeConfig) -> bool:
     """Whether a loop draws its own tqdm bar: not while the sweep display shows its epochs."""
-    from ..sweep_progress import display_active
+    from ..terminal.progress import display_active
 
     return runtime.progress and not display_active()
 

@@ -1,7 +1,7 @@
 from kedro.pipeline import Pipeline, node
 
+from ...config.sweep import Branch, search_group_namespace
 from ...core.cts import OBJECTIVES
-from ...grid import Branch, search_group_namespace
 from ..common import GPU_TAG
 from ..tickets.pipeline import score_to_mask, start_weights, ticket_branches
 from .nodes import search_mask, search_masks

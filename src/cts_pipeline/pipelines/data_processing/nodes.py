@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ...config import DataConfig
+from ...config.sections import DataConfig
 from ...core.data import load_splits, raw_files_digest
 from ..common import split_to_payload
 

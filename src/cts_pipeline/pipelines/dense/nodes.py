@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import time
 
-from ...config import ModelConfig, RuntimeConfig
-from ...console import PROGRESS_LOGGER
+from ...config.sections import ModelConfig, RuntimeConfig
+from ...config.sweep import Branch
 from ...core.masks import count_prunable
 from ...core.models import count_parameters
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, state_on_cpu, train
-from ...grid import Branch
+from ...terminal.console import PROGRESS_LOGGER
 from ..common import (
     build_network,
     checkpoint_for,

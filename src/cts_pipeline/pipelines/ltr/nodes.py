@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from ...config import ModelConfig, RuntimeConfig
+from ...config.sections import ModelConfig, RuntimeConfig
+from ...config.sweep import Branch
 from ...core.ltr import lottery_ticket_rewinding
 from ...core.masks import mask_to_payload
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe
-from ...grid import Branch
 from ..common import (
     build_network,
     checkpoint_for,

@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from ...grid import Branch
+from ...config.sweep import Branch
 from ..common import GPU_TAG
 from ..tickets.pipeline import SHARED_PARAMETERS, ticket_branches
 from .nodes import prune_iteratively, select_level

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from ...config import ModelConfig, RuntimeConfig
+from ...config.sections import ModelConfig, RuntimeConfig
+from ...config.sweep import Branch
 from ...core.runtime import describe_hardware
 from ...core.saliency import ScoringInputs, score
-from ...grid import Branch
 from ..common import build_network, device_for, split_from_payload
 
 

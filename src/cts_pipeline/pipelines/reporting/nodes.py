@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from ...config import ReportConfig
+from ...config.sections import ReportConfig
 
 logger = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ...config import ModelConfig
+from ...config.sections import ModelConfig
+from ...config.sweep import Branch
 from ...core.data import get_dataset_info
 from ...core.masks import mask_to_payload, payload_to_mask
 from ...core.runtime import generator
 from ...core.sanity import invert, layerwise_shuffle, passes, reinitialised
 from ...core.training import state_on_cpu
-from ...grid import Branch
 
 
 def shuffle_mask(mask: dict, branch: Branch) -> dict:

@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from ...grid import Branch, branch_namespace
+from ...config.sweep import Branch, branch_namespace
 from ..tickets.pipeline import ticket_branches
 from .nodes import invert_mask, reinitialise, sanity_table, shuffle_mask
 

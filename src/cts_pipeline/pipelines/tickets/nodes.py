@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from ...config import ModelConfig, RuntimeConfig
-from ...console import PROGRESS_LOGGER
+from ...config.sections import ModelConfig, RuntimeConfig
+from ...config.sweep import Branch, search_group_namespace
 from ...core.batched_training import probe_step, stacked_training_ratio, train_tickets
 from ...core.batched_training import supports as batched_training_supports
 from ...core.connectivity import effective_report
@@ -28,7 +28,7 @@ from ...core.masks import (
 from ...core.memory import plan_rows, release_cached_memory
 from ...core.runtime import describe_hardware
 from ...core.training import TrainRecipe, evaluate, state_on_cpu, train
-from ...grid import Branch, search_group_namespace
+from ...terminal.console import PROGRESS_LOGGER
 from ..common import (
     ArtifactMismatch,
     batched_if_faster,

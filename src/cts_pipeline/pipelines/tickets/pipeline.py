@@ -10,7 +10,7 @@ tickets of one method and seed that start from the same weights in one node,
 
 from kedro.pipeline import Pipeline, node
 
-from ...grid import Branch, search_group_namespace
+from ...config.sweep import Branch, search_group_namespace
 from ..common import GPU_TAG
 from .nodes import evaluate_ticket, retrain_ticket, retrain_tickets, topk_mask
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from ..core.checkpoints import defer_removal, keep_deferred, remove_deferred
+from ...core.checkpoints import defer_removal, keep_deferred, remove_deferred
 
 
 class CheckpointHook:

@@ -4,7 +4,7 @@ Kedro builds pipelines before it loads parameters, yet the sweep shapes the DAG 
 branch per method, seed and sparsity). So the sweep lives in the parameters (``grid``, ``cts``,
 ``methods``, ``pai``, ``sanity``), :func:`plan` turns them into branches, the pipeline registry
 builds one branch pipeline per :class:`Branch`, and each branch's own settings reach its nodes as
-the parameter ``params:<namespace>.branch`` (added by :class:`cts_pipeline.context.ProjectContext`).
+the parameter ``params:<namespace>.branch`` (added by :class:`cts_pipeline.framework.context.ProjectContext`).
 
 Names are stable: ``cts_kl.seed0.sp99_26`` is CTS-KL, seed 0, 99.26 % sparsity; ``snip``, ``ltr``,
 ``cts_kl_short`` (an ablation), ``cts_kl_shuffled`` (a sanity check of ``cts_kl``) likewise.
@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .core.ltr import level_density, level_for_sparsity
-from .core.saliency import SCORERS
-from .core.training import STARTS
+from ..core.ltr import level_density, level_for_sparsity
+from ..core.saliency import SCORERS
+from ..core.training import STARTS
 from .identity import cts_method_name
 
 BRANCH_PARAM = "branch"

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .console import show_unwrapped
-from .errors import TrackingUnavailable, first_line
+from ..errors import TrackingUnavailable, first_line
+from ..terminal.console import show_unwrapped
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class TrackingSettings:
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> TrackingSettings:
-        from .config import settings_from
+        from ..config.sections import settings_from
 
         return settings_from(cls, raw, "mlflow.yml")
 

@@ -32,7 +32,7 @@ def print_tables(tables: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..pipelines.reporting.nodes import shared_time_notes, summary_rows, test_set_note
+    from ...pipelines.reporting.nodes import shared_time_notes, summary_rows, test_set_note
 
     # A terminal's own width (rich fits the columns, wrapping headers); off one, wide enough for
     # every column on one line, since nothing wraps a log file's lines.

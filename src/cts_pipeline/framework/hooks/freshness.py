@@ -7,9 +7,9 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from ..config import typed_sections
-from ..datasets._records import NO_RECORD, RecordedArtifact, check_file
-from ..errors import first_line
+from ...config.sections import typed_sections
+from ...datasets._records import NO_RECORD, RecordedArtifact, check_file
+from ...errors import first_line
 from .catalog import artifact_path, load_fresh
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ class FreshnessHook:
     @staticmethod
     def _disagreeing(pipeline, catalog, producer: dict) -> dict[Any, str]:
         """The nodes whose stored outputs contradict their inputs, each with the reason."""
-        from ..core.data import raw_files_digest
-        from ..core.masks import kept_count, mask_digest, payload_to_mask
+        from ...core.data import raw_files_digest
+        from ...core.masks import kept_count, mask_digest, payload_to_mask
 
         found: dict[Any, str] = {}
         prepared = producer.get("train_data")

@@ -14,8 +14,9 @@ from typing import Any
 from attrs import define
 from kedro.framework.context import KedroContext
 
-from . import active_config, console
-from .grid import BRANCH_PARAM, branches_for
+from ..config import active as active_config
+from ..config.sweep import BRANCH_PARAM, branches_for
+from ..terminal import console
 
 PIPELINE_REGISTRY = "cts_pipeline.pipeline_registry"
 
@@ -39,7 +40,7 @@ class ProjectContext(KedroContext):
         """Our sections' checks before Kedro's: Kedro instantiates each typed node parameter and
         reports a bad key as the dataclass's ``__init__() got an unexpected keyword argument``;
         ``typed_sections`` names the setting, every one at once, with "did you mean"."""
-        from .config import typed_sections
+        from ..config.sections import typed_sections
 
         if self._validated_params_cache is None:  # the parameters the catalog reads too, read once
             typed_sections(active_config.parameters(self.config_loader))

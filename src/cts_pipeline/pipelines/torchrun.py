@@ -28,20 +28,20 @@ _state = {"in_node": False}  # rank 0 is inside a node's collectives
 
 def is_follower() -> bool:
     """A rank other than 0 of a ``torchrun`` launch."""
-    from .core.distributed import under_torchrun
+    from ..core.distributed import under_torchrun
 
     return under_torchrun() and int(os.environ["RANK"]) != 0
 
 
 def _join() -> None:
-    from .core.distributed import join_torchrun_group
+    from ..core.distributed import join_torchrun_group
 
     join_torchrun_group()
 
 
 def lead(module: str, name: str, args: tuple, sync_batchnorm: bool) -> None:
     """Rank 0: have every follower run node ``module.name`` on ``args`` with this rank."""
-    from .core.distributed import broadcast_object, use_sync_batchnorm
+    from ..core.distributed import broadcast_object, use_sync_batchnorm
 
     _join()
     _state["in_node"] = True
@@ -56,7 +56,7 @@ def node_done() -> None:
 def release() -> None:
     """Rank 0, at the end of its run: let the followers exit. Skipped when a node failed in the
     middle of its collectives (the followers are inside one): torchrun then stops every rank."""
-    from .core.distributed import broadcast_object
+    from ..core.distributed import broadcast_object
 
     if _state["in_node"]:
         return
@@ -67,8 +67,8 @@ def release() -> None:
 def follow() -> None:
     """A follower's whole run: join the group, then run each node rank 0 announces, until it
     announces the end."""
-    from .core.checkpoints import defer_removal, take_deferred
-    from .core.distributed import broadcast_object, use_sync_batchnorm
+    from ..core.checkpoints import defer_removal, take_deferred
+    from ..core.distributed import broadcast_object, use_sync_batchnorm
 
     project = logging.getLogger("cts_pipeline")
     project.setLevel(logging.WARNING)  # rank 0 reports; a follower only its own problems

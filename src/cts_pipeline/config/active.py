@@ -2,7 +2,7 @@
 
 The grid shapes the DAG, but Kedro calls ``register_pipelines()`` without arguments. The session's
 config loader knows the chosen environment (``--env``) and ``--params`` overrides, so
-:class:`cts_pipeline.context.ProjectContext` hands it over here when it is created (always before a
+:class:`cts_pipeline.framework.context.ProjectContext` hands it over here when it is created (always before a
 run or ``kedro viz`` reads the pipelines). Without a session (a bare ``import``, tests) the
 registry falls back to the project's configuration for ``$KEDRO_ENV``.
 """
@@ -67,7 +67,7 @@ def config_key(scope: str) -> str:
     Artifacts live under their key, so ``kedro run --only-missing-outputs`` skips exactly the
     branches already computed with this configuration, and a changed setting never reuses a
     stale result: a new ``cts.*`` choice is a new branch name, a new recipe a new key. What enters
-    the key is decided in :mod:`cts_pipeline.identity`.
+    the key is decided in :mod:`cts_pipeline.config.identity`.
     """
     from .identity import catalog_key
 

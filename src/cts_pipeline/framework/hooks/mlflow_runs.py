@@ -14,8 +14,8 @@ from typing import Any
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
-from ..config import typed_sections
-from ..errors import TrackingUnavailable, first_line
+from ...config.sections import typed_sections
+from ...errors import TrackingUnavailable, first_line
 from ..tracking import RunTracker, TrackingSettings, check_reachable, parent_run_params, source_tags
 from .catalog import artifact_path, is_result, load_fresh
 

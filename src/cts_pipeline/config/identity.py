@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-from .core.checkpoints import digest
+from ..core.checkpoints import digest
 
 # What artifacts depend on beyond their dataset name. A branch's name already spells out every
 # choice that shapes it (cts_kl_short_at_init, snip_at_rewind, cts_kl_shuffled, seed, sparsity), so

@@ -1,7 +1,7 @@
 """Project hooks: checks at run start, MLflow tracking, freshness, checkpoints and the results table.
 
 Tracking and the results table read what the nodes produced from the catalog, in the driver
-process, after it was saved (``tracking.py`` says why). So they work the same under the
+process, after it was saved (``framework/tracking.py`` says why). So they work the same under the
 SequentialRunner, the ThreadRunner, Kedro's ParallelRunner (whose workers run node hooks in
 their own processes) and :class:`cts_pipeline.runners.DaskRunner`. One module per hook:
 
