@@ -68,3 +68,23 @@ def test_a_bad_distributed_setting_is_named(value):
 
     with pytest.raises(ValueError, match="runtime.distributed"):
         RuntimeConfig(distributed=value)
+
+
+def test_a_node_failing_inside_its_collectives_leaves_the_followers_to_torchrun(monkeypatch):
+    """Rank 0's error inside a led node is marked; release then does not broadcast the end (the
+    followers are inside that node's collectives, and torchrun stops them). Any other end does."""
+    from cts_pipeline.pipelines import torchrun
+
+    announced = []
+    monkeypatch.setattr(torchrun, "_join", lambda: None)
+    monkeypatch.setattr("cts_pipeline.core.distributed.broadcast_object", announced.append)
+    inside = RuntimeError("NCCL timeout")
+    torchrun.raised_in_collectives(inside)
+    try:
+        raise ValueError("the node failed") from inside
+    except ValueError as wrapped:
+        torchrun.release(wrapped)
+    assert announced == []
+    torchrun.release(RuntimeError("a report node failed"))
+    torchrun.release(None)
+    assert announced == [None, None]

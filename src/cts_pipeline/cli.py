@@ -159,10 +159,12 @@ def _run(verbose: bool, **kwargs):
             click.echo(f"--to-outputs={','.join(kwargs['to_outputs'])} is in the {chosen} pipeline, not the "
                        f"default one: running --pipelines={chosen}", err=True)
             kwargs["pipelines"] = [chosen]
+    ended_by = None  # what ended the run, for torchrun's followers (torchrun.release)
     try:
         with signals_as_interrupts() as received:
             kedro_run.callback(**kwargs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        ended_by = interrupt
         stopped_at = interrupted_hooks()
         where = f" during {', '.join(stopped_at)}" if stopped_at else ""
         name = signal.Signals(received[-1]).name if received else "SIGINT"
@@ -172,6 +174,7 @@ def _run(verbose: bool, **kwargs):
     except (SystemExit, click.exceptions.ClickException):
         raise
     except Exception as error:
+        ended_by = error
         if verbose:
             raise
         message, code = describe(error)
@@ -181,7 +184,7 @@ def _run(verbose: bool, **kwargs):
         exit_with(code)
     finally:
         if under_torchrun():
-            torchrun.release()
+            torchrun.release(ended_by)
     exit_with(0)
 
 

@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
 from kedro.framework.hooks.manager import _NullPluginManager
 from kedro.io import MemoryDataset
 from kedro.runner import AbstractRunner
 from kedro.runner.task import Task
 
-from .core.checkpoints import defer_removal, keep_deferred, remove_deferred
+from .core.checkpoints import PendingRemovals
 from .pipelines.common import GPU_TAG
 from .terminal.console import PROGRESS_LOGGER, QuietConsole
 
@@ -203,6 +204,7 @@ class DaskRunner(AbstractRunner):
         # The catalog travels with each task, not scattered once: Dask counts scattered data as
         # lost when any worker holding it dies, and would then cancel instead of retrying.
         project = str(Path.cwd())
+        client.register_plugin(ProjectWorker(project))
         dependencies = pipeline.node_dependencies
         todo, done, running = set(dependencies), set(), {}
         futures = as_completed()
@@ -214,7 +216,7 @@ class DaskRunner(AbstractRunner):
                 hooks.hook.before_node_run(node=node, catalog=catalog, inputs={}, is_async=self._is_async,
                                            run_id=run_id)
                 resources = {GPU_RESOURCE: 1} if gpu and GPU_TAG in node.tags else None
-                future = client.submit(run_node_on_worker, node, catalog, run_id, self._is_async, project,
+                future = client.submit(run_node_on_worker, node, catalog, run_id, self._is_async,
                                        key=f"{node.name}-{uuid.uuid4().hex[:8]}", resources=resources, pure=False)
                 running[future] = node
                 futures.add(future)
@@ -274,26 +276,27 @@ def forget_resolved_versions(catalog, names) -> None:
             catalog.release(name)
 
 
-_prepared: dict[str, Any] = {}
+class ProjectWorker(WorkerPlugin):
+    """Each worker process, once as it joins (Dask runs ``setup`` on every worker, present or
+    started later): the project folder as working directory (relative paths such as ``data.root``
+    and ``runtime.checkpoint_dir`` resolve as on the driver), torch threads = the worker's
+    threads, and INFO records of ``cts_pipeline`` kept for forwarding."""
 
+    name = "cts-pipeline-project"
 
-def prepare_worker(project: str) -> None:
-    """Once per worker process: the project folder as working directory (relative paths such as
-    ``data.root`` and ``runtime.checkpoint_dir`` resolve as on the driver), torch threads = the
-    worker's threads, and INFO records of ``cts_pipeline`` kept for forwarding."""
-    if _prepared.get("project") == project:
-        return
-    import torch
-    from distributed import get_worker
+    def __init__(self, project: str):
+        self.project = project
 
-    if Path(project).is_dir():
-        os.chdir(project)
-    root = logging.getLogger()  # a worker prints and files nothing itself: its records go to the driver
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    torch.set_num_threads(max(1, get_worker().state.nthreads))
-    logging.getLogger("cts_pipeline").setLevel(logging.INFO)
-    _prepared["project"] = project
+    def setup(self, worker) -> None:
+        import torch
+
+        if Path(self.project).is_dir():
+            os.chdir(self.project)
+        root = logging.getLogger()  # a worker prints and files nothing itself: its records go to the driver
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        torch.set_num_threads(max(1, worker.state.nthreads))
+        logging.getLogger("cts_pipeline").setLevel(logging.INFO)
 
 
 def check_inputs(node, catalog) -> None:
@@ -312,15 +315,15 @@ def check_inputs(node, catalog) -> None:
                 "(an NFS mount, or an fsspec URL in globals.yml's data_root)")
 
 
-def run_node_on_worker(node, catalog, run_id: str | None, is_async: bool, project: str) -> str:
-    """One node on a Dask worker: inputs from the catalog's files, outputs back to them."""
-    prepare_worker(project)
+def run_node_on_worker(node, catalog, run_id: str | None, is_async: bool) -> str:
+    """One node on a Dask worker (set up by :class:`ProjectWorker`): inputs from the catalog's
+    files, outputs back to them."""
     check_inputs(node, catalog)
-    defer_removal()  # the node's checkpoints go only once its outputs are saved
+    pending = PendingRemovals.start()  # the node's checkpoints go only once its outputs are saved
     try:
         Task(node=node, catalog=catalog, hook_manager=_NullPluginManager(), is_async=is_async, run_id=run_id).execute()
     except BaseException:
-        keep_deferred()
+        pending.keep()
         raise
-    remove_deferred()
+    pending.remove()
     return node.name

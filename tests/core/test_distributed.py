@@ -167,18 +167,17 @@ def test_two_gloo_processes_on_a_streamed_dataset_train_and_search_like_one(tmp_
 
 
 def converted_batchnorm() -> list[list[str]]:
-    """The norm layers' types after ``sync_batchnorm``, with the group's option off, then on."""
-    from cts_pipeline.core.distributed import sync_batchnorm, use_sync_batchnorm
+    """The norm layers' types after ``with_sync_batchnorm``, off, then on."""
+    from cts_pipeline.core.distributed import with_sync_batchnorm
 
     found = []
     for enabled in (False, True):
-        use_sync_batchnorm(enabled)
         model = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
                             generator=torch.Generator().manual_seed(0))
         keys = list(model.state_dict())
-        assert sync_batchnorm(model) is model and list(model.state_dict()) == keys, "same module, same keys"
+        assert with_sync_batchnorm(model, enabled) is model and list(model.state_dict()) == keys, \
+            "same module, same keys"
         found.append(sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__}))
-    use_sync_batchnorm(False)
     return found
 
 

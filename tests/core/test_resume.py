@@ -127,3 +127,53 @@ def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path, caplog):
     assert "another configuration" in caplog.text
     path.write_bytes(b"truncated")
     assert Checkpoint(path, "a").load() is None
+
+
+def test_finished_checkpoints_wait_for_their_results_to_be_stored(tmp_path):
+    """PendingRemovals: a loop that finishes while a set is started hands its checkpoint over; the
+    set removes them once the results are stored, keeps them if storing failed, or hands them to
+    another process. Without a set (or once it is closed) a finished loop removes its own file,
+    and a set started on one thread is not another thread's."""
+    import contextvars
+    import threading
+
+    from cts_pipeline.core.checkpoints import Checkpoint, PendingRemovals
+
+    contextvars.copy_context().run(_pending_removals_in_one_context, tmp_path, threading, Checkpoint,
+                                   PendingRemovals)
+
+
+def _pending_removals_in_one_context(tmp_path, threading, Checkpoint, PendingRemovals):  # noqa: N803
+    """(In a context of its own, so the sets it starts end with it.)"""
+
+    def finished_loop(name: str) -> Checkpoint:
+        checkpoint = Checkpoint(tmp_path / name, "key")
+        checkpoint.save({"epochs_done": 1})
+        checkpoint.finish()
+        return checkpoint
+
+    pending = PendingRemovals.start()
+    stored, failed = finished_loop("stored.pt"), finished_loop("failed.pt")
+    assert stored.path.exists() and failed.path.exists(), "kept until the results are stored"
+    elsewhere = []
+    other = threading.Thread(target=lambda: elsewhere.append(finished_loop("other_thread.pt")))
+    other.start()
+    other.join()
+    assert not elsewhere[0].path.exists(), "another thread has no set: its loop removes its own file"
+    pending.remove()
+    assert not stored.path.exists() and not failed.path.exists()
+    assert not finished_loop("after.pt").path.exists(), "a closed set: the loop removes its own file"
+
+    kept = PendingRemovals.start()
+    survivor = finished_loop("survivor.pt")
+    kept.keep()
+    assert survivor.path.exists(), "storing failed: the rerun resumes from it"
+
+    handed = PendingRemovals.start()
+    rank_file = finished_loop("rank.pt")
+    assert handed.take() == [rank_file.path] and rank_file.path.exists()
+    driver = PendingRemovals.start()
+    PendingRemovals.defer_or_remove([rank_file.path])
+    assert rank_file.path.exists()
+    driver.remove()
+    assert not rank_file.path.exists()

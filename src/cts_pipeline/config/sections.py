@@ -145,6 +145,11 @@ class RuntimeConfig:
     def cuda_policy(self) -> CudaPolicy:
         return CudaPolicy(tf32=self.tf32, deterministic=self.deterministic)
 
+    @property
+    def sync_batchnorm(self) -> bool:
+        """Whether training over several processes normalises over the global batch."""
+        return bool((self.distributed or {}).get("sync_batchnorm"))
+
     def __post_init__(self) -> None:
         if self.distributed is not None:
             if not isinstance(self.distributed, Mapping) or set(self.distributed) - {"nproc", "sync_batchnorm"}:

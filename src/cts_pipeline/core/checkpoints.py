@@ -5,13 +5,14 @@ everything that determines the result: configuration, start weights, mask, seed)
 only from a checkpoint with its own key, so a stale file from another configuration is never
 picked up. The file is removed once the loop finishes: its result is then the caller's to keep.
 A caller that must first store that result safely (a pipeline node, whose outputs are written
-after it returns) defers the removal: :func:`defer_removal` before the loop, then
-:func:`remove_deferred` once the result is stored, or :func:`keep_deferred` if storing failed,
-so a rerun resumes instead of starting over.
+after it returns) defers the removal with :class:`PendingRemovals`: started before the loop,
+removed once the result is stored, or kept if storing failed, so a rerun resumes instead of
+starting over.
 """
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import hashlib
 import io
@@ -191,11 +192,7 @@ class Checkpoint:
         """The loop is done: remove the file now, or once the caller has stored the result (a
         write in flight is waited for first, so it cannot land after the removal)."""
         self.wait()
-        pending = getattr(_deferred, "paths", None)
-        if pending is None:
-            self.remove()
-        else:
-            pending.append(self.path)
+        PendingRemovals.defer_or_remove([self.path])
 
 
 def _on_cpu(value: Any) -> Any:
@@ -209,39 +206,69 @@ def _on_cpu(value: Any) -> Any:
     return value
 
 
-_deferred = threading.local()  # per thread: a node's loops and its output saving share one
+class PendingRemovals:
+    """Checkpoints of loops that finished while their caller still has to store the results.
+
+    Whoever owns a node's lifetime (``CheckpointHook``, the Dask worker, a rank of a distributed
+    node) calls :meth:`start` before the node runs; every loop that finishes on this thread (this
+    context) then hands its checkpoint here instead of removing it. Once the results are stored,
+    :meth:`remove`; if storing failed, :meth:`keep`, so a rerun resumes; to hand them to another
+    process, :meth:`take`. After any of those, a loop that still finishes removes its own file.
+
+    The loops reach it through a context variable, not an argument: they are called from Kedro
+    nodes, whose signatures are their datasets, and the hook that owns the node's lifetime has no
+    other way in. Each thread (and each process) has its own.
+    """
+
+    def __init__(self) -> None:
+        self._paths: list[Path] = []
+        self._open = True
+
+    @classmethod
+    def start(cls) -> PendingRemovals:
+        """A new set for this thread's loops from now on."""
+        pending = cls()
+        _current_removals.set(pending)
+        return pending
+
+    @staticmethod
+    def defer_or_remove(paths: list[Path]) -> None:
+        """Finished loops' checkpoints: to this thread's set, or removed now if there is none."""
+        pending = _current_removals.get()
+        if pending is None:
+            pending = PendingRemovals()
+            pending._close()
+        pending.add(paths)
+
+    def add(self, paths: list[Path]) -> None:
+        """Finished loops' checkpoints: kept until :meth:`remove`, or removed now if the set is closed."""
+        if self._open:
+            self._paths.extend(Path(p) for p in paths)
+        else:
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """The results are stored: remove the checkpoints."""
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+        self._close()
+
+    def keep(self) -> None:
+        """Storing the results failed: keep the checkpoints for the rerun to resume from."""
+        self._close()
+
+    def take(self) -> list[Path]:
+        """The checkpoints, handed to another process to remove (a rank of a multi-process
+        training gives them to the driver, which stores the results)."""
+        paths = list(self._paths)
+        self._close()
+        return paths
+
+    def _close(self) -> None:
+        self._paths = []
+        self._open = False
 
 
-def defer_removal() -> None:
-    """Finished loops on this thread keep their checkpoints until :func:`remove_deferred`."""
-    _deferred.paths = []
-
-
-def remove_deferred() -> None:
-    """The results are stored: remove the checkpoints of the loops that finished since deferring."""
-    for path in getattr(_deferred, "paths", None) or []:
-        path.unlink(missing_ok=True)
-    _deferred.paths = None
-
-
-def take_deferred() -> list[Path]:
-    """The checkpoints deferred on this thread, handed to another process to remove (a rank of a
-    multi-process training gives them to the driver, which stores the results); deferral ends."""
-    paths = list(getattr(_deferred, "paths", None) or [])
-    _deferred.paths = None
-    return paths
-
-
-def adopt_deferred(paths: list[Path]) -> None:
-    """Checkpoints another process finished: removed with this thread's, or now if none is deferred."""
-    pending = getattr(_deferred, "paths", None)
-    if pending is None:
-        for path in paths:
-            Path(path).unlink(missing_ok=True)
-    else:
-        pending.extend(Path(p) for p in paths)
-
-
-def keep_deferred() -> None:
-    """Storing the results failed: keep those checkpoints for the rerun to resume from."""
-    _deferred.paths = None
+_current_removals: contextvars.ContextVar[PendingRemovals | None] = contextvars.ContextVar(
+    "pending_checkpoint_removals", default=None)

@@ -111,21 +111,12 @@ def all_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-_SYNC_BATCHNORM = False
-
-
-def use_sync_batchnorm(enabled: bool) -> None:
-    """Make ``train()`` in this process's group normalise over the whole global batch
-    (``torch.nn.SyncBatchNorm``, CUDA only) instead of each rank's slice. A property of the group,
-    set once per rank by whoever starts it, rather than a parameter threaded through every loop."""
-    global _SYNC_BATCHNORM
-    _SYNC_BATCHNORM = bool(enabled)
-
-
-def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with its BatchNorm layers as SyncBatchNorm when the group asks for it (in place:
-    the same parameters and buffers, so its ``state_dict`` keys are unchanged)."""
-    if _SYNC_BATCHNORM and rank_and_world()[1] > 1:
+def with_sync_batchnorm(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``model`` with its BatchNorm layers as SyncBatchNorm (``torch.nn.SyncBatchNorm``, CUDA
+    only), so they normalise over the whole global batch instead of each rank's slice, when
+    ``enabled`` and inside a process group (in place: the same parameters and buffers, so its
+    ``state_dict`` keys are unchanged)."""
+    if enabled and rank_and_world()[1] > 1:
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 

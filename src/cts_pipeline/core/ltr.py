@@ -111,6 +111,7 @@ def lottery_ticket_rewinding(
     level_checkpoint: Callable[[int], Checkpoint | None] | None = None,
     stage: str = "ltr",
     progress: bool = True,
+    sync_batchnorm: bool = False,
 ) -> tuple[dict[int, Mask], list[LevelRecord]]:
     """Prune iteratively from ``dense_final`` down to level ``max_level``.
 
@@ -122,6 +123,7 @@ def lottery_ticket_rewinding(
     Returns the masks of ``keep_levels`` (CPU tensors) and one :class:`LevelRecord` per level.
     With ``checkpoint``, the state after each finished level is saved and a matching one resumed;
     ``level_checkpoint(level)`` gives each level's training its own per-epoch checkpoint.
+    ``sync_batchnorm`` as for :func:`.training.train`.
     """
     if not isinstance(max_level, int) or max_level < 1:
         raise ValueError(f"max_level must be a positive integer, got {max_level!r}")
@@ -156,7 +158,7 @@ def lottery_ticket_rewinding(
             result = train(model, train_split, test_split, replace(recipe, eval_every=recipe.epochs), seed=seed,
                            stage=f"{stage} level {level}/{max_level}", start_epoch=start_epoch, mask=mask,
                            checkpoint=level_checkpoint(level) if level_checkpoint is not None else None,
-                           progress=progress)
+                           progress=progress, sync_batchnorm=sync_batchnorm)
             seconds, accuracy = result.seconds, result.final.get("test_accuracy")
             prunable = prunable_parameters(model)
             weights = {n: prunable[n].detach().clone() for n in names}

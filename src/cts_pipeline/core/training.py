@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoints import Checkpoint
 from .data import CROP_PADDINGS, Split, iterate_batches
-from .distributed import all_sum, rank_and_world, shard, sync_batchnorm
+from .distributed import all_sum, rank_and_world, shard, with_sync_batchnorm
 from .epochs import EpochLoop
 from .masks import check_mask_matches, prunable_parameters
 from .runtime import generator
@@ -193,6 +193,7 @@ def train(
     checkpoint: Checkpoint | None = None,
     channels_last: bool = False,
     compile_model: bool = False,
+    sync_batchnorm: bool = False,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
@@ -205,6 +206,8 @@ def train(
     epoch and a matching checkpoint is resumed: since the data order of epoch ``e`` depends only on
     ``(seed, e)``, the result equals that of an uninterrupted run. ``channels_last`` runs
     convolutions in NHWC (faster on CPUs); ``compile_model`` wraps the forward in ``torch.compile``.
+    ``sync_batchnorm``: in a process group, BatchNorm normalises over the global batch
+    (:func:`.distributed.with_sync_batchnorm`) instead of each rank's slice.
     """
     end_epoch = recipe.epochs if end_epoch is None else end_epoch
     device = train_split.device
@@ -227,7 +230,7 @@ def train(
     # (DDP averages the gradients). With N recipe ranks each chunk weighs 1/N (ranks.loss_weight).
     sum_share = float(world) if recipe.loss_reduction == "sum" else None
     if world > 1:
-        model = sync_batchnorm(model)
+        model = with_sync_batchnorm(model, sync_batchnorm)
     forward = training_forward(model, world, compile_model)
     steps_per_epoch = _num_batches(len(train_split), recipe.batch_size)
     result = TrainResult()

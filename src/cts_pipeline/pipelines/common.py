@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config.identity import checkpoint_tag
 from ..config.sections import ModelConfig, RuntimeConfig
-from ..core.checkpoints import Checkpoint, adopt_deferred, defer_removal, take_deferred
+from ..core.checkpoints import Checkpoint, PendingRemovals
 from ..core.data import Split, get_dataset_info
 from ..core.memory import release_cached_memory
 from ..core.runtime import generator, resolve_device
@@ -58,18 +58,21 @@ def distributable(node_fn):
         if under_torchrun():  # torchrun's processes, not ours (cts_pipeline.torchrun): rank 0 leads
             from . import torchrun
 
-            torchrun.lead(node_fn.__module__, node_fn.__qualname__, args, bool(distributed.get("sync_batchnorm")))
-            result = node_fn(*args)
-            torchrun.node_done()
-            return result
+            torchrun.lead(node_fn.__module__, node_fn.__qualname__, args)
+            try:
+                return node_fn(*args)
+            except BaseException as error:
+                torchrun.raised_in_collectives(error)
+                raise
         nproc = distributed.get("nproc", 1)
         if nproc <= 1 or rank_and_world()[1] > 1:
             return node_fn(*args)
         threads = max(1, (runtime.num_threads or torch.get_num_threads()) // nproc)
         result, finished, records = launch(_node_in_rank, nproc, node_fn.__module__, node_fn.__qualname__, args,
-                                           threads, bool(distributed.get("sync_batchnorm")),
+                                           threads,
                                            backend=backend_for(resolve_device(runtime.device)))
-        adopt_deferred(finished)
+        # The ranks' finished checkpoints go with this node's, once Kedro has saved the outputs.
+        PendingRemovals.defer_or_remove(finished)
         for logger_name, level, message in records:  # rank 0's log, in this process's handlers
             logging.getLogger(logger_name).log(level, "%s", message)
         return result
@@ -86,16 +89,15 @@ class _Collect(logging.Handler):
         self.records.append((record.name, record.levelno, record.getMessage()))
 
 
-def _node_in_rank(module: str, name: str, args: tuple, threads: int, sync_batchnorm: bool):
+def _node_in_rank(module: str, name: str, args: tuple, threads: int):
     """One rank of a distributable node: the node's own body, its checkpoints left to the driver,
     and (rank 0's) log records returned for the driver's handlers: a spawned process has none."""
     import importlib
 
-    from ..core.distributed import rank_and_world, use_sync_batchnorm
+    from ..core.distributed import rank_and_world
 
     torch.set_num_threads(threads)
-    use_sync_batchnorm(sync_batchnorm)
-    defer_removal()
+    pending = PendingRemovals.start()
     project = logging.getLogger("cts_pipeline")
     collect = _Collect()
     if rank_and_world()[0] == 0:
@@ -103,7 +105,7 @@ def _node_in_rank(module: str, name: str, args: tuple, threads: int, sync_batchn
         project.addHandler(collect)
     project.propagate = False  # nothing printed by the ranks themselves
     body = getattr(importlib.import_module(module), name).__wrapped__
-    return body(*args), take_deferred(), collect.records
+    return body(*args), pending.take(), collect.records
 
 
 def loop_bars(runtime: RuntimeConfig) -> bool:

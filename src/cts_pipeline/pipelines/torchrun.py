@@ -23,7 +23,8 @@ import os
 
 logger = logging.getLogger(__name__)
 
-_state = {"in_node": False}  # rank 0 is inside a node's collectives
+# Set on an error raised while rank 0 led a node: the followers are then inside its collectives.
+IN_COLLECTIVES = "_cts_raised_in_collectives"
 
 
 def is_follower() -> bool:
@@ -39,26 +40,30 @@ def _join() -> None:
     join_torchrun_group()
 
 
-def lead(module: str, name: str, args: tuple, sync_batchnorm: bool) -> None:
+def lead(module: str, name: str, args: tuple) -> None:
     """Rank 0: have every follower run node ``module.name`` on ``args`` with this rank."""
-    from ..core.distributed import broadcast_object, use_sync_batchnorm
-
-    _join()
-    _state["in_node"] = True
-    broadcast_object((module, name, args, sync_batchnorm))
-    use_sync_batchnorm(sync_batchnorm)
-
-
-def node_done() -> None:
-    _state["in_node"] = False
-
-
-def release() -> None:
-    """Rank 0, at the end of its run: let the followers exit. Skipped when a node failed in the
-    middle of its collectives (the followers are inside one): torchrun then stops every rank."""
     from ..core.distributed import broadcast_object
 
-    if _state["in_node"]:
+    _join()
+    broadcast_object((module, name, args))
+
+
+def raised_in_collectives(error: BaseException) -> None:
+    """Mark ``error`` as raised while rank 0 led a node (:func:`release` then leaves the followers)."""
+    try:
+        setattr(error, IN_COLLECTIVES, True)
+    except AttributeError:  # an exception type with __slots__: release then waits as after a node
+        pass
+
+
+def release(error: BaseException | None = None) -> None:
+    """Rank 0, at the end of its run (``error``: what ended it, if anything): let the followers
+    exit. Skipped when a node failed in the middle of its collectives (the followers are inside
+    one): torchrun then stops every rank."""
+    from ..core.distributed import broadcast_object
+    from ..errors import causes
+
+    if error is not None and any(getattr(e, IN_COLLECTIVES, False) for e in causes(error)):
         return
     _join()
     broadcast_object(None)
@@ -67,15 +72,14 @@ def release() -> None:
 def follow() -> None:
     """A follower's whole run: join the group, then run each node rank 0 announces, until it
     announces the end."""
-    from ..core.checkpoints import defer_removal, take_deferred
-    from ..core.distributed import broadcast_object, use_sync_batchnorm
+    from ..core.checkpoints import PendingRemovals
+    from ..core.distributed import broadcast_object
 
     project = logging.getLogger("cts_pipeline")
     project.setLevel(logging.WARNING)  # rank 0 reports; a follower only its own problems
     _join()
     while (call := broadcast_object(None)) is not None:
-        module, name, args, sync_batchnorm = call
-        use_sync_batchnorm(sync_batchnorm)
-        defer_removal()  # rank 0's Kedro removes the checkpoints once it has saved the outputs
+        module, name, args = call
+        pending = PendingRemovals.start()  # rank 0's Kedro removes them once it has saved the outputs
         getattr(importlib.import_module(module), name).__wrapped__(*args)
-        take_deferred()
+        pending.take()

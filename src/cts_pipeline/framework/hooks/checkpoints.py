@@ -6,7 +6,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from ...core.checkpoints import defer_removal, keep_deferred, remove_deferred
+from ...core.checkpoints import PendingRemovals
 
 
 class CheckpointHook:
@@ -15,10 +15,11 @@ class CheckpointHook:
 
     def __init__(self) -> None:
         self.unsaved: dict[Any, set[str]] = {}
+        self.pending: dict[Any, PendingRemovals] = {}
 
     @hook_impl
     def before_node_run(self, node) -> None:
-        defer_removal()
+        self.pending[node] = PendingRemovals.start()
         self.unsaved[node] = set(node.outputs)
 
     @hook_impl
@@ -28,7 +29,7 @@ class CheckpointHook:
             left.discard(dataset_name)
             if not left:
                 del self.unsaved[node]
-                remove_deferred()
+                self._end(node).remove()
 
     @hook_impl
     def after_node_run(self, node, outputs: dict[str, Any]) -> None:
@@ -36,11 +37,15 @@ class CheckpointHook:
             return  # their saves come next
         self.unsaved.pop(node, None)
         if not node.outputs:
-            remove_deferred()
+            self._end(node).remove()
         else:  # a runner that ran the node elsewhere (DaskRunner) cleans up there
-            keep_deferred()
+            self._end(node).keep()
 
     @hook_impl
     def on_node_error(self, node) -> None:
         self.unsaved.pop(node, None)
-        keep_deferred()
+        self._end(node).keep()
+
+    def _end(self, node) -> PendingRemovals:
+        """The node's set, no longer tracked here (an empty one if the node never started here)."""
+        return self.pending.pop(node, None) or PendingRemovals()

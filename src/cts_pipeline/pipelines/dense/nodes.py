@@ -52,6 +52,7 @@ def train_dense(
         checkpoint=checkpoint_for(runtime, branch.namespace, "dense", model, training, branch.seed,
                                   data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
+        sync_batchnorm=runtime.sync_batchnorm,
     )
     metrics = {
         **branch.as_dict(),

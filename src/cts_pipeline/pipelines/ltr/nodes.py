@@ -51,7 +51,7 @@ def prune_iteratively(
         dense_final_weights, train_split, test_split, training,
         seed=branch.seed, max_level=max_level, start_epoch=training.rewind_epoch,
         dense_seconds=dense_metrics["seconds"]["train"], keep_levels=set(levels), progress=loop_bars(runtime),
-        stage=branch.namespace,
+        stage=branch.namespace, sync_batchnorm=runtime.sync_batchnorm,
         checkpoint=checkpoint_for(runtime, branch.namespace, "ltr", *key),
         level_checkpoint=lambda level: checkpoint_for(runtime, branch.namespace, f"ltr-level{level}", level, *key),
     )

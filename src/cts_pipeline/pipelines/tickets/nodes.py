@@ -116,6 +116,7 @@ def retrain_ticket(
         checkpoint=checkpoint_for(runtime, branch.namespace, "retrain", model, training, branch.as_dict(),
                                   theta_start, keep, data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
+        sync_batchnorm=runtime.sync_batchnorm,
     )
     return state_on_cpu(net), _retrain_log(branch, first, result, started_at, retrain_path="single")
 
