@@ -36,9 +36,10 @@ from cts_pipeline.core.cts import SearchConfig, concrete_search
 from cts_pipeline.core.data import load_splits
 from cts_pipeline.core.masks import collapsed_layers, global_topk_mask, layer_report
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.runtime import describe_hardware, generator
 from cts_pipeline.core.saliency import ScoringInputs, score
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.training import train
 
 SPARSITIES = (0.9820, 0.9926, 0.9953)
 ADAM_EPS = 1e-8

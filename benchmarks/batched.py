@@ -32,8 +32,9 @@ from cts_pipeline.core.cts import SearchConfig, batch_statistics, concrete_searc
 from cts_pipeline.core.data import Split, load_splits
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.runtime import describe_hardware, resolve_device
-from cts_pipeline.core.training import TrainRecipe, effective_precision, to_layout, train
+from cts_pipeline.core.training import effective_precision, to_layout, train
 
 LEVELS = (10, 14, 18, 22, 24)  # the default grid: 89.26 ... 99.53 %
 

@@ -20,7 +20,8 @@ def train_once(epochs: int = 8) -> float:
 
     from cts_pipeline.core.data import load_splits
     from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.training import TrainRecipe, train
+    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.training import train
 
     torch.set_num_threads(1)
     train_split, test_split = load_splits("digits", "data/01_raw", False)

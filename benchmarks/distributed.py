@@ -21,8 +21,9 @@ from docs_blocks import replace_block
 from cts_pipeline.core.data import DATASETS, Split
 from cts_pipeline.core.distributed import launch, rank_and_world
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.runtime import describe_hardware
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.training import train
 
 RECIPE = TrainRecipe(epochs=4, batch_size=128, lr=0.1, eval_every=4)
 

@@ -36,8 +36,9 @@ from cts_pipeline.core.batched_training import train_tickets
 from cts_pipeline.core.cts import SearchConfig, concrete_search
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.runtime import describe_hardware, resolve_device
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.training import train
 
 EPOCHS, REWIND = 160, 9  # the cifar10_resnet20 preset
 LEVELS = (16, 18, 20, 22, 24, 26, 28)

@@ -28,8 +28,9 @@ from docs_blocks import replace_block
 from cts_pipeline.core.data import DATASETS, Split
 from cts_pipeline.core.distributed import launch
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.runtime import describe_hardware
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.training import train
 
 
 def images_per_second(model_name: str, size: int, batch: int, steps: int, device: str, precision: str,

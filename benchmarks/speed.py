@@ -35,6 +35,7 @@ from cts_pipeline.core import cts as C
 from cts_pipeline.core.data import DATASETS, Split, iterate_batches, load_splits, normalize
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.runtime import (
     UniformNoise,
     describe_hardware,
@@ -42,7 +43,7 @@ from cts_pipeline.core.runtime import (
     resolve_device,
     synchronize,
 )
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS: list[tuple[int, str, str, str, str, str]] = []  # (row, what, measured, ratio, target, met)

@@ -10,7 +10,7 @@ import yaml
 from cts_pipeline.config.sections import ConfigError
 from cts_pipeline.config.validate import validate_run
 from cts_pipeline.core.cts import SearchConfig
-from cts_pipeline.core.training import TrainRecipe
+from cts_pipeline.core.recipe import TrainRecipe
 
 from .conftest import PROJECT_ROOT
 

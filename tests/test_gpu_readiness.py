@@ -168,7 +168,8 @@ def test_a_run_stopped_between_checkpoints_resumes_from_the_last_one_to_the_bit(
     from cts_pipeline.core.checkpoints import Checkpoint
     from cts_pipeline.core.data import load_splits
     from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.training import TrainRecipe, train
+    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.training import train
 
     split = load_splits("digits")[0].subset(128)
     recipe = TrainRecipe(epochs=5, batch_size=32, lr=0.05, milestones=[4])
@@ -255,7 +256,8 @@ def _timed_as(checkpoint, *, epoch: float, save: float):
 def test_fp16_steps_never_wait_for_the_host(monkeypatch):
     """Under fp16 the SGD is fused, so GradScaler.step passes its found-inf flag on the device
     instead of calling .item() (item 4: a host sync every step). Run here with the CPU's scaler."""
-    from cts_pipeline.core.training import TrainRecipe, optimizer_and_scaler
+    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.training import optimizer_and_scaler
 
     recipe = TrainRecipe(epochs=1, batch_size=8, lr=0.1, precision="fp16", grad_clip_norm=2.0)
     weights = [torch.nn.Parameter(torch.randn(5))]
@@ -285,11 +287,12 @@ def test_stacked_retraining_under_bf16_matches_one_at_a_time(monkeypatch):
     from cts_pipeline.core.data import load_splits
     from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
     from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.recipe import TrainRecipe
 
     monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
     monkeypatch.setattr(batched, "effective_precision", lambda precision, device: precision)
     train_split, test_split = (s.subset(n) for s, n in zip(load_splits("digits"), (256, 128), strict=True))
-    recipe = training.TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision="bf16")
+    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision="bf16")
 
     def net():
         return build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
@@ -357,11 +360,12 @@ def test_stacked_retraining_under_fp16_matches_one_at_a_time(monkeypatch):
     from cts_pipeline.core.data import load_splits
     from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
     from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.recipe import TrainRecipe
 
     monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
     monkeypatch.setattr(batched, "effective_precision", lambda precision, device: precision)
     train_split, test_split = (s.subset(n) for s, n in zip(load_splits("digits"), (256, 128), strict=True))
-    recipe = training.TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision="fp16", grad_clip_norm=5.0)
+    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision="fp16", grad_clip_norm=5.0)
 
     def net():
         return build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
@@ -388,7 +392,8 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it_and_fp32_elsewhere(monkeypa
     GPU with native bf16, fp32 on older GPUs and, without a word, on the CPU."""
     import logging
 
-    from cts_pipeline.core.training import TrainRecipe, effective_precision
+    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.training import effective_precision
 
     assert TrainRecipe(epochs=1, batch_size=8, lr=0.1).precision == "auto"
     cuda = torch.device("cuda")
@@ -527,7 +532,7 @@ def test_a_search_planned_in_micro_batches_finds_the_same_logits_and_says_so(mon
     from cts_pipeline.core.cts import SearchConfig, concrete_search, search
     from cts_pipeline.core.data import load_splits
     from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.training import TrainRecipe
+    from cts_pipeline.core.recipe import TrainRecipe
 
     train_split = load_splits("digits")[0].subset(128)
     recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.1)
@@ -600,7 +605,7 @@ def test_a_batched_search_that_does_not_fit_runs_one_density_at_a_time(digits_pa
     import logging
 
     from cts_pipeline.config.sweep import Branch
-    from cts_pipeline.core.training import TrainRecipe
+    from cts_pipeline.core.recipe import TrainRecipe
     from cts_pipeline.pipelines.cts import nodes
 
     train, _test, model, runtime, theta = digits_payloads
@@ -629,7 +634,7 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
 
     from cts_pipeline.config.sweep import Branch
     from cts_pipeline.core import memory
-    from cts_pipeline.core.training import TrainRecipe
+    from cts_pipeline.core.recipe import TrainRecipe
     from cts_pipeline.pipelines.cts import nodes as cts_nodes
     from cts_pipeline.pipelines.tickets import nodes
 

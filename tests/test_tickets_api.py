@@ -165,7 +165,7 @@ def test_prunable_chooses_the_layers_and_the_others_stay_dense():
 
 
 def test_a_ticket_retrains_with_the_projects_trainer_and_reports_test_accuracy():
-    from cts_pipeline.core.training import TrainRecipe
+    from cts_pipeline.core.recipe import TrainRecipe
 
     train, test = load_splits("digits")
     inputs, labels = normalize(train.images, train.info).reshape(-1, 64), train.labels

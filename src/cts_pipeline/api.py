@@ -22,8 +22,9 @@ from torch import nn
 
 from .core.cts import SearchConfig, concrete_search
 from .core.masks import global_topk_mask, layer_report, prunable_parameters
+from .core.recipe import TrainRecipe
 from .core.tickets import prune_with_mask
-from .core.training import TrainRecipe, TrainResult
+from .core.training import TrainResult
 from .core.user_data import LoaderSplit, inputs_info, is_streamable, tensor_split
 
 # What Ticket.retrain trains with when no recipe is given: the default run's dense recipe, short.
@@ -61,7 +62,7 @@ class Ticket:
                 read batch by batch in every epoch, in its own order).
             test: ``(inputs, labels)`` or a DataLoader to evaluate on after the last epoch (read
                 into memory); its accuracy is ``result.final["test_accuracy"]``.
-            recipe: a :class:`~cts_pipeline.core.training.TrainRecipe` (SGD, schedule, epochs);
+            recipe: a :class:`~cts_pipeline.core.recipe.TrainRecipe` (SGD, schedule, epochs);
                 default :data:`RETRAIN_DEFAULTS` (10 epochs, lr 0.1, momentum 0.9, weight decay 5e-4).
             seed: seeds the data order of tensor data.
             progress: show a progress bar over the epochs.

@@ -19,8 +19,8 @@ from cts_pipeline.core.cts import (
 from cts_pipeline.core.data import load_splits
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters, unflatten
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.stacked import stacked_forward, supports
-from cts_pipeline.core.training import TrainRecipe
 
 DENSITIES = [0.2, 0.05, 0.011]
 

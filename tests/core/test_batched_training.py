@@ -11,7 +11,8 @@ from cts_pipeline.core.batched_training import supports, train_tickets
 from cts_pipeline.core.data import load_splits
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.recipe import TrainRecipe
+from cts_pipeline.core.training import train
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,9 @@ from cts_pipeline.core.cts import (
 from cts_pipeline.core.data import iterate_batches, load_splits
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.runtime import UniformNoise
-from cts_pipeline.core.training import NonFiniteLossError, TrainRecipe
+from cts_pipeline.core.training import NonFiniteLossError
 
 TAU = 2.0 / 3.0  # the method's fixed temperature, written out independently of the module
 DIGITS_SHAPE = (1, 8, 8)

@@ -11,7 +11,8 @@ import torch
 from cts_pipeline.core.data import DATASETS, Split
 from cts_pipeline.core.distributed import launch, rank_and_world, shard
 from cts_pipeline.core.models import build_model
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.recipe import TrainRecipe
+from cts_pipeline.core.training import train
 from tests.equivalence import assert_equivalent_masks
 
 RECIPE = TrainRecipe(epochs=2, batch_size=50, lr=0.05, milestones=[1], weight_decay=1e-4, grad_clip_norm=5.0)

@@ -8,7 +8,8 @@ import torch
 from cts_pipeline.core import training
 from cts_pipeline.core.data import iterate_batches, load_splits
 from cts_pipeline.core.models import build_model
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.recipe import TrainRecipe
+from cts_pipeline.core.training import train
 
 
 @pytest.fixture(scope="module")

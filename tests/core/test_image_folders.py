@@ -169,7 +169,8 @@ def test_a_resumed_streamed_training_equals_an_uninterrupted_one(tmp_path):
     per-epoch checkpoint replays what the uninterrupted run saw."""
     from cts_pipeline.core.checkpoints import Checkpoint
     from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.training import TrainRecipe, train
+    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.training import train
 
     tiny_imagenet(tmp_path / "images", per_class=4, noise=60)
     train_split, test_split = (s.with_workers(1) for s in load_splits("tiny_imagenet", tmp_path / "images"))

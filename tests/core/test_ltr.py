@@ -18,7 +18,8 @@ from cts_pipeline.core.ltr import (
 )
 from cts_pipeline.core.masks import count_prunable, prunable_parameters
 from cts_pipeline.core.models import build_model
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.recipe import TrainRecipe
+from cts_pipeline.core.training import train
 
 DIGITS_SHAPE = (1, 8, 8)
 RECIPE = TrainRecipe(epochs=2, batch_size=128, lr=0.05, rewind_epoch=1)

@@ -14,8 +14,8 @@ from cts_pipeline.core.cts import ConcreteMask, SearchConfig, batch_statistics, 
 from cts_pipeline.core.data import iterate_batches, load_splits
 from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.runtime import UniformNoise
-from cts_pipeline.core.training import TrainRecipe
 
 
 @pytest.fixture(scope="module")

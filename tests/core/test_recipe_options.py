@@ -19,8 +19,9 @@ from cts_pipeline.core.cts import SearchConfig, concrete_search
 from cts_pipeline.core.data import load_splits
 from cts_pipeline.core.masks import count_prunable, global_topk_mask, prunable_parameters
 from cts_pipeline.core.models import build_model, count_parameters, skeleton
+from cts_pipeline.core.recipe import TrainRecipe
 from cts_pipeline.core.saliency import synflow_flow
-from cts_pipeline.core.training import TrainRecipe, train
+from cts_pipeline.core.training import train
 
 DIGITS = (1, 8, 8)
 

@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent('''
     from cts_pipeline.core.checkpoints import Checkpoint
     from cts_pipeline.core.data import load_splits
     from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.training import TrainRecipe, train
+    from cts_pipeline.core.training import train
+    from cts_pipeline.core.recipe import TrainRecipe
 
     torch.set_num_threads(1)
     train_split, test_split = load_splits("digits")

@@ -13,13 +13,8 @@ from cts_pipeline.core import training
 from cts_pipeline.core.data import iterate_batches, load_splits
 from cts_pipeline.core.masks import prunable_parameters
 from cts_pipeline.core.models import build_model
-from cts_pipeline.core.training import (
-    NonFiniteLossError,
-    TrainRecipe,
-    check_finite,
-    evaluate,
-    train,
-)
+from cts_pipeline.core.recipe import TrainRecipe
+from cts_pipeline.core.training import NonFiniteLossError, check_finite, evaluate, train
 
 DIGITS_SHAPE = (1, 8, 8)
 

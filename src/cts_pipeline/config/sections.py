@@ -1,7 +1,7 @@
 """Typed parameter sections: one way from raw parameters to typed sections and back.
 
 Kedro turns each ``params:<section>`` node input annotated with one of these dataclasses (or with
-:class:`~cts_pipeline.core.training.TrainRecipe` / :class:`~cts_pipeline.core.cts.SearchConfig`)
+:class:`~cts_pipeline.core.recipe.TrainRecipe` / :class:`~cts_pipeline.core.cts.SearchConfig`)
 into an instance when it builds the catalog, so a wrong value in one section fails at once with
 the section's name. :mod:`.validate` then checks what needs several sections together.
 """
@@ -17,8 +17,8 @@ from ..core.cts import SearchConfig
 from ..core.data import DATASETS
 from ..core.image_folders import RESIZED_CROPS
 from ..core.models import MODELS, build_model
+from ..core.recipe import TrainRecipe
 from ..core.runtime import CudaPolicy, check_device_choice
-from ..core.training import TrainRecipe
 from .sweep import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
 
 

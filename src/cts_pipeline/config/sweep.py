@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.ltr import level_density, level_for_sparsity
+from ..core.recipe import STARTS
 from ..core.saliency import SCORERS
-from ..core.training import STARTS
 from .identity import cts_method_name
 
 BRANCH_PARAM = "branch"

@@ -32,10 +32,11 @@ from .checkpoints import Checkpoint
 from .data import Split, iterate_batches
 from .epochs import EpochLoop
 from .masks import check_mask_matches
+from .recipe import TrainRecipe
 from .runtime import generator, synchronize
 from .stacked import rewired, unstack
 from .stacked import supports as stacked_supports
-from .training import TrainRecipe, TrainResult, check_finite, effective_precision, to_layout, train
+from .training import TrainResult, check_finite, effective_precision, to_layout, train
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from .checkpoints import Checkpoint
 from .data import Split
 from .distributed import rank_and_world
 from .masks import Mask, global_topk_mask, kept_count, prunable_parameters
-from .training import TrainRecipe, train
+from .recipe import TrainRecipe
+from .training import train
 
 logger = logging.getLogger(__name__)
 

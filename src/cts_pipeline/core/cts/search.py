@@ -18,8 +18,9 @@ from ..distributed import all_sum, average_over_ranks, rank_and_world, shard
 from ..epochs import EpochLoop
 from ..masks import prunable_parameters, unflatten
 from ..memory import MicroBatches, plan_micro_batches
+from ..recipe import TrainRecipe
 from ..runtime import UniformNoise, generator, synchronize
-from ..training import TrainRecipe, check_finite, to_layout
+from ..training import check_finite, to_layout
 from ..virtual_ranks import RankLayout
 from .balance import BUDGET_SLACK, GradBalance, Lagrangian, make_balancer, row_sum
 from .config import LR_DROP_FACTOR, SearchConfig

@@ -9,8 +9,9 @@ from ...config.sections import ModelConfig, RuntimeConfig
 from ...config.sweep import Branch
 from ...core.masks import count_prunable
 from ...core.models import count_parameters
+from ...core.recipe import TrainRecipe
 from ...core.runtime import describe_hardware
-from ...core.training import TrainRecipe, state_on_cpu, train
+from ...core.training import state_on_cpu, train
 from ...terminal.console import PROGRESS_LOGGER
 from ..common import (
     build_network,

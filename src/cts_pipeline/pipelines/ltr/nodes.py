@@ -8,8 +8,8 @@ from ...config.sections import ModelConfig, RuntimeConfig
 from ...config.sweep import Branch
 from ...core.ltr import lottery_ticket_rewinding
 from ...core.masks import mask_to_payload
+from ...core.recipe import TrainRecipe
 from ...core.runtime import describe_hardware
-from ...core.training import TrainRecipe
 from ..common import (
     build_network,
     checkpoint_for,

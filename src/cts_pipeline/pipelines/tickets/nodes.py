@@ -26,8 +26,9 @@ from ...core.masks import (
     thin_layers,
 )
 from ...core.memory import plan_rows, release_cached_memory
+from ...core.recipe import TrainRecipe
 from ...core.runtime import describe_hardware
-from ...core.training import TrainRecipe, evaluate, state_on_cpu, train
+from ...core.training import evaluate, state_on_cpu, train
 from ...terminal.console import PROGRESS_LOGGER
 from ..common import (
     ArtifactMismatch,
