@@ -70,6 +70,11 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
     line = client.get_metric_history(parents[0].info.run_id, "accuracy_vs_sparsity/cts_kl")
     assert sorted(m.step for m in line) == [5000, 9000]
     assert sorted(c.info.run_name for c in children) == ["50.00% cts_kl s0", "90.00% cts_kl s0", "dense s0"]
+    # MLflow lists children by start time, newest first: the two tickets of one batched search
+    # start together, and the sparsity's rank breaks the tie, so they list in sparsity order.
+    by_start = sorted((c for c in children if c.data.tags["method"] == "cts_kl"), key=lambda c: -c.info.start_time)
+    assert [c.info.run_name for c in by_start] == ["90.00% cts_kl s0", "50.00% cts_kl s0"]
+    assert by_start[0].info.start_time - by_start[1].info.start_time == 1
     assert sorted(c.data.tags["namespace"] for c in children) == [
         "cts_kl.seed0.sp50_00", "cts_kl.seed0.sp90_00", "dense.seed0"]
     assert sorted((c.data.tags["method"], c.data.tags["sparsity"], c.data.tags["seed"]) for c in children) == [

@@ -21,6 +21,11 @@ def test_kedro_viz_build_shows_every_branch(project):
     checks = {f"{m}.seed0.sp99_26" for m in ("cts_kl_shuffled", "cts_kl_inverted", "snip_reinit")}
     shown = set(graph["modular_pipelines"])
     assert branches | checks | {"dense.seed0", "ltr.seed0"} <= shown, sorted(branches - shown)
+    # What the project controls is in sparsity order: the names (the sidebar sorts them) and the
+    # graph's node list. Within a row, kedro-viz's layout solver places nodes to cut edge crossings.
+    named = [n["name"] for n in graph["nodes"] if n["name"].startswith("cts_kl.seed0.sp") and
+             n["name"].endswith(".metrics")]
+    assert named == [f"cts_kl.seed0.{sp}.metrics" for sp in sparsities]
 
 
 def test_dataset_layers_have_an_order(project):

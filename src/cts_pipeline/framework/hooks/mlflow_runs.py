@@ -15,6 +15,7 @@ from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
 from ...config.sections import typed_sections
+from ...config.sweep import plan
 from ...errors import TrackingUnavailable, first_line
 from ..tracking import RunTracker, TrackingSettings, check_reachable, parent_run_params, source_tags
 from .catalog import artifact_path, is_result, load_fresh
@@ -70,10 +71,11 @@ class MlflowHook:
             **source_tags(self.project_path, f"kedro run --pipelines={names} --env={env}"),
             "kedro.runner": re.sub(r"^<?([\w.]+).*", r"\1", str(run_params.get("runner"))).rsplit(".", 1)[-1],
         }
+        sections = typed_sections(catalog.load("parameters"))
         start = partial(RunTracker.start, self.settings, self.project_path,
-                        run_name=parent_run_name(names, env),
-                        params=parent_run_params(typed_sections(catalog.load("parameters"))), tags=tags,
-                        started_at=time.time())
+                        run_name=parent_run_name(names, env), params=parent_run_params(sections), tags=tags,
+                        started_at=time.time(),
+                        sparsities=sorted({b.sparsity for b in plan(sections).all() if b.sparsity is not None}))
         try:
             check_reachable(self.settings.resolved_uri(self.project_path))  # seconds at most
             if tags["kedro.runner"] in IN_PROCESS_RUNNERS:
