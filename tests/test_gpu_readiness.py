@@ -279,9 +279,12 @@ def test_fp16_steps_never_wait_for_the_host(monkeypatch):
 
 
 @pytest.mark.cross_path
-def test_stacked_retraining_under_bf16_matches_one_at_a_time(monkeypatch):
-    """Item 5: stacked retraining takes bf16. Autocast to bf16
-    runs on the CPU too; the trainer's CUDA-only guard is lifted for the test."""
+@pytest.mark.parametrize(("precision", "rtol", "atol", "loss_rel"), [("bf16", 5e-2, 5e-3, 2e-2),
+                                                                     ("fp16", 1e-2, 1e-3, 1e-2)])
+def test_stacked_retraining_under_half_precision_matches_one_at_a_time(monkeypatch, precision, rtol, atol, loss_rel):
+    """Item 5: stacked retraining takes bf16, and fp16 with one loss scale per ticket. Autocast
+    and GradScaler run on the CPU too; the trainer's CUDA-only guard is lifted for the test. The
+    matmuls sum in another order: agreement to the half type's precision."""
     import cts_pipeline.core.batched_training as batched
     import cts_pipeline.core.training as training
     from cts_pipeline.core.data import load_splits
@@ -292,7 +295,7 @@ def test_stacked_retraining_under_bf16_matches_one_at_a_time(monkeypatch):
     monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
     monkeypatch.setattr(batched, "effective_precision", lambda precision, device: precision)
     train_split, test_split = (s.subset(n) for s, n in zip(load_splits("digits"), (256, 128), strict=True))
-    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision="bf16")
+    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision=precision, grad_clip_norm=5.0)
 
     def net():
         return build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
@@ -308,9 +311,9 @@ def test_stacked_retraining_under_bf16_matches_one_at_a_time(monkeypatch):
         one = net()
         single = training.train(one, train_split, test_split, recipe, seed=0, stage="one", mask=mask, progress=False)
         for name, value in one.state_dict().items():
-            if value.is_floating_point():  # bf16 matmuls in another order: agreement to bf16's precision
-                assert torch.allclose(state[name], value, rtol=5e-2, atol=5e-3), name
-        assert result.final["train_loss"] == pytest.approx(single.final["train_loss"], rel=2e-2)
+            if value.is_floating_point():
+                assert torch.allclose(state[name], value, rtol=rtol, atol=atol), name
+        assert result.final["train_loss"] == pytest.approx(single.final["train_loss"], rel=loss_rel)
         assert all(bool((state[n][mask[n] == 0] == 0).all()) for n in mask)
 
 
@@ -349,42 +352,6 @@ def test_the_row_scaler_is_one_grad_scaler_per_ticket():
         assert torch.allclose(optimizer.state[stacked]["momentum_buffer"][k],
                               optimizers[k].state[rows[k]]["momentum_buffer"], atol=1e-6), k
     assert [s.get_scale() for s in scalers] != [8.0] * 3  # the steps skipped and grew in between
-
-
-@pytest.mark.cross_path
-def test_stacked_retraining_under_fp16_matches_one_at_a_time(monkeypatch):
-    """Item 5: stacked retraining takes fp16 with one loss scale per ticket. Autocast to fp16 and
-    GradScaler run on the CPU too; the trainer's CUDA-only guard is lifted for the test."""
-    import cts_pipeline.core.batched_training as batched
-    import cts_pipeline.core.training as training
-    from cts_pipeline.core.data import load_splits
-    from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.recipe import TrainRecipe
-
-    monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
-    monkeypatch.setattr(batched, "effective_precision", lambda precision, device: precision)
-    train_split, test_split = (s.subset(n) for s, n in zip(load_splits("digits"), (256, 128), strict=True))
-    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision="fp16", grad_clip_norm=5.0)
-
-    def net():
-        return build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
-                           generator=torch.Generator().manual_seed(0))
-
-    model = net()
-    assert batched.supports(model, recipe, torch.device("cpu"))
-    masks = [global_topk_mask({n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i))
-                               for n, p in prunable_parameters(model).items()}, k) for i, k in enumerate((0.5, 0.2))]
-    states, results = batched.train_tickets(model, masks, train_split, test_split, recipe, seed=0, stage="stacked",
-                                            progress=False)
-    for mask, state, result in zip(masks, states, results, strict=True):
-        one = net()
-        single = training.train(one, train_split, test_split, recipe, seed=0, stage="one", mask=mask, progress=False)
-        for name, value in one.state_dict().items():
-            if value.is_floating_point():  # fp16 matmuls in another order: agreement to fp16's precision
-                assert torch.allclose(state[name], value, rtol=1e-2, atol=1e-3), name
-        assert result.final["train_loss"] == pytest.approx(single.final["train_loss"], rel=1e-2)
-        assert all(bool((state[n][mask[n] == 0] == 0).all()) for n in mask)
 
 
 def test_auto_precision_is_bf16_where_the_gpu_has_it_and_fp32_elsewhere(monkeypatch, caplog):
