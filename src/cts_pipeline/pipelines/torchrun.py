@@ -61,10 +61,13 @@ def release(error: BaseException | None = None) -> None:
     exit. Skipped when a node failed in the middle of its collectives (the followers are inside
     one): torchrun then stops every rank."""
     from ..core.distributed import broadcast_object
-    from ..errors import causes
 
-    if error is not None and any(getattr(e, IN_COLLECTIVES, False) for e in causes(error)):
-        return
+    for _ in range(16):  # the error and what it was raised from (a wrapper's __cause__)
+        if error is None:
+            break
+        if getattr(error, IN_COLLECTIVES, False):
+            return
+        error = error.__cause__
     _join()
     broadcast_object(None)
 
