@@ -317,9 +317,10 @@ def test_stacked_retraining_under_half_precision_matches_one_at_a_time(monkeypat
         assert all(bool((state[n][mask[n] == 0] == 0).all()) for n in mask)
 
 
-def test_the_row_scaler_is_one_grad_scaler_per_ticket():
+def test_the_row_scaler_is_one_grad_scaler_per_ticket(monkeypatch):
     """K stacked tickets under fp16, one of them overflowing: each row steps (or skips), scales and
-    grows exactly as its own torch.amp.GradScaler would, with its own SGD with momentum."""
+    grows exactly as its own torch.amp.GradScaler would, with its own SGD with momentum, and never
+    reads a value back to the host (no .item(), no bool() of a tensor)."""
     from cts_pipeline.core.batched_training import RowScaler
 
     torch.manual_seed(0)
@@ -335,12 +336,16 @@ def test_the_row_scaler_is_one_grad_scaler_per_ticket():
     rows = [start[k].clone().requires_grad_(True) for k in range(3)]
     optimizers = [torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-3) for w in rows]
     scalers = [torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=2) for _ in rows]
+    syncs = []
     for grads in grads_per_step:
         optimizer.zero_grad()
         (scaler.scaled(torch.ones(3)) * (stacked * grads).sum(1)).sum().backward()
-        finite = scaler.unscale_([stacked])
-        scaler.step(optimizer, [stacked], finite)
-        scaler.update(finite)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "item", lambda self: syncs.append("item"))
+            patch.setattr(torch.Tensor, "__bool__", lambda self: syncs.append("bool") or True)
+            finite = scaler.unscale_([stacked])
+            scaler.step(optimizer, [stacked], finite)
+            scaler.update(finite)
         for k in range(3):
             optimizers[k].zero_grad()
             scalers[k].scale((rows[k] * grads[k]).sum()).backward()
@@ -352,6 +357,7 @@ def test_the_row_scaler_is_one_grad_scaler_per_ticket():
         assert torch.allclose(optimizer.state[stacked]["momentum_buffer"][k],
                               optimizers[k].state[rows[k]]["momentum_buffer"], atol=1e-6), k
     assert [s.get_scale() for s in scalers] != [8.0] * 3  # the steps skipped and grew in between
+    assert syncs == []
 
 
 def test_auto_precision_is_bf16_where_the_gpu_has_it_and_fp32_elsewhere(monkeypatch, caplog):
