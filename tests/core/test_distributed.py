@@ -126,8 +126,10 @@ def test_two_gloo_processes_search_like_one(densities):
             assert b["multiplier"] == pytest.approx(a["multiplier"], rel=1e-3, abs=1e-9)
 
 
-def train_and_search_streamed(root) -> tuple[dict, list[dict], dict, int]:
+def train_and_search_streamed(root) -> tuple:
     """LeNet-300-100 on JPEG folders read through the streamed path: DistributedSampler shards."""
+    from dataclasses import replace
+
     from cts_pipeline.core.cts import SearchConfig, concrete_search
     from cts_pipeline.core.data import load_splits
     from cts_pipeline.core.masks import global_topk_mask
@@ -142,7 +144,15 @@ def train_and_search_streamed(root) -> tuple[dict, list[dict], dict, int]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     found = concrete_search(model, train_split, density=0.05, config=SearchConfig(epochs=1), recipe=recipe,
                             seed=0, stage="ddp streamed search", progress=False)
-    return state, history, global_topk_mask(found.scores, 0.05), rank_and_world()[1], converted_batchnorm()
+    # The authors' two-rank recipe on the same folders, with BatchNorm: each process's loader part
+    # is every other sample of the global batch, the chunk its recipe rank takes on one process.
+    convnet = build_model("convnet", image_shape=(3, 64, 64), num_classes=200, width=4,
+                          generator=torch.Generator().manual_seed(1))
+    ranks_recipe = replace(recipe, virtual_ranks=2, augment=False)
+    train(convnet, train_split, None, ranks_recipe, seed=0, stage="ddp streamed ranks", progress=False)
+    ranked = {k: v.detach().clone() for k, v in convnet.state_dict().items()}
+    return (state, history, global_topk_mask(found.scores, 0.05), rank_and_world()[1], converted_batchnorm(),
+            ranked)
 
 
 @pytest.mark.cross_path
@@ -152,8 +162,10 @@ def test_two_gloo_processes_on_a_streamed_dataset_train_and_search_like_one(tmp_
     from tests.core.test_image_folders import tiny_imagenet
 
     tiny_imagenet(tmp_path, per_class=8, noise=60)
-    single, single_history, single_mask, _, single_norms = train_and_search_streamed(tmp_path)
-    state, history, mask, world, norms = launch(train_and_search_streamed, 2, tmp_path, backend="gloo")
+    single, single_history, single_mask, _, single_norms, single_ranked = train_and_search_streamed(tmp_path)
+    state, history, mask, world, norms, ranked = launch(train_and_search_streamed, 2, tmp_path, backend="gloo")
+    for name, weight in single_ranked.items():  # two recipe ranks: one process, or one rank each
+        assert torch.allclose(ranked[name].float(), weight.float(), atol=1e-5, rtol=1e-4), name
     assert world == 2
     # SyncBatchNorm's forward needs CUDA; on a CPU the conversion itself is what can be checked
     # (sync_batchnorm is off, then on, in each process).
@@ -246,17 +258,19 @@ def _assert_same_run(virtual_ranks: int, one: dict, two: dict) -> None:
 
 
 def test_each_recipe_rank_draws_its_own_noise_stream_and_takes_its_own_chunks():
+    """Rank g of N takes every N-th sample from the g-th, as DistributedSampler deals; process r
+    of M plays ranks r, r + M, …, so its part is every M-th sample (what a streamed loader hands it)."""
     from cts_pipeline.core.virtual_ranks import RankLayout
 
     x, y = torch.arange(10.0), torch.arange(10)
     one = RankLayout(4)
-    assert [c[1].tolist() for c in one.chunks(x, y)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert [c[1].tolist() for c in one.chunks(x, y)] == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
     second = RankLayout(4, process=1, processes=2)
-    assert [c[1].tolist() for c in second.chunks(x, y)] == [[6, 7], [8, 9]]  # the same chunks, not 5 + 5 split
-    assert [second.stream_suffix(c) for c in range(2)] == [("rank", 2), ("rank", 3)]
+    assert [c[1].tolist() for c in second.chunks(x, y)] == [[1, 5, 9], [3, 7]]  # ranks 1 and 3
+    assert [second.stream_suffix(c) for c in range(2)] == [("rank", 1), ("rank", 3)]
     assert one.stream_suffix(0) == ()  # recipe rank 0 keeps the plain search's stream
     streamed = RankLayout(4, process=1, processes=2, presharded=True)
-    assert [c[1].tolist() for c in streamed.chunks(x[:5], y[:5])] == [[0, 1, 2], [3, 4]]
+    assert [c[1].tolist() for c in streamed.chunks(x[1::2], y[1::2])] == [[1, 5, 9], [3, 7]]
     with pytest.raises(ValueError, match=r"training.virtual_ranks = 2 must be a multiple of the 4 processes"):
         RankLayout(2, processes=4)
     plain = RankLayout(1, process=1, processes=2)  # one rank: the plain step, its noise shared

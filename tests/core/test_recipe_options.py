@@ -274,9 +274,10 @@ def test_virtual_ranks_must_divide_the_batch():
 @pytest.mark.cross_path
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_virtual_ranks_training_step_is_ddp_over_chunks(digits, reduction):
-    """One step with 2 virtual ranks against its definition written out: each half of the batch
-    forwarded alone (its own BatchNorm statistics), the gradients averaged as DDP averages two
-    ranks, the running statistics those of the first half alone (DDP broadcasts rank 0's)."""
+    """One step with 2 virtual ranks against its definition written out: each rank's half of the
+    batch (every other sample, as DistributedSampler deals) forwarded alone (its own BatchNorm
+    statistics), the gradients averaged as DDP averages two ranks, the running statistics those of
+    rank 0's half alone (DDP broadcasts rank 0's)."""
     split = digits[0].subset(64)
     recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.05, weight_decay=1e-3, loss_reduction=reduction,
                          virtual_ranks=2)
@@ -287,18 +288,18 @@ def test_virtual_ranks_training_step_is_ddp_over_chunks(digits, reduction):
     from cts_pipeline.core.runtime import generator
 
     (x, y), = list(iterate_batches(split, 64, shuffle=True, generator=generator("cpu", 0, "data-order", 0)))
-    first_half_only = copy.deepcopy(reference).train()
+    rank_zero_only = copy.deepcopy(reference).train()
     with torch.no_grad():
-        first_half_only(x[:32])
+        rank_zero_only(x[0::2])
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     reference.train()
     losses = [torch.nn.functional.cross_entropy(reference(xc), yc, reduction=reduction)
-              for xc, yc in ((x[:32], y[:32]), (x[32:], y[32:]))]
+              for xc, yc in ((x[0::2], y[0::2]), (x[1::2], y[1::2]))]
     ((losses[0] + losses[1]) / 2).backward()
     optimizer.step()
     for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), name
-    for got, want in zip(norms(model), norms(first_half_only), strict=True):
+    for got, want in zip(norms(model), norms(rank_zero_only), strict=True):
         assert torch.allclose(got.running_mean, want.running_mean, atol=1e-6)
         assert torch.equal(got.num_batches_tracked, want.num_batches_tracked)
     recorded = losses[0] + losses[1] if reduction == "sum" else (losses[0] + losses[1]) / 2
@@ -356,8 +357,8 @@ def test_virtual_ranks_search_step_draws_noise_and_lambda_per_rank(digits):
 
         theta, shapes = relaxation.theta, relaxation.shapes
         grads = []
-        for xc, yc, source in ((x[:32], y[:32], UniformNoise("cpu", 5, "n")),
-                               (x[32:], y[32:], UniformNoise("cpu", 5, "n", "rank", 1))):
+        for xc, yc, source in ((x[0::2], y[0::2], UniformNoise("cpu", 5, "n")),
+                               (x[1::2], y[1::2], UniformNoise("cpu", 5, "n", "rank", 1))):
             logits = start.clone().requires_grad_(True)
             soft = torch.sigmoid(logits + concrete_noise(theta.numel(), source, theta.device) / TEMPERATURE)
             with torch.no_grad():

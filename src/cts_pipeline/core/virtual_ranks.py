@@ -9,14 +9,15 @@ the number of devices, not only on the global batch:
 - the search draws its Concrete noise on each rank, and computes GradBalance's λ* on each rank
   from that rank's gradient before averaging (``search/concrete.py``, ``optimize_step``).
 
-With ``virtual_ranks: N`` each global batch is cut into N equal chunks (the last batch too, as
-evenly as ``torch.tensor_split`` can), and each chunk plays one rank: its own forward, so its own
+With ``virtual_ranks: N`` each global batch is dealt into N chunks, every N-th sample to a chunk
+as ``DistributedSampler`` deals to N devices (the last batch too, as evenly as it goes), and each
+chunk plays one rank: its own forward, so its own
 BatchNorm statistics; its loss's gradient weighted 1/N, as DDP's average; in the search its own
 noise stream and its own λ*. With DDP's default ``broadcast_buffers``, every rank starts each
 forward from rank 0's running statistics, so only the first chunk updates them here.
 
 N counts the recipe's ranks, not the processes: under M real processes (``runtime.distributed``
-or ``torchrun``) each process plays N/M consecutive chunks, so the preset's ``virtual_ranks: 4``
+or ``torchrun``) process ``r`` plays ranks ``r, r + M, …`` (N/M of them), so the preset's ``virtual_ranks: 4``
 means the authors' 4 GPUs whether the run has 1, 2 or 4 processes, and gives the same numbers up
 to float rounding. N must then be a multiple of M (:func:`check_ranks`). N = 1 is the plain step,
 and several processes with N = 1 split one device's step (:mod:`.distributed`).
@@ -66,11 +67,10 @@ class RankLayout:
         """The chunks this process plays: one for the plain step, whatever the processes."""
         return 1 if self.plain else self.ranks // self.processes
 
-    @property
-    def first(self) -> int:
-        """The recipe rank of this process's first chunk (0 for the plain step: every process
-        then plays the one rank, and shares its noise)."""
-        return 0 if self.plain else self.process * self.per_process
+    def rank_of(self, chunk: int) -> int:
+        """The recipe rank this process's ``chunk`` plays: process ``r`` plays ranks ``r``,
+        ``r + M``, ``r + 2M``, … (0 for the plain step, which every process plays together)."""
+        return 0 if self.plain else self.process + self.processes * chunk
 
     @property
     def loss_weight(self) -> float:
@@ -78,19 +78,22 @@ class RankLayout:
         return self.processes / self.ranks
 
     def chunks(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's chunks of a batch: of the global batch, the ones its ranks would load
-        (the same chunks whatever the process count), or its own part cut equally."""
+        """This process's chunks of a batch. Recipe rank ``g`` takes every N-th sample from the
+        ``g``-th, as ``DistributedSampler`` deals a batch to N devices; so this process's part of the
+        global batch is every M-th sample from the ``r``-th, which is also what a streamed split's
+        loader hands it (``presharded``), and its chunks are every (N/M)-th sample of that part.
+        The chunks are the same whatever the process count."""
         if self.plain:
             return [(x, y)]
-        parts = self.per_process if self.presharded else self.ranks
-        start = 0 if self.presharded else self.first
-        xs, ys = torch.tensor_split(x, parts), torch.tensor_split(y, parts)
-        return list(zip(xs[start:start + self.per_process], ys[start:start + self.per_process], strict=True))
+        if not self.presharded:
+            x, y = x[self.process::self.processes], y[self.process::self.processes]
+        step = self.per_process
+        return [(x[c::step], y[c::step]) for c in range(step)]
 
     def stream_suffix(self, chunk: int) -> tuple:
         """What tells this chunk's random stream from another rank's: nothing for recipe rank 0,
         so one rank keeps the plain stream."""
-        rank = self.first + chunk
+        rank = self.rank_of(chunk)
         return () if rank == 0 else ("rank", rank)
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
@@ -99,7 +102,7 @@ class RankLayout:
         if self.processes == 1:
             return local
         every = local.new_zeros((self.ranks, *local.shape[1:]))
-        every[self.first:self.first + self.per_process] = local
+        every[[self.rank_of(c) for c in range(self.per_process)]] = local
         dist.all_reduce(every, op=dist.ReduceOp.SUM)
         return every
 
