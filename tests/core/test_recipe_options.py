@@ -375,7 +375,9 @@ def test_virtual_ranks_search_step_draws_noise_and_lambda_per_rank(digits):
     assert balancer.multiplier.item() == pytest.approx(expected_lambda.item(), rel=1e-5)
     assert not torch.allclose(lambdas[0], lambdas[1])  # the average is of two different ratios
     expected = (grads[0] + grads[1]) / 2 + expected_lambda * g_sp
-    assert torch.allclose(got_grad, expected, rtol=1e-4, atol=1e-9)
+    # Summation orders differ (the balancer adds λ·g_sp in one fused kernel): elements where the task
+    # gradient and λ·g_sp nearly cancel need an absolute tolerance on the scale of the gradient.
+    torch.testing.assert_close(got_grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_a_search_with_virtual_ranks_keeps_exactly_its_count(digits):
