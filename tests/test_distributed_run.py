@@ -73,6 +73,7 @@ def test_a_bad_distributed_setting_is_named(value):
 def test_a_node_failing_inside_its_collectives_leaves_the_followers_to_torchrun(monkeypatch):
     """Rank 0's error inside a led node is marked; release then does not broadcast the end (the
     followers are inside that node's collectives, and torchrun stops them). Any other end does."""
+    from cts_pipeline.errors import causes
     from cts_pipeline.pipelines import torchrun
 
     announced = []
@@ -83,8 +84,8 @@ def test_a_node_failing_inside_its_collectives_leaves_the_followers_to_torchrun(
     try:
         raise ValueError("the node failed") from inside
     except ValueError as wrapped:
-        torchrun.release(wrapped)
+        torchrun.release(causes(wrapped))
     assert announced == []
-    torchrun.release(RuntimeError("a report node failed"))
-    torchrun.release(None)
+    torchrun.release(causes(RuntimeError("a report node failed")))
+    torchrun.release()
     assert announced == [None, None]

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 from kedro.framework.cli.project import run as kedro_run
 
-from .errors import CONFIGURATION_EXIT, FAILED_RUN_EXIT, describe
+from .errors import CONFIGURATION_EXIT, FAILED_RUN_EXIT, causes, describe
 from .terminal import console
 
 logger = logging.getLogger(__name__)
@@ -99,15 +99,10 @@ def pipeline_holding(outputs: list[str], env: str | None, conf_source: str | Non
     kedro-viz suggests ``kedro run --to-outputs=<dataset>`` for a dataset, without the pipeline it
     belongs to, and ``__default__`` (compare and sanity) lacks the ``cts`` pipeline's report; the
     project can decide which pipeline was meant, so the suggested command works."""
-    from kedro.framework.project import settings
-    from kedro.utils import find_kedro_project
-
     from .config import active as active_config
     from .pipeline_registry import build_pipelines
 
-    project = find_kedro_project(Path.cwd()) or Path.cwd()
-    loader = settings.CONFIG_LOADER_CLASS(conf_source=conf_source or str(project / settings.CONF_SOURCE), env=env,
-                                          runtime_params=params or {}, **settings.CONFIG_LOADER_ARGS)
+    loader = active_config.project_config_loader(env, conf_source, params)
     registered = build_pipelines(active_config.parameters(loader))
     wanted = set(outputs)
     if wanted <= registered["__default__"].datasets():
@@ -184,7 +179,7 @@ def _run(verbose: bool, **kwargs):
         exit_with(code)
     finally:
         if under_torchrun():
-            torchrun.release(ended_by)
+            torchrun.release(causes(ended_by) if ended_by is not None else ())
     exit_with(0)
 
 

@@ -28,7 +28,7 @@ def forget() -> None:
 
 def config_loader() -> Any:
     """The session's config loader, or the project's for ``$KEDRO_ENV`` without a session."""
-    return _config_loader if _config_loader is not None else _project_config_loader()
+    return _config_loader if _config_loader is not None else project_config_loader(os.getenv("KEDRO_ENV"))
 
 
 def parameters(loader: Any = None) -> dict[str, Any]:
@@ -49,14 +49,18 @@ def parameters(loader: Any = None) -> dict[str, Any]:
     return dict(cached)
 
 
-def _project_config_loader() -> Any:
+def project_config_loader(env: str | None = None, conf_source: str | None = None,
+                          runtime_params: dict | None = None) -> Any:
+    """The project's config loader, built as a session builds it, for code that runs without one."""
     from kedro.framework.project import settings
     from kedro.utils import find_kedro_project
 
-    project = find_kedro_project(Path.cwd()) or Path(__file__).resolve().parents[2]
+    # (src/cts_pipeline/config/active.py: the project is three folders up)
+    project = find_kedro_project(Path.cwd()) or Path(__file__).resolve().parents[3]
     return settings.CONFIG_LOADER_CLASS(
-        conf_source=str(Path(project) / settings.CONF_SOURCE),
-        env=os.getenv("KEDRO_ENV"),
+        conf_source=conf_source or str(Path(project) / settings.CONF_SOURCE),
+        env=env,
+        runtime_params=runtime_params or {},
         **settings.CONFIG_LOADER_ARGS,
     )
 

@@ -350,4 +350,4 @@ def _clip_per_row(params: list[torch.Tensor], max_norm: float) -> None:
     squares = torch.stack([g.float().pow(2).reshape(g.shape[0], -1).sum(1) for g in grads]).sum(0)
     coef = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
     for g in grads:
-        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+        g.mul_(_per_row(coef, g).to(g.dtype))

@@ -235,10 +235,11 @@ class PendingRemovals:
     def defer_or_remove(paths: list[Path]) -> None:
         """Finished loops' checkpoints: to this thread's set, or removed now if there is none."""
         pending = _current_removals.get()
-        if pending is None:
-            pending = PendingRemovals()
-            pending._close()
-        pending.add(paths)
+        if pending is not None:
+            pending.add(paths)
+        else:
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
 
     def add(self, paths: list[Path]) -> None:
         """Finished loops' checkpoints: kept until :meth:`remove`, or removed now if the set is closed."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +57,14 @@ def raised_in_collectives(error: BaseException) -> None:
         pass
 
 
-def release(error: BaseException | None = None) -> None:
-    """Rank 0, at the end of its run (``error``: what ended it, if anything): let the followers
-    exit. Skipped when a node failed in the middle of its collectives (the followers are inside
-    one): torchrun then stops every rank."""
+def release(ended_by: Iterable[BaseException] = ()) -> None:
+    """Rank 0, at the end of its run (``ended_by``: the error that ended it and its causes, if
+    any): let the followers exit. Skipped when a node failed in the middle of its collectives
+    (the followers are inside one): torchrun then stops every rank."""
     from ..core.distributed import broadcast_object
 
-    for _ in range(16):  # the error and what it was raised from (a wrapper's __cause__)
-        if error is None:
-            break
-        if getattr(error, IN_COLLECTIVES, False):
-            return
-        error = error.__cause__
+    if any(getattr(error, IN_COLLECTIVES, False) for error in ended_by):
+        return
     _join()
     broadcast_object(None)
 
