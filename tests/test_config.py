@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from cts_pipeline.config.sections import ConfigError
+from cts_pipeline.config.typed import ConfigError
 from cts_pipeline.config.validate import validate_run
 from cts_pipeline.core.cts import SearchConfig
 from cts_pipeline.core.recipe import TrainRecipe
@@ -162,3 +162,70 @@ def test_grid_levels_take_a_range_for_the_command_line():
     assert GridConfig(levels="18..20").levels == (18, 19, 20)
     with pytest.raises(ValueError, match=r"grid.levels must be a list of levels or a range FIRST..LAST\[/STEP\]"):
         GridConfig(levels="42..2")
+
+
+# --- the typed sections: pydantic's checks, in the YAML writer's words ----------------------------
+
+
+@pytest.mark.parametrize(("section", "raw", "line"), [
+    ("runtime", {"tf32": "yes"}, "runtime.tf32 must be true or false, got 'yes'"),
+    ("runtime", {"num_threads": 2.0}, "runtime.num_threads must be null or a positive integer, got 2.0"),
+    ("runtime", {"distributed": {"nproc": 0}}, "runtime.distributed.nproc must be a positive integer, got 0"),
+    ("runtime", {"distributed": {"nprocs": 2}},
+     "runtime.distributed: unknown key 'nprocs' (did you mean 'nproc'?); allowed: nproc, sync_batchnorm"),
+    ("runtime", {"channels_last": "yes"}, "runtime.channels_last must be auto, true or false, got 'yes'"),
+    ("data", {"name": "digits", "mean": ["a"]}, "data.mean[0]: input should be a valid number, got 'a'"),
+    ("data", {"root": "x"}, "data.name: missing (required)"),
+    ("model", {"name": "lenet_300_100", "options": 3}, "model.options must be a mapping of the model's options, got 3"),
+    ("report", {"layer_density_sparsity": 1.5},
+     "report.layer_density_sparsity must be null or a fraction in (0, 1), got 1.5"),
+    ("pai", {"at": "end"}, "pai.at must be rewind or init, got 'end'"),
+    ("grid", {"sparsities": [0.5], "seedz": [1]}, "grid: unknown key 'seedz' (did you mean 'seeds'?)"),
+])
+def test_each_section_names_a_bad_value_in_one_line(section, raw, line):
+    """Built from a mapping (the run's path), directly (code's), or by Kedro's ``model_validate``
+    (whose pydantic error the run's own check precedes): the same one line."""
+    from pydantic import ValidationError
+
+    from cts_pipeline.config.sections import OPTIONAL_SECTIONS, SECTIONS
+    from cts_pipeline.config.typed import problems_of, read_section
+
+    cls = {**SECTIONS, **OPTIONAL_SECTIONS}[section]
+    for build in (lambda: read_section(cls, raw), lambda: cls(**raw)):
+        with pytest.raises(ConfigError) as failure:
+            build()
+        assert str(failure.value).startswith(line), str(failure.value)
+    with pytest.raises(ValidationError) as failure:
+        cls.model_validate(raw)
+    assert problems_of(cls, failure.value)[0].startswith(line)
+
+
+def test_a_cts_variant_is_checked_as_the_cts_section_it_becomes(params):
+    bad = with_changes(params, methods={"cts_variants": [{"objectiv": "ce"}, {"objective": "hinge"}]})
+    with pytest.raises(ConfigError) as failure:
+        validate_run(bad)
+    message = str(failure.value)
+    assert "methods.cts_variants[0]: unknown key 'objectiv' (did you mean 'objective'?)" in message
+    assert "methods.cts_variants[1] {'objective': 'hinge'}: cts.objective must be one of" in message
+
+
+def test_sections_are_frozen_and_replace_validates():
+    from cts_pipeline.config.sections import RuntimeConfig
+
+    runtime = RuntimeConfig(device="cpu", distributed=None)
+    assert runtime.distributed.nproc == 1 and not runtime.sync_batchnorm  # null: one process
+    with pytest.raises(ValueError):
+        runtime.tf32 = False
+    assert runtime.replace(tf32=False).tf32 is False
+    with pytest.raises(ConfigError, match="runtime.data_workers must be null or a non-negative integer, got -1"):
+        runtime.replace(data_workers=-1)
+
+
+def test_checkpoint_tags_outlive_the_move_to_pydantic():
+    """A section's checkpoint tag is a digest of its plain values, so checkpoints written while the
+    sections were dataclasses (this tag) still resume."""
+    from cts_pipeline.config.identity import checkpoint_tag
+    from cts_pipeline.config.sections import ModelConfig
+
+    model = ModelConfig(name="resnet20", options={"shortcut": "conv3x3"})
+    assert checkpoint_tag("dense", model, TrainRecipe(epochs=2, batch_size=8, lr=0.1), 0) == "9a5cfecc202a72d9"

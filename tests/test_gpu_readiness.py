@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from cts_pipeline.config.sections import ConfigError
+from cts_pipeline.config.typed import ConfigError
 from cts_pipeline.config.validate import validate_run
 from cts_pipeline.core import distributed
 
@@ -602,7 +602,6 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
     """A device whose free memory holds two tickets' steps: the three tickets retrain as a stacked
     pair and then one alone, and each log says how it ran. The plan reads one ticket's probe steps
     at 4 and 8 samples (weights 30 MiB, activations 1 MiB a sample: 94 MiB a ticket at batch 64)."""
-    import dataclasses
     import logging
 
     from cts_pipeline.config.sweep import Branch
@@ -612,7 +611,7 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
     from cts_pipeline.pipelines.tickets import nodes
 
     train, test, model, runtime, theta = digits_payloads
-    runtime = dataclasses.replace(runtime, batch_sparsities=True)
+    runtime = runtime.replace(batch_sparsities=True)
     recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.1)
     group = [Branch("cts_kl", 0, s, family="cts", settings={"objective": "kl", "epochs": 1}) for s in (0.8, 0.9, 0.95)]
     searched = cts_nodes.search_masks(theta, train, model, recipe, runtime, *group)

@@ -19,11 +19,12 @@ from kedro.pipeline import Pipeline, node
 from kedro.runner import ParallelRunner, ThreadRunner
 from mlflow.tracking import MlflowClient
 
+from cts_pipeline.config.sections import DaskSettings
+from cts_pipeline.config.typed import read_section
 from cts_pipeline.datasets import JSONDataset
 from cts_pipeline.runners import (
     DaskNodeError,
     DaskRunner,
-    DaskSettings,
     check_catalog,
     local_cluster,
 )
@@ -171,11 +172,11 @@ def test_data_held_in_one_process_memory_is_refused():
 
 def test_dask_settings_refuse_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match=r"dask.yml: unknown key 'n_worker' \(did you mean 'n_workers'\?\)"):
-        DaskSettings.from_config({"n_worker": 2})
+        read_section(DaskSettings, {"n_worker": 2})
     with pytest.raises(ValueError, match=r"dask.yml: threads_per_worker must be a positive integer"):
-        DaskSettings.from_config({"threads_per_worker": 0})
+        read_section(DaskSettings, {"threads_per_worker": 0})
     with pytest.raises(ValueError, match=r"address must be null or a URL"):
-        DaskSettings.from_config({"address": "localhost"})
+        read_section(DaskSettings, {"address": "localhost"})
 
 
 def test_a_scheduler_that_does_not_answer_is_named_within_its_timeout():

@@ -6,7 +6,10 @@ import io
 import logging
 
 from rich.console import Console
+from tqdm.auto import tqdm
 
+from cts_pipeline import settings
+from cts_pipeline.core import epochs
 from cts_pipeline.terminal import progress as sweep_progress
 from cts_pipeline.terminal.progress import SweepProgress
 
@@ -56,14 +59,11 @@ def test_off_a_terminal_or_when_asked_nothing_is_drawn(monkeypatch):
 
 def test_a_run_on_a_terminal_shows_the_sweep_and_hides_the_loop_bars(project, monkeypatch):
     console = terminal()
-    seen = {"started": 0, "done": 0, "epochs": 0, "loop_bars": set()}
+    seen = {"started": 0, "done": 0, "epochs": 0, "loop_bars": []}
 
     class Spy(SweepProgress):
         def node_started(self, name):
             seen["started"] += 1
-            from cts_pipeline.pipelines.common import loop_bars
-
-            seen["loop_bars"].add(loop_bars(type("R", (), {"progress": True})()))
             super().node_started(name)
 
         def node_done(self):
@@ -77,11 +77,18 @@ def test_a_run_on_a_terminal_shows_the_sweep_and_hides_the_loop_bars(project, mo
     monkeypatch.setattr(sweep_progress, "rich_console", lambda: console)
     monkeypatch.setattr(sweep_progress, "wanted", lambda stream=None: True)
     monkeypatch.setattr(sweep_progress, "SweepProgress", Spy)
-    run_pipeline(project)
+
+    def loop_bar(*args, disable=None, **kwargs):  # every epoch loop's tqdm bar, as core.epochs makes it
+        seen["loop_bars"].append(not disable)
+        return tqdm(*args, disable=True, **kwargs)
+
+    monkeypatch.setattr(epochs, "tqdm", loop_bar)
+    run_pipeline(project, params={"runtime": {"progress": True}})  # the smoke preset's is false
     assert seen["started"] == seen["done"] > 5
     assert seen["epochs"] > 0, "the stage line must follow the epochs"
-    assert seen["loop_bars"] == {False}, "the loops' own bars stay hidden under the display"
-    assert not sweep_progress.display_active(), "the display closes before the table is printed"
+    assert seen["loop_bars"] and not any(seen["loop_bars"]), "the loops' own bars stay hidden under the display"
+    hook = next(h for h in settings.HOOKS if isinstance(h, sweep_progress.SweepProgressHook))
+    assert hook.display is None, "the display closes before the table is printed"
 
 
 def test_a_run_says_first_what_it_will_run():

@@ -9,8 +9,10 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cts_pipeline.config.sections import TrackingSettings
+from cts_pipeline.config.typed import read_section
 from cts_pipeline.errors import TrackingUnavailable
-from cts_pipeline.framework.tracking import RunTracker, TrackingSettings, check_reachable
+from cts_pipeline.framework.tracking import RunTracker, check_reachable
 
 from .conftest import latest, run_pipeline
 
@@ -91,9 +93,9 @@ def test_a_corrupt_store_is_named(tmp_path):
 
 def test_mlflow_settings_refuse_unknown_keys():
     with pytest.raises(ValueError, match=r"mlflow.yml: unknown key 'enable' \(did you mean 'enabled'\?\)"):
-        TrackingSettings.from_config({"enable": False})
-    with pytest.raises(ValueError, match=r"on_unavailable must be 'warn' or 'fail'"):
-        TrackingSettings.from_config({"on_unavailable": "ignore"})
+        read_section(TrackingSettings, {"enable": False})
+    with pytest.raises(ValueError, match=r"mlflow.yml: on_unavailable must be warn or fail, got 'ignore'"):
+        read_section(TrackingSettings, {"on_unavailable": "ignore"})
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def input_error_types() -> tuple[type[BaseException], ...]:
     import yaml
     from kedro.config import MissingConfigException
 
-    from .config.sections import ConfigError
+    from .config.typed import ConfigError
     from .core.data import DataFileError, DatasetNotFoundError
     from .runners import SchedulerUnreachable
 

@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,8 @@ from kedro.io import MemoryDataset
 from kedro.runner import AbstractRunner
 from kedro.runner.task import Task
 
+from .config.sections import DaskSettings
+from .config.typed import read_section
 from .core.checkpoints import PendingRemovals
 from .pipelines.common import GPU_TAG
 from .terminal.console import PROGRESS_LOGGER, QuietConsole
@@ -111,37 +112,6 @@ def connect(settings: DaskSettings):
         yield client
 
 
-@dataclass(frozen=True)
-class DaskSettings:
-    """``dask.yml``."""
-
-    address: str | None = None          # null: a LocalCluster on this machine
-    n_workers: int = 2                  # LocalCluster only
-    threads_per_worker: int = 1         # LocalCluster only
-    dashboard_address: str | None = ":8787"  # LocalCluster only; null: no dashboard
-    forward_logs: bool = True           # workers' cts_pipeline log lines appear in this terminal
-    connect_timeout: float = 10.0       # seconds to wait for the scheduler at `address`
-
-    def __post_init__(self) -> None:
-        if self.address is not None and (not isinstance(self.address, str) or "://" not in self.address):
-            raise ValueError(f"dask.yml: address must be null or a URL such as tcp://host:8786, got {self.address!r}")
-        for key in ("n_workers", "threads_per_worker"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"dask.yml: {key} must be a positive integer, got {value!r}")
-        if isinstance(self.connect_timeout, bool) or not isinstance(self.connect_timeout, int | float) \
-                or self.connect_timeout <= 0:
-            raise ValueError(f"dask.yml: connect_timeout must be a positive number of seconds, got {self.connect_timeout!r}")
-        if not isinstance(self.forward_logs, bool):
-            raise ValueError(f"dask.yml: forward_logs must be true or false, got {self.forward_logs!r}")
-
-    @classmethod
-    def from_config(cls, raw: dict[str, Any]) -> DaskSettings:
-        from .config.sections import settings_from
-
-        return settings_from(cls, raw, "dask.yml")
-
-
 def _dask_config() -> dict[str, Any]:
     """``dask.yml`` of the session's environment (the context handed its loader to config.active)."""
     from kedro.config import MissingConfigException
@@ -167,7 +137,7 @@ class DaskRunner(AbstractRunner):
         return None
 
     def settings(self) -> DaskSettings:
-        return DaskSettings.from_config({**_dask_config(), **self._overrides})
+        return read_section(DaskSettings, {**_dask_config(), **self._overrides})
 
     def _run(self, pipeline, catalog, hook_manager=None, run_id: str | None = None) -> None:
         from distributed import Client

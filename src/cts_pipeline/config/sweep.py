@@ -15,12 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..core.ltr import level_density, level_for_sparsity
 from ..core.recipe import STARTS
 from ..core.saliency import SCORERS
 from .identity import cts_method_name
+from .typed import Flag, Section, plain, read_section
 
 BRANCH_PARAM = "branch"
 MAX_LEVEL = 60  # 0.8**60 keeps 1.5e-6 of the weights: beyond any network's last weight
@@ -113,8 +116,7 @@ def _names(name: str, values: Any, allowed: Sequence[str] | None = None) -> tupl
     return tuple(values)
 
 
-@dataclass(frozen=True)
-class GridConfig:
+class GridConfig(Section):
     """``grid`` parameters: target sparsities (fractions in (0, 1)) or iterative-pruning levels, and seeds.
 
     ``levels: [18, 22]`` means density ``0.8**L`` exactly, for every method, so CTS, PaI and LTR keep
@@ -122,34 +124,49 @@ class GridConfig:
     ``1 − 0.8**L`` (``sparsities`` stays for arbitrary values).
     """
 
-    sparsities: Sequence[float] = ()
-    seeds: Sequence[int] = (0,)
-    levels: Sequence[int] | None = None
+    label: ClassVar[str] = "grid."
+    levels: tuple[int, ...] | None = None  # before sparsities, which are derived from them
+    sparsities: tuple[float, ...] = Field((), validate_default=True)
+    seeds: tuple[int, ...] = (0,)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.levels, str):  # "2..42/2": a range, inclusive, for --params (which splits lists at commas)
-            object.__setattr__(self, "levels", _level_range(self.levels))
-        if self.levels is not None:
-            levels = self.levels
-            if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
-                raise ValueError(f"grid.levels must be null or a non-empty list of positive integers, got {levels!r}")
-            for level in levels:
-                if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= MAX_LEVEL:
-                    raise ValueError(f"grid.levels: {level!r} is not an integer in [1, {MAX_LEVEL}] "
-                                     f"(level L keeps 0.8^L of the weights)")
-            if len(set(levels)) != len(levels) or list(levels) != sorted(levels):
-                raise ValueError(f"grid.levels must increase without repeats, got {list(levels)}")
-            object.__setattr__(self, "levels", tuple(levels))
-            object.__setattr__(self, "sparsities", tuple(1.0 - level_density(L) for L in levels))
-        object.__setattr__(self, "sparsities", _fractions("grid.sparsities", self.sparsities))
-        if isinstance(self.seeds, (str, bytes)) or not isinstance(self.seeds, Sequence) or not self.seeds:
-            raise ValueError(f"grid.seeds must be a non-empty list of non-negative integers, got {self.seeds!r}")
-        for seed in self.seeds:
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _levels(cls, levels: Any) -> tuple[int, ...] | None:
+        if isinstance(levels, str):  # "2..42/2": a range, inclusive, for --params (which splits lists at commas)
+            levels = _level_range(levels)
+        if levels is None:
+            return None
+        if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
+            raise ValueError(f"grid.levels must be null or a non-empty list of positive integers, got {levels!r}")
+        for level in levels:
+            if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= MAX_LEVEL:
+                raise ValueError(f"grid.levels: {level!r} is not an integer in [1, {MAX_LEVEL}] "
+                                 f"(level L keeps 0.8^L of the weights)")
+        if len(set(levels)) != len(levels) or list(levels) != sorted(levels):
+            raise ValueError(f"grid.levels must increase without repeats, got {list(levels)}")
+        return tuple(levels)
+
+    @field_validator("sparsities", mode="before")
+    @classmethod
+    def _sparsities(cls, sparsities: Any, info: ValidationInfo) -> tuple[float, ...]:
+        if "levels" not in info.data:  # the levels were refused, and said so
+            return ()
+        levels = info.data["levels"]
+        if levels is not None:
+            sparsities = [1.0 - level_density(level) for level in levels]
+        return _fractions("grid.sparsities", sparsities)
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, seeds: Any) -> tuple[int, ...]:
+        if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
+            raise ValueError(f"grid.seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+        for seed in seeds:
             if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
                 raise ValueError(f"grid.seeds: {seed!r} is not a non-negative integer")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"grid.seeds has duplicates: {list(self.seeds)}")
-        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"grid.seeds has duplicates: {list(seeds)}")
+        return tuple(seeds)
 
 
 def _level_range(text: str) -> list[int]:
@@ -163,70 +180,65 @@ def _level_range(text: str) -> list[int]:
     return list(range(int(match[1]), int(match[2]) + 1, int(match[3] or 1)))
 
 
-@dataclass(frozen=True)
-class MethodsConfig:
+class MethodsConfig(Section):
     """``methods`` parameters: what the comparison runs besides the main CTS configuration."""
 
-    cts_variants: Sequence[Mapping[str, Any]] = ()  # CTS ablations: each overrides keys of `cts`
-    ltr: bool = True
-    pai: Sequence[str] = PAI_METHODS
+    label: ClassVar[str] = "methods."
+    cts_variants: tuple[dict[str, Any], ...] = ()  # CTS ablations: each overrides keys of `cts`
+    ltr: Flag = True
+    pai: tuple[str, ...] = PAI_METHODS
 
-    def __post_init__(self) -> None:
-        if isinstance(self.cts_variants, (str, bytes, Mapping)) or not isinstance(self.cts_variants, Sequence) \
-                or not all(isinstance(v, Mapping) for v in self.cts_variants):
+    @field_validator("cts_variants", mode="before")
+    @classmethod
+    def _variants(cls, variants: Any) -> tuple[dict[str, Any], ...]:
+        if isinstance(variants, (str, bytes, Mapping)) or not isinstance(variants, Sequence) \
+                or not all(isinstance(v, Mapping) for v in variants):
             raise ValueError("methods.cts_variants must be a list of mappings that override `cts`, e.g. "
-                             f"[{{search_length: short}}], got {self.cts_variants!r}")
-        object.__setattr__(self, "cts_variants", tuple(dict(v) for v in self.cts_variants))
-        if not isinstance(self.ltr, bool):
-            raise ValueError(f"methods.ltr must be true or false, got {self.ltr!r}")
-        object.__setattr__(self, "pai", _names("methods.pai", self.pai, PAI_METHODS))
+                             f"[{{search_length: short}}], got {variants!r}")
+        return tuple(dict(v) for v in variants)
+
+    @field_validator("pai", mode="before")
+    @classmethod
+    def _pai(cls, methods: Any) -> tuple[str, ...]:
+        return _names("methods.pai", methods, PAI_METHODS)
 
 
-@dataclass(frozen=True)
-class PaiConfig:
+class PaiConfig(Section):
     """``pai`` parameters: where pruning-at-initialisation methods score the weights."""
 
-    at: str = "init"
-
-    def __post_init__(self) -> None:
-        if self.at not in STARTS:
-            raise ValueError(f"pai.at must be one of {STARTS}, got {self.at!r}")
+    label: ClassVar[str] = "pai."
+    at: Literal[STARTS] = "init"
 
 
-@dataclass(frozen=True)
-class SanityConfig:
+class SanityConfig(Section):
     """``sanity`` parameters: which methods and sparsities the sanity checks perturb."""
 
-    methods: Sequence[str] = ("cts",)  # "cts" is the main CTS method; PaI names without "_at_..." resolve
-    sparsities: Sequence[float] = (0.9926,)
-    checks: Sequence[str] = tuple(CHECKS)
+    label: ClassVar[str] = "sanity."
+    methods: tuple[str, ...] = ("cts",)  # "cts" is the main CTS method; PaI names without "_at_..." resolve
+    sparsities: tuple[float, ...] = (0.9926,)
+    checks: tuple[str, ...] = tuple(CHECKS)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", _names("sanity.methods", self.methods))
-        object.__setattr__(self, "sparsities", _fractions("sanity.sparsities", self.sparsities, allow_empty=True))
-        object.__setattr__(self, "checks", _names("sanity.checks", self.checks, tuple(CHECKS)))
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, methods: Any) -> tuple[str, ...]:
+        return _names("sanity.methods", methods)
+
+    @field_validator("sparsities", mode="before")
+    @classmethod
+    def _sparsities(cls, sparsities: Any) -> tuple[float, ...]:
+        return _fractions("sanity.sparsities", sparsities, allow_empty=True)
+
+    @field_validator("checks", mode="before")
+    @classmethod
+    def _checks(cls, checks: Any) -> tuple[str, ...]:
+        return _names("sanity.checks", checks, tuple(CHECKS))
 
 
 def _section(cls, params: Mapping, key: str, required: bool = False):
     raw = params.get(key)
-    if isinstance(raw, cls):
-        return raw
     if raw is None and not required:
         return cls()
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"parameters must define {key} as a mapping, got {raw!r}")
-    try:
-        return cls(**raw)
-    except TypeError as exc:
-        raise ValueError(f"{key}: {exc}".replace(f"{cls.__name__}.__init__()", "it")) from exc
-
-
-def _plain(section: Any) -> dict:
-    if section is None:
-        return {}
-    if hasattr(section, "as_dict"):
-        return section.as_dict()
-    return dict(section)
+    return read_section(cls, raw, key)
 
 
 @dataclass
@@ -272,7 +284,7 @@ def plan(params: Mapping) -> Plan:
         return [Branch(method, seed, s, start, family, dict(settings), level)
                 for seed in seeds for s, level in zip(sparsities, levels, strict=True)]
 
-    base_cts = _plain(params.get("cts"))
+    base_cts = plain(params.get("cts"))
     cts = sweep(cts_method_name(base_cts), "cts", base_cts.get("search_at", "rewind"), base_cts)
     variants: list[Branch] = []
     seen = {cts[0].method}

@@ -14,8 +14,9 @@ from ..core.distributed import check_one_gpu_each, under_torchrun
 from ..core.masks import count_prunable, kept_count
 from ..core.models import check_model_fits, skeleton
 from ..core.runtime import resolve_device
-from .sections import ConfigError, typed_sections
+from .sections import typed_sections
 from .sweep import plan
+from .typed import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +55,16 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
                 kept_count(1.0 - sparsity, prunable)
             except ValueError as exc:
                 problems.append(f"grid.sparsities: {sparsity}: {exc}")
-    distributed = runtime.distributed or {}
+    distributed = runtime.distributed
     # Under torchrun the processes are torchrun's (cts_pipeline.torchrun), not runtime.distributed's.
     nproc, named = ((int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE") if under_torchrun()
-                    else (distributed.get("nproc", 1), "runtime.distributed.nproc"))
+                    else (distributed.nproc, "runtime.distributed.nproc"))
     try:
         device = resolve_device(runtime.device)
     except ValueError as exc:
         problems.append(str(exc))
     else:
-        if distributed.get("sync_batchnorm") and device.type != "cuda":
+        if distributed.sync_batchnorm and device.type != "cuda":
             problems.append(f"runtime.distributed.sync_batchnorm needs CUDA (torch's SyncBatchNorm runs on GPUs "
                             f"only); this run's device is {device}")
         if device.type == "cuda" and not under_torchrun():
@@ -79,7 +80,7 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     if virtual_ranks > 1 and virtual_ranks % nproc:
         problems.append(f"training.virtual_ranks = {virtual_ranks} must be a multiple of {named} = {nproc}: "
                         "each process plays an equal number of the recipe's ranks")
-    if virtual_ranks > 1 and distributed.get("sync_batchnorm"):
+    if virtual_ranks > 1 and distributed.sync_batchnorm:
         problems.append(f"runtime.distributed.sync_batchnorm cannot be combined with training.virtual_ranks = "
                         f"{virtual_ranks}: each virtual rank normalises its own part of the batch")
     if info.streamed and sections["training"].batch_size % nproc:

@@ -38,8 +38,8 @@ class ProjectContext(KedroContext):
 
     def _get_validated_params(self) -> dict[str, Any]:
         """Our sections' checks before Kedro's: Kedro instantiates each typed node parameter and
-        reports a bad key as the dataclass's ``__init__() got an unexpected keyword argument``;
-        ``typed_sections`` names the setting, every one at once, with "did you mean"."""
+        stops at the first that fails, with pydantic's report inside its own; ``typed_sections``
+        names every bad setting at once, each in one line, with "did you mean"."""
         from ..config.sections import typed_sections
 
         if self._validated_params_cache is None:  # the parameters the catalog reads too, read once

@@ -28,12 +28,16 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..config.typed import plain
 from ..errors import TrackingUnavailable, first_line
 from ..terminal.console import show_unwrapped
+
+if TYPE_CHECKING:
+    from ..config.sections import TrackingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -59,36 +63,6 @@ CHILD_METRICS = (
 )
 
 
-@dataclass(frozen=True)
-class TrackingSettings:
-    """``mlflow`` configuration (``conf/base/mlflow.yml``)."""
-
-    enabled: bool = True
-    experiment_name: str = "cts-pipeline"
-    tracking_uri: str | None = None
-    on_unavailable: str = "warn"  # warn: run untracked; fail: stop before computing anything
-    system_metrics: bool = True   # CPU, memory, disk, network (and GPU with nvidia-ml-py) on the parent run
-
-    def __post_init__(self) -> None:
-        for name in ("enabled", "system_metrics"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"mlflow.yml: {name} must be true or false, got {getattr(self, name)!r}")
-        if self.on_unavailable not in ("warn", "fail"):
-            raise ValueError(f"mlflow.yml: on_unavailable must be 'warn' or 'fail', got {self.on_unavailable!r}")
-        if not isinstance(self.experiment_name, str) or not self.experiment_name:
-            raise ValueError(f"mlflow.yml: experiment_name must be a non-empty string, got {self.experiment_name!r}")
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, Any]) -> TrackingSettings:
-        from ..config.sections import settings_from
-
-        return settings_from(cls, raw, "mlflow.yml")
-
-    def resolved_uri(self, project_path: Path) -> str:
-        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{(Path(project_path) / 'mlflow.db').as_posix()}")
-
-
 def parent_run_params(sections: Mapping[str, Any]) -> dict[str, Any]:
     """The run's typed sections as the parent run's parameters, with the settings whose ``null``
     means "derived" logged as what they resolve to, and from what (``cts.epochs: 30 (long:
@@ -112,11 +86,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     flat = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
-        if hasattr(value, "as_dict"):
-            value = value.as_dict()
-        elif hasattr(value, "__dataclass_fields__"):
-            from dataclasses import asdict
-            value = asdict(value)
+        if hasattr(value, "as_dict") or is_dataclass(value):
+            value = plain(value)
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{name}."))
         else:

@@ -54,7 +54,6 @@ def distributable(node_fn):
         from ..core.distributed import backend_for, launch, rank_and_world, under_torchrun
 
         runtime = next((a for a in args if isinstance(a, RuntimeConfig)), None)
-        distributed = (runtime.distributed if runtime is not None else None) or {}
         if under_torchrun():  # torchrun's processes, not ours (cts_pipeline.torchrun): rank 0 leads
             from . import torchrun
 
@@ -64,7 +63,7 @@ def distributable(node_fn):
             except BaseException as error:
                 torchrun.raised_in_collectives(error)
                 raise
-        nproc = distributed.get("nproc", 1)
+        nproc = runtime.distributed.nproc if runtime is not None else 1
         if nproc <= 1 or rank_and_world()[1] > 1:
             return node_fn(*args)
         threads = max(1, (runtime.num_threads or torch.get_num_threads()) // nproc)
@@ -106,13 +105,6 @@ def _node_in_rank(module: str, name: str, args: tuple, threads: int):
     project.propagate = False  # nothing printed by the ranks themselves
     body = getattr(importlib.import_module(module), name).__wrapped__
     return body(*args), pending.take(), collect.records
-
-
-def loop_bars(runtime: RuntimeConfig) -> bool:
-    """Whether a loop draws its own tqdm bar: not while the sweep display shows its epochs."""
-    from ..terminal.progress import display_active
-
-    return runtime.progress and not display_active()
 
 
 def device_for(runtime: RuntimeConfig) -> torch.device:

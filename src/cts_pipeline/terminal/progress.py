@@ -19,16 +19,10 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from ..config.sections import RuntimeConfig
 from .console import PROGRESS_LOGGER, rich_console
 
 CORE_LOGGER = "cts_pipeline"
-
-_active: SweepProgress | None = None
-
-
-def display_active() -> bool:
-    """Whether this process draws the sweep display (the nodes then hide their own loop bars)."""
-    return _active is not None
 
 
 def wanted(stream=None) -> bool:
@@ -122,42 +116,49 @@ def describe_sweep(pipeline_names: list[str] | None, pipeline, nodes: int) -> st
 
 
 class SweepProgressHook:
+    """Owns the sweep's display for one run. While it draws, each node is handed ``runtime`` with
+    ``progress: false``, so the loops' own tqdm bars give way to it (``before_node_run`` may
+    replace a node's inputs): the nodes never have to ask whether a display is up."""
+
+    def __init__(self) -> None:
+        self.display: SweepProgress | None = None
+
     @hook_impl(trylast=True)  # after FreshnessHook has flagged what must be recomputed
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        global _active
         total = nodes_to_run(pipeline, catalog, bool(run_params.get("only_missing_outputs")))
         logging.getLogger(PROGRESS_LOGGER).info("%s", describe_sweep(run_params.get("pipeline_names"), pipeline,
                                                                      total))
         console = rich_console()
-        if _active is not None or console is None or not wanted():
+        if self.display is not None or console is None or not wanted():
             return
-        _active = SweepProgress(console, total)
-        _active.start()
+        self.display = SweepProgress(console, total)
+        self.display.start()
 
     @hook_impl
-    def before_node_run(self, node) -> None:
-        if _active is not None:
-            _active.node_started(node.name)
+    def before_node_run(self, node, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        if self.display is None:
+            return None
+        self.display.node_started(node.name)
+        return {name: value.replace(progress=False) for name, value in inputs.items()
+                if isinstance(value, RuntimeConfig) and value.progress} or None
 
     @hook_impl
     def after_node_run(self) -> None:
-        if _active is not None:
-            _active.node_done()
+        if self.display is not None:
+            self.display.node_done()
 
     @hook_impl(tryfirst=True)  # gone before the results table is printed
     def after_pipeline_run(self) -> None:
-        _close()
+        self.close()
 
     @hook_impl(tryfirst=True)
     def on_pipeline_error(self) -> None:
-        _close()
+        self.close()
 
     def on_interrupt(self) -> None:  # cli.interrupted_hooks: the display must not outlive the run
-        _close()
+        self.close()
 
-
-def _close() -> None:
-    global _active
-    if _active is not None:
-        display, _active = _active, None
-        display.stop()
+    def close(self) -> None:
+        display, self.display = self.display, None
+        if display is not None:
+            display.stop()

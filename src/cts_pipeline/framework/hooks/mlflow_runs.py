@@ -14,10 +14,11 @@ from typing import Any
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
-from ...config.sections import typed_sections
+from ...config.sections import TrackingSettings, typed_sections
 from ...config.sweep import plan
+from ...config.typed import read_section
 from ...errors import TrackingUnavailable, first_line
-from ..tracking import RunTracker, TrackingSettings, check_reachable, parent_run_params, source_tags
+from ..tracking import RunTracker, check_reachable, parent_run_params, source_tags
 from .catalog import artifact_path, is_result, load_fresh
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class MlflowHook:
             raw = context.config_loader["mlflow"]
         except (KeyError, MissingConfigException):
             raw = {}
-        self.settings = TrackingSettings.from_config(raw)
+        self.settings = read_section(TrackingSettings, raw)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:

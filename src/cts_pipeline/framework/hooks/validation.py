@@ -8,7 +8,7 @@ from typing import Any
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
-from ...config.sections import ConfigError
+from ...config.typed import ConfigError
 from ...config.validate import validate_run
 from ...errors import mark_failed_node
 from ...pipelines.common import ArtifactMismatch

@@ -21,7 +21,6 @@ from ..common import (
     data_fingerprint,
     device_for,
     distributable,
-    loop_bars,
     split_from_payload,
     uses_channels_last,
 )
@@ -129,7 +128,7 @@ def search_masks(
         namespace = search_group_namespace(first) if together else branches[0].namespace
         found = concrete_search(
             net, train_split, density=[b.density for b in branches] if together else branches[0].density,
-            config=cts, recipe=training, seed=first.seed, stage=f"{namespace} search", progress=loop_bars(runtime),
+            config=cts, recipe=training, seed=first.seed, stage=f"{namespace} search", progress=runtime.progress,
             checkpoint=checkpoint_for(runtime, namespace, "search", model, training, *[b.as_dict() for b in branches],
                                       theta_start, data_fingerprint(train_data)),
             channels_last=channels_last,

@@ -19,7 +19,6 @@ from ..common import (
     data_fingerprint,
     device_for,
     distributable,
-    loop_bars,
     split_from_payload,
     uses_channels_last,
 )
@@ -49,7 +48,7 @@ def train_dense(
     k = training.rewind_epoch
     result = train(
         net, train_split, test_split, training, seed=branch.seed, stage=f"{branch.namespace} dense",
-        snapshot_epochs={k}, progress=loop_bars(runtime),
+        snapshot_epochs={k}, progress=runtime.progress,
         checkpoint=checkpoint_for(runtime, branch.namespace, "dense", model, training, branch.seed,
                                   data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,

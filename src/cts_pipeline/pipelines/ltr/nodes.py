@@ -16,7 +16,6 @@ from ..common import (
     data_fingerprint,
     device_for,
     distributable,
-    loop_bars,
     split_from_payload,
 )
 
@@ -50,7 +49,7 @@ def prune_iteratively(
         lambda: build_network(model, train_split, device, state=theta_rewind),
         dense_final_weights, train_split, test_split, training,
         seed=branch.seed, max_level=max_level, start_epoch=training.rewind_epoch,
-        dense_seconds=dense_metrics["seconds"]["train"], keep_levels=set(levels), progress=loop_bars(runtime),
+        dense_seconds=dense_metrics["seconds"]["train"], keep_levels=set(levels), progress=runtime.progress,
         stage=branch.namespace, sync_batchnorm=runtime.sync_batchnorm,
         checkpoint=checkpoint_for(runtime, branch.namespace, "ltr", *key),
         level_checkpoint=lambda level: checkpoint_for(runtime, branch.namespace, f"ltr-level{level}", level, *key),

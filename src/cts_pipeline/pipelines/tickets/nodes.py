@@ -38,7 +38,6 @@ from ..common import (
     data_fingerprint,
     device_for,
     distributable,
-    loop_bars,
     split_from_payload,
     uses_channels_last,
 )
@@ -113,7 +112,7 @@ def retrain_ticket(
     keep = branch_mask(mask, branch, net)
     result = train(
         net, train_split, test_split, training, seed=branch.seed, stage=f"{branch.namespace} retrain",
-        start_epoch=first, mask=keep, progress=loop_bars(runtime),
+        start_epoch=first, mask=keep, progress=runtime.progress,
         checkpoint=checkpoint_for(runtime, branch.namespace, "retrain", model, training, branch.as_dict(),
                                   theta_start, keep, data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
@@ -178,7 +177,7 @@ def retrain_tickets(
         try:
             states, results = train_tickets(
                 net, masks, train_split, test_split, training, seed=group[0].seed, stage=stage, start_epoch=first,
-                progress=loop_bars(runtime), channels_last=channels_last,
+                progress=runtime.progress, channels_last=channels_last,
                 checkpoint=checkpoint_for(runtime, namespace, "retrain", model, training, *[b.as_dict() for b in group],
                                           theta_start, *masks, data_fingerprint(train_data)),
             )
@@ -201,7 +200,7 @@ def retrain_tickets(
     everyone = list(range(len(branches)))
     # The stacked path has no DDP: over several processes the tickets train one at a time.
     if not batched_training_supports(net, training, device) or runtime.compile \
-            or (runtime.distributed or {}).get("nproc", 1) > 1 \
+            or runtime.distributed.nproc > 1 \
             or not batched_if_faster(
                 runtime, stage,
                 lambda: stacked_training_ratio(net, keeps, train_split, training, seed=first_branch.seed,
