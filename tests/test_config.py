@@ -229,3 +229,16 @@ def test_checkpoint_tags_outlive_the_move_to_pydantic():
 
     model = ModelConfig(name="resnet20", options={"shortcut": "conv3x3"})
     assert checkpoint_tag("dense", model, TrainRecipe(epochs=2, batch_size=8, lr=0.1), 0) == "9a5cfecc202a72d9"
+
+
+def test_every_problem_of_a_section_is_its_own_line_nested_ones_too(params):
+    """Pydantic validates a section nested in another through its own ``__init__``, whose error
+    the outer one then holds: its lines are unpacked, not joined into one."""
+    bad = with_changes(params, runtime={"tf32": "yes", "distributed": {"nproc": 0, "sync_batchnrm": True}})
+    with pytest.raises(ConfigError) as failure:
+        validate_run(bad)
+    lines = str(failure.value).splitlines()
+    for line in ("- runtime.tf32 must be true or false, got 'yes'",
+                 "- runtime.distributed.nproc must be a positive integer, got 0",
+                 "- runtime.distributed: unknown key 'sync_batchnrm' (did you mean 'sync_batchnorm'?); allowed: nproc, sync_batchnorm"):
+        assert line in lines, str(failure.value)

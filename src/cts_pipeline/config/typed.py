@@ -29,7 +29,16 @@ from pydantic import (
 
 
 class ConfigError(ValueError):
-    """The configuration cannot run; the message names every offending parameter."""
+    """The configuration cannot run; the message names every offending parameter, and
+    ``problems`` holds them one line each."""
+
+    def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
+
+    @classmethod
+    def listing(cls, problems: Sequence[str]) -> ConfigError:
+        return cls("; ".join(problems), problems)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +73,9 @@ class Section(BaseModel):
 
     Built directly (``RuntimeConfig(tf32=True)``) or from a mapping (:func:`read_section`), a bad
     value raises :class:`ConfigError` with one line per problem instead of pydantic's report.
+    Pydantic validates through a model's own ``__init__`` when it has one, also for a section
+    nested in another, so the outer section's error holds the inner one's lines
+    (:func:`problems_of` unpacks them).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -73,7 +85,7 @@ class Section(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError("; ".join(problems_of(type(self), exc))) from None
+            raise ConfigError.listing(problems_of(type(self), exc)) from None
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump()
@@ -93,7 +105,7 @@ def read_section(cls: type, raw: Any, title: str | None = None):
     :class:`ConfigError` with every problem, each naming its setting."""
     section, problems = section_or_problems(cls, raw, title)
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError.listing(problems)
     return section
 
 
@@ -154,7 +166,11 @@ def _unknown(title: str, key: Any, known: Sequence[str]) -> str:
 
 def problems_of(cls: type[Section], error: ValidationError) -> list[str]:
     """Pydantic's errors as one line each, in the YAML writer's words."""
-    return [_problem(cls, e) for e in error.errors()]
+    lines = []
+    for e in error.errors():
+        raised = (e.get("ctx") or {}).get("error")
+        lines += raised.problems if isinstance(raised, ConfigError) else [_problem(cls, e)]
+    return lines
 
 
 def _problem(cls: type[Section], error: Mapping[str, Any]) -> str:
