@@ -242,3 +242,18 @@ def test_every_problem_of_a_section_is_its_own_line_nested_ones_too(params):
                  "- runtime.distributed.nproc must be a positive integer, got 0",
                  "- runtime.distributed: unknown key 'sync_batchnrm' (did you mean 'sync_batchnorm'?); allowed: nproc, sync_batchnorm"):
         assert line in lines, str(failure.value)
+
+
+def test_the_architecture_docs_name_every_setting_of_every_section():
+    """docs/architecture.md's table of sections stays true to the code: each section's row names
+    each of its settings."""
+    import dataclasses
+
+    from cts_pipeline.config.sections import OPTIONAL_SECTIONS, SECTIONS
+
+    rows = {line.split("|")[1].strip(" `"): line for line in
+            (PROJECT_ROOT / "docs" / "architecture.md").read_text().splitlines() if line.startswith("| `")}
+    for name, cls in {**SECTIONS, **OPTIONAL_SECTIONS}.items():
+        fields = list(getattr(cls, "model_fields", None) or (f.name for f in dataclasses.fields(cls)))
+        missing = [f for f in fields if f"`{f}`" not in rows[name]]
+        assert not missing, f"docs/architecture.md's `{name}` row does not name {missing}"
