@@ -749,3 +749,31 @@ def test_a_training_step_that_does_not_fit_names_the_recipe_settings_in_one_line
     assert code == FAILED_RUN_EXIT and "\n" not in message
     assert message.startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 24.00 GiB.")
     assert "lower training.batch_size, or set training.virtual_ranks: N" in message
+
+
+def test_nhwc_is_not_used_where_this_cpu_kernel_corrupts_memory(caplog):
+    """torch 2.14.1's oneDNN on AVX2: a strided 1x1 convolution with fewer than 8 input channels
+    corrupts memory in its NHWC backward (a ResNet-20 of width 4 segfaults or hangs within a few
+    steps). ``auto`` then trains in NCHW; an explicit ``true`` says why it is not honoured; GPUs
+    and models without such a layer keep NHWC."""
+    import logging
+
+    from cts_pipeline.config.sections import RuntimeConfig
+    from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.runtime import channels_last_hazard
+    from cts_pipeline.pipelines.common import uses_channels_last
+
+    def resnet(width, shortcut="conv1x1"):
+        return build_model("resnet20", image_shape=(3, 32, 32), num_classes=10, width=width, shortcut=shortcut)
+
+    narrow = resnet(4)
+    assert channels_last_hazard(narrow, "cpu") == "blocks.3.shortcut.0"
+    assert channels_last_hazard(narrow, "cuda") is None
+    for safe in (resnet(16), resnet(8), resnet(4, "zeropad"), resnet(4, "conv3x3")):
+        assert channels_last_hazard(safe, "cpu") is None
+        assert uses_channels_last(RuntimeConfig(), safe)
+    assert not uses_channels_last(RuntimeConfig(), narrow)
+    with caplog.at_level(logging.WARNING, logger="cts_pipeline"):
+        assert not uses_channels_last(RuntimeConfig(channels_last=True), narrow)
+    assert "layer blocks.3.shortcut.0's backward pass corrupts memory in NHWC" in caplog.text
+    assert not uses_channels_last(RuntimeConfig(channels_last=False), resnet(16))

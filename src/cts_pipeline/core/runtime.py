@@ -1,4 +1,5 @@
-"""Where the work runs: device choice, seeding streams and a plain description of the hardware."""
+"""Where the work runs: device choice, what this CPU's kernels cannot do, seeding streams and a
+plain description of the hardware."""
 
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ def resolve_device(choice: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"runtime.device is {choice!r} but CUDA is not available here; use 'auto' or 'cpu'")
     return device
+
+
+def channels_last_hazard(model: torch.nn.Module, device: torch.device | str) -> str | None:
+    """The layer of ``model`` whose backward pass corrupts memory in NHWC on this device, or None.
+
+    torch 2.14.1's oneDNN (3.12), on AVX2 CPUs: a strided 1x1 convolution in channels_last with
+    2 to 6 input channels writes outside its buffers in the backward pass ("double free or
+    corruption", a segfault, or a hang; ``nn.Conv2d(4, 8, 1, stride=2)``, as the shortcut of a
+    ResNet-20 of width 4). 1, 7, 8, 9 and 12 channels, 3x3 kernels, stride 1, the forward pass,
+    NCHW and oneDNN's SSE4.1 path are fine. Any input width below 8 counts here, to be safe. GPUs
+    run cuDNN and are not affected."""
+    if torch.device(device).type != "cpu":
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1) \
+                and max(module.stride) > 1 and module.in_channels < 8:
+            return name
+    return None
 
 
 @dataclass(frozen=True)

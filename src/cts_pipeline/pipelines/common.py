@@ -23,7 +23,7 @@ from ..config.sections import ModelConfig, RuntimeConfig
 from ..core.checkpoints import Checkpoint, PendingRemovals
 from ..core.data import Split, get_dataset_info
 from ..core.memory import release_cached_memory
-from ..core.runtime import generator, resolve_device
+from ..core.runtime import channels_last_hazard, generator, resolve_device
 
 # Nodes that compute on the run's device; a distributed runner gives each one GPU
 # (cts_pipeline.runners.DaskRunner, workers started with --resources GPU=1).
@@ -191,10 +191,18 @@ def batched_if_faster(runtime: RuntimeConfig, stage: str, measure: Callable[[], 
 
 
 def uses_channels_last(runtime: RuntimeConfig, net: nn.Module) -> bool:
-    """``auto``: NHWC whenever the model has convolutions (1.5x faster ResNet-20 steps on CPU)."""
-    if runtime.channels_last == "auto":
-        return any(isinstance(m, nn.Conv2d) for m in net.modules())
-    return bool(runtime.channels_last)
+    """``auto``: NHWC whenever the model has convolutions (1.5x faster ResNet-20 steps on CPU),
+    unless a layer would corrupt memory in NHWC on this CPU (``core.runtime.channels_last_hazard``):
+    then NCHW, with a warning when ``runtime.channels_last: true`` asked for NHWC."""
+    wanted = any(isinstance(m, nn.Conv2d) for m in net.modules()) if runtime.channels_last == "auto" \
+        else bool(runtime.channels_last)
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    hazard = channels_last_hazard(net, device) if wanted else None
+    if hazard is not None and runtime.channels_last is True:
+        logger.warning("runtime.channels_last: true, but layer %s's backward pass corrupts memory in NHWC on "
+                       "this CPU (torch's oneDNN, a strided 1x1 convolution with fewer than 8 input channels); "
+                       "training in NCHW", hazard)
+    return wanted and hazard is None
 
 
 def data_fingerprint(payload: Mapping) -> dict[str, Any]:
