@@ -16,11 +16,10 @@ The digest itself is ``core.checkpoints.digest`` (plain PyTorch, usable without 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import is_dataclass
 from typing import Any
 
 from ..core.checkpoints import digest
-from .typed import plain
+from .typed import is_section, plain
 
 # What artifacts depend on beyond their dataset name. A branch's name already spells out every
 # choice that shapes it (cts_kl_short_at_init, snip_at_rewind, cts_kl_shuffled, seed, sparsity), so
@@ -74,5 +73,5 @@ def cts_method_name(cts: Mapping) -> str:
 def checkpoint_tag(stage: str, *decided_by: Any) -> str:
     """The tag of one loop's checkpoint: a digest of its stage and of everything that decides its
     result (typed sections or dicts, start weights, masks, the data's fingerprint)."""
-    parts = [plain(k) if hasattr(k, "as_dict") or is_dataclass(k) else k for k in decided_by]
+    parts = [plain(k) if is_section(k) else k for k in decided_by]
     return digest(stage, *parts)

@@ -134,6 +134,12 @@ def section_or_problems(cls: type, raw: Any, title: str | None = None) -> tuple[
         return None, [str(exc)]
 
 
+def is_section(value: Any) -> bool:
+    """Whether ``value`` is a typed section (a pydantic one, one of core's dataclasses, anything
+    with ``as_dict``) rather than a plain value or mapping."""
+    return hasattr(value, "as_dict") or dataclasses.is_dataclass(value)
+
+
 def plain(section: Any) -> dict[str, Any]:
     """A section (pydantic or dataclass), a mapping or None as plain values: for digests, MLflow
     and reports."""

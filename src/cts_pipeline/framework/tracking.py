@@ -28,11 +28,10 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config.typed import plain
+from ..config.typed import is_section, plain
 from ..errors import TrackingUnavailable, first_line
 from ..terminal.console import show_unwrapped
 
@@ -86,7 +85,7 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     flat = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
-        if hasattr(value, "as_dict") or is_dataclass(value):
+        if is_section(value):
             value = plain(value)
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{name}."))
