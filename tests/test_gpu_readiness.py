@@ -777,3 +777,60 @@ def test_nhwc_is_not_used_where_this_cpu_kernel_corrupts_memory(caplog):
         assert not uses_channels_last(RuntimeConfig(channels_last=True), narrow)
     assert "layer blocks.3.shortcut.0's backward pass corrupts memory in NHWC" in caplog.text
     assert not uses_channels_last(RuntimeConfig(channels_last=False), resnet(16))
+
+
+# What the GPU machine lacks, from the device library's package list (its image has torch 2.11,
+# torchvision, numpy, scikit-learn, pillow, tqdm, safetensors and rich, but none of these).
+MISSING_ON_THE_GPU_MACHINE = ("kedro", "kedro_datasets", "kedro_viz", "mlflow", "dask", "distributed", "pydantic",
+                              "omegaconf")
+
+# Runs each part of gpu.sh as `python benchmarks/X.py ARGS` would, up to its argument parsing: the
+# script's imports and its flags, without the measurements.
+_PARSE_ONLY = """
+import argparse, json, runpy, sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in MISSING:
+            raise ImportError('not on the GPU machine: ' + name)
+class Parsed(Exception):
+    pass
+parse_args = argparse.ArgumentParser.parse_args
+def parse_only(self, *args, **kwargs):
+    parse_args(self, *args, **kwargs)
+    raise Parsed
+sys.meta_path.insert(0, Refuse())
+argparse.ArgumentParser.parse_args = parse_only
+for script, flags in json.loads(sys.argv[1]):
+    sys.argv = [script, *flags]
+    sys.path.insert(0, script.rpartition('/')[0])  # as `python script` puts its folder first
+    try:
+        runpy.run_path(script, run_name='__main__')
+    except Parsed:
+        print('parsed', script)
+    else:
+        raise SystemExit(script + ' ran past its argument parsing')
+"""
+
+
+def test_gpu_sh_parts_load_on_the_gpu_machines_stack_and_fit_one_device_call():
+    """``benchmarks/gpu.sh`` is the first call a session lent a GPU makes, on a machine with torch
+    but without Kedro, MLflow, Dask or pydantic, and its time is scarce (15 min a session). So,
+    before any GPU is paid for: each part's script imports without those packages and accepts the
+    flags gpu.sh gives it, and the parts' limits add up to less than the call's 560 s."""
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    parts = [shlex.split(line) for line in (PROJECT_ROOT / "benchmarks/gpu.sh").read_text().splitlines()
+             if line.startswith("part ")]
+    assert [p[2] for p in parts] == ["speed", "batched", "grid_epochs", "resnet50"]
+    assert sum(int(p[1]) for p in parts) <= 540, "the parts must end inside one 560 s device call"
+    assert all(p[3] == "$PYTHON" and p[5:].count("--write-docs") == 1 for p in parts), "each part writes its table"
+    scripts = [(p[4], p[5:]) for p in parts]
+    code = f"MISSING = {MISSING_ON_THE_GPU_MACHINE!r}\n" + _PARSE_ONLY
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(scripts)], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": "src"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [w for script, _ in scripts for w in ("parsed", script)]

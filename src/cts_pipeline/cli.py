@@ -179,7 +179,7 @@ def _run(verbose: bool, **kwargs):
         exit_with(code)
     finally:
         if under_torchrun():
-            torchrun.release(causes(ended_by) if ended_by is not None else ())
+            torchrun.release(causes(ended_by))
     exit_with(0)
 
 

@@ -62,8 +62,8 @@ def mark_failed_node(error: BaseException, node_name: str) -> None:
         pass
 
 
-def causes(error: BaseException):
-    """``error`` and the exceptions it was raised from, outermost first."""
+def causes(error: BaseException | None):
+    """``error`` and the exceptions it was raised from, outermost first (none for ``None``)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
