@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from docs_blocks import replace_block
+from docs_blocks import BlockWriter
 from speed import sync, synthetic
 
 from cts_pipeline.core.batched_training import train_tickets
@@ -37,14 +37,6 @@ from cts_pipeline.core.runtime import describe_hardware, resolve_device
 from cts_pipeline.core.training import effective_precision, to_layout, train
 
 LEVELS = (10, 14, 18, 22, 24)  # the default grid: 89.26 ... 99.53 %
-
-
-LINES: list[str] = []
-
-
-def emit(line: str) -> None:
-    LINES.append(line)
-    print(line, flush=True)
 
 
 def side_by_side(sequential, batched, repeats: int, device: torch.device):
@@ -93,7 +85,8 @@ def batching_headroom(net: torch.nn.Module, split: Split, batch: int, rows: int,
 
 
 def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRecipe, densities: list[float],
-            device: torch.device, repeats: int, channels_last: bool, headroom: bool = False) -> None:
+            device: torch.device, repeats: int, channels_last: bool, headroom: bool = False) -> str:
+    """The table's line for a batched search against one search per density."""
     info = split.info
     net = build_model(model, image_shape=info.image_shape, num_classes=info.num_classes,
                       generator=torch.Generator().manual_seed(0), **options).to(device)
@@ -118,8 +111,8 @@ def measure(label: str, model: str, options: dict, split: Split, recipe: TrainRe
     bound = (f"{batching_headroom(net, split, recipe.batch_size, len(densities), device, channels_last, repeats):.2f}"
              if headroom else "—")
     path = rows[0].forward_path + (f" / {rows[0].micro_batches} micro-batches" if rows[0].micro_batches > 1 else "")
-    emit(f"| {label} | K = {len(densities)} | {path} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | {bound} | "
-         f"{peak} | {agreement} |")
+    return (f"| {label} | K = {len(densities)} | {path} | {t_seq:.2f} s | {t_bat:.2f} s | **{ratio:.2f}** | {bound} | "
+            f"{peak} | {agreement} |")
 
 
 def peak_memory(run, device: torch.device) -> str:
@@ -155,7 +148,8 @@ def swapped(densities, a_side, b_side) -> tuple[int, int]:
 
 
 def measure_retraining(label: str, model: str, split: Split, test: Split, recipe: TrainRecipe, densities: list[float],
-                       device: torch.device, repeats: int, channels_last: bool, headroom: bool = False) -> None:
+                       device: torch.device, repeats: int, channels_last: bool, headroom: bool = False) -> str:
+    """The table's line for K tickets retrained stacked against one at a time."""
     info = split.info
 
     def fresh():
@@ -189,8 +183,8 @@ def measure_retraining(label: str, model: str, split: Split, test: Split, recipe
     bound = (f"{batching_headroom(fresh(), split, recipe.batch_size, len(densities), device, channels_last, repeats):.2f}"
              if headroom else "—")
     precision = effective_precision(recipe.precision, device)
-    emit(f"| retraining: {label} | K = {len(densities)} | stacked, {precision} | {t_seq:.2f} s | {t_bat:.2f} s | "
-         f"**{ratio:.2f}** | {bound} | {peak} | {agreement} |")
+    return (f"| retraining: {label} | K = {len(densities)} | stacked, {precision} | {t_seq:.2f} s | {t_bat:.2f} s | "
+            f"**{ratio:.2f}** | {bound} | {peak} | {agreement} |")
 
 
 def main() -> None:
@@ -203,41 +197,45 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     densities = [0.8 ** L for L in LEVELS]
-    emit(f"Hardware: {describe_hardware(device)}; "
-         f"`python benchmarks/batched.py{' --mnist' if args.mnist else ''}"
-         f"{f' --repeats {args.repeats}' if args.repeats != 3 else ''}`, {datetime.date.today()}.\n")
-    emit("| network and data | tickets | batched path | one at a time | batched | ratio | one K·B batch / K batches "
-         "of B | batched peak memory | agreement |")
-    emit("|---|---|---|---|---|---|---|---|---|")
+    # The CPU table and a GPU's live side by side: each device writes its own block.
+    table = BlockWriter("docs/performance.md", "batched" if device.type == "cpu" else f"batched-{device.type}",
+                        to_docs=args.write_docs)
+    table.add(f"Hardware: {describe_hardware(device)}; "
+              f"`python benchmarks/batched.py{' --mnist' if args.mnist else ''}"
+              f"{f' --device {device.type}' if device.type != 'cpu' else ''}{' --resnet' if args.resnet else ''}"
+              f"{f' --repeats {args.repeats}' if args.repeats != 3 else ''}`, {datetime.date.today()}.\n",
+              "| network and data | tickets | batched path | one at a time | batched | ratio | one K·B batch / K "
+              "batches of B | batched peak memory | agreement |",
+              "|---|---|---|---|---|---|---|---|---|")
     digits, digits_test = (s.to(device) for s in load_splits("digits"))
-    measure("convnet (56,224 weights), digits, batch 64, 3 search epochs", "convnet", {}, digits,
-            TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats, channels_last=True, headroom=True)
+    table.add(measure("convnet (56,224 weights), digits, batch 64, 3 search epochs", "convnet", {}, digits,
+                      TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats,
+                      channels_last=True, headroom=True))
     mnist = (load_splits("mnist", args.mnist)[0] if args.mnist else synthetic("mnist", 60_000, "cpu")).to(device)
     source = "MNIST" if args.mnist else "MNIST-shaped noise"
-    measure(f"LeNet-300-100 (266,200 weights), {source}, batch 128, 1 search epoch", "lenet_300_100", {}, mnist,
-            TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities, device, args.repeats, channels_last=False)
-    measure_retraining("convnet, digits, batch 64, 3 epochs", "convnet", digits, digits_test,
-                       TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats, True, headroom=True)
-    measure_retraining("LeNet-300-100, " + source + ", batch 128, 1 epoch", "lenet_300_100", mnist,
-                       mnist.subset(2000), TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities, device,
-                       args.repeats, False)
+    table.add(measure(f"LeNet-300-100 (266,200 weights), {source}, batch 128, 1 search epoch", "lenet_300_100", {},
+                      mnist, TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities, device, args.repeats,
+                      channels_last=False))
+    table.add(measure_retraining("convnet, digits, batch 64, 3 epochs", "convnet", digits, digits_test,
+                                 TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats, True,
+                                 headroom=True))
+    table.add(measure_retraining("LeNet-300-100, " + source + ", batch 128, 1 epoch", "lenet_300_100", mnist,
+                                 mnist.subset(2000), TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities, device,
+                                 args.repeats, False))
     if args.resnet:
         cifar = synthetic("cifar10", 10_240, device)
         for k in (5, 15):
             grid = [0.8 ** L for L in (16, 18, 20, 22, 24)] * (k // 5)
-            measure("ResNet-20 (270,896 weights), CIFAR-shaped noise, batch 512, 1 search epoch (10,240 images)",
-                    "resnet20", {}, cifar, TrainRecipe(epochs=1, batch_size=512, lr=0.1), grid, device,
-                    args.repeats, channels_last=True, headroom=True)
+            table.add(measure("ResNet-20 (270,896 weights), CIFAR-shaped noise, batch 512, 1 search epoch "
+                              "(10,240 images)", "resnet20", {}, cifar, TrainRecipe(epochs=1, batch_size=512, lr=0.1),
+                              grid, device, args.repeats, channels_last=True, headroom=True))
         for k in (5, 15):  # stacked retraining in the default precision (bf16 on a recent GPU)
             grid = [0.8 ** L for L in (16, 18, 20, 22, 24)] * (k // 5)
-            measure_retraining("ResNet-20, CIFAR-shaped noise, batch 512, 1 epoch (10,240 images)", "resnet20",
-                               cifar, cifar.subset(1024), TrainRecipe(epochs=1, batch_size=512, lr=0.1), grid,
-                               device, args.repeats, True)
-    if args.write_docs:
-        # The CPU table and a GPU's live side by side: each device writes its own block.
-        block = "batched" if device.type == "cpu" else f"batched-{device.type}"
-        replace_block("docs/performance.md", block, "\n".join(LINES))
-
+            table.add(measure_retraining("ResNet-20, CIFAR-shaped noise, batch 512, 1 epoch (10,240 images)",
+                                         "resnet20", cifar, cifar.subset(1024),
+                                         TrainRecipe(epochs=1, batch_size=512, lr=0.1), grid, device, args.repeats,
+                                         True))
+    table.finish()
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@
 #     run(command="bash benchmarks/gpu.sh", timeout_s=560)
 #
 # Each part has its own time limit, so a slow part cannot cost the others (at most 8 min 40 s in all,
-# inside the session's 15 min of device time with the machine's start). The rewritten
+# inside the session's 15 min of device time with the machine's start). Each part writes its table
+# line by line, so one that its limit stops keeps what it measured, marked partial. The rewritten
 # docs/performance.md and every part's log come back under $OUT; copy the file over the local one.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1

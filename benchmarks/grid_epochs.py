@@ -28,7 +28,7 @@ import statistics
 import time
 
 import torch
-from docs_blocks import replace_block
+from docs_blocks import BlockWriter
 from speed import sync, synthetic
 
 from cts_pipeline.core.batched_training import supports as stacked_retraining_supported
@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small network (width 8) and 2 levels: checks the script")
     parser.add_argument("--write-docs", action="store_true", help="rewrite this device's block in docs/performance.md")
     args = parser.parse_args()
+    if args.write_docs and args.quick:
+        raise SystemExit("--quick checks the script; its figures say nothing and are not written")
     device = resolve_device(args.device)
     levels = LEVELS[-2:] if args.quick else LEVELS
     images = 256 if args.quick else args.images
@@ -102,13 +104,9 @@ def main() -> None:
         train_tickets(fresh(), masks, split, None, recipe, seed=0, stage="stacked epoch", progress=False,
                       channels_last=channels_last)
 
-    t_train = median_seconds(masked_epoch, args.repeats, device)
-    t_single = median_seconds(lambda: search_epoch(densities[-1]), args.repeats, device)
-    t_search = median_seconds(lambda: search_epoch(densities), args.repeats, device)
-    t_retrain = median_seconds(retraining_epoch, args.repeats, device) if stacked else None
     k = len(levels)
-    ltr = (max(levels) + 1) * (EPOCHS - REWIND) * t_train
-    lines = [
+    table = BlockWriter("docs/performance.md", f"grid-epochs-{device.type}", to_docs=args.write_docs)
+    table.add(
         f"`python benchmarks/grid_epochs.py{' --quick' if args.quick else ''}"
         f"{f' --images {images}' if not args.quick and images != 10_240 else ''} --device {device.type}`, "
         f"{datetime.date.today()}, {describe_hardware(device)}. ResNet-20{' (width 8)' if args.quick else ''}, "
@@ -118,31 +116,32 @@ def main() -> None:
         "",
         "| work | s per epoch | against one training epoch |",
         "|---|---:|---:|",
-        f"| masked training epoch (LTR's unit; a ticket's retraining one at a time) | {t_train:.2f} | 1.00 |",
-        f"| search epoch, one density | {t_single:.2f} | {t_single / t_train:.2f} |",
-        f"| batched search epoch, K = {k} | {t_search:.2f} | {t_search / t_train:.2f} "
-        f"({t_search / (k * t_single):.2f} of K single epochs) |",
-        (f"| retraining epoch of the K tickets, stacked | {t_retrain:.2f} | {t_retrain / t_train:.2f} "
-         f"({t_retrain / (k * t_train):.2f} of K single epochs) |" if stacked
-         else "| retraining epoch of the K tickets, stacked | — (the recipe cannot be stacked) | — |"),
-        "",
-        f"| whole grid (E = {EPOCHS}, rewind {REWIND}) | LTR, {max(levels) + 1} trainings | CTS batched "
-        "| CTS one at a time | LTR / the faster CTS |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    )
+    t_train = median_seconds(masked_epoch, args.repeats, device)
+    table.add(f"| masked training epoch (LTR's unit; a ticket's retraining one at a time) | {t_train:.2f} | 1.00 |")
+    t_single = median_seconds(lambda: search_epoch(densities[-1]), args.repeats, device)
+    table.add(f"| search epoch, one density | {t_single:.2f} | {t_single / t_train:.2f} |")
+    t_search = median_seconds(lambda: search_epoch(densities), args.repeats, device)
+    table.add(f"| batched search epoch, K = {k} | {t_search:.2f} | {t_search / t_train:.2f} "
+              f"({t_search / (k * t_single):.2f} of K single epochs) |")
+    t_retrain = median_seconds(retraining_epoch, args.repeats, device) if stacked else None
+    table.add(f"| retraining epoch of the K tickets, stacked | {t_retrain:.2f} | {t_retrain / t_train:.2f} "
+              f"({t_retrain / (k * t_train):.2f} of K single epochs) |" if stacked
+              else "| retraining epoch of the K tickets, stacked | — (the recipe cannot be stacked) | — |")
+    ltr = (max(levels) + 1) * (EPOCHS - REWIND) * t_train
+    grid = ["",
+            f"| whole grid (E = {EPOCHS}, rewind {REWIND}) | LTR, {max(levels) + 1} trainings | CTS batched "
+            "| CTS one at a time | LTR / the faster CTS |",
+            "|---|---:|---:|---:|---:|"]
     retrain_epochs = EPOCHS - REWIND
     for name, search_epochs in SEARCH_EPOCHS.items():
         one_at_a_time = k * (search_epochs * t_single + retrain_epochs * t_train)
         together = search_epochs * t_search + retrain_epochs * (t_retrain if stacked else k * t_train)
-        lines.append(f"| CTS-KL `{name}` ({search_epochs} search epochs) | {ltr / 3600:.2f} h | "
-                     f"{together / 3600:.2f} h | {one_at_a_time / 3600:.2f} h | "
-                     f"**{ltr / min(together, one_at_a_time):.1f}×** |")
-    print("\n".join(lines), flush=True)
-    if args.write_docs:
-        if args.quick:
-            raise SystemExit("--quick checks the script; its figures say nothing and are not written")
-        replace_block("docs/performance.md", f"grid-epochs-{device.type}", "\n".join(lines))
-
+        grid.append(f"| CTS-KL `{name}` ({search_epochs} search epochs) | {ltr / 3600:.2f} h | "
+                    f"{together / 3600:.2f} h | {one_at_a_time / 3600:.2f} h | "
+                    f"**{ltr / min(together, one_at_a_time):.1f}×** |")
+    table.add(*grid)
+    table.finish()
 
 if __name__ == "__main__":
     main()

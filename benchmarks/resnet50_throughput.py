@@ -23,7 +23,7 @@ import datetime
 import statistics
 
 import torch
-from docs_blocks import replace_block
+from docs_blocks import BlockWriter
 
 from cts_pipeline.core.data import DATASETS, Split
 from cts_pipeline.core.distributed import launch
@@ -66,11 +66,21 @@ def main() -> None:
     model, size = ("resnet18", 64) if args.quick else ("resnet50", 224)
     batch, steps = (8, 2) if args.quick else (args.batch, args.steps)
     on_cuda = args.device.startswith("cuda")
-    rows = []
+    if args.write_docs and args.quick:
+        raise SystemExit("--quick checks the script; its figures say nothing and are not written")
+    table = BlockWriter("docs/performance.md", "resnet50", to_docs=args.write_docs)
+    table.add(f"`python benchmarks/resnet50_throughput.py --device {args.device}`, {datetime.date.today()}, "
+              f"{describe_hardware(torch.device(args.device))}. {model}, {size}x{size} synthetic images, "
+              f"batch {batch}, summed loss with clipping; fp16 with its gradient scaler and fused SGD.", "",
+              "| run | images/s | against fp32 NCHW | peak memory |", "|---|---|---|---|")
+    speeds: dict[str, float] = {}
 
     def add(label: str, measured: tuple[float, float | None]) -> None:
-        rows.append((label, *measured))
-        print(f"{label}: {measured[0]:.0f} images/s", flush=True)
+        speed, peak = measured
+        speeds[label] = speed
+        baseline = next(iter(speeds.values()))  # the first row: fp32, NCHW
+        table.add(f"| {label} | {speed:.0f} | {speed / baseline:.2f} | "
+                  f"{f'{peak:.1f} GiB' if peak is not None else '—'} |")
 
     for precision in ("fp32", "bf16", "fp16") if on_cuda else ("fp32",):
         for channels_last in (False, True):
@@ -79,23 +89,12 @@ def main() -> None:
     best_precision = "bf16" if on_cuda else "fp32"
     # One rank: DDP's own cost per step (its hooks and bucket copies), with no second rank to
     # all-reduce with; what several GPUs cost in communication is benchmarks/distributed.py's.
-    add(f"DDP wrapper alone (one rank, no all-reduce partner), {best_precision}, channels_last",
-        launch(images_per_second, 1, model, size, batch, steps, args.device, best_precision, True,
-               backend="nccl" if on_cuda else "gloo"))
-    single = next(speed for label, speed, _ in rows if label == f"one process, {best_precision}, channels_last")
-    lines = [f"`python benchmarks/resnet50_throughput.py --device {args.device}`, {datetime.date.today()}, "
-             f"{describe_hardware(torch.device(args.device))}. {model}, {size}x{size} synthetic images, "
-             f"batch {batch}, summed loss with clipping; fp16 with its gradient scaler and fused SGD.", "",
-             "| run | images/s | against fp32 NCHW | peak memory |", "|---|---|---|---|"]
-    for label, speed, peak in rows:
-        memory = f"{peak:.1f} GiB" if peak is not None else "—"
-        lines.append(f"| {label} | {speed:.0f} | {speed / rows[0][1]:.2f} | {memory} |")
-    lines.append("")
-    lines.append(f"The DDP wrapper with one rank / one process: **{rows[-1][1] / single:.2f}** of the images/s.")
-    print("\n".join(lines))
-    if args.write_docs:
-        replace_block("docs/performance.md", "resnet50", "\n".join(lines))
-
+    wrapped = f"DDP wrapper alone (one rank, no all-reduce partner), {best_precision}, channels_last"
+    add(wrapped, launch(images_per_second, 1, model, size, batch, steps, args.device, best_precision, True,
+                        backend="nccl" if on_cuda else "gloo"))
+    single = speeds[f"one process, {best_precision}, channels_last"]
+    table.add("", f"The DDP wrapper with one rank / one process: **{speeds[wrapped] / single:.2f}** of the images/s.")
+    table.finish()
 
 if __name__ == "__main__":
     main()

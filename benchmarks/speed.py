@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,39 +47,60 @@ from cts_pipeline.core.runtime import (
 from cts_pipeline.core.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS: list[tuple[int, str, str, str, str, str]] = []  # (row, what, measured, ratio, target, met)
 
 
-def row(number: int, what: str, measured: str, ratio: str, target: str, met: bool | None) -> None:
-    """One measured line; ``met`` is None where the target is a figure to report, not a bound."""
-    verdict = "—" if met is None else ("yes" if met else "no")
-    ROWS.append((number, what, measured, ratio, target, verdict))
-    print(f"{number}. {what}: {measured} -> {ratio} ({target}; met: {verdict})", flush=True)
+@dataclass
+class SpeedTable:
+    """This run's measured lines, and the ``speed-<device>`` block of docs/performance.md they go to.
+    With ``to_docs`` each line is written as soon as it is measured, so a part that its time limit
+    in gpu.sh stops keeps what it measured (``docs_blocks.PARTIAL``)."""
 
+    device: torch.device
+    to_docs: bool = False
+    doc: str = "docs/performance.md"
+    rows: list[tuple[int, str, str, str, str, str]] = field(default_factory=list)  # (row, what, measured,
+    #                                                                                  ratio, target, met)
 
-def write_table(device: torch.device) -> None:
-    """The measured rows into docs/performance.md's ``speed-<device>`` block. Rows not measured in
-    this run keep their earlier lines (each line carries its own date), so ``--rows 1`` re-measures
-    row 1 alone."""
-    from docs_blocks import read_block, replace_block
+    def add(self, number: int, what: str, measured: str, ratio: str, target: str, met: bool | None) -> None:
+        """One measured line; ``met`` is None where the target is a figure to report, not a bound."""
+        verdict = "—" if met is None else ("yes" if met else "no")
+        self.rows.append((number, what, measured, ratio, target, verdict))
+        print(f"{number}. {what}: {measured} -> {ratio} ({target}; met: {verdict})", flush=True)
+        if self.to_docs:
+            self.write(partial=True)
 
-    name = f"speed-{device.type}"
-    measured = {number for number, *_ in ROWS}
-    kept = [line for line in read_block("docs/performance.md", name).splitlines()
-            if line.startswith("| ") and line.split("|")[1].strip().isdigit()
-            and int(line.split("|")[1]) not in measured]
-    today = datetime.date.today()
-    fresh = [f"| {number} | {what} | {times} | **{ratio}** | {target} | {met} | {today} |"
-             for number, what, times, ratio, target, met in ROWS]
-    lines = sorted(kept + fresh, key=lambda line: int(line.split("|")[1]))  # stable: a row's lines keep their order
-    replace_block("docs/performance.md", name, "\n".join([
-        f"Hardware: {describe_hardware(device)}. Written by `python benchmarks/speed.py --write-docs`"
-        " (or `--rows N` for some rows); each line's last column says when it was measured.",
-        "",
-        "| # | measurement | times | ratio | target | met | measured |",
-        "|---|---|---|---|---|---|---|",
-        *lines,
-    ]))
+    def write(self, partial: bool = False) -> None:
+        """The measured rows into the block. Rows not measured in this run keep their earlier lines
+        (each line carries its own date), so ``--rows 1`` re-measures row 1 alone. While ``partial``,
+        a row's lines that this run has not reached yet stay too, and a fresh line takes the place
+        of the earlier line of the same measurement."""
+        from docs_blocks import read_block, replace_block
+
+        name = f"speed-{self.device.type}"
+        today = datetime.date.today()
+        fresh = {what: f"| {number} | {what} | {times} | **{ratio}** | {target} | {met} | {today} |"
+                 for number, what, times, ratio, target, met in self.rows}
+        rows = {number for number, *_ in self.rows}
+        lines = []
+        for line in read_block(self.doc, name).splitlines():
+            cells = line.split("|")
+            if not (line.startswith("| ") and cells[1].strip().isdigit()):
+                continue  # the header
+            what = cells[2].strip()
+            if partial and what in fresh:
+                lines.append(fresh.pop(what))
+            elif int(cells[1]) not in rows or (partial and what not in fresh):
+                lines.append(line)
+        lines += fresh.values()  # in the order measured
+        lines.sort(key=lambda line: int(line.split("|")[1]))  # stable: a row's lines keep their order
+        replace_block(self.doc, name, "\n".join([
+            f"Hardware: {describe_hardware(self.device)}. Written by `python benchmarks/speed.py --write-docs`"
+            " (or `--rows N` for some rows); each line's last column says when it was measured.",
+            "",
+            "| # | measurement | times | ratio | target | met | measured |",
+            "|---|---|---|---|---|---|---|",
+            *lines,
+        ]), partial=partial)
 
 
 LABELS = {"lenet_300_100": "LeNet-300-100", "resnet20": "ResNet-20", "vgg16": "VGG-16"}
@@ -116,7 +138,8 @@ def synthetic(name: str, n: int, device: torch.device) -> Split:
 # 1. training loop vs hand-written loop
 
 
-def loop_ratio(name: str, split: Split, batch: int, device: torch.device, channels_last: bool, repeats: int) -> None:
+def loop_ratio(table: SpeedTable, name: str, split: Split, batch: int, device: torch.device, channels_last: bool,
+               repeats: int) -> None:
     recipe = TrainRecipe(epochs=1, batch_size=batch, lr=0.01, weight_decay=1e-4)
     shape = split.info.image_shape
     x_all = normalize(split.images, split.info)
@@ -145,7 +168,7 @@ def loop_ratio(name: str, split: Split, batch: int, device: torch.device, channe
     project()
     hand_written()
     t_project, t_hand, ratio = interleaved(project, hand_written, repeats, device)
-    row(1, f"speed of the project training loop / of a hand-written loop, {LABELS[name]}{' NHWC' if channels_last else ''}, "
+    table.add(1, f"speed of the project training loop / of a hand-written loop, {LABELS[name]}{' NHWC' if channels_last else ''}, "
         f"{len(split):,} images, batch {batch}",
         f"{t_project:.2f} s vs {t_hand:.2f} s per epoch", f"{ratio:.2f}", "≥ 0.95", ratio >= 0.95)
 
@@ -154,7 +177,7 @@ def loop_ratio(name: str, split: Split, batch: int, device: torch.device, channe
 # 2. search step vs dense step
 
 
-def step_ratio(name: str, shape, batch: int, device: torch.device, channels_last: bool, repeats: int,
+def step_ratio(table: SpeedTable, name: str, shape, batch: int, device: torch.device, channels_last: bool, repeats: int,
                steps: int) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=g).to(device)
@@ -199,7 +222,7 @@ def step_ratio(name: str, shape, batch: int, device: torch.device, channels_last
     d = relaxation.num_weights
     convolutional = name in ("resnet20", "vgg16")
     memory = f"; peak {peak_gib(search, device)} vs {peak_gib(dense, device)}" if device.type == "cuda" else ""
-    row(2, f"CTS search step / dense training step, {LABELS[name]}{' NHWC' if channels_last else ' NCHW' if convolutional else ''} "
+    table.add(2, f"CTS search step / dense training step, {LABELS[name]}{' NHWC' if channels_last else ' NCHW' if convolutional else ''} "
         f"({d:,} logits), batch {batch}, fp32",
         f"{t_search / steps * 1e3:.1f} ms vs {t_dense / steps * 1e3:.1f} ms{memory}", f"{ratio:.2f}",
         "≤ 1.5 (floor ≈ 1.33)" if convolutional else "below the straightforward 2.6–2.8",
@@ -219,7 +242,7 @@ def peak_gib(run, device: torch.device) -> str:
 # 3. batched device data path vs DataLoader with per-sample transforms
 
 
-def data_path_ratio(device: torch.device, n: int, repeats: int) -> None:
+def data_path_ratio(table: SpeedTable, device: torch.device, n: int, repeats: int) -> None:
     from PIL import Image
     from torchvision import transforms
 
@@ -251,7 +274,7 @@ def data_path_ratio(device: torch.device, n: int, repeats: int) -> None:
             labels.to(device)
 
     t_ours, t_loader, ratio = interleaved(ours, dataloader, repeats, device)
-    row(3, f"`DataLoader` with per-sample PIL transforms / batched on-device path, CIFAR-shaped, {n:,} images, "
+    table.add(3, f"`DataLoader` with per-sample PIL transforms / batched on-device path, CIFAR-shaped, {n:,} images, "
         "crop + flip", f"{t_loader:.2f} s vs {t_ours:.3f} s per epoch", f"{ratio:.1f}× faster", "report", None)
 
 
@@ -259,7 +282,7 @@ def data_path_ratio(device: torch.device, n: int, repeats: int) -> None:
 # 4. end-to-end CTS-KL vs LTR to 99.26 % on MNIST, LeNet-300-100
 
 
-def cts_vs_ltr(root: Path, device: torch.device) -> None:
+def cts_vs_ltr(table: SpeedTable, root: Path, device: torch.device) -> None:
     from cts_pipeline.core.ltr import level_for_sparsity, lottery_ticket_rewinding
 
     train_split, test_split = (s.to(device) for s in load_splits("mnist", root))
@@ -295,7 +318,7 @@ def cts_vs_ltr(root: Path, device: torch.device) -> None:
     ltr_ticket = train(fresh(theta_k), train_split, test_split, recipe, seed=0, stage="ltr", start_epoch=k,
                        mask=masks[level], progress=False)
     ltr_total = records[-1].cumulative_seconds + ltr_ticket.seconds
-    row(4, "LTR end-to-end / CTS-KL end-to-end to 99.26 %, MNIST LeNet-300-100",
+    table.add(4, "LTR end-to-end / CTS-KL end-to-end to 99.26 %, MNIST LeNet-300-100",
         f"LTR {ltr_total:.0f} s ({ltr_ticket.final['test_accuracy']:.2f} %) vs CTS-KL long {cts_total:.0f} s "
         f"({cts_ticket.final['test_accuracy']:.2f} %)", f"{ltr_total / cts_total:.1f}×", "paper: about 12×", None)
 
@@ -318,7 +341,7 @@ def _log_times(info_log: Path) -> dict[str, float]:
     return found
 
 
-def kedro_overhead(write_docs: bool = False, pairs: int = 3) -> None:
+def kedro_overhead(table: SpeedTable, pairs: int = 3) -> None:
     """The default run in a fresh project, then again in the same project (the MLflow store and
     the data split exist), ``pairs`` times: wall-clock against node compute, and where the rest
     goes. The VM's speed drifts between runs, so every pair is listed and the medians are rows."""
@@ -327,16 +350,16 @@ def kedro_overhead(write_docs: bool = False, pairs: int = 3) -> None:
         _overhead_pair(lines, ratios, walls)
     for attempt, values in ratios.items():
         median = statistics.median(values)
-        row(5, f"`kedro run --pipelines=cts` wall-clock / sum of node compute, default run, {attempt} "
+        table.add(5, f"`kedro run --pipelines=cts` wall-clock / sum of node compute, default run, {attempt} "
             f"(median of {pairs}; \"Pipeline overhead\" below)", ", ".join(f"{v:.2f}" for v in values),
             f"{median:.2f}", "≤ 1.10 (issue 8)", median <= 1.10)
     fresh = statistics.median(walls["fresh project"])
-    row(5, f"`kedro run --pipelines=cts` wall-clock, default run from a fresh project (median of {pairs})",
+    table.add(5, f"`kedro run --pipelines=cts` wall-clock, default run from a fresh project (median of {pairs})",
         ", ".join(f"{v:.1f} s" for v in walls["fresh project"]), f"{fresh:.1f} s", "≤ 60 s (issue 8)", fresh <= 60)
-    if write_docs:
+    if table.to_docs:
         from docs_blocks import replace_block
 
-        table = "\n".join([
+        overhead = "\n".join([
             f"`python benchmarks/speed.py --rows 5 --write-docs`, {datetime.date.today()}, "
             f"{describe_hardware(torch.device('cpu'))}.",
             "",
@@ -350,7 +373,7 @@ def kedro_overhead(write_docs: bool = False, pairs: int = 3) -> None:
             "|---|---|---|---|---|---|---|---|---|---|",
             *lines,
         ])
-        replace_block("docs/performance.md", "overhead", table)
+        replace_block("docs/performance.md", "overhead", overhead)
 
 
 # What any program doing this work imports, whatever runs it: torch; torch._dynamo, which torch.optim
@@ -437,35 +460,39 @@ def main() -> None:
     print(f"hardware: {describe_hardware(device)}", flush=True)
 
     rows = {int(r) for r in args.rows.split(",")} - ({4, 5} if args.quick else set())
+    table = SpeedTable(device, to_docs=args.write_docs)
     if 1 in rows:
-        loop_ratio("lenet_300_100", synthetic("mnist", 12_800, device), 128, device, channels_last=False,
+        loop_ratio(table, "lenet_300_100", synthetic("mnist", 12_800, device), 128, device, channels_last=False,
                    repeats=args.repeats)
-        loop_ratio("resnet20", synthetic("cifar10", 2_560 if device.type == "cpu" else 25_600, device), conv_batch,
-                   device, channels_last=True, repeats=args.repeats)
+        loop_ratio(table, "resnet20", synthetic("cifar10", 2_560 if device.type == "cpu" else 25_600, device),
+                   conv_batch, device, channels_last=True, repeats=args.repeats)
     if 2 in rows:
-        step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=True, repeats=args.repeats, steps=5)
-        step_ratio("resnet20", (3, 32, 32), conv_batch, device, channels_last=False, repeats=args.repeats, steps=5)
-        step_ratio("lenet_300_100", (1, 28, 28), 128, device, channels_last=False, repeats=args.repeats, steps=100)
-        if device.type == "cuda":  # VGG-16's 15 M weights at batch 512: minutes per row on a CPU
-            step_ratio("vgg16", (3, 32, 32), conv_batch, device, channels_last=True, repeats=args.repeats, steps=5)
+        for name, shape, batch, channels_last, steps in [
+            ("resnet20", (3, 32, 32), conv_batch, True, 5),
+            ("resnet20", (3, 32, 32), conv_batch, False, 5),
+            ("lenet_300_100", (1, 28, 28), 128, False, 100),
+            # VGG-16's 15 M weights at batch 512: minutes per row on a CPU
+            *([("vgg16", (3, 32, 32), conv_batch, True, 5)] if device.type == "cuda" else []),
+        ]:
+            step_ratio(table, name, shape, batch, device, channels_last=channels_last, repeats=args.repeats,
+                       steps=steps)
     if 3 in rows:
-        data_path_ratio(device, 5_000, repeats=3)
+        data_path_ratio(table, device, 5_000, repeats=3)
     if 4 in rows:
         if (args.mnist / "MNIST" / "raw").is_dir():
-            cts_vs_ltr(args.mnist, device)
+            cts_vs_ltr(table, args.mnist, device)
         else:
             print(f"skipping row 4: no MNIST under {args.mnist}", flush=True)
     if 5 in rows:
-        kedro_overhead(args.write_docs)
+        kedro_overhead(table)
 
     print(f"\nhardware: {describe_hardware(device)}; torch threads {torch.get_num_threads()}\n")
     print("| # | measurement | times | ratio | target | met |")
     print("|---|---|---|---|---|---|")
-    for number, what, measured, ratio, target, met in ROWS:
+    for number, what, measured, ratio, target, met in table.rows:
         print(f"| {number} | {what} | {measured} | {ratio} | {target} | {met} |")
     if args.write_docs:
-        write_table(device)
-
+        table.write()
 
 if __name__ == "__main__":
     main()

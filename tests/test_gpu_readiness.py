@@ -834,3 +834,106 @@ def test_gpu_sh_parts_load_on_the_gpu_machines_stack_and_fit_one_device_call():
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": "src"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [w for script, _ in scripts for w in ("parsed", script)]
+
+
+def _docs_blocks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_blocks", PROJECT_ROOT / "benchmarks/docs_blocks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_benchmark_table_is_on_disk_line_by_line_and_marked_partial_until_it_finishes(tmp_path):
+    """gpu.sh's parts each run under a time limit, and a GPU's first timings are unknown: a part
+    stopped halfway must keep the lines it measured, say that it stopped, and lose that mark once
+    it finishes."""
+    blocks = _docs_blocks()
+    doc = tmp_path / "performance.md"
+    doc.write_text("before\n<!-- t:begin -->\nold table\n<!-- t:end -->\nafter\n")
+    table = blocks.BlockWriter(str(doc), "t", to_docs=True)
+    table.add("| a | b |", "|---|---|")
+    table.add("| 1 | 2 |")
+    assert blocks.read_block(str(doc), "t") == f"| a | b |\n|---|---|\n| 1 | 2 |\n\n{blocks.PARTIAL}"
+    table.finish()
+    assert doc.read_text() == "before\n<!-- t:begin -->\n| a | b |\n|---|---|\n| 1 | 2 |\n<!-- t:end -->\nafter\n"
+    with pytest.raises(SystemExit, match="has no <!-- missing:begin -->"):  # before any measurement
+        blocks.BlockWriter(str(doc), "missing", to_docs=True)
+    blocks.BlockWriter(str(doc), "missing", to_docs=False).add("printed only")
+    assert "printed only" not in doc.read_text()
+
+
+def test_a_docs_block_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """``timeout`` may kill a part while it writes: the file is the old one or the new one."""
+    blocks = _docs_blocks()
+    doc = tmp_path / "performance.md"
+    original = "<!-- t:begin -->\nold\n<!-- t:end -->\n"
+    doc.write_text(original)
+    doc.chmod(0o644)
+
+    def killed_while_renaming(*_):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(blocks.os, "replace", killed_while_renaming)
+        with pytest.raises(KeyboardInterrupt):
+            blocks.replace_block(str(doc), "t", "new")
+    assert doc.read_text() == original and [p.name for p in tmp_path.iterdir()] == ["performance.md"]
+    blocks.replace_block(str(doc), "t", "new")
+    assert doc.read_text() == "<!-- t:begin -->\nnew\n<!-- t:end -->\n" and doc.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_part_stopped_by_its_time_limit_keeps_what_it_measured(tmp_path):
+    """As gpu.sh's ``part`` does: ``timeout`` sends SIGTERM to a benchmark that is still measuring."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    doc = tmp_path / "performance.md"
+    doc.write_text("<!-- t:begin -->\n<!-- t:end -->\n")
+    script = (f"import sys, time; sys.path.insert(0, {str(PROJECT_ROOT / 'benchmarks')!r})\n"
+              "from docs_blocks import BlockWriter\n"
+              f"table = BlockWriter({str(doc)!r}, 't', to_docs=True)\n"
+              "table.add('| measured | 1.00 |')\n"
+              "print('measured', flush=True)\n"
+              "time.sleep(60)  # the next measurement, which the limit cuts short\n"
+              "table.add('| never | 2.00 |')\n")
+    part = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")})
+    try:
+        assert part.stdout.readline().strip() == "| measured | 1.00 |"
+        assert part.stdout.readline().strip() == "measured"
+        part.send_signal(signal.SIGTERM)
+        assert part.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        part.kill()
+    blocks = _docs_blocks()
+    assert blocks.read_block(str(doc), "t") == f"| measured | 1.00 |\n\n{blocks.PARTIAL}"
+
+
+def test_the_speed_table_keeps_earlier_lines_while_partial_and_only_other_rows_once_finished(tmp_path, monkeypatch):
+    """Each line of the speed table carries its date. Halfway through a run, the lines it has not
+    reached yet are the earlier run's, in their places; the finished run drops the earlier lines of
+    the rows it measured."""
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
+    import datetime
+
+    from speed import SpeedTable
+
+    doc = tmp_path / "performance.md"
+    old = ["| 1 | loop A | t | **0.90** | ≥ 0.95 | no | 2026-01-01 |",
+           "| 1 | loop B | t | **0.97** | ≥ 0.95 | yes | 2026-01-01 |",
+           "| 2 | step C | t | **1.30** | ≤ 1.5 | yes | 2026-01-01 |"]
+    doc.write_text("<!-- speed-cpu:begin -->\n" + "\n".join(old) + "\n<!-- speed-cpu:end -->\n")
+    table = SpeedTable(torch.device("cpu"), to_docs=True, doc=str(doc))
+    table.add(1, "loop A", "t2", "0.99", "≥ 0.95", True)
+    today = datetime.date.today()
+    fresh = f"| 1 | loop A | t2 | **0.99** | ≥ 0.95 | yes | {today} |"
+    body = doc.read_text()
+    assert body.index(fresh) < body.index(old[1]) < body.index(old[2]) < body.index("*Partial:")
+    assert old[0] not in body
+    table.write()
+    body = doc.read_text()
+    assert fresh in body and old[2] in body and old[1] not in body and "*Partial:" not in body
