@@ -30,7 +30,8 @@ part() {  # part SECONDS NAME COMMAND...: run it under a limit, keep its log, sa
 # (ResNet-20 and VGG-16 at batch 512, with each step's peak memory), the data path.
 part 120 speed "$PYTHON" benchmarks/speed.py --device cuda --rows 1,2,3 --write-docs
 # Batched against one-at-a-time search (the path each took: stacked or vmap) and retraining
-# (stacked, in the default bf16), ResNet-20 at K = 5 and K = 15, with peak memory.
+# (stacked, in the default bf16), ResNet-20 at K = 5 and K = 15 first, then the small networks,
+# with peak memory.
 part 180 batched "$PYTHON" benchmarks/batched.py --device cuda --resnet --write-docs
 # The whole grid against LTR per epoch of work, ResNet-20 on CIFAR-shaped noise.
 part 80 grid_epochs "$PYTHON" benchmarks/grid_epochs.py --device cuda --write-docs

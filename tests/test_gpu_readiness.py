@@ -937,3 +937,29 @@ def test_the_speed_table_keeps_earlier_lines_while_partial_and_only_other_rows_o
     table.write()
     body = doc.read_text()
     assert fresh in body and old[2] in body and old[1] not in body and "*Partial:" not in body
+
+
+def test_the_gpu_batched_part_measures_resnet20_before_the_small_networks(monkeypatch, capsys):
+    """A time limit cuts a part's end, so gpu.sh's batched part measures what a GPU is for first:
+    ResNet-20's batched search and stacked retraining at K = 5 and 15."""
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
+    import batched
+
+    order = []
+    monkeypatch.setattr(batched, "measure", lambda label, model, *a, **k: order.append(("search", model)) or "|")
+    monkeypatch.setattr(batched, "measure_retraining",
+                        lambda label, model, *a, **k: order.append(("retraining", model)) or "|")
+
+    class NoImages:  # the rows are not measured, so no split is needed
+        def to(self, device):
+            return self
+
+        def subset(self, n):
+            return self
+
+    monkeypatch.setattr(batched, "synthetic", lambda name, n, device: NoImages())
+    monkeypatch.setattr(batched, "load_splits", lambda name, root=None: (NoImages(), NoImages()))
+    monkeypatch.setattr("sys.argv", ["batched.py", "--device", "cpu", "--resnet"])
+    batched.main()
+    assert order == [("search", "resnet20")] * 2 + [("retraining", "resnet20")] * 2 + [
+        ("search", "convnet"), ("search", "lenet_300_100"), ("retraining", "convnet"), ("retraining", "lenet_300_100")]
