@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The last line of a table that its benchmark is still writing. The GPU parts rewrite their block
 # after each measured line, so a part that its time limit in gpu.sh (or an error) stops keeps what
 # it measured, and says that it stopped; the finished run writes the table without it.
-PARTIAL = ("*Partial: the run that wrote this table stopped (its time limit in `benchmarks/gpu.sh`, or "
-           "an error; see its log) before it measured the rest.*")
+PARTIAL = ("*Partial: the run that wrote this table stopped before it measured the rest (a part's time "
+           "limit in `benchmarks/gpu.sh`, an error or an interrupt; its log says which).*")
 
 
 def _block(relative_path: str, name: str) -> tuple[Path, str, re.Pattern]:
