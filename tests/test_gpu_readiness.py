@@ -836,20 +836,17 @@ def test_gpu_sh_parts_load_on_the_gpu_machines_stack_and_fit_one_device_call():
     assert done.stdout.split() == [w for script, _ in scripts for w in ("parsed", script)]
 
 
-def _docs_blocks():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("docs_blocks", PROJECT_ROOT / "benchmarks/docs_blocks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def benchmarks(monkeypatch):
+    """The benchmark scripts importable as ``python benchmarks/X.py`` finds them (its folder first)."""
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
 
 
-def test_a_benchmark_table_is_on_disk_line_by_line_and_marked_partial_until_it_finishes(tmp_path):
+def test_a_benchmark_table_is_on_disk_line_by_line_and_marked_partial_until_it_finishes(tmp_path, benchmarks):
     """gpu.sh's parts each run under a time limit, and a GPU's first timings are unknown: a part
     stopped halfway must keep the lines it measured, say that it stopped, and lose that mark once
     it finishes."""
-    blocks = _docs_blocks()
+    import docs_blocks as blocks
     doc = tmp_path / "performance.md"
     doc.write_text("before\n<!-- t:begin -->\nold table\n<!-- t:end -->\nafter\n")
     table = blocks.BlockWriter(str(doc), "t", to_docs=True)
@@ -864,9 +861,9 @@ def test_a_benchmark_table_is_on_disk_line_by_line_and_marked_partial_until_it_f
     assert "printed only" not in doc.read_text()
 
 
-def test_a_docs_block_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+def test_a_docs_block_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, benchmarks):
     """``timeout`` may kill a part while it writes: the file is the old one or the new one."""
-    blocks = _docs_blocks()
+    import docs_blocks as blocks
     doc = tmp_path / "performance.md"
     original = "<!-- t:begin -->\nold\n<!-- t:end -->\n"
     doc.write_text(original)
@@ -884,7 +881,7 @@ def test_a_docs_block_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     assert doc.read_text() == "<!-- t:begin -->\nnew\n<!-- t:end -->\n" and doc.stat().st_mode & 0o777 == 0o644
 
 
-def test_a_part_stopped_by_its_time_limit_keeps_what_it_measured(tmp_path):
+def test_a_part_stopped_by_its_time_limit_keeps_what_it_measured(tmp_path, benchmarks):
     """As gpu.sh's ``part`` does: ``timeout`` sends SIGTERM to a benchmark that is still measuring."""
     import os
     import signal
@@ -909,15 +906,14 @@ def test_a_part_stopped_by_its_time_limit_keeps_what_it_measured(tmp_path):
         assert part.wait(timeout=30) == -signal.SIGTERM
     finally:
         part.kill()
-    blocks = _docs_blocks()
+    import docs_blocks as blocks
     assert blocks.read_block(str(doc), "t") == f"| measured | 1.00 |\n\n{blocks.PARTIAL}"
 
 
-def test_the_speed_table_keeps_earlier_lines_while_partial_and_only_other_rows_once_finished(tmp_path, monkeypatch):
+def test_the_speed_table_keeps_earlier_lines_while_partial_and_only_other_rows_once_finished(tmp_path, benchmarks):
     """Each line of the speed table carries its date. Halfway through a run, the lines it has not
     reached yet are the earlier run's, in their places; the finished run drops the earlier lines of
     the rows it measured."""
-    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
     import datetime
 
     from speed import SpeedTable
@@ -939,10 +935,9 @@ def test_the_speed_table_keeps_earlier_lines_while_partial_and_only_other_rows_o
     assert fresh in body and old[2] in body and old[1] not in body and "*Partial:" not in body
 
 
-def test_the_gpu_batched_part_measures_resnet20_before_the_small_networks(monkeypatch, capsys):
+def test_the_gpu_batched_part_measures_resnet20_before_the_small_networks(monkeypatch, benchmarks):
     """A time limit cuts a part's end, so gpu.sh's batched part measures what a GPU is for first:
     ResNet-20's batched search and stacked retraining at K = 5 and 15."""
-    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
     import batched
 
     order = []
