@@ -958,3 +958,22 @@ def test_the_gpu_batched_part_measures_resnet20_before_the_small_networks(monkey
     batched.main()
     assert order == [("search", "resnet20")] * 2 + [("retraining", "resnet20")] * 2 + [
         ("search", "convnet"), ("search", "lenet_300_100"), ("retraining", "convnet"), ("retraining", "lenet_300_100")]
+
+
+@pytest.mark.parametrize("script", ["grid_epochs.py", "resnet50_throughput.py"])
+def test_quick_figures_are_refused_for_the_docs_in_one_line_before_anything_is_measured(script):
+    """``--quick`` checks a script; its figures say nothing. Asked to write them into the docs, the
+    script says so in one line and exits 1 before it measures, and the docs are untouched."""
+    import os
+    import subprocess
+    import sys
+
+    doc = PROJECT_ROOT / "docs/performance.md"
+    before = doc.read_bytes()
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--write-docs", "--device", "cpu"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": "src"})
+    assert done.returncode == 1
+    assert done.stderr == "--quick checks the script; its figures say nothing and are not written\n"
+    assert done.stdout == ""  # nothing measured, not even the table's first line
+    assert doc.read_bytes() == before
