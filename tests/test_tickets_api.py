@@ -153,15 +153,53 @@ def test_prunable_chooses_the_layers_and_the_others_stay_dense():
     data = CountingDigits(128)
     net = mlp()
     by_name = find_ticket(net, data.inputs, data.labels, sparsity=0.9, epochs=1, batch_size=64, prunable=["0"])
-    assert list(by_name.mask) == ["0.weight"] and by_name.kept_weights == round(0.1 * 64 * 32)
+    assert list(by_name.layers) == ["0.weight"] and by_name.kept_weights == round(0.1 * 64 * 32)
+    assert by_name.dense_layers == ("2.weight",) and by_name.mask["2.weight"].all()
     by_rule = find_ticket(net, data.inputs, data.labels, sparsity=0.9, epochs=1, batch_size=64,
                           prunable=lambda name, module: module.out_features == 10)
-    assert list(by_rule.mask) == ["2.weight"] and by_rule.kept_weights == 32
+    assert list(by_rule.layers) == ["2.weight"] and by_rule.kept_weights == 32
+    assert by_rule.dense_layers == ("0.weight",) and int(by_rule.mask["2.weight"].sum()) == 32
     assert not hasattr(net, "keep_dense"), "the model is as it was"
     with pytest.raises(ValueError, match="prunable names 5, which are not Conv or Linear layers"):
         find_ticket(net, data.inputs, data.labels, sparsity=0.9, prunable=["5"])
     with pytest.raises(ValueError, match="prunable selects no layer"):
         find_ticket(net, data.inputs, data.labels, sparsity=0.9, prunable=lambda name, module: False)
+
+
+def test_a_ticket_of_some_layers_applies_and_retrains_with_the_others_whole():
+    """find_ticket(..., prunable=[...]) gives a ticket that ``retrain`` and ``apply`` take: the
+    layers outside ``prunable`` are simply unpruned (they used to be missing from the mask)."""
+    from cts_pipeline.core.recipe import TrainRecipe
+
+    data = CountingDigits(128)
+    net = mlp()
+    ticket = find_ticket(net, data.inputs, data.labels, sparsity=0.9, epochs=1, batch_size=64, prunable=["0"])
+    before = net[2].weight.detach().clone()
+    result = ticket.retrain(net, data.inputs, data.labels, recipe=TrainRecipe(epochs=1, batch_size=64, lr=0.05))
+    assert len(result.history) == 1
+    assert int((net[0].weight != 0).sum()) <= ticket.kept_weights, "the searched layer stays pruned"
+    assert not torch.equal(net[2].weight, before) and bool((net[2].weight != 0).all()), "the other trains whole"
+    pruned = ticket.apply(net)
+    assert int(pruned[0].weight_mask.sum()) == ticket.kept_weights and bool(pruned[2].weight_mask.all())
+
+
+def test_a_model_pruned_with_torch_prune_is_refused_in_one_line():
+    """The README's own sequence (``ticket.apply(my_model)``, then ``find_ticket(my_model, ...)``)
+    used to fail deep inside with "element 0 of tensors does not require grad"."""
+    data = CountingDigits(128)
+    net = mlp()
+    ticket = find_ticket(net, data.inputs, data.labels, sparsity=0.9, epochs=1, batch_size=64)
+    ticket.apply(net)
+    with pytest.raises(ValueError) as refused:
+        find_ticket(net, data.inputs, data.labels, sparsity=0.9, epochs=1, batch_size=64, prunable=["0"])
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("find_ticket: the model is already pruned with torch.nn.utils.prune (layers 0, 2)")
+    assert "torch.nn.utils.prune.remove(module, 'weight')" in message
+    for module in (net[0], net[2]):  # what the message says to do, and the search then runs
+        torch.nn.utils.prune.remove(module, "weight")
+    again = find_ticket(net, data.inputs, data.labels, sparsity=0.95, epochs=1, batch_size=64, prunable=["0"])
+    assert again.kept_weights == round(0.05 * 64 * 32)
 
 
 def test_a_ticket_retrains_with_the_projects_trainer_and_reports_test_accuracy():

@@ -40,8 +40,12 @@ class Ticket:
     scores: dict[str, torch.Tensor]
     sparsity: float
     kept_weights: int
-    layers: dict[str, dict[str, Any]]  # per layer: kept, total, density
+    layers: dict[str, dict[str, Any]]  # per searched layer: kept, total, density
     history: list[dict] = field(default_factory=list)  # per search epoch: objective, kept/budget, λ
+    # Layers outside find_ticket's ``prunable``: whole in ``mask`` (all True), so the ticket applies
+    # to and retrains the whole network; ``sparsity``, ``kept_weights`` and ``layers`` count the
+    # searched layers only.
+    dense_layers: tuple[str, ...] = ()
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Prune ``model`` in place (``torch.nn.utils.prune.custom_from_mask``) and return it.
@@ -96,8 +100,9 @@ class Ticket:
         layers = ", ".join(f"{name} {r['kept']}/{r['total']} ({100 * r['density']:.2f} %)"
                            for name, r in self.layers.items())
         total = sum(r["total"] for r in self.layers.values())
+        dense = f"; kept whole: {', '.join(self.dense_layers)}" if self.dense_layers else ""
         return (f"Ticket(sparsity {100 * self.sparsity:.2f} %, kept {self.kept_weights} of {total} weights; "
-                f"{layers})")
+                f"{layers}{dense})")
 
 
 def _as_tensors(data: Any, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +262,9 @@ def find_ticket(
     batched = isinstance(sparsity, list | tuple)
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_ticket: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not prunable_parameters(model):
+    _refuse_pruned(model)
+    every_layer = prunable_parameters(model)
+    if not every_layer:
         raise ValueError(f"find_ticket: model ({type(model).__name__}) has no Conv2d or Linear layer to prune")
     device = next(model.parameters()).device
     # Inputs are taken as they are, whatever their shape ([N, features], sequences, images).
@@ -272,17 +279,36 @@ def find_ticket(
                                     recipe=recipe, seed=seed, stage="find_ticket", progress=progress)
     finally:
         model.train(was_training)
-    tickets = [_ticket(result, density) for result, density in
+    tickets = [_ticket(result, density, every_layer) for result, density in
                zip(found if isinstance(found, list) else [found], densities, strict=True)]
     return tickets if batched else tickets[0]
 
 
-def _ticket(result, density: float) -> Ticket:
-    mask = global_topk_mask(result.scores, density)
-    kept = sum(int(m.sum()) for m in mask.values())
-    total = sum(m.numel() for m in mask.values())
+def _ticket(result, density: float, every_layer: dict[str, torch.Tensor]) -> Ticket:
+    """The ticket of one search: its top-k mask over the searched layers, and the layers outside
+    ``prunable`` kept whole, so the mask covers every layer the pipeline's trainer masks."""
+    searched = global_topk_mask(result.scores, density)
+    kept = sum(int(m.sum()) for m in searched.values())
+    total = sum(m.numel() for m in searched.values())
+    dense = tuple(name for name in every_layer if name not in searched)
+    mask = {name: searched[name] if name in searched else torch.ones_like(weight, dtype=torch.bool, device="cpu")
+            for name, weight in every_layer.items()}
     return Ticket(mask=mask, scores=result.scores, sparsity=1 - kept / total, kept_weights=kept,
-                  layers=layer_report(mask), history=result.history)
+                  layers=layer_report(searched), history=result.history, dense_layers=dense)
+
+
+def _refuse_pruned(model: nn.Module) -> None:
+    """One line for a model already pruned with ``torch.nn.utils.prune`` (``ticket.apply`` does
+    that): its weights are then computed from ``weight_orig`` and a mask, and the search cannot
+    learn a mask for them (it would fail deep inside with "does not require grad")."""
+    from torch.nn.utils import prune
+
+    pruned = [name or type(model).__name__ for name, module in model.named_modules()
+              if any(isinstance(hook, prune.BasePruningMethod) for hook in module._forward_pre_hooks.values())]
+    if pruned:
+        raise ValueError(f"find_ticket: the model is already pruned with torch.nn.utils.prune (layers "
+                         f"{', '.join(pruned[:4])}{', …' if len(pruned) > 4 else ''}); search the unpruned network, "
+                         "or make the pruning permanent first with torch.nn.utils.prune.remove(module, 'weight')")
 
 
 class LoadedTicket(NamedTuple):

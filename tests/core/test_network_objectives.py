@@ -185,6 +185,49 @@ def test_activations_are_the_authors_captures_on_resnet20():
     assert torch.allclose(captured[-1].sum(1), torch.ones(4))
 
 
+class MethodFormRelus(torch.nn.Module):
+    """ReLUs written as tensor methods (``x.relu()``, ``x.relu_()``), as users' models do; with
+    ``edit``, a ReLU output edited in place after it was applied (which only a forward without
+    autograd, such as the search's teacher, can do: the ReLU's backward needs its output)."""
+
+    def __init__(self, edit: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(64, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 10)
+        self.edit = edit
+
+    def forward(self, x):
+        h = self.fc1(x.flatten(1)).relu()
+        g = self.fc2(h).relu_()
+        if self.edit:
+            g.mul_(2.0)  # the capture must keep what the ReLU gave
+        return self.fc3(g)
+
+
+def test_activations_capture_method_form_relus_as_they_were_applied():
+    from cts_pipeline.core.cts.objectives import _activations
+
+    model = MethodFormRelus(edit=True)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # as the teacher runs
+        captured = _activations(lambda: model(x))
+    assert len(captured) == 2 + 1, "two ReLUs (method form) and the softmax"
+    h = torch.relu(model.fc1(x.flatten(1)))
+    assert torch.allclose(captured[0], h)
+    assert torch.allclose(captured[1], torch.relu(model.fc2(h))), "as the ReLU gave it, before the in-place edit"
+
+
+def test_activation_mse_on_method_form_relus_has_gradients(batch):
+    x, y = batch
+    model = MethodFormRelus()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    relaxation = ConcreteMask(prunable_parameters(model), 0.3)
+    soft = relaxation.sample(UniformNoise("cpu", 0, "t"))
+    loss = cts.activation_mse(model, relaxation, soft, x, y)
+    (grad,) = torch.autograd.grad(loss, relaxation.logits)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_feature_capture_chooses_the_objective_and_the_lagrangian_rate(batch, monkeypatch):
     from cts_pipeline.config.identity import cts_method_name
     from cts_pipeline.core.cts import search

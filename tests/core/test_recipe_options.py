@@ -380,6 +380,31 @@ def test_virtual_ranks_search_step_draws_noise_and_lambda_per_rank(digits):
     torch.testing.assert_close(got_grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
+def test_a_short_last_batch_is_padded_so_every_virtual_rank_has_samples(digits):
+    """17 samples in batches of 8 over 4 ranks: the last batch (1 sample) would leave three ranks
+    none (a NaN loss after a whole epoch). The epoch is padded with its own first samples to 20,
+    as DistributedSampler pads it for 4 devices, and training and the search run."""
+    from cts_pipeline.core.data import iterate_batches
+    from cts_pipeline.core.runtime import generator
+
+    split = digits[0].subset(17)
+    batches = list(iterate_batches(split, 8, shuffle=True, generator=generator("cpu", 0, "data-order", 0), parts=4))
+    assert [len(y) for _, y in batches] == [8, 8, 4]
+    order = torch.randperm(17, generator=generator("cpu", 0, "data-order", 0))
+    first, *_ = batches
+    assert torch.equal(batches[-1][1], split.labels[torch.cat([order[16:], order[:3]])])
+    assert torch.equal(first[1], split.labels[order[:8]])
+
+    recipe = TrainRecipe(epochs=2, batch_size=8, lr=0.05, virtual_ranks=4)
+    model = convnet()
+    result = train(model, split, None, recipe, seed=0, stage="short last batch", progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
+    found = concrete_search(model, split, density=0.2, config=SearchConfig(epochs=1), recipe=recipe, seed=0,
+                            progress=False)
+    assert found.steps == 3 and torch.isfinite(torch.tensor(found.history[-1]["loss"]))
+
+
 def test_a_search_with_virtual_ranks_keeps_exactly_its_count(digits):
     model = convnet()
     recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.1, virtual_ranks=4)

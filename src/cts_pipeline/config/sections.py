@@ -26,8 +26,10 @@ from ..core.recipe import TrainRecipe
 from ..core.runtime import CudaPolicy, check_device_choice
 from .sweep import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
 from .typed import (
+    AutoFlag,
     ConfigError,
     Expects,
+    FiniteNumber,
     Flag,
     Fraction,
     NonEmptyText,
@@ -42,7 +44,7 @@ from .typed import (
 
 DatasetName = registered(DATASETS, "dataset")
 ModelName = registered(MODELS, "model")
-Numbers = Annotated[tuple[Annotated[float, Field(strict=True)], ...], Expects("a list of numbers, one per channel")]
+Numbers = Annotated[tuple[FiniteNumber, ...], Expects("a list of finite numbers, one per channel")]
 
 
 class DataConfig(Section):
@@ -109,12 +111,12 @@ class RuntimeConfig(Section):
     # How often a long loop writes its checkpoint: N epochs, "600s" / "10min", or auto (whenever
     # writing it costs at most 5 % of the training time since the last one; the GPU presets' choice).
     checkpoint_every: int | str = 1
-    channels_last: Literal["auto", True, False] = "auto"  # auto: NHWC for convolutional models (faster on CPUs)
+    channels_last: AutoFlag = "auto"  # auto: NHWC for convolutional models (faster on CPUs)
     compile: Flag = False  # torch.compile the training forward (worth it on GPUs, not on CPUs)
     # One batched CTS search (and retraining) per seed and CTS configuration. true: always batched, so
     # runs repeat to the bit; auto: batched where a probe of a step measures it faster on this
     # device (not for ResNet-20 on a CPU), a choice that timing noise can flip between runs.
-    batch_sparsities: Literal["auto", True, False] = True
+    batch_sparsities: AutoFlag = True
     strict: Flag = False  # stop the run when a search diverges, instead of flagging the branch
     # {nproc: N}: train and search over N local processes; null: one
     distributed: Annotated[DistributedConfig, Expects("null or {nproc: N, sync_batchnorm: false}")] = \

@@ -52,8 +52,12 @@ class Expects:
 Flag = Annotated[StrictBool, Expects("true or false")]
 PositiveInt = Annotated[StrictInt, Field(ge=1), Expects("a positive integer")]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0), Expects("a non-negative integer")]
-PositiveNumber = Annotated[StrictFloat, Field(gt=0), Expects("a positive number")]
-Fraction = Annotated[StrictFloat, Field(gt=0, lt=1), Expects("a fraction in (0, 1)")]
+# (StrictFloat takes an int too, but never a bool or a string; allow_inf_nan=False refuses inf and NaN.)
+PositiveNumber = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False), Expects("a positive number")]
+Fraction = Annotated[StrictFloat, Field(gt=0, lt=1, allow_inf_nan=False), Expects("a fraction in (0, 1)")]
+FiniteNumber = Annotated[StrictFloat, Field(allow_inf_nan=False), Expects("a finite number")]
+# auto, true or false: a Literal of booleans would take 1, 0 and 1.0 for them (pydantic compares by ==).
+AutoFlag = Annotated[Literal["auto"] | StrictBool, Expects("auto, true or false")]
 NonEmptyText = Annotated[str, Field(strict=True, min_length=1), Expects("a non-empty string")]
 
 
@@ -175,13 +179,31 @@ def problems_of(cls: type[Section], error: ValidationError) -> list[str]:
     lines = []
     for e in error.errors():
         raised = (e.get("ctx") or {}).get("error")
-        lines += raised.problems if isinstance(raised, ConfigError) else [_problem(cls, e)]
+        for line in raised.problems if isinstance(raised, ConfigError) else [_problem(cls, e)]:
+            if line not in lines:  # a union reports each of its members: the field is named once
+                lines.append(line)
     return lines
 
 
+def _field_path(cls: type[Section], loc: Sequence[Any]) -> list[Any]:
+    """``loc`` up to the field it names: a union's member tag (``bool``, ``literal['auto']``) after
+    the field is pydantic's, not a setting."""
+    path, owner = [], cls
+    for part in loc:
+        if isinstance(part, int):
+            path.append(part)
+            continue
+        if owner is None or part not in owner.model_fields:
+            break
+        path.append(part)
+        owner = _nested(owner.model_fields[part].annotation)
+    return path
+
+
 def _problem(cls: type[Section], error: Mapping[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"] if not isinstance(part, int)]  # a list's item: its list
-    item = "".join(f"[{part}]" for part in error["loc"][len(loc):] if isinstance(part, int))
+    located = _field_path(cls, error["loc"]) if error["type"] != "extra_forbidden" else list(error["loc"])
+    loc = [str(part) for part in located if not isinstance(part, int)]  # a list's item: its list
+    item = "".join(f"[{part}]" for part in located[len(loc):] if isinstance(part, int))
     if error["type"] == "extra_forbidden":
         owner = _owner(cls, loc[:-1])
         title = ".".join([title_of(cls), *loc[:-1]])

@@ -32,6 +32,7 @@ from .data_registry import (  # the registry lives apart so that image_folders n
     get_dataset_info,
 )
 from .data_transforms import CROP_PADDINGS, crop_flip, draw_crop_flip, normalize
+from .virtual_ranks import padded_order
 
 __all__ = ["CROP_PADDINGS", "DATASETS", "DataFileError", "DatasetInfo", "DatasetNotFoundError", "Split",
            "ensure_available",
@@ -395,8 +396,14 @@ def iterate_batches(
     drop_last: bool = False,
     pad: int = 4,
     padding: str = "zeros",
+    parts: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (normalised float32 images, int64 labels) on the split's device.
+
+    ``parts``: the number of ranks each batch is dealt to (:attr:`.virtual_ranks.RankLayout.parts`).
+    The epoch's order is then padded to a multiple of it by wrapping to its start, as
+    ``DistributedSampler`` pads an epoch for that many devices, so the last batch gives every rank
+    the same number of samples (a short last batch would leave some ranks none: a NaN loss).
 
     Random numbers are drawn in a fixed order (the epoch's permutation, then per batch the crop
     rows, crop columns and flips), all from ``generator``, so a seeded generator replays an epoch
@@ -405,9 +412,11 @@ def iterate_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, got {parts}")
     if split.streamed:  # the folders' own transforms crop, flip and normalise
         yield from split.batches(batch_size, shuffle=shuffle, generator=generator, augment=augment,
-                                 drop_last=drop_last)
+                                 drop_last=drop_last, parts=parts)
         return
     if pad < 0:
         raise ValueError(f"pad must be non-negative, got {pad}")
@@ -419,6 +428,9 @@ def iterate_batches(
     if shuffle:
         gen_device = generator.device if generator is not None else device
         order = torch.randperm(n, generator=generator, device=gen_device).to(device)
+    if n % parts:
+        order = padded_order(order if order is not None else torch.arange(n, device=device), parts)
+        n = len(order)
 
     stop = n - n % batch_size if drop_last else n
     # The crop pads raw pixels with zeros (black), so augmented batches are normalised after it.

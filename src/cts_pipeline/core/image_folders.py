@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import math
 import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from .data_registry import DataFileError, DatasetInfo, DatasetNotFoundError
 from .data_transforms import normalize
 from .distributed import rank_and_world
+from .virtual_ranks import padded_order, padded_size
 
 logger = logging.getLogger(__name__)
 
@@ -204,21 +206,31 @@ class _SeededOrder(Sampler):
     """``(index, seed)`` pairs in a ``DistributedSampler``'s order: this rank's part of the epoch,
     each sample with the seed its transforms draw from. The order's seed is set per epoch
     (:meth:`StreamedSplit.batches` draws it from the loop's per-epoch generator, so every stream
-    of the project stays seeded by (run seed, stream, epoch))."""
+    of the project stays seeded by (run seed, stream, epoch)).
 
-    def __init__(self, size: int, *, shuffle: bool, rank: int, world: int) -> None:
-        self.order = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=shuffle,
-                                        drop_last=False)  # pads the ranks to equal parts, as DDP needs
+    The epoch is padded with its first samples to a multiple of ``parts`` (the ranks each global
+    batch is dealt to: the recipe's virtual ranks, or the processes), as ``DistributedSampler``
+    pads it for that many devices, then process ``rank`` takes every ``world``-th sample: its part
+    of every global batch, equal in size to every other process's (in-memory splits pad alike,
+    :func:`.virtual_ranks.padded_order`)."""
+
+    def __init__(self, size: int, *, shuffle: bool, rank: int, world: int, parts: int = 1) -> None:
+        # The sampler for one replica is the whole epoch's order (no padding): padded below to
+        # ``parts``, which may be more than the processes (virtual ranks).
+        self.order = DistributedSampler(range(size), num_replicas=1, rank=0, shuffle=shuffle, drop_last=False)
+        self.rank, self.world = rank, world
+        self.parts = math.lcm(parts, world)
 
     def set_seed(self, seed: int) -> None:
         self.order.seed = seed
         self.order.set_epoch(0)  # the epoch is already folded into the seed
 
     def __len__(self) -> int:
-        return len(self.order)
+        return padded_size(len(self.order), self.parts) // self.world
 
     def __iter__(self):
-        for index in self.order:
+        order = padded_order(torch.tensor(list(self.order), dtype=torch.int64), self.parts)
+        for index in order[self.rank::self.world].tolist():
             yield index, (self.order.seed * 1_000_003 + index) % 2**63
 
 
@@ -302,13 +314,15 @@ class StreamedSplit:
                                    digest=samples_digest([samples[i] for i in kept], self.root))
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                augment: bool = False, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                augment: bool = False, drop_last: bool = False,
+                parts: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of (normalised float32 images, labels) on :attr:`device`: the loader's uint8
         batches (pinned on CUDA, :data:`PREFETCH_BATCHES` ahead per worker) are normalised there.
         Shuffled epochs are split
         over the ranks of a process group: each rank gets ``batch_size / world`` images of every
         global batch, the union being the global batch one process would see. Unshuffled epochs
-        (evaluation) read every image on every rank."""
+        (evaluation) read every image on every rank. ``parts``: the ranks a global batch is dealt
+        to; the epoch is padded for them (:class:`_SeededOrder`)."""
         rank, world = rank_and_world() if shuffle else (0, 1)
         workers = self.workers
         if workers and multiprocessing.current_process().daemon:
@@ -320,9 +334,9 @@ class StreamedSplit:
             workers = self.workers = 0
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} does not split over {world} processes; make it a multiple")
-        key = (augment, batch_size, shuffle, drop_last, world)
+        key = (augment, batch_size, shuffle, drop_last, world, parts)
         if key not in self._loaders:
-            order = _SeededOrder(len(self), shuffle=shuffle, rank=rank, world=world)
+            order = _SeededOrder(len(self), shuffle=shuffle, rank=rank, world=world, parts=parts)
             samples = _SeededSamples(self.dataset("train" if augment else "eval"), self.indices)
             self._loaders[key] = DataLoader(
                 samples, batch_size=batch_size // world, sampler=order, num_workers=workers,

@@ -8,6 +8,7 @@ retrained from ``θ_k`` sees exactly the schedule the dense run saw from epoch `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -49,16 +50,21 @@ class TrainRecipe:
     virtual_ranks: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("lr", "momentum", "weight_decay", "gamma"):  # before any comparison with a number
-            _require(_is_number(getattr(self, name)), f"training.{name}", getattr(self, name), "a number")
+        # Types first, strictly (a YAML "false" is a truthy string, 1 is no flag, inf no rate), then ranges.
+        for name in ("lr", "momentum", "weight_decay", "gamma"):
+            _require(_is_number(getattr(self, name)), f"training.{name}", getattr(self, name), "a finite number")
         _require(self.grad_clip_norm is None or _is_number(self.grad_clip_norm), "training.grad_clip_norm",
-                 self.grad_clip_norm, "null or a number")
+                 self.grad_clip_norm, "null or a finite number")
+        for name in ("nesterov", "augment"):
+            _require(isinstance(getattr(self, name), bool), f"training.{name}", getattr(self, name), "true or false")
+        for name in ("loss_reduction", "crop_padding", "precision"):
+            _require(isinstance(getattr(self, name), str), f"training.{name}", getattr(self, name), "a string")
         _require(isinstance(self.milestones, (list, tuple)) and all(_is_count(m) for m in self.milestones),
                  "training.milestones", self.milestones, "a list of epoch numbers")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         _require(_is_count(self.epochs) and self.epochs >= 1, "training.epochs", self.epochs, "a positive integer")
         _require(_is_count(self.batch_size) and self.batch_size >= 1, "training.batch_size", self.batch_size, "a positive integer")
-        _require(self.lr > 0, "training.lr", self.lr, "positive")
+        _require(self.lr > 0, "training.lr", self.lr, "a finite positive number")
         _require(
             _is_count(self.rewind_epoch) and 0 <= self.rewind_epoch < self.epochs,
             "training.rewind_epoch", self.rewind_epoch,
@@ -77,6 +83,8 @@ class TrainRecipe:
                  f"one of {CROP_PADDINGS}")
         _require(self.precision in PRECISIONS, "training.precision", self.precision, f"one of {PRECISIONS}")
         _require(_is_count(self.eval_every) and self.eval_every >= 1, "training.eval_every", self.eval_every, "a positive integer")
+        _require(_is_count(self.eval_batch_size) and self.eval_batch_size >= 1, "training.eval_batch_size",
+                 self.eval_batch_size, "a positive integer")
         _require(_is_count(self.virtual_ranks) and self.virtual_ranks >= 1, "training.virtual_ranks",
                  self.virtual_ranks, "a positive integer")
         _require(self.batch_size % self.virtual_ranks == 0, "training.virtual_ranks", self.virtual_ranks,
@@ -102,7 +110,8 @@ class TrainRecipe:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or a finite float (not a bool, a string, inf or NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_count(value) -> bool:

@@ -20,7 +20,7 @@ from .epochs import EpochLoop
 from .masks import check_mask_matches, prunable_parameters
 from .recipe import TrainRecipe
 from .runtime import generator
-from .virtual_ranks import RankLayout, running_stats_of
+from .virtual_ranks import RankLayout, padded_size, running_stats_of
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,9 @@ def train(
     if world > 1:
         model = with_sync_batchnorm(model, sync_batchnorm)
     forward = training_forward(model, world, compile_model)
-    steps_per_epoch = _num_batches(len(train_split), recipe.batch_size)
+    # The epoch as the ranks see it: padded so each gets the same share of the last batch.
+    epoch_samples = padded_size(len(train_split), ranks.parts)
+    steps_per_epoch = _num_batches(epoch_samples, recipe.batch_size)
     result = TrainResult()
 
     def restore(saved) -> None:
@@ -163,7 +165,7 @@ def train(
         batches = iterate_batches(
             train_split, recipe.batch_size, shuffle=True,
             generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
-            padding=recipe.crop_padding,
+            padding=recipe.crop_padding, parts=ranks.parts,
         )
         for step, (x, y) in enumerate(batches):
             if epoch < recipe.warmup_epochs:
@@ -209,12 +211,12 @@ def train(
         all_sum(step_losses, correct)  # the global batch's loss and accuracy on every rank
         # One host sync per epoch instead of one per step; the failing step is still named exactly.
         check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)
-        per_sample = step_losses.sum().item() / (len(train_split) if recipe.loss_reduction == "sum" else steps_per_epoch)
+        per_sample = step_losses.sum().item() / (epoch_samples if recipe.loss_reduction == "sum" else steps_per_epoch)
         record = {
             "epoch": epoch + 1,
             "lr": lr,
             "train_loss": per_sample,
-            "train_accuracy": 100.0 * correct.item() / len(train_split),
+            "train_accuracy": 100.0 * correct.item() / epoch_samples,
             "seconds": loop.seconds(),  # training only: evaluation is timed apart
         }
         if test_split is not None and (loop.is_last(epoch) or (epoch + 1) % recipe.eval_every == 0):

@@ -57,7 +57,11 @@ class LoaderSplit:
         return len(self.loader) * self.loader.batch_size
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                augment: bool = False, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                augment: bool = False, drop_last: bool = False,
+                parts: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if parts > 1:  # its batches are its own: this split cannot pad an epoch for several ranks
+            raise ValueError(f"a DataLoader's batches cannot be dealt to {parts} ranks; its sampler must "
+                             "shard them (DistributedSampler), one process per rank")
         if batch_size != self.loader.batch_size:
             raise ValueError(f"the loader gives batches of {self.loader.batch_size}, the loop asked for {batch_size}")
         for inputs, labels in self.loader:

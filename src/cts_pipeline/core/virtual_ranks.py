@@ -10,7 +10,8 @@ the number of devices, not only on the global batch:
   from that rank's gradient before averaging (``search/concrete.py``, ``optimize_step``).
 
 With ``virtual_ranks: N`` each global batch is dealt into N chunks, every N-th sample to a chunk
-as ``DistributedSampler`` deals to N devices (the last batch too, as evenly as it goes), and each
+as ``DistributedSampler`` deals to N devices (the epoch padded with its own first samples to a
+multiple of N, as that sampler pads it, so the last batch gives every rank as many), and each
 chunk plays one rank: its own forward, so its own
 BatchNorm statistics; its loss's gradient weighted 1/N, as DDP's average; in the search its own
 noise stream and its own λ*. With DDP's default ``broadcast_buffers``, every rank starts each
@@ -25,6 +26,7 @@ and several processes with N = 1 split one device's step (:mod:`.distributed`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +42,22 @@ def check_ranks(virtual_ranks: int, processes: int) -> None:
     if virtual_ranks > 1 and virtual_ranks % processes:
         raise ValueError(f"training.virtual_ranks = {virtual_ranks} must be a multiple of the {processes} "
                          "processes: each process plays an equal number of the recipe's ranks")
+
+
+def padded_order(order: torch.Tensor, parts: int) -> torch.Tensor:
+    """``order`` padded to a multiple of ``parts`` with its own first samples, as
+    ``DistributedSampler`` (``drop_last=False``) pads an epoch for ``parts`` devices."""
+    short = -len(order) % parts
+    if short == 0:
+        return order
+    # (an epoch shorter than the padding repeats itself as often as needed, as the sampler does)
+    repeats = math.ceil(short / len(order))
+    return torch.cat([order, order.repeat(repeats)[:short]])
+
+
+def padded_size(n: int, parts: int) -> int:
+    """The samples of an epoch of ``n`` once padded for ``parts`` ranks (:func:`padded_order`)."""
+    return n + (-n % parts)
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,12 @@ class RankLayout:
     def plain(self) -> bool:
         """One rank: the plain step (several processes then split one device's step)."""
         return self.ranks == 1
+
+    @property
+    def parts(self) -> int:
+        """The ranks each global batch is dealt to: the recipe's ranks, or the processes for the
+        plain step. An epoch is padded to a multiple of it (:func:`padded_order`)."""
+        return self.processes if self.plain else self.ranks
 
     @property
     def per_process(self) -> int:

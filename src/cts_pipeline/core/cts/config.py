@@ -49,8 +49,8 @@ class SearchConfig:
         if self.balance not in BALANCERS:
             raise ValueError(f"cts.balance must be one of {BALANCERS}, got {self.balance!r}")
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
-                                    or not self.lr > 0):
-            raise ValueError(f"cts.lr must be null (the training rate) or positive, got {self.lr!r}")
+                                    or not math.isfinite(self.lr) or not self.lr > 0):
+            raise ValueError(f"cts.lr must be null (the training rate) or a finite positive number, got {self.lr!r}")
         if self.search_at not in STARTS:
             raise ValueError(f"cts.search_at must be one of {STARTS}, got {self.search_at!r}")
         if self.loss_scale is not None and (isinstance(self.loss_scale, bool)

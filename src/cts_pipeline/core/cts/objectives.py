@@ -85,12 +85,13 @@ def feature_mse(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tensor, 
     return torch.stack(losses).mean()
 
 
-_RELUS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_})
+# Every spelling of a ReLU: the module and F.relu end in torch.relu, users also write x.relu().
+_RELUS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
 
 
 class _ReluOutputs(TorchFunctionMode):
-    """Records the output of every ReLU a forward applies, module or functional, flattened per
-    sample and in the order applied. The project's models call ``F.relu`` as often as ``nn.ReLU``,
+    """Records the output of every ReLU a forward applies, module, functional or tensor method,
+    flattened per sample and in the order applied. The project's models call ``F.relu`` as often as ``nn.ReLU``,
     so hooks on modules would miss half of them; a function mode sees both (inside it the mode is
     off, so ``F.relu`` calling ``torch.relu`` is recorded once)."""
 
@@ -101,7 +102,11 @@ class _ReluOutputs(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in _RELUS:
-            self.outputs.append(out.reshape(out.shape[0], -1))
+            flat = out.reshape(out.shape[0], -1)
+            # Without autograd (the teacher) a model may edit a ReLU's output in place later in its
+            # forward: keep a copy of what the ReLU gave. (With autograd such an edit fails the
+            # model's own backward, so the capture needs no copy there.)
+            self.outputs.append(flat if torch.is_grad_enabled() else flat.clone())
         return out
 
 

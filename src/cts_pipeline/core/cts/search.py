@@ -21,7 +21,7 @@ from ..memory import MicroBatches, plan_micro_batches
 from ..recipe import TrainRecipe
 from ..runtime import UniformNoise, generator, synchronize
 from ..training import check_finite, to_layout
-from ..virtual_ranks import RankLayout
+from ..virtual_ranks import RankLayout, padded_size
 from .balance import BUDGET_SLACK, GradBalance, Lagrangian, make_balancer, row_sum
 from .config import LR_DROP_FACTOR, SearchConfig
 from .forwards import batch_statistics, check_stacked, masked_forward
@@ -318,9 +318,9 @@ def concrete_search(
     epochs = config.search_epochs(recipe.epochs)
     lr = config.lr if config.lr is not None else recipe.lr
     loss_scale = config.effective_loss_scale
-    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
     rank, world = rank_and_world()
     ranks = RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed)
+    steps_per_epoch = math.ceil(padded_size(len(train_split), ranks.parts) / recipe.batch_size)
     total_steps = epochs * steps_per_epoch
     drop_step = config.lr_drop_step(epochs, steps_per_epoch)
     rows = len(densities)
@@ -370,7 +370,7 @@ def concrete_search(
                          for c in range(ranks.per_process)]
                 batches = iterate_batches(
                     train_split, recipe.batch_size, shuffle=True,
-                    generator=generator(device, seed, "search-order", epoch),
+                    generator=generator(device, seed, "search-order", epoch), parts=ranks.parts,
                 )
                 for i, (x, y) in enumerate(batches):
                     share = 1.0  # with recipe ranks, every process plays the same number of them
