@@ -636,6 +636,65 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
     assert memory.plan_rows(torch.device("cpu"), 3, 64, lambda n: None, "s") == 3  # nothing to plan on a CPU
 
 
+def test_a_stacked_group_out_of_memory_frees_its_tensors_before_the_fallback(digits_payloads, monkeypatch):
+    """The one-at-a-time retraining after a stacked group ran out of memory starts once the group's
+    tensors are gone: inside the ``except`` clause its traceback kept them alive (K stacked
+    parameters, gradients, momenta, activations), so the fallback would likely run out again."""
+    import weakref
+
+    from cts_pipeline.config.sweep import Branch
+    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.pipelines.tickets import nodes
+
+    train, test, model, runtime, theta = digits_payloads
+    runtime = runtime.replace(batch_sparsities=True)
+    group = [Branch("cts_kl", 0, s, family="cts", settings={"objective": "kl", "epochs": 1}) for s in (0.8, 0.9)]
+    scores = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(0))
+              for k, v in theta.items() if k.endswith("weight") and v.dim() > 1}
+    payloads = [nodes.topk_mask(scores, b) for b in group]
+    group_tensors, alive_at = [], {}
+
+    def stacked_out_of_memory(*args, **kwargs):
+        stacked_state = torch.zeros(4096)  # stands for the group's stacked tensors, held by this frame
+        group_tensors.append(weakref.ref(stacked_state))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    real_retrain = nodes.retrain_ticket
+
+    def one_ticket(*args, **kwargs):
+        alive_at.setdefault("fallback", group_tensors[0]() is not None)
+        return real_retrain(*args, **kwargs)
+
+    monkeypatch.setattr(nodes, "train_tickets", stacked_out_of_memory)
+    monkeypatch.setattr(nodes, "release_cached_memory",
+                        lambda: alive_at.setdefault("release", group_tensors[0]() is not None))
+    monkeypatch.setattr(nodes, "retrain_ticket", one_ticket)
+    out = nodes.retrain_tickets(theta, train, test, model, TrainRecipe(epochs=1, batch_size=64, lr=0.1), runtime,
+                                *payloads, *group)
+    assert [out[f"{b.namespace}.retrain_log"]["retrain_path"] for b in group] == ["single", "single"]
+    assert alive_at == {"release": False, "fallback": False}
+
+
+def test_micro_batches_retry_once_the_failed_steps_tensors_are_gone(monkeypatch):
+    import weakref
+
+    from cts_pipeline.core import memory
+
+    step_tensors, alive_at_release = [], []
+    monkeypatch.setattr(memory, "release_cached_memory",
+                        lambda: alive_at_release.append(step_tensors[-1]() is not None))
+
+    def step(count):
+        activations = torch.zeros(4096)
+        step_tensors.append(weakref.ref(activations))
+        if count == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return count
+
+    assert memory.MicroBatches(limit=8, stage="s").run(step) == 2
+    assert alive_at_release == [False]
+
+
 def test_a_probe_that_runs_out_of_memory_chooses_one_at_a_time(monkeypatch, caplog):
     import logging
 

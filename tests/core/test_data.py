@@ -289,6 +289,33 @@ def test_a_poisoned_cifar_batch_runs_nothing_and_is_named(tmp_path):
     assert not marker.exists(), "unpickling must never call what the file names"
 
 
+class _DeclaredArray:
+    """What a pickle can say in a few bytes: "an array of this shape", which numpy's
+    ``_reconstruct`` allocates before any byte of it is read."""
+
+    def __init__(self, shape: tuple, dtype=b"B") -> None:
+        self.shape, self.dtype = shape, dtype
+
+    def __reduce__(self):
+        return np.ndarray.__reduce__(np.zeros(0, np.uint8))[0], (np.ndarray, self.shape, self.dtype)
+
+
+@pytest.mark.parametrize(("declared", "labels"), [
+    (_DeclaredArray((20_000, 3072)), [0] * 20_000),  # 61 MB from a small file, and [n, 3072] uint8 as checked
+    (_DeclaredArray((2**40, 3072)), [0]),             # more than any machine has: MemoryError, uncaught
+    (_DeclaredArray((4, 3072), np.dtype(("u1", (2**30,)))), [0] * 4),  # a sub-array dtype: 4 GiB a row
+], ids=["twice a batch", "2**40 rows", "sub-array dtype"])
+def test_a_cifar_batch_that_declares_more_than_a_batch_is_refused_before_allocating(tmp_path, declared, labels):
+    write_cifar10(tmp_path, np.random.default_rng(8))
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    write_pickle(bad, {"data": declared, "labels": labels})
+    assert bad.stat().st_size < 200_000
+    with pytest.raises(DataFileError, match=r"data_batch_4 is not a readable CIFAR pickle batch: it declares") \
+            as err:
+        load_splits("cifar10", tmp_path)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_cifar_batches_of_every_pickle_protocol_load(tmp_path, protocol):
     """The official batches are protocol-2 pickles from Python 2; re-packed copies may use any."""

@@ -281,6 +281,9 @@ def _load_idx(name: str, root: Path, info: DatasetInfo) -> tuple[Split, Split]:
     return splits[0], splits[1]
 
 
+CIFAR_BATCH_IMAGES = 10_000  # every file of CIFAR-10 and CIFAR-100 holds at most this many images
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickles what a CIFAR batch holds and nothing else.
 
@@ -304,11 +307,47 @@ class _CifarUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),
     })
 
+    # The most any array of a CIFAR batch holds: its 10000 images of 3 × 32 × 32 bytes. A pickle
+    # declares an array's shape and dtype before its bytes, and numpy allocates on the
+    # declaration, so a few bytes of file could ask for gigabytes (or more than exists).
+    MAX_ARRAY_BYTES = CIFAR_BATCH_IMAGES * 3 * 32 * 32
+
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(
                 f"it names {module}.{name}, which a CIFAR batch never holds (refused, nothing was run)")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if name == "_reconstruct":
+            return self._reconstruct_checked(found)
+        if name == "dtype":
+            return _plain_dtype
+        return found
+
+    @classmethod
+    def _reconstruct_checked(cls, reconstruct):
+        """numpy's ``_reconstruct(subtype, shape, dtype)``, which allocates ``shape``, refused when
+        that is more than a CIFAR batch's images before anything is allocated."""
+        def checked(subtype, shape, dtype):
+            dims = (shape,) if isinstance(shape, int) else tuple(shape)
+            if not all(isinstance(d, int) and d >= 0 for d in dims):
+                raise pickle.UnpicklingError(f"it declares an array of shape {shape!r}")
+            size = math.prod(dims) * _plain_dtype(dtype.decode("latin1") if isinstance(dtype, bytes) else dtype).itemsize
+            if size > cls.MAX_ARRAY_BYTES:
+                raise pickle.UnpicklingError(
+                    f"it declares an array of shape {list(dims)} ({size:,} bytes), more than a CIFAR batch's "
+                    f"{CIFAR_BATCH_IMAGES} images ({cls.MAX_ARRAY_BYTES:,} bytes); refused before allocating it")
+            return reconstruct(subtype, shape, dtype)
+
+        return checked
+
+
+def _plain_dtype(*args) -> np.dtype:
+    """``numpy.dtype(...)`` for a scalar type only: a sub-array or record dtype (``('u1', (2**31,))``)
+    would make every element of an array as large as the file asks."""
+    dtype = np.dtype(*args)
+    if dtype.subdtype is not None or dtype.fields is not None or dtype.itemsize > 16:
+        raise pickle.UnpicklingError(f"it declares the array type {dtype}, which a CIFAR batch never holds")
+    return dtype
 
 
 def _read_cifar_batch(
@@ -324,7 +363,7 @@ def _read_cifar_batch(
             # The official batches are Python 2 pickles; latin1 turns their byte strings into str.
             batch = _CifarUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError) as exc:
+            KeyError, MemoryError, OverflowError) as exc:
         raise DataFileError(f"{path} is not a readable CIFAR pickle batch: {exc}") from exc
 
     if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
@@ -332,6 +371,9 @@ def _read_cifar_batch(
         raise DataFileError(f"{path}: expected a dict with keys 'data' and {label_key!r}, got {found}")
     data = np.asarray(batch["data"])
     labels = np.asarray(batch[label_key])
+    if data.ndim and data.shape[0] > CIFAR_BATCH_IMAGES:
+        raise DataFileError(f"{path}: 'data' holds {data.shape[0]} images; a CIFAR batch holds at most "
+                            f"{CIFAR_BATCH_IMAGES}")
     pixels = int(np.prod(info.image_shape))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
         raise DataFileError(

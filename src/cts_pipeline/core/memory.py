@@ -144,13 +144,15 @@ class MicroBatches:
             except torch.OutOfMemoryError:
                 if self.count >= self.limit:
                     raise
-                self.count = min(2 * self.count, self.limit)
-                release_cached_memory()
-                if not self.fell_back:
-                    logger.warning("%s: out of device memory; each batch now runs as %d micro-batches (the "
-                                   "gradient is the same; BatchNorm normalises each micro-batch on its own)",
-                                   self.stage, self.count)
-                self.fell_back = True
+            # Past the except clause: the error's traceback, and with it the failed step's tensors,
+            # is gone, so their blocks can go back to the device before the step runs again.
+            self.count = min(2 * self.count, self.limit)
+            release_cached_memory()
+            if not self.fell_back:
+                logger.warning("%s: out of device memory; each batch now runs as %d micro-batches (the "
+                               "gradient is the same; BatchNorm normalises each micro-batch on its own)",
+                               self.stage, self.count)
+            self.fell_back = True
 
 
 def release_cached_memory() -> None:

@@ -141,6 +141,8 @@ def search_masks(
         try:
             results = search(group)
         except torch.OutOfMemoryError:  # even in micro-batches of two samples: K rows at once do not fit
+            results = None
+        if results is None:  # (past the except clause, whose traceback held the K rows' tensors)
             release_cached_memory()
             logger.warning("%s: %d densities searched together do not fit in device memory; searching them one "
                            "at a time", search_group_namespace(first), len(group))

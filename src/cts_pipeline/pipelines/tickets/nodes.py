@@ -182,6 +182,10 @@ def retrain_tickets(
                                           theta_start, *masks, data_fingerprint(train_data)),
             )
         except torch.OutOfMemoryError:
+            states = None
+        if states is None:
+            # Outside the except clause: its traceback held the group's K stacked parameters,
+            # gradients, momenta and activations, which the one-at-a-time retraining needs the room of.
             release_cached_memory()
             logger.warning("%s: %d tickets stacked do not fit in device memory; retraining them one at a time",
                            stage, len(group))
