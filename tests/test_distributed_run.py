@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from .conftest import latest, run_pipeline
+from .equivalence import assert_equivalent_masks
 
 
 def test_the_sweep_runs_over_two_processes(project, logged, tmp_path):
@@ -45,7 +46,10 @@ def test_the_sweep_runs_over_two_processes(project, logged, tmp_path):
     for artifact in ("07_model_output/smoke/cts_kl-*/seed0/sp90_00/mask.pt", "07_model_output/smoke/cts_kl-*/seed0/sp50_00/mask.pt"):
         ours = torch.load(latest(project, f"data/{artifact}"), weights_only=True)["masks"]
         theirs = torch.load(latest(launched, f"data/{artifact}"), weights_only=True)["masks"]
-        assert all(torch.equal(ours[name], theirs[name]) for name in ours), artifact
+        # Other processes with other thread counts (2 against 1) sum in other orders; under AVX2
+        # kernels that moved near-threshold weights of the 50 % mask (bit equality holds only
+        # within one process): the same kept count, and the masks overlapping.
+        assert_equivalent_masks(ours, theirs, what=artifact)
     under_torchrun = json.loads(latest(launched, "data/08_reporting/smoke/dense-*/seed0/metrics.json").read_text())
     for one, two in zip(dense["history"], under_torchrun["history"], strict=True):
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -64,3 +68,41 @@ def test_cli_reports_a_bad_sparsity_in_one_line(project):
     assert done.returncode == 2
     assert "grid.sparsities: 1.2 is outside (0, 1)" in done.stdout + done.stderr
     assert "as logging configuration" not in done.stdout + done.stderr, "no notice opens the command"
+
+
+def test_a_failing_parallel_runner_run_leaves_no_process_behind(project):
+    """The fast exit (``cli._skip_teardown``) used to skip multiprocessing's exit handler, so a
+    failing ParallelRunner run left its manager process orphaned for good (about 400 MB)."""
+    marker = f"CTS_RUN_MARK={uuid.uuid4().hex}"
+    env = {**os.environ, "CTS_RUN_MARK": marker.split("=", 1)[1]}
+    env.pop("CTS_FAST_EXIT", None)  # the fast exit is what this checks
+
+    def left_behind() -> list[str]:
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if marker.encode() in environ.read_bytes():
+                    found.append(environ.parent.name)
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
+        return found
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "kedro", "run", "--pipelines=cts", "--env=smoke", "--runner=ParallelRunner",
+             "--params", "training.lr=1000000000000.0"],
+            cwd=project, capture_output=True, text=True, timeout=150, env=env,
+        )
+    except subprocess.TimeoutExpired:  # an orphan holding the run's output pipes open keeps this waiting
+        done = None
+    assert done is not None or left_behind(), "the run did not end"
+    if done is not None:
+        assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "NonFiniteLossError" in done.stdout + done.stderr
+    deadline = time.monotonic() + 10  # a child that is ending may take a moment to be reaped
+    while left_behind() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    remaining = left_behind()
+    for pid in remaining:  # never leave them running past the test
+        os.kill(int(pid), 9)
+    assert not remaining, f"processes of the failed run still alive: {remaining}"

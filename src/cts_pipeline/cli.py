@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -39,7 +40,13 @@ def _skip_teardown(code: int) -> None:
     about 2 s after every run here (torch's, MLflow's and scikit-learn's; `docs/performance.md`).
     It runs as an exit handler, so Kedro's after-command hooks and every handler registered after
     this one have run; the log handlers are flushed here. Everything a run leaves is written by
-    then: artifacts atomically, MLflow synchronously, its monitor stopped."""
+    then: artifacts atomically, MLflow synchronously, its monitor stopped.
+
+    Child processes still alive (a failing ParallelRunner leaves its manager and pool behind) are
+    ended by multiprocessing's own exit handler, which a fast exit would skip and orphan them: the
+    interpreter then exits the usual way, a few seconds slower."""
+    if multiprocessing.active_children():
+        return
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
