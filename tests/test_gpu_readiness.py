@@ -517,13 +517,67 @@ def test_a_search_planned_in_micro_batches_finds_the_same_logits_and_says_so(mon
                                recipe=recipe, seed=0, progress=False)
 
     whole = run([0.05, 0.2])
-    monkeypatch.setattr(search, "plan_micro_batches", lambda device, batch, probe, stage: 4)
+    monkeypatch.setattr(search, "plan_micro_batches", lambda device, batch, probe, stage, **options: 4)
     pieces = run([0.05, 0.2])
     for a, b in zip(whole, pieces, strict=True):
         assert (a.micro_batches, b.micro_batches) == (1, 4) and a.forward_path == b.forward_path == "stacked"
         for name in a.scores:
             torch.testing.assert_close(b.scores[name], a.scores[name], rtol=1e-4, atol=1e-4)
     assert run(0.05).forward_path == "single"
+
+
+@pytest.mark.parametrize("model_name", ["convnet", "lenet_300_100"])
+def test_micro_batches_on_a_batchnorm_model_are_warned_about_and_recorded(monkeypatch, caplog, model_name):
+    """On a model with BatchNorm (the search normalises with batch statistics) pieces of a batch
+    are normalised apart, so the gradient is not the whole batch's: measured here, then said in a
+    WARNING that names the effect, and recorded in the result (search_micro_batches in the tables).
+    On LeNet (no BatchNorm) the gradient is the batch's and the plan stays an INFO line."""
+    import logging
+
+    from cts_pipeline.core import memory
+    from cts_pipeline.core.cts import OBJECTIVES, ConcreteMask, SearchConfig, batch_statistics, concrete_search
+    from cts_pipeline.core.cts.search import _objective_and_gradient
+    from cts_pipeline.core.data import load_splits
+    from cts_pipeline.core.masks import prunable_parameters
+    from cts_pipeline.core.memory import MicroBatches
+    from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.runtime import UniformNoise
+
+    def model():
+        return build_model(model_name, image_shape=(1, 8, 8), num_classes=10, generator=torch.Generator().manual_seed(0),
+                           **({"width": 4} if model_name == "convnet" else {}))
+
+    net = model()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    relaxation = ConcreteMask(prunable_parameters(net), 0.05)
+    x, y = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 10
+
+    def gradient(micro):
+        with batch_statistics(net):
+            return _objective_and_gradient(net, relaxation, OBJECTIVES["kl"], UniformNoise("cpu", 0, "n", 0), x, y,
+                                           100.0, micro)[1]
+
+    whole, pieces = gradient(None), gradient(MicroBatches(4, limit=32, stage="t"))
+    apart = float((pieces - whole).norm() / whole.norm())
+    assert (apart > 1e-3) if model_name == "convnet" else (apart < 1e-5), apart
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 100)
+    monkeypatch.setattr(memory, "peak_bytes", lambda device, step: 8 * 5)  # 5 bytes a sample, 80 % of 100 free: 16
+    with caplog.at_level(logging.INFO, logger="cts_pipeline"):
+        found = concrete_search(model(), load_splits("digits")[0].subset(128), density=0.05,
+                                config=SearchConfig(epochs=1), recipe=TrainRecipe(epochs=1, batch_size=64, lr=0.1),
+                                seed=0, stage="bn search", progress=False)
+    assert found.micro_batches == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if model_name == "convnet":
+        [warning] = warnings
+        assert warning.startswith("bn search: 4 micro-batches of a 64-sample batch (a recipe rank's chunk) on a "
+                                  "model with BatchNorm: each micro-batch is normalised with its own statistics")
+    else:
+        assert not warnings
+        assert any("each batch runs as 4 micro-batches" in r.getMessage() for r in caplog.records)
 
 
 # --- the stacked-versus-vmap check (item 3: TF32 would send every batched search to vmap) -------

@@ -22,7 +22,7 @@ from cts_pipeline.config.sections import typed_sections
 from cts_pipeline.core.cts import concrete_search
 from cts_pipeline.core.data import Split, get_dataset_info
 from cts_pipeline.core.masks import count_prunable, global_topk_mask, kept_count
-from cts_pipeline.core.training import train
+from cts_pipeline.core.training import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PRESETS = ("cifar10_resnet20", "cifar10_vgg16", "cifar100_resnet20", "imagenet_resnet50",
@@ -72,5 +72,12 @@ def test_gpu_preset_runs_end_to_end_on_cpu(preset):
     ticket = copy.deepcopy(net)
     retrained = train(ticket, train_split, test_split, small, seed=0, stage=f"{preset} ticket", progress=False,
                       start_epoch=1, mask=mask)
-    assert 0.0 <= retrained.final["test_accuracy"] <= 100.0
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in dense.history + retrained.history)
+    weights = dict(ticket.named_parameters())
+    for name, keep in mask.items():  # the ticket trained its kept weights and held the others at zero
+        assert not weights[name][~keep].any(), f"{name}: a pruned weight moved"
+        if keep.any():  # (at the preset's sparsity a layer of ResNet-50 may keep nothing)
+            assert not torch.equal(weights[name][keep], theta_k[name][keep]), f"{name}: its kept weights never trained"
+    # The recorded accuracy is the ticket's, on its 8 test images (a multiple of 12.5 %).
+    assert retrained.final["test_accuracy"] == evaluate(ticket, test_split, 8)["accuracy"]
+    assert retrained.final["test_accuracy"] / 12.5 == round(retrained.final["test_accuracy"] / 12.5)

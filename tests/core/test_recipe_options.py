@@ -405,12 +405,24 @@ def test_a_short_last_batch_is_padded_so_every_virtual_rank_has_samples(digits):
     assert found.steps == 3 and torch.isfinite(torch.tensor(found.history[-1]["loss"]))
 
 
-def test_a_search_with_virtual_ranks_keeps_exactly_its_count(digits):
-    model = convnet()
-    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.1, virtual_ranks=4)
-    found = concrete_search(model, digits[0].subset(256), density=[0.2, 0.05], config=SearchConfig(epochs=2),
-                            recipe=recipe, seed=0, progress=False)
-    for result, density in zip(found, (0.2, 0.05), strict=True):
-        mask = global_topk_mask(result.scores, density)
-        assert sum(int(m.sum()) for m in mask.values()) == round(density * count_prunable(model))
-        assert len(result.history) == 2 and result.steps == 2 * 4
+def test_a_search_with_virtual_ranks_finds_what_one_rank_finds(digits):
+    """Four virtual ranks (their own noise, chunks and λ*) search the same problem as one rank: both
+    reach their budget, and their masks share far more than chance. Measured on this setup: 0.49 and
+    0.61 of the kept weights shared at densities 0.2 and 0.05, where a random mask of the same
+    count shares about the density (0.20 and 0.04); the expected kept count ends at 0.96 x budget."""
+    from tests.equivalence import mask_overlap
+
+    masks = {}
+    for ranks in (1, 4):
+        model = convnet()
+        recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.1, virtual_ranks=ranks)
+        found = concrete_search(model, digits[0].subset(256), density=[0.2, 0.05], config=SearchConfig(epochs=2),
+                                recipe=recipe, seed=0, progress=False)
+        masks[ranks] = [global_topk_mask(result.scores, density) for result, density in
+                        zip(found, (0.2, 0.05), strict=True)]
+        for result in found:
+            assert 0.9 < result.final_expected_over_budget <= 1.0, "the search met its budget"
+            assert len(result.history) == 2 and result.steps == 2 * 4
+    for one, four, density in zip(masks[1], masks[4], (0.2, 0.05), strict=True):
+        assert sum(int(m.sum()) for m in four.values()) == round(density * count_prunable(convnet()))
+        assert mask_overlap(one, four) >= 0.4, f"density {density}: the ranks' search found another mask"

@@ -63,9 +63,10 @@ def micro_batches_to_fit(bytes_per_sample: float, batch: int, free: int, share: 
 
 
 def plan_micro_batches(device: torch.device, batch: int, probe: Callable[[int], object], stage: str,
-                       min_samples: int = 2) -> int:
+                       min_samples: int = 2, *, batchnorm: bool = False) -> int:
     """Micro-batches for a step over ``batch`` samples, from ``probe(n)`` (one step's forward and
-    backward on ``n`` samples) measured at :data:`PROBE_SAMPLES`; 1 on a CPU."""
+    backward on ``n`` samples) measured at :data:`PROBE_SAMPLES`; 1 on a CPU. ``batchnorm``: the
+    model normalises with batch statistics, so micro-batches change its gradient (one warning)."""
     free = free_bytes(device)
     samples = min(PROBE_SAMPLES, batch)
     if free is None or samples >= batch:
@@ -73,16 +74,31 @@ def plan_micro_batches(device: torch.device, batch: int, probe: Callable[[int], 
     try:
         used = peak_bytes(device, lambda: probe(samples))
     except torch.OutOfMemoryError:
+        used = None
+    if used is None:  # (past the except clause, whose traceback held the probe's tensors)
         release_cached_memory()
+        count = max(1, batch // min_samples)
         logger.warning("%s: even a probe step on %d samples ran out of device memory; the step will "
                        "split its batch as far as it can", stage, samples)
-        return max(1, batch // min_samples)
+        if batchnorm:
+            logger.warning(split_batchnorm_warning(stage, batch, count))
+        return count
     count = micro_batches_to_fit(used / samples, batch, free, min_samples=min_samples)
     if count > 1:
         logger.info("%s: a step's activations at batch %d come to about %.1f GiB, over %.0f %% of the "
                     "%.1f GiB free; each batch runs as %d micro-batches", stage, batch,
                     used / samples * batch / 2**30, 100 * DEVICE_MEMORY_SHARE, free / 2**30, count)
+        if batchnorm:
+            logger.warning(split_batchnorm_warning(stage, batch, count))
     return count
+
+
+def split_batchnorm_warning(stage: str, batch: int, count: int) -> str:
+    """What micro-batches do to a model with batch-statistics BatchNorm, in one line."""
+    return (f"{stage}: {count} micro-batches of a {batch}-sample batch (a recipe rank's chunk) on a model with "
+            "BatchNorm: each micro-batch is normalised with its own statistics, so the search's gradient is no "
+            "longer the whole chunk's (about 3 % apart on the digits convnet); the tables and MLflow record "
+            "search_micro_batches")
 
 
 def rows_to_fit(fixed_bytes: float, bytes_per_sample: float, batch: int, free: int,
@@ -131,11 +147,12 @@ class MicroBatches:
     after), so the repeat computes what one unfailed step would have.
     """
 
-    def __init__(self, count: int = 1, *, limit: int, stage: str):
+    def __init__(self, count: int = 1, *, limit: int, stage: str, batchnorm: bool = False, batch: int = 0):
         self.count = max(1, min(count, limit))
         self.limit = max(1, limit)
         self.stage = stage
         self.fell_back = False
+        self.batchnorm, self.batch = batchnorm, batch  # for the warning: what splitting changes
 
     def run(self, step: Callable[[int], T]) -> T:
         while True:
@@ -149,9 +166,12 @@ class MicroBatches:
             self.count = min(2 * self.count, self.limit)
             release_cached_memory()
             if not self.fell_back:
-                logger.warning("%s: out of device memory; each batch now runs as %d micro-batches (the "
-                               "gradient is the same; BatchNorm normalises each micro-batch on its own)",
-                               self.stage, self.count)
+                if self.batchnorm:
+                    logger.warning("%s: out of device memory; %s", self.stage,
+                                   split_batchnorm_warning(self.stage, self.batch, self.count)[len(self.stage) + 2:])
+                else:
+                    logger.warning("%s: out of device memory; each batch now runs as %d micro-batches (the same "
+                                   "gradient, up to float rounding)", self.stage, self.count)
             self.fell_back = True
 
 

@@ -167,15 +167,19 @@ def _micro_batches(model: nn.Module, relaxation: ConcreteMask, objective: Object
                    y: torch.Tensor, loss_scale: float, chunk: int, seed: int, stage: str) -> MicroBatches:
     """The search's micro-batching: planned from a probe step on a few samples of the first batch
     (CUDA), doubled on an out-of-memory error; objectives that are not batch means run whole.
-    ``chunk``: the samples one step's forwards take at once (a rank's part of the batch)."""
+    ``chunk``: the samples one step's forwards take at once: a recipe rank's chunk, so with
+    ``virtual_ranks: N`` the ranks themselves are the authors' per-GPU batches, and only a chunk
+    that does not fit is cut further (on a BatchNorm model that changes the gradient: a warning)."""
     limit = max(1, chunk // 2) if objective.batch_mean else 1
     probe_noise = UniformNoise(x.device, seed, "memory-probe", 0)
+    # The search normalises with batch statistics (batch_statistics): pieces of a chunk change them.
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     def probe(samples: int) -> None:
         _objective_and_gradient(model, relaxation, objective, probe_noise, x[:samples], y[:samples], loss_scale)
 
-    planned = plan_micro_batches(x.device, chunk, probe, stage) if limit > 1 else 1
-    return MicroBatches(planned, limit=limit, stage=stage)
+    planned = plan_micro_batches(x.device, chunk, probe, stage, batchnorm=batchnorm) if limit > 1 else 1
+    return MicroBatches(planned, limit=limit, stage=stage, batchnorm=batchnorm, batch=chunk)
 
 
 def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequence[float], config: SearchConfig,
