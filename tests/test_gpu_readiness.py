@@ -535,7 +535,13 @@ def test_micro_batches_on_a_batchnorm_model_are_warned_about_and_recorded(monkey
     import logging
 
     from cts_pipeline.core import memory
-    from cts_pipeline.core.cts import OBJECTIVES, ConcreteMask, SearchConfig, batch_statistics, concrete_search
+    from cts_pipeline.core.cts import (
+        OBJECTIVES,
+        ConcreteMask,
+        SearchConfig,
+        batch_statistics,
+        concrete_search,
+    )
     from cts_pipeline.core.cts.search import _objective_and_gradient
     from cts_pipeline.core.data import load_splits
     from cts_pipeline.core.masks import prunable_parameters
