@@ -168,3 +168,45 @@ def test_other_raw_files_under_data_root_recompute_everything_downstream(project
     [prepared] = project.glob("data/05_model_input/smoke/data-*/train.pt")
     stored = torch.load(prepared, weights_only=True)["images"]
     assert int(stored.float().mean()) == int((255 - images[:len(stored)]).mean()), "prepared from the new files"
+
+
+def test_an_image_folder_changed_in_place_or_moved_to_another_copy_is_prepared_again(project, tmp_path, logged):
+    """Streamed folders count in freshness too: their digest is of each file's path, size and
+    modification time and of the folder's resolved path (no image read). One JPEG resized in place,
+    or ``data.root`` pointed at a copy with one image changed, is noticed; an unchanged folder is not."""
+
+    from PIL import Image
+
+    from .core.test_image_folders import tiny_imagenet
+
+    images = tmp_path / "images"
+    tiny_imagenet(images, per_class=4, noise=60)
+    params = {"data": {"name": "tiny_imagenet", "root": str(images)}, "training": {"batch_size": 8},
+              "runtime": {"data_workers": 0}}
+    run_pipeline(project, params=params)
+    masks = len(list(project.glob(f"{SP90}/*/")))
+    run_pipeline(project, params=params, only_missing_outputs=True)
+    assert len(list(project.glob(f"{SP90}/*/"))) == masks, "an unchanged folder: nothing recomputed"
+
+    def recomputed_after(change) -> list[str]:
+        nonlocal masks
+        change()
+        logged.clear()
+        run_pipeline(project, params=params, only_missing_outputs=True)
+        assert len(list(project.glob(f"{SP90}/*/"))) == masks + 1, "the masks follow the changed images"
+        masks += 1
+        return [r.getMessage() for r in logged if r.levelname == "WARNING" and "raw files" in r.getMessage()]
+
+    [jpeg] = sorted(images.glob("tiny-imagenet-200/train/*/images/*.JPEG"))[:1]
+    warned = recomputed_after(lambda: Image.open(jpeg).convert("RGB").resize((48, 48)).save(jpeg))
+    assert len(warned) == 1 and str(images) in warned[0], warned
+
+    copy = tmp_path / "copy"
+
+    def point_at_a_copy():
+        shutil.copytree(images, copy, copy_function=shutil.copy2)  # modification times kept
+        other = sorted(copy.glob("tiny-imagenet-200/train/*/images/*.JPEG"))[-1]
+        Image.open(other).convert("RGB").rotate(90).save(other)
+        params["data"]["root"] = str(copy)
+
+    assert len(recomputed_after(point_at_a_copy)) == 1

@@ -159,11 +159,16 @@ def raw_files_digest(name: str, root: str | Path | None) -> str | None:
     """A digest of the raw files a held-in-memory dataset is read from: their names, sizes and
     contents (blake2b at about 1 GB/s: a fraction of a second for MNIST or CIFAR). The prepared
     data record it, so that other files under ``data.root`` are noticed (``hooks.FreshnessHook``).
-    None for scikit-learn's bundled digits (no files of ours) and for streamed folders, which
-    check their own samples (``image_folders.samples_digest``)."""
+    None for scikit-learn's bundled digits (no files of ours). Image folders are too large to read
+    for it: their digest is of each file's path, size and modification time and of the folder's
+    resolved path (``image_folders.folder_digest``)."""
     import hashlib
 
     info = get_dataset_info(name)
+    if info.streamed:
+        from .image_folders import folder_digest
+
+        return folder_digest(name, _resolve_root(name, root))
     if info.source != "torchvision":
         return None
     h = hashlib.blake2b(digest_size=8)

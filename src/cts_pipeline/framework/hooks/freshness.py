@@ -69,7 +69,12 @@ class FreshnessHook:
         if prepared is not None and catalog.exists("train_data"):
             data = typed_sections(catalog.load("parameters"))["data"]
             recorded = load_fresh(catalog, "train_data").get("raw_digest")
-            if recorded is not None and recorded != raw_files_digest(data.name, data.root):
+            current = raw_files_digest(data.name, data.root)
+            if recorded is None and current is not None:
+                found[prepared] = (f"the prepared data of dataset {data.name!r} record no digest of their raw files "
+                                   "(prepared by an earlier version), so they cannot be checked: they are prepared "
+                                   "again, with everything computed from them")
+            elif recorded != current:
                 found[prepared] = (f"the raw files of dataset {data.name!r} under {data.root} changed since the data "
                                    "were prepared: everything computed from them is recomputed")
         masks: dict[str, tuple[dict, dict]] = {}  # stored masks that agree with their branch
