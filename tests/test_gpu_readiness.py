@@ -253,29 +253,36 @@ def _timed_as(checkpoint, *, epoch: float, save: float):
 # --- precision (items 4 and 5) ------------------------------------------------------------------
 
 
-def test_fp16_steps_never_wait_for_the_host(monkeypatch):
+def test_fp16_steps_never_wait_for_the_host(monkeypatch, digits_payloads):
     """Under fp16 the SGD is fused, so GradScaler.step passes its found-inf flag on the device
-    instead of calling .item() (item 4: a host sync every step). Run here with the CPU's scaler."""
+    instead of calling .item() (item 4: a host sync every step). Through ``train()`` itself, with
+    the CPU's scaler: the host reads (``.item()``, ``bool()`` of a tensor) of an epoch of 2 steps
+    and of one of 8 are the same few, at the epoch's end; a read per step would add 6."""
+    import cts_pipeline.core.training as training
+    from cts_pipeline.core.models import build_model
     from cts_pipeline.core.recipe import TrainRecipe
-    from cts_pipeline.core.training import optimizer_and_scaler
+    from cts_pipeline.pipelines.common import split_from_payload
 
-    recipe = TrainRecipe(epochs=1, batch_size=8, lr=0.1, precision="fp16", grad_clip_norm=2.0)
-    weights = [torch.nn.Parameter(torch.randn(5))]
-    optimizer, scaler = optimizer_and_scaler(weights, recipe, 0.1, "fp16", torch.device("cpu"))
+    optimizer, scaler = training.optimizer_and_scaler([torch.nn.Parameter(torch.randn(5))],
+                                                      TrainRecipe(epochs=1, batch_size=8, lr=0.1, precision="fp16"),
+                                                      0.1, "fp16", torch.device("cpu"))
     assert optimizer.defaults["fused"] is True and scaler is not None
-    plain, no_scaler = optimizer_and_scaler(weights, recipe, 0.1, "fp32", torch.device("cpu"))
-    assert not plain.defaults["fused"] and no_scaler is None
-    syncs = []
-    real_item = torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "item", lambda self: syncs.append(1) or real_item(self))
-    for _ in range(3):  # the trainer's order: scale, backward, unscale, clip, step, update
-        scaler.scale((weights[0] ** 2).sum()).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(weights, 2.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
-    assert syncs == []
+    monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
+    split = split_from_payload(digits_payloads[0], torch.device("cpu"), None)
+    real_item, real_bool = torch.Tensor.item, torch.Tensor.__bool__
+
+    def host_reads(steps: int) -> int:
+        model = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
+                            generator=torch.Generator().manual_seed(0))
+        recipe = TrainRecipe(epochs=1, batch_size=128 // steps, lr=0.05, precision="fp16", grad_clip_norm=2.0)
+        reads = []
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "item", lambda self: reads.append("item") or real_item(self))
+            patch.setattr(torch.Tensor, "__bool__", lambda self: reads.append("bool") or real_bool(self))
+            training.train(model, split, None, recipe, seed=0, stage="fp16", progress=False)
+        return len(reads)
+
+    assert host_reads(8) == host_reads(2)
 
 
 @pytest.mark.cross_path

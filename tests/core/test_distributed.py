@@ -313,3 +313,29 @@ def test_virtual_ranks_on_an_uneven_split_train_and_search_alike_in_one_and_two_
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
         assert two["train_accuracy"] == pytest.approx(one["train_accuracy"])
     assert_equivalent_masks(single_mask, mask, what="one process against two")
+
+
+def train_lenet_with_ranks(compile_model: bool) -> dict:
+    """Two recipe ranks, one per process, LeNet on the 200 samples of :func:`splits`."""
+    torch.set_num_threads(1)
+    train_split, _ = splits()
+    model = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
+                        generator=torch.Generator().manual_seed(1))
+    recipe = TrainRecipe(epochs=1, batch_size=50, lr=0.05, weight_decay=1e-4, virtual_ranks=2)
+    train(model, train_split, None, recipe, seed=0, stage="compiled ranks", progress=False,
+          compile_model=compile_model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.cross_path
+def test_a_compiled_forward_under_ddp_with_virtual_ranks_trains_as_the_eager_one():
+    """torch.compile around DDP (dynamo's DDP optimizer cuts the graph at the gradient buckets),
+    with each process's chunks accumulated under no_sync: the same weights as the eager run, to
+    float rounding (the compiled kernels fuse and sum in their own order)."""
+    eager = launch(train_lenet_with_ranks, 2, False, backend="gloo")
+    compiled = launch(train_lenet_with_ranks, 2, True, backend="gloo")
+    for name, weight in eager.items():
+        assert torch.allclose(compiled[name], weight, atol=1e-5, rtol=1e-4), name
+    start = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
+                        generator=torch.Generator().manual_seed(1)).state_dict()
+    assert not torch.allclose(compiled["fc1.weight"], start["fc1.weight"]), "the compiled run trained"
