@@ -4,6 +4,8 @@ follows the run's device, and a bad combination is refused at run start in one l
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -285,10 +287,57 @@ def test_fp16_steps_never_wait_for_the_host(monkeypatch, digits_payloads):
     assert host_reads(8) == host_reads(2)
 
 
+def test_fp16_training_whose_first_steps_overflow_matches_plain_sgd(monkeypatch):
+    """torch's fused SGD makes its momentum buffers with empty_like and fills them in its kernel,
+    which a step skipped for an overflow never runs: with GradScaler's first steps overflowing (as
+    they often do at its initial scale of 2^16), the next steps read uninitialised memory (here the
+    weights became inf and the run stopped on a NaN loss). Zero buffers made up front give what
+    unfused SGD gives."""
+    import cts_pipeline.core.training as training
+    from cts_pipeline.core.data import load_splits
+    from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.recipe import TrainRecipe
+
+    monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
+    split = load_splits("digits")[0].subset(256)
+    # Summed losses make gradients 64 times larger: scaled by 2^16 they overflow fp16 at first.
+    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.05 / 64, precision="fp16", grad_clip_norm=5.0,
+                         loss_reduction="sum")
+    scales = []
+    real_update = torch.amp.GradScaler.update
+    monkeypatch.setattr(torch.amp.GradScaler, "update",
+                        lambda self, *a: (real_update(self, *a), scales.append(self.get_scale()))[0])
+
+    def trained(fused: bool) -> dict:
+        real = training.optimizer_and_scaler
+
+        def chosen(params, recipe, lr, precision, device):
+            optimizer, scaler = real(params, recipe, lr, precision, device)
+            if not fused:  # plain SGD: the scaler skips its step on the host's reading of found-inf
+                optimizer = torch.optim.SGD(params, lr=lr, momentum=recipe.momentum,
+                                            weight_decay=recipe.weight_decay)
+            return optimizer, scaler
+
+        monkeypatch.setattr(training, "optimizer_and_scaler", chosen)
+        model = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
+                            generator=torch.Generator().manual_seed(0))
+        training.train(model, split, None, recipe, seed=0, stage="fp16", progress=False)
+        return model.state_dict()
+
+    fused = trained(True)
+    assert scales[0] < 2.0**16, "the first step overflowed and was skipped"
+    plain = trained(False)
+    for name, value in plain.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(fused[name], value, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.cross_path
-@pytest.mark.parametrize(("precision", "rtol", "atol", "loss_rel"), [("bf16", 5e-2, 5e-3, 2e-2),
-                                                                     ("fp16", 1e-2, 1e-3, 1e-2)])
-def test_stacked_retraining_under_half_precision_matches_one_at_a_time(monkeypatch, precision, rtol, atol, loss_rel):
+@pytest.mark.parametrize(("precision", "rtol", "atol", "loss_rel", "overflow"), [
+    ("bf16", 5e-2, 5e-3, 2e-2, False), ("fp16", 1e-2, 1e-3, 1e-2, False), ("fp16", 5e-2, 5e-3, 1e-2, True)],
+    ids=["bf16", "fp16", "fp16 overflowing"])
+def test_stacked_retraining_under_half_precision_matches_one_at_a_time(monkeypatch, precision, rtol, atol, loss_rel,
+                                                                      overflow):
     """Item 5: stacked retraining takes bf16, and fp16 with one loss scale per ticket. Autocast
     and GradScaler run on the CPU too; the trainer's CUDA-only guard is lifted for the test. The
     matmuls sum in another order: agreement to the half type's precision."""
@@ -303,6 +352,16 @@ def test_stacked_retraining_under_half_precision_matches_one_at_a_time(monkeypat
     monkeypatch.setattr(batched, "effective_precision", lambda precision, device: precision)
     train_split, test_split = (s.subset(n) for s, n in zip(load_splits("digits"), (256, 128), strict=True))
     recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.05, precision=precision, grad_clip_norm=5.0)
+    skipped = []
+    if overflow:  # summed losses: gradients 64 times larger, so the first scaled steps overflow fp16
+        recipe = dataclasses.replace(recipe, loss_reduction="sum", lr=0.05 / 64)
+
+        class WatchedRowScaler(batched.RowScaler):
+            def update(self, finite):
+                skipped.append((~finite).tolist())
+                return super().update(finite)
+
+        monkeypatch.setattr(batched, "RowScaler", WatchedRowScaler)
 
     def net():
         return build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
@@ -322,6 +381,8 @@ def test_stacked_retraining_under_half_precision_matches_one_at_a_time(monkeypat
                 assert torch.allclose(state[name], value, rtol=rtol, atol=atol), name
         assert result.final["train_loss"] == pytest.approx(single.final["train_loss"], rel=loss_rel)
         assert all(bool((state[n][mask[n] == 0] == 0).all()) for n in mask)
+    if overflow:
+        assert any(any(rows) for rows in skipped) and not any(skipped[-1]), "tickets skipped steps, then stepped"
 
 
 def test_the_row_scaler_is_one_grad_scaler_per_ticket(monkeypatch):

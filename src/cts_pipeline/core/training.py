@@ -268,6 +268,14 @@ def optimizer_and_scaler(params: list[torch.Tensor], recipe: TrainRecipe, lr: fl
     fp16 = precision == "fp16"
     optimizer = torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                                 nesterov=recipe.nesterov, fused=True if fp16 else None)
+    if fp16 and recipe.momentum:
+        # torch's fused SGD (2.11-2.14, torch/optim/sgd.py, _fused_sgd) makes its momentum buffers
+        # with empty_like at the first step and fills them in the kernel, which a step the scaler
+        # skips for an overflow never runs: the next step would read uninitialised memory (found
+        # when a first step overflowed and the weights became inf). Zero buffers are what SGD's
+        # first step means (buffer = gradient, without dampening), so they are made here.
+        for p in params:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return optimizer, torch.amp.GradScaler(device.type) if fp16 else None
 
 
