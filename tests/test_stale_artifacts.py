@@ -197,6 +197,17 @@ def test_an_image_folder_changed_in_place_or_moved_to_another_copy_is_prepared_a
         masks += 1
         return [r.getMessage() for r in logged if r.levelname == "WARNING" and "raw files" in r.getMessage()]
 
+    def prepared_without_a_digest():  # as an earlier version prepared them, with a matching record
+        from cts_pipeline.datasets import TorchDataset
+
+        [prepared] = project.glob("data/05_model_input/smoke/data-*/train.pt")
+        payload = torch.load(prepared, weights_only=True)
+        del payload["raw_digest"]
+        TorchDataset(filepath=str(prepared)).save(payload)
+
+    recomputed_after(prepared_without_a_digest)
+    assert any("record no digest of their raw files" in r.getMessage() for r in logged)
+
     [jpeg] = sorted(images.glob("tiny-imagenet-200/train/*/images/*.JPEG"))[:1]
     warned = recomputed_after(lambda: Image.open(jpeg).convert("RGB").resize((48, 48)).save(jpeg))
     assert len(warned) == 1 and str(images) in warned[0], warned
