@@ -112,7 +112,11 @@ class RankLayout:
         if not self.presharded:
             x, y = x[self.process::self.processes], y[self.process::self.processes]
         step = self.per_process
-        return [(x[c::step], y[c::step]) for c in range(step)]
+        # Contiguous copies of the strided chunks: torch.compile's CPU code read a strided chunk
+        # wrongly under AVX2 kernels (NaN losses from the second step; torch 2.14.1,
+        # test_a_compiled_forward_under_ddp_with_virtual_ranks_trains_as_the_eager_one), and
+        # convolutions copy a strided input anyway.
+        return [(x[c::step].contiguous(), y[c::step]) for c in range(step)]
 
     def stream_suffix(self, chunk: int) -> tuple:
         """What tells this chunk's random stream from another rank's: nothing for recipe rank 0,
