@@ -6,6 +6,7 @@ import logging
 import re
 
 import pandas as pd
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -63,6 +64,9 @@ def test_layer_collapse_is_flagged_in_the_table_the_log_and_mlflow(project):
     # The base configuration (the smoke preset's convnet options do not apply to LeNet), shortened.
     params = {"model": {"name": "lenet_300_100"}, "methods": {"pai": ["magnitude"]}, "grid": {"levels": None, "sparsities": [0.98]},
               "training": {"epochs": 2, "milestones": [1]}, "runtime": {"progress": False}}
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)  # Kedro's logging setup, which replaces the logger's handlers: before ours
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
@@ -136,3 +140,32 @@ def test_summary_counts_collapsed_seeds_after_a_csv_round_trip(tmp_path):
     table = pd.read_csv(tmp_path / "table.csv")  # "" comes back as NaN
     assert summary(table)["collapsed_seeds"].tolist() == [1]
     assert summary(pd.DataFrame(columns))["collapsed_seeds"].tolist() == [1]
+
+
+def test_one_seed_has_no_spread_and_every_plot_of_means_states_n():
+    """With one seed the std is empty (NaN), never 0.0, and the legends say over how many seeds
+    each method's points are means (issue 37, item 5)."""
+    import math
+
+    from cts_pipeline.pipelines.reporting.nodes import (
+        accuracy_plot,
+        grid_cost_plot,
+        summary,
+        time_plot,
+    )
+
+    rows = [dict(method=m, target_sparsity_pct=s, seed=seed, achieved_sparsity_pct=s, kept_weights=10,
+                 test_accuracy=90.0 + seed, find_mask_s=1.0, retrain_s=2.0, total_s=3.0, collapsed_layers="",
+                 test_images=100, family="cts" if m == "cts_kl" else "pai", to_rewind_s=1.0, find_mask_group_s=1.0,
+                 retrain_group_s=2.0, search_group_id=f"{m}.seed{seed}.s{s}", retrain_group_id=f"{m}.seed{seed}.r{s}")
+            for m, seeds in (("cts_kl", (0,)), ("snip", (0, 1, 2))) for s in (90.0, 99.0) for seed in seeds]
+    rows.append(dict(rows[0], method="dense", family="dense", target_sparsity_pct=0.0, achieved_sparsity_pct=0.0))
+    table = pd.DataFrame(rows)
+    shown = summary(table).set_index(["method", "target_sparsity_pct"])
+    assert math.isnan(shown.loc[("cts_kl", 90.0), "test_accuracy_std"])
+    assert shown.loc[("snip", 90.0), "test_accuracy_std"] == pytest.approx(1.0)
+    for plot in (accuracy_plot, time_plot, grid_cost_plot):
+        legend = [t.get_text() for t in plot(table, "t").axes[0].get_legend().get_texts()]
+        assert any(t.startswith("cts_kl (n = 1") for t in legend), (plot.__name__, legend)
+        assert any(t.startswith("snip (n = 3") for t in legend), (plot.__name__, legend)
+        assert any(t.startswith("dense (") and "n = 1" in t for t in legend), (plot.__name__, legend)

@@ -108,7 +108,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         disconnected_seeds=("disconnected", lambda c: int(c.astype(str).str.lower().eq("true").sum())),
         diverged_seeds=("diverged", lambda c: int(c.astype(str).str.lower().eq("true").sum())),
     ).reset_index()
-    out["test_accuracy_std"] = out["test_accuracy_std"].fillna(0.0)
+    # One seed has no spread: its std stays NaN (empty in the CSV), never a 0.0 that reads as agreement.
     return out
 
 
@@ -169,10 +169,17 @@ def _figure(width: float, height: float):
     return fig, fig.subplots()
 
 
+def seeds_label(method: str, seeds: pd.Series) -> str:
+    """A legend entry that says over how many seeds its points are means: ``cts_kl (n = 3)``, or
+    ``(n = 1–3)`` where the sparsities had different counts."""
+    low, high = int(seeds.min()), int(seeds.max())
+    return f"{method} (n = {low})" if low == high else f"{method} (n = {low}–{high})"
+
+
 def _dense_band(ax, table: pd.DataFrame) -> None:
     dense = table[table["method"] == "dense"]["test_accuracy"]
     if len(dense):
-        ax.axhline(dense.mean(), color="black", lw=1, ls="--", label=f"dense ({dense.mean():.2f} %)")
+        ax.axhline(dense.mean(), color="black", lw=1, ls="--", label=f"dense ({dense.mean():.2f} %, n = {len(dense)})")
         if len(dense) > 1:
             ax.axhspan(dense.mean() - dense.std(), dense.mean() + dense.std(), color="black", alpha=0.08)
 
@@ -200,8 +207,9 @@ def accuracy_plot(table: pd.DataFrame, title: str) -> Figure:
     fig, ax = _figure(8, 5)
     _dense_band(ax, table)
     for method, rows in summary(table[table["method"] != "dense"]).groupby("method", sort=False):
-        ax.errorbar(100 - rows["target_sparsity_pct"], rows["test_accuracy_mean"], yerr=rows["test_accuracy_std"],
-                    marker="o", capsize=3, label=method)
+        ax.errorbar(100 - rows["target_sparsity_pct"], rows["test_accuracy_mean"],
+                    yerr=rows["test_accuracy_std"].fillna(0.0), marker="o", capsize=3,
+                    label=seeds_label(method, rows["seeds"]))  # (one seed: no bar, and n = 1 says so)
     ax.set_xscale("log")
     ax.invert_xaxis()
     ax.xaxis.set_major_formatter(FuncFormatter(lambda d, _: f"{100 - d:.4g}"))
@@ -238,9 +246,10 @@ def time_plot(table: pd.DataFrame, title: str) -> Figure:
     costs = grid_cost(table, shared="spread")
     for method, rows in costs.groupby("method", sort=False):
         means = rows.groupby("target_sparsity_pct", sort=True).agg(
-            seconds=("cumulative_s", "mean"), accuracy=("test_accuracy", "mean"), std=("test_accuracy", "std"))
+            seconds=("cumulative_s", "mean"), accuracy=("test_accuracy", "mean"), std=("test_accuracy", "std"),
+            seeds=("test_accuracy", "count"))
         ax.errorbar(means["seconds"], means["accuracy"], yerr=means["std"].fillna(0.0), marker="o", ls="",
-                    capsize=3, label=method)
+                    capsize=3, label=seeds_label(method, means["seeds"]))
         for sparsity, r in means.iterrows():
             ax.annotate(f"{sparsity:.2f}", (r["seconds"], r["accuracy"]), fontsize=8, xytext=(3, 3),
                         textcoords="offset points")
@@ -310,8 +319,9 @@ def grid_cost_plot(table: pd.DataFrame, title: str) -> Figure:
     costs = grid_cost(table)
     for method, rows in costs.groupby("method", sort=False):
         means = rows.groupby("target_sparsity_pct", sort=True)[["cumulative_s", "test_accuracy"]].mean()
-        ax.plot(means["cumulative_s"], means["test_accuracy"], marker="o", label=f"{method} "
-                f"(grid: {rows.groupby('seed')['grid_cost_s'].max().mean():.0f} s)")
+        seeds = rows.groupby("target_sparsity_pct", sort=True)["test_accuracy"].count()
+        ax.plot(means["cumulative_s"], means["test_accuracy"], marker="o", label=seeds_label(method, seeds)[:-1]
+                + f"; grid: {rows.groupby('seed')['grid_cost_s'].max().mean():.0f} s)")
         for sparsity, r in means.iterrows():
             ax.annotate(f"{sparsity:.2f}", (r["cumulative_s"], r["test_accuracy"]), fontsize=8,
                         xytext=(4, 3), textcoords="offset points")
