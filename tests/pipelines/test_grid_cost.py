@@ -41,7 +41,7 @@ def test_grid_cost_counts_the_rewind_once_and_ltr_levels_cumulatively():
 def test_grid_cost_plot_labels_each_method_with_its_grid_cost():
     fig = grid_cost_plot(table(), "t")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert "cts_kl (grid: 41 s)" in labels and "ltr (grid: 460 s)" in labels
+    assert "cts_kl (n = 1; grid: 41 s)" in labels and "ltr (n = 1; grid: 460 s)" in labels
 
 
 def batched_table():
