@@ -41,8 +41,6 @@ INF, NAN = math.inf, math.nan
 def _kinds(annotation: Any) -> list[Any]:
     """The kinds of value a field takes: bool, int, float, str, a Literal's values, a nested
     section, a sequence of one of those (as ("seq", kind)), or a mapping."""
-    if isinstance(annotation, str):  # a dataclass field's annotation under `from __future__ import annotations`
-        annotation = eval(annotation, {**vars(typing), "Sequence": typing.Sequence})  # noqa: S307
     origin = get_origin(annotation)
     if origin is Annotated:
         return _kinds(get_args(annotation)[0])
@@ -101,7 +99,7 @@ def _fields() -> list[tuple[str, type, str, Any]]:
     sections = {**SECTIONS, **OPTIONAL_SECTIONS, **SETTINGS_FILES}
     for title, cls in sections.items():
         if dataclasses.is_dataclass(cls):
-            fields = {f.name: f.type for f in dataclasses.fields(cls)}
+            fields = typing.get_type_hints(cls)  # (resolves `from __future__ import annotations` strings)
         else:
             fields = {name: f.annotation for name, f in cls.model_fields.items()}
         for name, annotation in fields.items():

@@ -81,7 +81,7 @@ def plan_micro_batches(device: torch.device, batch: int, probe: Callable[[int], 
         logger.warning("%s: even a probe step on %d samples ran out of device memory; the step will "
                        "split its batch as far as it can", stage, samples)
         if batchnorm:
-            logger.warning(split_batchnorm_warning(stage, batch, count))
+            logger.warning("%s: %s", stage, split_batchnorm_warning(batch, count))
         return count
     count = micro_batches_to_fit(used / samples, batch, free, min_samples=min_samples)
     if count > 1:
@@ -89,13 +89,13 @@ def plan_micro_batches(device: torch.device, batch: int, probe: Callable[[int], 
                     "%.1f GiB free; each batch runs as %d micro-batches", stage, batch,
                     used / samples * batch / 2**30, 100 * DEVICE_MEMORY_SHARE, free / 2**30, count)
         if batchnorm:
-            logger.warning(split_batchnorm_warning(stage, batch, count))
+            logger.warning("%s: %s", stage, split_batchnorm_warning(batch, count))
     return count
 
 
-def split_batchnorm_warning(stage: str, batch: int, count: int) -> str:
+def split_batchnorm_warning(batch: int, count: int) -> str:
     """What micro-batches do to a model with batch-statistics BatchNorm, in one line."""
-    return (f"{stage}: {count} micro-batches of a {batch}-sample batch (a recipe rank's chunk) on a model with "
+    return (f"{count} micro-batches of a {batch}-sample batch (a recipe rank's chunk) on a model with "
             "BatchNorm: each micro-batch is normalised with its own statistics, so the search's gradient is no "
             "longer the whole chunk's (about 3 % apart on the digits convnet); the tables and MLflow record "
             "search_micro_batches")
@@ -168,7 +168,7 @@ class MicroBatches:
             if not self.fell_back:
                 if self.batchnorm:
                     logger.warning("%s: out of device memory; %s", self.stage,
-                                   split_batchnorm_warning(self.stage, self.batch, self.count)[len(self.stage) + 2:])
+                                   split_batchnorm_warning(self.batch, self.count))
                 else:
                     logger.warning("%s: out of device memory; each batch now runs as %d micro-batches (the same "
                                    "gradient, up to float rounding)", self.stage, self.count)

@@ -169,11 +169,12 @@ def _figure(width: float, height: float):
     return fig, fig.subplots()
 
 
-def seeds_label(method: str, seeds: pd.Series) -> str:
+def seeds_label(method: str, seeds: pd.Series, also: str = "") -> str:
     """A legend entry that says over how many seeds its points are means: ``cts_kl (n = 3)``, or
-    ``(n = 1–3)`` where the sparsities had different counts."""
+    ``(n = 1–3)`` where the sparsities had different counts; ``also`` follows n in the brackets."""
     low, high = int(seeds.min()), int(seeds.max())
-    return f"{method} (n = {low})" if low == high else f"{method} (n = {low}–{high})"
+    n = f"n = {low}" if low == high else f"n = {low}–{high}"
+    return f"{method} ({n}{'; ' + also if also else ''})"
 
 
 def _dense_band(ax, table: pd.DataFrame) -> None:
@@ -320,8 +321,8 @@ def grid_cost_plot(table: pd.DataFrame, title: str) -> Figure:
     for method, rows in costs.groupby("method", sort=False):
         means = rows.groupby("target_sparsity_pct", sort=True)[["cumulative_s", "test_accuracy"]].mean()
         seeds = rows.groupby("target_sparsity_pct", sort=True)["test_accuracy"].count()
-        ax.plot(means["cumulative_s"], means["test_accuracy"], marker="o", label=seeds_label(method, seeds)[:-1]
-                + f"; grid: {rows.groupby('seed')['grid_cost_s'].max().mean():.0f} s)")
+        ax.plot(means["cumulative_s"], means["test_accuracy"], marker="o", label=seeds_label(
+            method, seeds, also=f"grid: {rows.groupby('seed')['grid_cost_s'].max().mean():.0f} s"))
         for sparsity, r in means.iterrows():
             ax.annotate(f"{sparsity:.2f}", (r["cumulative_s"], r["test_accuracy"]), fontsize=8,
                         xytext=(4, 3), textcoords="offset points")
