@@ -30,6 +30,8 @@ CASES = [
     (["--params", "trainig.lr=0.001"], "trainig"),
     (["--params", "runtime.device=cuda:3"], "runtime.device"),
     (["--params", "runtime.batch_sparsities=sometimes"], "runtime.batch_sparsities must be auto, true or false"),
+    (["--params", "runtime.batch_sparsities=1"], "runtime.batch_sparsities must be auto, true or false, got 1"),
+    (["--params", "training.eval_batch_size=12.5"], "training.eval_batch_size must be a positive integer, got 12.5"),
     (["--pipelines=sanity", "--params", "sanity.sparsities=[0.42]"], "sanity.sparsities"),
     (["--pipelines=ltr", "--params", "methods.ltr=false"], "methods.ltr is false"),
 ]
@@ -127,6 +129,21 @@ def test_a_poisoned_cifar_batch_runs_nothing_and_exits_2(invoke, project, tmp_pa
     first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
     assert "test_batch is not a readable CIFAR pickle batch" in first and "Traceback" not in result.output
     assert not marker.exists()
+
+
+def test_a_cifar_batch_declaring_more_than_a_batch_exits_2_before_allocating(invoke, project, tmp_path):
+    import numpy as np
+
+    from .core.test_data import _DeclaredArray, write_cifar10, write_pickle
+
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    write_pickle(tmp_path / "cifar-10-batches-py" / "test_batch", {"data": _DeclaredArray((2**40, 3072)), "labels": [0]})
+    result = invoke("--params", f"data.name=cifar10,data.root={tmp_path}")
+    assert result.exit_code == 2, result.output
+    first = next(line for line in result.output.splitlines() if line.startswith("Error:"))
+    assert "test_batch is not a readable CIFAR pickle batch: it declares an array of shape" in first
+    assert "Traceback" not in result.output
+    assert not (project / "data" / "05_model_input").exists(), "nothing prepared"
 
 
 def test_a_key_given_twice_in_a_yaml_file_names_the_file_and_the_line(invoke, project):
