@@ -33,17 +33,17 @@ import torch
 from docs_blocks import replace_block
 
 from cts_pipeline.core.cts import SearchConfig, concrete_search
-from cts_pipeline.core.data import load_splits
-from cts_pipeline.core.masks import collapsed_layers, global_topk_mask, layer_report
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.runtime import describe_hardware, generator
-from cts_pipeline.core.saliency import ScoringInputs, score
-from cts_pipeline.core.training import train
+from cts_pipeline.core.data.splits import load_splits
+from cts_pipeline.core.device.runtime import describe_hardware, generator
+from cts_pipeline.core.nets.masks import collapsed_layers, global_topk_mask, layer_report
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.prune.saliency import ScoringInputs, score
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 SPARSITIES = (0.9820, 0.9926, 0.9953)
 ADAM_EPS = 1e-8
-FEW_WEIGHTS = 8  # a layer keeping fewer than this is flagged (see cts_pipeline.core.masks.thin_layers)
+FEW_WEIGHTS = 8  # a layer keeping fewer than this is flagged (see cts_pipeline.core.nets.masks.thin_layers)
 
 # name -> the `cts` settings (None: a saliency method scored at initialisation)
 METHODS: dict[str, dict | None] = {

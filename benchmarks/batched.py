@@ -27,14 +27,14 @@ import torch
 from docs_blocks import BlockWriter
 from speed import sync, synthetic
 
-from cts_pipeline.core.batched_training import train_tickets
 from cts_pipeline.core.cts import SearchConfig, batch_statistics, concrete_search
-from cts_pipeline.core.data import Split, load_splits
-from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.runtime import describe_hardware, resolve_device
-from cts_pipeline.core.training import effective_precision, to_layout, train
+from cts_pipeline.core.data.splits import Split, load_splits
+from cts_pipeline.core.device.runtime import describe_hardware, resolve_device
+from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.batched import train_tickets
+from cts_pipeline.core.train.loop import effective_precision, to_layout, train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 LEVELS = (10, 14, 18, 22, 24)  # the default grid: 89.26 ... 99.53 %
 

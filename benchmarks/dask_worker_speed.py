@@ -18,10 +18,10 @@ import time
 def train_once(epochs: int = 8) -> float:
     import torch
 
-    from cts_pipeline.core.data import load_splits
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.recipe import TrainRecipe
-    from cts_pipeline.core.training import train
+    from cts_pipeline.core.data.splits import load_splits
+    from cts_pipeline.core.nets.registry import build_model
+    from cts_pipeline.core.train.loop import train
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     torch.set_num_threads(1)
     train_split, test_split = load_splits("digits", "data/01_raw", False)

@@ -1,6 +1,6 @@
 """The multi-process path on CPU: one dense training of LeNet-300-100 on MNIST-shaped synthetic data,
 in one process (2 torch threads) against 2 gloo processes (1 thread each) under
-``core.distributed.launch``. Per-epoch training time (the loop only) and end to end (with the
+``core.device.distributed.launch``. Per-epoch training time (the loop only) and end to end (with the
 processes' start-up). No GPU here: the GPU rows of issue 12 (ResNet-50 images/s in fp32 and
 bf16, channels_last, one process against ``nproc: 1`` under DDP) need a device.
 
@@ -18,12 +18,13 @@ import time
 import torch
 from docs_blocks import replace_block
 
-from cts_pipeline.core.data import DATASETS, Split
-from cts_pipeline.core.distributed import launch, rank_and_world
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.runtime import describe_hardware
-from cts_pipeline.core.training import train
+from cts_pipeline.core.data.registry import DATASETS
+from cts_pipeline.core.data.splits import Split
+from cts_pipeline.core.device.distributed import launch, rank_and_world
+from cts_pipeline.core.device.runtime import describe_hardware
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 RECIPE = TrainRecipe(epochs=4, batch_size=128, lr=0.1, eval_every=4)
 

@@ -31,14 +31,14 @@ import torch
 from docs_blocks import BlockWriter
 from speed import sync, synthetic
 
-from cts_pipeline.core.batched_training import supports as stacked_retraining_supported
-from cts_pipeline.core.batched_training import train_tickets
 from cts_pipeline.core.cts import SearchConfig, concrete_search
-from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.runtime import describe_hardware, resolve_device
-from cts_pipeline.core.training import train
+from cts_pipeline.core.device.runtime import describe_hardware, resolve_device
+from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.batched import supports as stacked_retraining_supported
+from cts_pipeline.core.train.batched import train_tickets
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 EPOCHS, REWIND = 160, 9  # the cifar10_resnet20 preset
 LEVELS = (16, 18, 20, 22, 24, 26, 28)
@@ -73,7 +73,7 @@ def main() -> None:
     images = 256 if args.quick else args.images
     batch = 64 if args.quick else args.batch_size
     # Width 8, not 4: below 8 input channels the 1x1 strided shortcut's NHWC backward corrupts
-    # memory on AVX2 CPUs (core.runtime.channels_last_hazard), and --quick is run on CPUs.
+    # memory on AVX2 CPUs (core.device.runtime.channels_last_hazard), and --quick is run on CPUs.
     options = {"width": 8} if args.quick else {}
     split = synthetic("cifar10", images, device)
     recipe = TrainRecipe(epochs=1, batch_size=batch, lr=0.1, weight_decay=1e-3, loss_reduction="sum",

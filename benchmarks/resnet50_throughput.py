@@ -1,6 +1,6 @@
 """ResNet-50 training throughput on synthetic ImageNet-shaped batches (issue 12's GPU rows).
 
-Images/s and peak device memory of the project's training loop (``core.training.train``) in fp32,
+Images/s and peak device memory of the project's training loop (``core.train.loop.train``) in fp32,
 bf16 and fp16, with channels_last on and off, and in one process against the DDP wrapper with one
 rank (the wrapper's own cost per step: one process group of one rank, NCCL on CUDA; no
 communication, which needs a second GPU). Plain PyTorch only, so it runs on the
@@ -25,12 +25,13 @@ import statistics
 import torch
 from docs_blocks import BlockWriter
 
-from cts_pipeline.core.data import DATASETS, Split
-from cts_pipeline.core.distributed import launch
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.runtime import describe_hardware
-from cts_pipeline.core.training import train
+from cts_pipeline.core.data.registry import DATASETS
+from cts_pipeline.core.data.splits import Split
+from cts_pipeline.core.device.distributed import launch
+from cts_pipeline.core.device.runtime import describe_hardware
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 
 def images_per_second(model_name: str, size: int, batch: int, steps: int, device: str, precision: str,

@@ -33,18 +33,20 @@ import torch
 import torch.nn.functional as F
 
 from cts_pipeline.core import cts as C
-from cts_pipeline.core.data import DATASETS, Split, iterate_batches, load_splits, normalize
-from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.runtime import (
+from cts_pipeline.core.data.registry import DATASETS
+from cts_pipeline.core.data.splits import Split, iterate_batches, load_splits
+from cts_pipeline.core.data.transforms import normalize
+from cts_pipeline.core.device.runtime import (
     UniformNoise,
     describe_hardware,
     generator,
     resolve_device,
     synchronize,
 )
-from cts_pipeline.core.training import train
+from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,7 +285,7 @@ def data_path_ratio(table: SpeedTable, device: torch.device, n: int, repeats: in
 
 
 def cts_vs_ltr(table: SpeedTable, root: Path, device: torch.device) -> None:
-    from cts_pipeline.core.ltr import level_for_sparsity, lottery_ticket_rewinding
+    from cts_pipeline.core.prune.ltr import level_for_sparsity, lottery_ticket_rewinding
 
     train_split, test_split = (s.to(device) for s in load_splits("mnist", root))
     recipe = TrainRecipe(epochs=20, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from cts_pipeline import find_ticket, load_ticket
-from cts_pipeline.core.data import load_splits, normalize
-from cts_pipeline.core.models import build_model
+from cts_pipeline.core.data.splits import load_splits
+from cts_pipeline.core.data.transforms import normalize
+from cts_pipeline.core.nets.registry import build_model
 
 from .conftest import latest
 
@@ -93,8 +94,8 @@ def ticket_file(finished_project, tmp_path):
 
 
 def rewrite(path, mask=None, weights=None, manifest=None, *, record: bool) -> None:
-    from cts_pipeline.core.records import RECORD_SUFFIX, record_for
-    from cts_pipeline.core.tickets import read_ticket, ticket_bytes
+    from cts_pipeline.core.artifacts.records import RECORD_SUFFIX, record_for
+    from cts_pipeline.core.prune.tickets import read_ticket, ticket_bytes
 
     old_mask, old_weights, old_manifest = read_ticket(path.read_bytes())
     payload = ticket_bytes(mask or old_mask, manifest or old_manifest, weights or old_weights)
@@ -114,7 +115,7 @@ def test_a_ticket_whose_masks_disagree_with_its_manifest_is_refused(ticket_file)
 
 
 def test_a_ticket_that_no_longer_matches_its_record_is_refused(ticket_file):
-    from cts_pipeline.core.tickets import read_ticket
+    from cts_pipeline.core.prune.tickets import read_ticket
 
     manifest = json.loads(ticket_file.with_suffix(".json").read_text())
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cts_pipeline.core.ltr import level_density
+from cts_pipeline.core.prune.ltr import level_density
 
 from .conftest import latest, run_pipeline
 

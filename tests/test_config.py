@@ -10,7 +10,7 @@ import yaml
 from cts_pipeline.config.typed import ConfigError
 from cts_pipeline.config.validate import validate_run
 from cts_pipeline.core.cts import SearchConfig
-from cts_pipeline.core.recipe import TrainRecipe
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 from .conftest import PROJECT_ROOT
 
@@ -33,8 +33,8 @@ def test_grid_levels_give_every_method_the_density_of_ltr_level_l(params, caplog
     import logging
 
     from cts_pipeline.config.sweep import GridConfig, plan
-    from cts_pipeline.core.ltr import level_density
-    from cts_pipeline.core.masks import kept_count
+    from cts_pipeline.core.nets.masks import kept_count
+    from cts_pipeline.core.prune.ltr import level_density
 
     assert params["grid"]["levels"] == [10, 14, 18, 22, 24]
     grid = GridConfig(levels=[18, 28], sparsities=[0.5])

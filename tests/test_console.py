@@ -15,8 +15,8 @@ def record(name: str, level: int) -> logging.LogRecord:
 
 @pytest.mark.parametrize(("name", "level", "shown"), [
     ("kedro.io.data_catalog", logging.INFO, False),           # every dataset load and save
-    ("cts_pipeline.core.training", logging.INFO, False),      # every epoch
-    ("cts_pipeline.core.training", logging.WARNING, True),
+    ("cts_pipeline.core.train.loop", logging.INFO, False),      # every epoch
+    ("cts_pipeline.core.train.loop", logging.WARNING, True),
     ("kedro.runner", logging.ERROR, True),
     (PROGRESS_LOGGER, logging.INFO, True),                    # a finished branch
     ("mlflow.store", logging.INFO, True),

@@ -82,7 +82,7 @@ def test_a_node_failing_inside_its_collectives_leaves_the_followers_to_torchrun(
 
     announced = []
     monkeypatch.setattr(torchrun, "_join", lambda: None)
-    monkeypatch.setattr("cts_pipeline.core.distributed.broadcast_object", announced.append)
+    monkeypatch.setattr("cts_pipeline.core.device.distributed.broadcast_object", announced.append)
     inside = RuntimeError("NCCL timeout")
     torchrun.raised_in_collectives(inside)
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cts_pipeline.core.masks import payload_to_mask
+from cts_pipeline.core.nets.masks import payload_to_mask
 
 from .conftest import latest, run_pipeline
 

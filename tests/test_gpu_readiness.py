@@ -12,7 +12,7 @@ import yaml
 
 from cts_pipeline.config.typed import ConfigError
 from cts_pipeline.config.validate import validate_run
-from cts_pipeline.core import distributed
+from cts_pipeline.core.device import distributed
 
 from .conftest import PROJECT_ROOT
 
@@ -99,7 +99,7 @@ def test_the_cuda_policy_is_explicit_and_named_on_the_hardware_line(cuda_flags, 
     import os
 
     from cts_pipeline.config.sections import RuntimeConfig
-    from cts_pipeline.core.runtime import CudaPolicy, describe_hardware
+    from cts_pipeline.core.device.runtime import CudaPolicy, describe_hardware
 
     cuda = torch.device("cuda")
     RuntimeConfig().cuda_policy.apply(cuda)  # the defaults
@@ -115,7 +115,7 @@ def test_the_cuda_policy_is_explicit_and_named_on_the_hardware_line(cuda_flags, 
 
 
 def test_before_ampere_tf32_stays_off_and_a_cpu_run_is_left_alone(cuda_flags, monkeypatch):
-    from cts_pipeline.core.runtime import CudaPolicy
+    from cts_pipeline.core.device.runtime import CudaPolicy
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     CudaPolicy(tf32=True).apply(torch.device("cuda"))
@@ -137,7 +137,7 @@ def test_runtime_switches_are_checked_by_name():
 
 def test_checkpoint_intervals_parse_and_bad_ones_are_named():
     from cts_pipeline.config.sections import RuntimeConfig
-    from cts_pipeline.core.checkpoints import parse_interval
+    from cts_pipeline.core.artifacts.checkpoints import parse_interval
 
     assert parse_interval(3) == ("epochs", 3.0) and parse_interval("auto") == ("auto", 0.05)
     assert parse_interval("90s") == ("seconds", 90.0) and parse_interval("1.5min") == ("seconds", 90.0)
@@ -147,7 +147,7 @@ def test_checkpoint_intervals_parse_and_bad_ones_are_named():
 
 
 def test_when_a_checkpoint_is_due(tmp_path):
-    from cts_pipeline.core.checkpoints import Checkpoint
+    from cts_pipeline.core.artifacts.checkpoints import Checkpoint
 
     every_two = Checkpoint(tmp_path / "a.pt", "k", every=2)
     assert [every_two.due(1.0) or every_two.save({}) is None and False for _ in range(5)] == [False] * 5
@@ -167,11 +167,11 @@ def test_a_run_stopped_between_checkpoints_resumes_from_the_last_one_to_the_bit(
     """A run stopped after epoch 3 resumes from its last checkpoint (after epoch 2 when every 2
     epochs; after epoch 1 when auto finds a save of 0.15 s worth 3 epochs of 1 s) and ends exactly
     where an uninterrupted run ends (one process: bit equality holds)."""
-    from cts_pipeline.core.checkpoints import Checkpoint
-    from cts_pipeline.core.data import load_splits
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.recipe import TrainRecipe
-    from cts_pipeline.core.training import train
+    from cts_pipeline.core.artifacts.checkpoints import Checkpoint
+    from cts_pipeline.core.data.splits import load_splits
+    from cts_pipeline.core.nets.registry import build_model
+    from cts_pipeline.core.train.loop import train
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     split = load_splits("digits")[0].subset(128)
     recipe = TrainRecipe(epochs=5, batch_size=32, lr=0.05, milestones=[4])
@@ -212,7 +212,7 @@ def test_a_background_checkpoint_writes_the_state_as_it_was_and_reports_a_failed
     by the next save or by finish, not lost."""
     import errno
 
-    from cts_pipeline.core.checkpoints import Checkpoint
+    from cts_pipeline.core.artifacts.checkpoints import Checkpoint
     from cts_pipeline.pipelines import common
 
     weights = torch.zeros(1000)
@@ -260,9 +260,9 @@ def test_fp16_steps_never_wait_for_the_host(monkeypatch, digits_payloads):
     instead of calling .item() (item 4: a host sync every step). Through ``train()`` itself, with
     the CPU's scaler: the host reads (``.item()``, ``bool()`` of a tensor) of an epoch of 2 steps
     and of one of 8 are the same few, at the epoch's end; a read per step would add 6."""
-    import cts_pipeline.core.training as training
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.recipe import TrainRecipe
+    import cts_pipeline.core.train.loop as training
+    from cts_pipeline.core.nets.registry import build_model
+    from cts_pipeline.core.train.recipe import TrainRecipe
     from cts_pipeline.pipelines.common import split_from_payload
 
     optimizer, scaler = training.optimizer_and_scaler([torch.nn.Parameter(torch.randn(5))],
@@ -293,10 +293,10 @@ def test_fp16_training_whose_first_steps_overflow_matches_plain_sgd(monkeypatch)
     they often do at its initial scale of 2^16), the next steps read uninitialised memory (here the
     weights became inf and the run stopped on a NaN loss). Zero buffers made up front give what
     unfused SGD gives."""
-    import cts_pipeline.core.training as training
-    from cts_pipeline.core.data import load_splits
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.recipe import TrainRecipe
+    import cts_pipeline.core.train.loop as training
+    from cts_pipeline.core.data.splits import load_splits
+    from cts_pipeline.core.nets.registry import build_model
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
     split = load_splits("digits")[0].subset(256)
@@ -341,12 +341,12 @@ def test_stacked_retraining_under_half_precision_matches_one_at_a_time(monkeypat
     """Item 5: stacked retraining takes bf16, and fp16 with one loss scale per ticket. Autocast
     and GradScaler run on the CPU too; the trainer's CUDA-only guard is lifted for the test. The
     matmuls sum in another order: agreement to the half type's precision."""
-    import cts_pipeline.core.batched_training as batched
-    import cts_pipeline.core.training as training
-    from cts_pipeline.core.data import load_splits
-    from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.recipe import TrainRecipe
+    import cts_pipeline.core.train.batched as batched
+    import cts_pipeline.core.train.loop as training
+    from cts_pipeline.core.data.splits import load_splits
+    from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
+    from cts_pipeline.core.nets.registry import build_model
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     monkeypatch.setattr(training, "effective_precision", lambda precision, device: precision)
     monkeypatch.setattr(batched, "effective_precision", lambda precision, device: precision)
@@ -389,7 +389,7 @@ def test_the_row_scaler_is_one_grad_scaler_per_ticket(monkeypatch):
     """K stacked tickets under fp16, one of them overflowing: each row steps (or skips), scales and
     grows exactly as its own torch.amp.GradScaler would, with its own SGD with momentum, and never
     reads a value back to the host (no .item(), no bool() of a tensor)."""
-    from cts_pipeline.core.batched_training import RowScaler
+    from cts_pipeline.core.train.batched import RowScaler
 
     torch.manual_seed(0)
     start = torch.randn(3, 4)
@@ -433,8 +433,8 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it_and_fp32_elsewhere(monkeypa
     GPU with native bf16, fp32 on older GPUs and, without a word, on the CPU."""
     import logging
 
-    from cts_pipeline.core.recipe import TrainRecipe
-    from cts_pipeline.core.training import effective_precision
+    from cts_pipeline.core.train.loop import effective_precision
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     assert TrainRecipe(epochs=1, batch_size=8, lr=0.1).precision == "auto"
     cuda = torch.device("cuda")
@@ -454,8 +454,8 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it_and_fp32_elsewhere(monkeypa
 def _lenet_search(density, seed=0):
     """A LeNet (no BatchNorm: micro-batches give exactly the batch's gradient) and its relaxation."""
     from cts_pipeline.core.cts import ConcreteMask
-    from cts_pipeline.core.masks import prunable_parameters
-    from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.nets.masks import prunable_parameters
+    from cts_pipeline.core.nets.registry import build_model
 
     model = build_model("lenet_300_100", image_shape=(1, 8, 8), num_classes=10,
                         generator=torch.Generator().manual_seed(seed))
@@ -473,8 +473,8 @@ def test_micro_batches_give_the_whole_batch_gradient(density, objective):
     and so is the objective: each piece's mean is weighted by its share of the samples."""
     from cts_pipeline.core.cts import OBJECTIVES
     from cts_pipeline.core.cts.search import _objective_and_gradient
-    from cts_pipeline.core.memory import MicroBatches
-    from cts_pipeline.core.runtime import UniformNoise
+    from cts_pipeline.core.device.runtime import UniformNoise
+    from cts_pipeline.core.train.memory import MicroBatches
 
     model, relaxation, x, y = _lenet_search(density)
 
@@ -495,8 +495,8 @@ def test_an_out_of_memory_step_repeats_in_more_pieces_with_the_same_noise(monkey
     import logging
 
     from cts_pipeline.core.cts import OBJECTIVES, GradBalance, search
-    from cts_pipeline.core.memory import MicroBatches
-    from cts_pipeline.core.runtime import UniformNoise
+    from cts_pipeline.core.device.runtime import UniformNoise
+    from cts_pipeline.core.train.memory import MicroBatches
 
     def step(micro):
         model, relaxation, x, y = _lenet_search(0.05)
@@ -546,7 +546,7 @@ def test_objectives_that_are_not_batch_means_run_whole():
 def test_the_plan_fits_a_share_of_the_free_memory(monkeypatch):
     """Measured at 8 samples, scaled to the batch, cut to fit 80 % of the free memory; never below
     two samples a piece (BatchNorm); a CPU plans nothing."""
-    from cts_pipeline.core import memory
+    from cts_pipeline.core.train import memory
 
     assert memory.micro_batches_to_fit(2**20, 1024, 400 * 2**20) == 4  # 1 GiB over 320 MiB
     assert memory.micro_batches_to_fit(2**20, 1024, 2**40) == 1
@@ -571,9 +571,9 @@ def test_a_search_planned_in_micro_batches_finds_the_same_logits_and_says_so(mon
     """Through the whole loop: a plan of 4 micro-batches (as a small GPU would make) gives the
     logits of the whole-batch search, and the result records it with the path its rows took."""
     from cts_pipeline.core.cts import SearchConfig, concrete_search, search
-    from cts_pipeline.core.data import load_splits
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.data.splits import load_splits
+    from cts_pipeline.core.nets.registry import build_model
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     train_split = load_splits("digits")[0].subset(128)
     recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.1)
@@ -602,7 +602,6 @@ def test_micro_batches_on_a_batchnorm_model_are_warned_about_and_recorded(monkey
     On LeNet (no BatchNorm) the gradient is the batch's and the plan stays an INFO line."""
     import logging
 
-    from cts_pipeline.core import memory
     from cts_pipeline.core.cts import (
         OBJECTIVES,
         ConcreteMask,
@@ -611,12 +610,13 @@ def test_micro_batches_on_a_batchnorm_model_are_warned_about_and_recorded(monkey
         concrete_search,
     )
     from cts_pipeline.core.cts.search import _objective_and_gradient
-    from cts_pipeline.core.data import load_splits
-    from cts_pipeline.core.masks import prunable_parameters
-    from cts_pipeline.core.memory import MicroBatches
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.recipe import TrainRecipe
-    from cts_pipeline.core.runtime import UniformNoise
+    from cts_pipeline.core.data.splits import load_splits
+    from cts_pipeline.core.device.runtime import UniformNoise
+    from cts_pipeline.core.nets.masks import prunable_parameters
+    from cts_pipeline.core.nets.registry import build_model
+    from cts_pipeline.core.train import memory
+    from cts_pipeline.core.train.memory import MicroBatches
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     def model():
         return build_model(model_name, image_shape=(1, 8, 8), num_classes=10, generator=torch.Generator().manual_seed(0),
@@ -662,8 +662,8 @@ def test_the_stacked_check_compares_in_float64_and_gives_the_model_back(monkeypa
     GPU; ResNet-50 with batch statistics over two images on a CPU, 2e-5), so the check runs both in
     float64 on a few samples, and the model returns to float32 afterwards."""
     from cts_pipeline.core.cts import ConcreteMask, forwards
-    from cts_pipeline.core.masks import prunable_parameters
-    from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.nets.masks import prunable_parameters
+    from cts_pipeline.core.nets.registry import build_model
 
     model = build_model("resnet50", image_shape=(3, 32, 32), num_classes=10, bn_running_stats=False,
                         generator=torch.Generator().manual_seed(0))
@@ -706,7 +706,7 @@ def test_a_batched_search_that_does_not_fit_runs_one_density_at_a_time(digits_pa
     import logging
 
     from cts_pipeline.config.sweep import Branch
-    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.train.recipe import TrainRecipe
     from cts_pipeline.pipelines.cts import nodes
 
     train, _test, model, runtime, theta = digits_payloads
@@ -733,8 +733,8 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
     import logging
 
     from cts_pipeline.config.sweep import Branch
-    from cts_pipeline.core import memory
-    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.train import memory
+    from cts_pipeline.core.train.recipe import TrainRecipe
     from cts_pipeline.pipelines.cts import nodes as cts_nodes
     from cts_pipeline.pipelines.tickets import nodes
 
@@ -771,7 +771,7 @@ def test_a_stacked_group_out_of_memory_frees_its_tensors_before_the_fallback(dig
     import weakref
 
     from cts_pipeline.config.sweep import Branch
-    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.train.recipe import TrainRecipe
     from cts_pipeline.pipelines.tickets import nodes
 
     train, test, model, runtime, theta = digits_payloads
@@ -806,7 +806,7 @@ def test_a_stacked_group_out_of_memory_frees_its_tensors_before_the_fallback(dig
 def test_micro_batches_retry_once_the_failed_steps_tensors_are_gone(monkeypatch):
     import weakref
 
-    from cts_pipeline.core import memory
+    from cts_pipeline.core.train import memory
 
     step_tensors, alive_at_release = [], []
     monkeypatch.setattr(memory, "release_cached_memory",
@@ -852,7 +852,7 @@ def test_loader_workers_default_to_the_cpus_less_one_per_process(monkeypatch):
 
 
 def test_compile_wraps_the_ddp_model_not_the_other_way_round(monkeypatch):
-    from cts_pipeline.core import training
+    from cts_pipeline.core.train import loop as training
 
     wrapped = []
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m: wrapped.append(("ddp", m)) or "ddp")
@@ -868,8 +868,8 @@ def test_a_step_whose_backward_ran_out_of_memory_repeats_from_the_same_noise(mon
     """An out-of-memory error in the backward frees the soft mask's graph: the repeat rebuilds it
     from the noise already drawn (no new draw), so the step is still the plain one."""
     from cts_pipeline.core.cts import OBJECTIVES, search
-    from cts_pipeline.core.memory import MicroBatches
-    from cts_pipeline.core.runtime import UniformNoise
+    from cts_pipeline.core.device.runtime import UniformNoise
+    from cts_pipeline.core.train.memory import MicroBatches
 
     def gradient(micro):
         model, relaxation, x, y = _lenet_search(0.05)
@@ -899,8 +899,8 @@ def test_the_stacked_check_tells_rounding_from_a_wrong_layout(monkeypatch, caplo
     import logging
 
     from cts_pipeline.core.cts import ConcreteMask, forwards
-    from cts_pipeline.core.masks import prunable_parameters
-    from cts_pipeline.core.models import build_model
+    from cts_pipeline.core.nets.masks import prunable_parameters
+    from cts_pipeline.core.nets.registry import build_model
 
     model = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
                         generator=torch.Generator().manual_seed(0))
@@ -946,8 +946,8 @@ def test_nhwc_is_not_used_where_this_cpu_kernel_corrupts_memory(caplog):
     import logging
 
     from cts_pipeline.config.sections import RuntimeConfig
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.runtime import channels_last_hazard
+    from cts_pipeline.core.device.runtime import channels_last_hazard
+    from cts_pipeline.core.nets.registry import build_model
     from cts_pipeline.pipelines.common import uses_channels_last
 
     def resnet(width, shortcut="conv1x1"):

@@ -20,9 +20,10 @@ import yaml
 
 from cts_pipeline.config.sections import typed_sections
 from cts_pipeline.core.cts import concrete_search
-from cts_pipeline.core.data import Split, get_dataset_info
-from cts_pipeline.core.masks import count_prunable, global_topk_mask, kept_count
-from cts_pipeline.core.training import evaluate, train
+from cts_pipeline.core.data.registry import get_dataset_info
+from cts_pipeline.core.data.splits import Split
+from cts_pipeline.core.nets.masks import count_prunable, global_topk_mask, kept_count
+from cts_pipeline.core.train.loop import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PRESETS = ("cifar10_resnet20", "cifar10_vgg16", "cifar100_resnet20", "imagenet_resnet50",

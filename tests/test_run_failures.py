@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cts_pipeline.core.training import NonFiniteLossError
+from cts_pipeline.core.train.loop import NonFiniteLossError
 
 from .conftest import run_pipeline
 

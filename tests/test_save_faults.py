@@ -9,7 +9,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from cts_pipeline.core.checkpoints import Checkpoint
+from cts_pipeline.core.artifacts.checkpoints import Checkpoint
 from cts_pipeline.datasets import TorchDataset
 from cts_pipeline.datasets._atomic import atomic_write
 

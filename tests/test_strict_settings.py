@@ -21,7 +21,7 @@ import pytest
 from cts_pipeline.config.sections import OPTIONAL_SECTIONS, SECTIONS, DaskSettings, TrackingSettings
 from cts_pipeline.config.typed import ConfigError, Section, read_section
 from cts_pipeline.core.cts import SearchConfig
-from cts_pipeline.core.recipe import TrainRecipe
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 # The least each section needs to be valid; every other field keeps its default.
 MINIMAL = {

@@ -9,7 +9,7 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from cts_pipeline import settings
-from cts_pipeline.core import epochs
+from cts_pipeline.core.train import epochs
 from cts_pipeline.terminal import progress as sweep_progress
 from cts_pipeline.terminal.progress import SweepProgress
 
@@ -78,7 +78,7 @@ def test_a_run_on_a_terminal_shows_the_sweep_and_hides_the_loop_bars(project, mo
     monkeypatch.setattr(sweep_progress, "wanted", lambda stream=None: True)
     monkeypatch.setattr(sweep_progress, "SweepProgress", Spy)
 
-    def loop_bar(*args, disable=None, **kwargs):  # every epoch loop's tqdm bar, as core.epochs makes it
+    def loop_bar(*args, disable=None, **kwargs):  # every epoch loop's tqdm bar, as core.train.epochs makes it
         seen["loop_bars"].append(not disable)
         return tqdm(*args, disable=True, **kwargs)
 

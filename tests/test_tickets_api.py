@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from cts_pipeline import find_ticket, load_ticket
-from cts_pipeline.core.data import load_splits, normalize
-from cts_pipeline.core.masks import payload_to_mask
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.tickets import prune_with_mask
-from cts_pipeline.core.training import evaluate
+from cts_pipeline.core.data.splits import load_splits
+from cts_pipeline.core.data.transforms import normalize
+from cts_pipeline.core.nets.masks import payload_to_mask
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.prune.tickets import prune_with_mask
+from cts_pipeline.core.train.loop import evaluate
 
 from .conftest import latest
 
@@ -169,7 +170,7 @@ def test_prunable_chooses_the_layers_and_the_others_stay_dense():
 def test_a_ticket_of_some_layers_applies_and_retrains_with_the_others_whole():
     """find_ticket(..., prunable=[...]) gives a ticket that ``retrain`` and ``apply`` take: the
     layers outside ``prunable`` are simply unpruned (they used to be missing from the mask)."""
-    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     data = CountingDigits(128)
     net = mlp()
@@ -203,7 +204,7 @@ def test_a_model_pruned_with_torch_prune_is_refused_in_one_line():
 
 
 def test_a_ticket_retrains_with_the_projects_trainer_and_reports_test_accuracy():
-    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     train, test = load_splits("digits")
     inputs, labels = normalize(train.images, train.info).reshape(-1, 64), train.labels

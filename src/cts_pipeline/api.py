@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from .core.cts import SearchConfig, concrete_search
-from .core.masks import global_topk_mask, layer_report, prunable_parameters
-from .core.recipe import TrainRecipe
-from .core.tickets import prune_with_mask
-from .core.training import TrainResult
-from .core.user_data import LoaderSplit, inputs_info, is_streamable, tensor_split
+from .core.data.user_data import LoaderSplit, inputs_info, is_streamable, tensor_split
+from .core.nets.masks import global_topk_mask, layer_report, prunable_parameters
+from .core.prune.tickets import prune_with_mask
+from .core.train.loop import TrainResult
+from .core.train.recipe import TrainRecipe
 
 # What Ticket.retrain trains with when no recipe is given: the default run's dense recipe, short.
 RETRAIN_DEFAULTS = TrainRecipe(epochs=10, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=(),
@@ -66,15 +66,15 @@ class Ticket:
                 read batch by batch in every epoch, in its own order).
             test: ``(inputs, labels)`` or a DataLoader to evaluate on after the last epoch (read
                 into memory); its accuracy is ``result.final["test_accuracy"]``.
-            recipe: a :class:`~cts_pipeline.core.recipe.TrainRecipe` (SGD, schedule, epochs);
+            recipe: a :class:`~cts_pipeline.core.train.recipe.TrainRecipe` (SGD, schedule, epochs);
                 default :data:`RETRAIN_DEFAULTS` (10 epochs, lr 0.1, momentum 0.9, weight decay 5e-4).
             seed: seeds the data order of tensor data.
             progress: show a progress bar over the epochs.
 
-        Returns the :class:`~cts_pipeline.core.training.TrainResult`: per-epoch ``history`` with
+        Returns the :class:`~cts_pipeline.core.train.loop.TrainResult`: per-epoch ``history`` with
         the training loss and accuracy, and ``final["test_accuracy"]`` with ``test``.
         """
-        from .core.training import train
+        from .core.train.loop import train
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"Ticket.retrain: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -332,8 +332,8 @@ def load_ticket(path: str | Path, *, weights: bool = True) -> LoadedTicket:
     there is one), a truncated or malformed file, and masks that disagree with the manifest
     (per-layer or total kept counts) or with the model it names (layers and shapes).
     """
-    from .core.models import build_model
-    from .core.runtime import generator
+    from .core.device.runtime import generator
+    from .core.nets.registry import build_model
 
     mask, state, manifest = _read_checked(Path(path))
     init = generator("cpu", manifest.get("seed", 0), "model-init")
@@ -360,8 +360,8 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     """The ticket at ``path``, checked against its record and its own manifest."""
     import json
 
-    from .core.records import RECORD_SUFFIX, payload_mismatch
-    from .core.tickets import read_ticket
+    from .core.artifacts.records import RECORD_SUFFIX, payload_mismatch
+    from .core.prune.tickets import read_ticket
 
     try:
         payload = path.read_bytes()

@@ -120,7 +120,7 @@ def pipeline_holding(outputs: list[str], env: str | None, conf_source: str | Non
 
 
 def _run(verbose: bool, **kwargs):
-    from .core.distributed import under_torchrun
+    from .core.device.distributed import under_torchrun
     from .pipelines import torchrun
 
     verbose = verbose or os.environ.get("CTS_VERBOSE", "") not in ("", "0")

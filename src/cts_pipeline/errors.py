@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Searches cut their batches and stacked retraining caps its tickets to fit (core/memory.py), but
+# Searches cut their batches and stacked retraining caps its tickets to fit (core/train/memory.py), but
 # a training step runs the recipe's whole batch, and only the recipe can change that.
 OUT_OF_MEMORY_HINT = ("a training step takes the recipe's whole batch at once: lower training.batch_size, or set "
                       "training.virtual_ranks: N to run each batch as N chunks, each with its own BatchNorm "
@@ -48,7 +48,7 @@ def input_error_types() -> tuple[type[BaseException], ...]:
     from kedro.config import MissingConfigException
 
     from .config.typed import ConfigError
-    from .core.data import DataFileError, DatasetNotFoundError
+    from .core.data.registry import DataFileError, DatasetNotFoundError
     from .runners import SchedulerUnreachable
 
     return (ConfigError, DataFileError, DatasetNotFoundError, TrackingUnavailable, SchedulerUnreachable,

@@ -43,7 +43,7 @@ from kedro.runner.task import Task
 
 from .config.sections import DaskSettings
 from .config.typed import read_section
-from .core.checkpoints import PendingRemovals
+from .core.artifacts.checkpoints import PendingRemovals
 from .pipelines.common import GPU_TAG
 from .terminal.console import PROGRESS_LOGGER, QuietConsole
 

@@ -16,11 +16,11 @@ from cts_pipeline.core.cts import (
     batch_statistics,
     concrete_search,
 )
-from cts_pipeline.core.data import load_splits
-from cts_pipeline.core.masks import global_topk_mask, prunable_parameters, unflatten
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.stacked import stacked_forward, supports
+from cts_pipeline.core.data.splits import load_splits
+from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters, unflatten
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.recipe import TrainRecipe
+from cts_pipeline.core.train.stacked import stacked_forward, supports
 
 DENSITIES = [0.2, 0.05, 0.011]
 

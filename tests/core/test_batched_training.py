@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cts_pipeline.core.batched_training as bt
-from cts_pipeline.core.batched_training import supports, train_tickets
-from cts_pipeline.core.data import load_splits
-from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.training import train
+import cts_pipeline.core.train.batched as bt
+from cts_pipeline.core.data.splits import load_splits
+from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.batched import supports, train_tickets
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_stacked_retraining_equals_one_ticket_at_a_time(digits, name, recipe):
 
 
 def test_stacked_retraining_resumes_from_its_checkpoint(digits, tmp_path):
-    from cts_pipeline.core.checkpoints import Checkpoint
+    from cts_pipeline.core.artifacts.checkpoints import Checkpoint
 
     train_split, test_split = digits
     recipe = TrainRecipe(epochs=3, batch_size=64, lr=0.1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cts_pipeline.core.connectivity import effective_mask, effective_report
-from cts_pipeline.core.masks import prunable_parameters
-from cts_pipeline.core.models import build_model
+from cts_pipeline.core.nets.masks import prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.prune.connectivity import effective_mask, effective_report
 
 
 def mlp() -> nn.Module:

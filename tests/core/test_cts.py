@@ -34,12 +34,12 @@ from cts_pipeline.core.cts import (
     reverse_kl,
     soft_mask,
 )
-from cts_pipeline.core.data import iterate_batches, load_splits
-from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.runtime import UniformNoise
-from cts_pipeline.core.training import NonFiniteLossError
+from cts_pipeline.core.data.splits import iterate_batches, load_splits
+from cts_pipeline.core.device.runtime import UniformNoise
+from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.loop import NonFiniteLossError
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 TAU = 2.0 / 3.0  # the method's fixed temperature, written out independently of the module
 DIGITS_SHAPE = (1, 8, 8)

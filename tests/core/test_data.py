@@ -11,19 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from cts_pipeline.core import data, data_transforms
-from cts_pipeline.core.data import (
+from cts_pipeline.core.data import splits as data
+from cts_pipeline.core.data import transforms as data_transforms
+from cts_pipeline.core.data.registry import (
     DATASETS,
     DataFileError,
     DatasetInfo,
     DatasetNotFoundError,
-    Split,
-    ensure_available,
     get_dataset_info,
-    iterate_batches,
-    load_splits,
-    normalize,
 )
+from cts_pipeline.core.data.splits import Split, ensure_available, iterate_batches, load_splits
+from cts_pipeline.core.data.transforms import normalize
 
 # Identity normalisation (mean 0, std 1, max 1) so batches can be compared as raw pixels, and a
 # non-square shape so rows and columns cannot be swapped unnoticed.

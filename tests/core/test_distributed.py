@@ -10,11 +10,12 @@ import os
 import pytest
 import torch
 
-from cts_pipeline.core.data import DATASETS, Split
-from cts_pipeline.core.distributed import launch, rank_and_world, shard
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.training import train
+from cts_pipeline.core.data.registry import DATASETS
+from cts_pipeline.core.data.splits import Split
+from cts_pipeline.core.device.distributed import launch, rank_and_world, shard
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 from tests.equivalence import assert_equivalent_masks
 
 RECIPE = TrainRecipe(epochs=2, batch_size=50, lr=0.05, milestones=[1], weight_decay=1e-4, grad_clip_norm=5.0)
@@ -40,7 +41,7 @@ def train_lenet(recipe: TrainRecipe) -> tuple[dict, list[dict], int]:
 def train_lenet_interrupted_then_resumed(recipe: TrainRecipe, path) -> tuple[dict, int | None]:
     """Every rank stops after epoch 1 (rank 0 has checkpointed it), then resumes: rank 0 reads the
     checkpoint and broadcasts it, so no rank needs to see rank 0's disk."""
-    from cts_pipeline.core.checkpoints import Checkpoint
+    from cts_pipeline.core.artifacts.checkpoints import Checkpoint
 
     class Stop(Exception):
         pass
@@ -99,7 +100,7 @@ def test_nproc_is_checked():
 
 def search_lenet(densities) -> tuple[list, list, int]:
     from cts_pipeline.core.cts import SearchConfig, concrete_search
-    from cts_pipeline.core.masks import global_topk_mask
+    from cts_pipeline.core.nets.masks import global_topk_mask
 
     torch.set_num_threads(1)
     train_split, _ = splits()
@@ -133,8 +134,8 @@ def train_and_search_streamed(root) -> tuple:
     from dataclasses import replace
 
     from cts_pipeline.core.cts import SearchConfig, concrete_search
-    from cts_pipeline.core.data import load_splits
-    from cts_pipeline.core.masks import global_topk_mask
+    from cts_pipeline.core.data.splits import load_splits
+    from cts_pipeline.core.nets.masks import global_topk_mask
 
     torch.set_num_threads(1)
     train_split, test_split = load_splits("tiny_imagenet", root)
@@ -186,7 +187,7 @@ def test_two_gloo_processes_on_a_streamed_dataset_train_and_search_like_one(tmp_
 
 def converted_batchnorm() -> list[list[str]]:
     """The norm layers' types after ``with_sync_batchnorm``, off, then on."""
-    from cts_pipeline.core.distributed import with_sync_batchnorm
+    from cts_pipeline.core.device.distributed import with_sync_batchnorm
 
     found = []
     for enabled in (False, True):
@@ -211,7 +212,7 @@ def train_and_search_with_virtual_ranks(virtual_ranks: int, densities) -> dict:
     from dataclasses import replace
 
     from cts_pipeline.core.cts import SearchConfig, concrete_search
-    from cts_pipeline.core.masks import global_topk_mask
+    from cts_pipeline.core.nets.masks import global_topk_mask
 
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
@@ -265,7 +266,7 @@ def _assert_same_run(virtual_ranks: int, one: dict, two: dict) -> None:
 def test_each_recipe_rank_draws_its_own_noise_stream_and_takes_its_own_chunks():
     """Rank g of N takes every N-th sample from the g-th, as DistributedSampler deals; process r
     of M plays ranks r, r + M, …, so its part is every M-th sample (what a streamed loader hands it)."""
-    from cts_pipeline.core.virtual_ranks import RankLayout
+    from cts_pipeline.core.device.virtual_ranks import RankLayout
 
     x, y = torch.arange(10.0), torch.arange(10)
     one = RankLayout(4)
@@ -287,7 +288,7 @@ def train_and_search_with_ranks_on_an_uneven_split() -> tuple[dict, list[dict], 
     sample, which leaves the second rank none unless the epoch is padded as DistributedSampler
     pads it (to 202, the first sample of the epoch's order again)."""
     from cts_pipeline.core.cts import SearchConfig, concrete_search
-    from cts_pipeline.core.masks import global_topk_mask
+    from cts_pipeline.core.nets.masks import global_topk_mask
 
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(3)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cts_pipeline.core import training
-from cts_pipeline.core.data import iterate_batches, load_splits
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.training import train
+from cts_pipeline.core.data.splits import iterate_batches, load_splits
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train import loop as training
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cts_pipeline.core.data import DATASETS, DatasetNotFoundError, iterate_batches, load_splits
-from cts_pipeline.core.image_folders import (
+from cts_pipeline.core.data.image_folders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     image_folder,
     open_streamed,
 )
-from cts_pipeline.core.runtime import generator
+from cts_pipeline.core.data.registry import DATASETS, DatasetNotFoundError
+from cts_pipeline.core.data.splits import iterate_batches, load_splits
+from cts_pipeline.core.device.runtime import generator
 
 WNIDS = ("n01443537", "n01629819")
 
@@ -67,7 +68,7 @@ def test_tiny_imagenet_train_and_val_have_their_labels_and_sizes(tmp_path):
 def test_streamed_batches_cross_as_uint8_and_are_normalised_on_the_device(tmp_path):
     """Issue 20, item 8: the loader workers decode and crop only; a quarter of float32's bytes
     cross to the device, where the batch is normalised, with a deeper prefetch queue."""
-    from cts_pipeline.core.image_folders import PREFETCH_BATCHES
+    from cts_pipeline.core.data.image_folders import PREFETCH_BATCHES
 
     tiny_imagenet(tmp_path)
     train = load_splits("tiny_imagenet", tmp_path)[1].with_workers(1)
@@ -167,10 +168,10 @@ def test_a_bad_annotation_line_is_named(tmp_path):
 def test_a_resumed_streamed_training_equals_an_uninterrupted_one(tmp_path):
     """The order and every crop of an epoch depend on (seed, epoch) only, so resuming from the
     per-epoch checkpoint replays what the uninterrupted run saw."""
-    from cts_pipeline.core.checkpoints import Checkpoint
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.recipe import TrainRecipe
-    from cts_pipeline.core.training import train
+    from cts_pipeline.core.artifacts.checkpoints import Checkpoint
+    from cts_pipeline.core.nets.registry import build_model
+    from cts_pipeline.core.train.loop import train
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     tiny_imagenet(tmp_path / "images", per_class=4, noise=60)
     train_split, test_split = (s.with_workers(1) for s in load_splits("tiny_imagenet", tmp_path / "images"))
@@ -231,7 +232,7 @@ def test_the_authors_training_crop_and_a_runs_normalisation_reach_the_streamed_b
 
     from torchvision.transforms import v2
 
-    from cts_pipeline.core.image_folders import transforms_for
+    from cts_pipeline.core.data.image_folders import transforms_for
 
     steps = transforms_for("imagenet", "train", resized_crop="authors").transforms
     resize = next(t for t in steps if type(t) is v2.Resize)
@@ -267,7 +268,7 @@ def test_tiny_imagenet_is_evaluated_whole_and_takes_the_authors_crop():
     scale (0.6, 1), ratio (0.8, 1.25) (TLAB 68c9740 data/tiny_imagenet.py:72-73)."""
     from torchvision.transforms import v2
 
-    from cts_pipeline.core.image_folders import transforms_for
+    from cts_pipeline.core.data.image_folders import transforms_for
 
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(transforms_for("tiny_imagenet", "eval")(image), image)

@@ -7,19 +7,19 @@ import copy
 import pytest
 import torch
 
-from cts_pipeline.core import ltr
-from cts_pipeline.core.data import load_splits
-from cts_pipeline.core.ltr import (
+from cts_pipeline.core.data.splits import load_splits
+from cts_pipeline.core.nets.masks import count_prunable, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.prune import ltr
+from cts_pipeline.core.prune.ltr import (
     LevelRecord,
     level_density,
     level_for_sparsity,
     lottery_ticket_rewinding,
     magnitude_mask,
 )
-from cts_pipeline.core.masks import count_prunable, prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.training import train
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 DIGITS_SHAPE = (1, 8, 8)
 RECIPE = TrainRecipe(epochs=2, batch_size=128, lr=0.05, rewind_epoch=1)

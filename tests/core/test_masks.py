@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cts_pipeline.core.masks import (
+from cts_pipeline.core.nets.masks import (
     MASK_FORMAT,
     apply_mask,
     check_mask_matches,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cts_pipeline.core.masks import count_prunable, prunable_parameters
-from cts_pipeline.core.models import MODELS, build_model, check_model_fits, count_parameters
+from cts_pipeline.core.nets.masks import count_prunable, prunable_parameters
+from cts_pipeline.core.nets.registry import MODELS, build_model, check_model_fits, count_parameters
 
 DIGITS, MNIST, CIFAR = (1, 8, 8), (1, 28, 28), (3, 32, 32)
 

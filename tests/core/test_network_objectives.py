@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from cts_pipeline.core import cts
 from cts_pipeline.core.cts import ConcreteMask, SearchConfig, batch_statistics, concrete_search
-from cts_pipeline.core.data import iterate_batches, load_splits
-from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.runtime import UniformNoise
+from cts_pipeline.core.data.splits import iterate_batches, load_splits
+from cts_pipeline.core.device.runtime import UniformNoise
+from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cts_pipeline.core.data import load_splits
+from cts_pipeline.core.data.splits import load_splits
 
 from ..conftest import SHARED_MNIST
 

@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 from cts_pipeline.config.identity import cts_method_name
-from cts_pipeline.core.batched_training import train_tickets
-from cts_pipeline.core.connectivity import effective_mask
 from cts_pipeline.core.cts import SearchConfig, concrete_search
-from cts_pipeline.core.data import load_splits
-from cts_pipeline.core.masks import count_prunable, global_topk_mask, prunable_parameters
-from cts_pipeline.core.models import build_model, count_parameters, skeleton
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.saliency import synflow_flow
-from cts_pipeline.core.training import train
+from cts_pipeline.core.data.splits import load_splits
+from cts_pipeline.core.nets.masks import count_prunable, global_topk_mask, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model, count_parameters, skeleton
+from cts_pipeline.core.prune.connectivity import effective_mask
+from cts_pipeline.core.prune.saliency import synflow_flow
+from cts_pipeline.core.train.batched import train_tickets
+from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 DIGITS = (1, 8, 8)
 
@@ -213,8 +213,8 @@ def test_a_non_default_schedule_is_its_own_method():
 @pytest.mark.cross_path
 @pytest.mark.parametrize("padding", ["zeros", "reflect"])
 def test_crop_padding_matches_torch_pad_then_crop(padding):
-    from cts_pipeline.core.data_transforms import crop_flip as _crop_flip
-    from cts_pipeline.core.data_transforms import draw_crop_flip as _draw_crop_flip
+    from cts_pipeline.core.data.transforms import crop_flip as _crop_flip
+    from cts_pipeline.core.data.transforms import draw_crop_flip as _draw_crop_flip
 
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     top, left, flip = _draw_crop_flip(16, 4, torch.Generator().manual_seed(3), torch.device("cpu"))
@@ -229,7 +229,7 @@ def test_crop_padding_matches_torch_pad_then_crop(padding):
 
 
 def test_crop_padding_reaches_the_trainer_and_is_validated(digits, monkeypatch):
-    import cts_pipeline.core.training as training
+    import cts_pipeline.core.train.loop as training
 
     seen = []
     real = training.iterate_batches
@@ -284,8 +284,8 @@ def test_virtual_ranks_training_step_is_ddp_over_chunks(digits, reduction):
     model, reference = convnet(), convnet()
     result = train(model, split, None, recipe, seed=0, stage="virtual", progress=False)
 
-    from cts_pipeline.core.data import iterate_batches
-    from cts_pipeline.core.runtime import generator
+    from cts_pipeline.core.data.splits import iterate_batches
+    from cts_pipeline.core.device.runtime import generator
 
     (x, y), = list(iterate_batches(split, 64, shuffle=True, generator=generator("cpu", 0, "data-order", 0)))
     rank_zero_only = copy.deepcopy(reference).train()
@@ -334,9 +334,9 @@ def test_virtual_ranks_search_step_draws_noise_and_lambda_per_rank(digits):
         reverse_kl,
         search_step,
     )
-    from cts_pipeline.core.masks import unflatten
-    from cts_pipeline.core.runtime import UniformNoise
-    from cts_pipeline.core.virtual_ranks import RankLayout
+    from cts_pipeline.core.device.runtime import UniformNoise
+    from cts_pipeline.core.device.virtual_ranks import RankLayout
+    from cts_pipeline.core.nets.masks import unflatten
 
     model = convnet()
     x, y = digits[0].take(torch.arange(64)), digits[0].labels[:64]
@@ -384,8 +384,8 @@ def test_a_short_last_batch_is_padded_so_every_virtual_rank_has_samples(digits):
     """17 samples in batches of 8 over 4 ranks: the last batch (1 sample) would leave three ranks
     none (a NaN loss after a whole epoch). The epoch is padded with its own first samples to 20,
     as DistributedSampler pads it for 4 devices, and training and the search run."""
-    from cts_pipeline.core.data import iterate_batches
-    from cts_pipeline.core.runtime import generator
+    from cts_pipeline.core.data.splits import iterate_batches
+    from cts_pipeline.core.device.runtime import generator
 
     split = digits[0].subset(17)
     batches = list(iterate_batches(split, 8, shuffle=True, generator=generator("cpu", 0, "data-order", 0), parts=4))

@@ -14,11 +14,11 @@ import torch
 SCRIPT = textwrap.dedent('''
     import os, signal, sys, torch
     from cts_pipeline.core import cts
-    from cts_pipeline.core.checkpoints import Checkpoint
-    from cts_pipeline.core.data import load_splits
-    from cts_pipeline.core.models import build_model
-    from cts_pipeline.core.training import train
-    from cts_pipeline.core.recipe import TrainRecipe
+    from cts_pipeline.core.artifacts.checkpoints import Checkpoint
+    from cts_pipeline.core.data.splits import load_splits
+    from cts_pipeline.core.nets.registry import build_model
+    from cts_pipeline.core.train.loop import train
+    from cts_pipeline.core.train.recipe import TrainRecipe
 
     torch.set_num_threads(1)
     train_split, test_split = load_splits("digits")
@@ -120,7 +120,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(killed_and_resumed, what
 
 
 def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path, caplog):
-    from cts_pipeline.core.checkpoints import Checkpoint
+    from cts_pipeline.core.artifacts.checkpoints import Checkpoint
 
     path = tmp_path / "c.pt"
     Checkpoint(path, "a").save({"epochs_done": 3})
@@ -138,7 +138,7 @@ def test_finished_checkpoints_wait_for_their_results_to_be_stored(tmp_path):
     import contextvars
     import threading
 
-    from cts_pipeline.core.checkpoints import Checkpoint, PendingRemovals
+    from cts_pipeline.core.artifacts.checkpoints import Checkpoint, PendingRemovals
 
     contextvars.copy_context().run(_pending_removals_in_one_context, tmp_path, threading, Checkpoint,
                                    PendingRemovals)

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from cts_pipeline.core.data import DatasetInfo, Split, load_splits, normalize
-from cts_pipeline.core.masks import global_topk_mask, layer_report, prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.saliency import (
+from cts_pipeline.core.data.registry import DatasetInfo
+from cts_pipeline.core.data.splits import Split, load_splits
+from cts_pipeline.core.data.transforms import normalize
+from cts_pipeline.core.nets.masks import global_topk_mask, layer_report, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.prune.saliency import (
     PRUNED_SCORE,
     SCORERS,
     ScoringInputs,

@@ -7,10 +7,10 @@ import statistics
 import pytest
 import torch
 
-from cts_pipeline.core.masks import global_topk_mask, prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.runtime import generator
-from cts_pipeline.core.sanity import invert, layerwise_shuffle, passes, reinitialised
+from cts_pipeline.core.device.runtime import generator
+from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.prune.sanity import invert, layerwise_shuffle, passes, reinitialised
 
 
 def random_mask(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cts_pipeline.core import training
-from cts_pipeline.core.data import iterate_batches, load_splits
-from cts_pipeline.core.masks import prunable_parameters
-from cts_pipeline.core.models import build_model
-from cts_pipeline.core.recipe import TrainRecipe
-from cts_pipeline.core.training import NonFiniteLossError, check_finite, evaluate, train
+from cts_pipeline.core.data.splits import iterate_batches, load_splits
+from cts_pipeline.core.nets.masks import prunable_parameters
+from cts_pipeline.core.nets.registry import build_model
+from cts_pipeline.core.train import loop as training
+from cts_pipeline.core.train.loop import NonFiniteLossError, check_finite, evaluate, train
+from cts_pipeline.core.train.recipe import TrainRecipe
 
 DIGITS_SHAPE = (1, 8, 8)
 
@@ -294,7 +294,7 @@ def test_half_precision_on_cpu_falls_back_to_fp32_with_a_warning(digits, precisi
     train(fp32, split, None, TrainRecipe(epochs=1, batch_size=64, lr=0.05), seed=0, stage="a",
           progress=False)
     model = lenet()
-    with caplog.at_level(logging.WARNING, logger="cts_pipeline.core.training"):
+    with caplog.at_level(logging.WARNING, logger="cts_pipeline.core.train.loop"):
         result = train(model, split, None, TrainRecipe(epochs=1, batch_size=64, lr=0.05,
                                                         precision=precision),
                        seed=0, stage="b", progress=False)
@@ -306,7 +306,7 @@ def test_half_precision_on_cpu_falls_back_to_fp32_with_a_warning(digits, precisi
 
 
 def test_warmup_rises_linearly_per_step_then_follows_the_schedule(digits):
-    from cts_pipeline.core.batched_training import train_tickets
+    from cts_pipeline.core.train.batched import train_tickets
 
     recipe = TrainRecipe(epochs=4, batch_size=10, lr=0.4, warmup_epochs=2, milestones=[3])
     assert [recipe.warmup_lr(e, s, 5) for e in range(2) for s in range(5)] == pytest.approx(

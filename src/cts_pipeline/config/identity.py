@@ -10,7 +10,7 @@ never reuses a stale artifact and an unchanged one never recomputes:
 - **The checkpoint tag**: a digest of everything that decides one loop's result
   (:func:`checkpoint_tag`), so a loop resumes only from its own checkpoint.
 
-The digest itself is ``core.checkpoints.digest`` (plain PyTorch, usable without Kedro).
+The digest itself is ``core.artifacts.digests.digest`` (plain PyTorch, usable without Kedro).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..core.checkpoints import digest
+from ..core.artifacts.digests import digest
 from .typed import is_section, plain
 
 # What artifacts depend on beyond their dataset name. A branch's name already spells out every

@@ -1,7 +1,7 @@
 """Every typed section of the parameters and of the settings files, and the run-start read of them.
 
 Kedro turns each ``params:<section>`` node input annotated with one of these pydantic models (or
-with :class:`~cts_pipeline.core.recipe.TrainRecipe` / :class:`~cts_pipeline.core.cts.SearchConfig`,
+with :class:`~cts_pipeline.core.train.recipe.TrainRecipe` / :class:`~cts_pipeline.core.cts.SearchConfig`,
 ``core``'s dataclasses) into an instance when it builds the catalog; :func:`typed_sections` reads
 them all first, so that a run starts by listing every problem at once, each naming its setting
 (:mod:`.typed` says how). The sweep's sections (``grid``, ``methods``, ``pai``, ``sanity``) live
@@ -17,13 +17,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..core.checkpoints import parse_interval
+from ..core.artifacts.checkpoints import parse_interval
 from ..core.cts import SearchConfig
-from ..core.data import DATASETS
-from ..core.image_folders import RESIZED_CROPS
-from ..core.models import MODELS, build_model
-from ..core.recipe import TrainRecipe
-from ..core.runtime import CudaPolicy, check_device_choice
+from ..core.data.image_folders import RESIZED_CROPS
+from ..core.data.registry import DATASETS
+from ..core.device.runtime import CudaPolicy, check_device_choice
+from ..core.nets.registry import MODELS, build_model
+from ..core.train.recipe import TrainRecipe
 from .sweep import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
 from .typed import (
     AutoFlag,
@@ -56,7 +56,7 @@ class DataConfig(Section):
     download: Flag = False
     train_subset: PositiveInt | None = None  # keep the first N training samples (tiny presets for tests)
     test_subset: PositiveInt | None = None
-    # Per-channel normalisation on the [0, 1] scale; null: the dataset's own statistics (data_registry).
+    # Per-channel normalisation on the [0, 1] scale; null: the dataset's own statistics (core/data/registry.py).
     mean: Numbers | None = None
     std: Numbers | None = None
     # The training crop of a streamed (image-folder) dataset: torchvision's RandomResizedCrop, or the
@@ -101,7 +101,7 @@ class DistributedConfig(Section):
 
 class RuntimeConfig(Section):
     """``runtime`` parameters: where and how to run. On a CPU they never change a result; on a GPU
-    TF32 and determinism change the last bits (``core.runtime.CudaPolicy``)."""
+    TF32 and determinism change the last bits (``core.device.runtime.CudaPolicy``)."""
 
     label: ClassVar[str] = "runtime."
     device: str = "auto"
@@ -123,7 +123,7 @@ class RuntimeConfig(Section):
         Field(default_factory=DistributedConfig)
     data_workers: NonNegativeInt | None = None  # loader processes of a streamed (image-folder) dataset; 0 = in
     #                                             this process; null = up to 4, as the CPUs allow
-    tf32: Flag = True  # CUDA: TF32 matmuls and convolutions on Ampere and later (core.runtime.CudaPolicy)
+    tf32: Flag = True  # CUDA: TF32 matmuls and convolutions on Ampere and later (core.device.runtime.CudaPolicy)
     deterministic: Flag = False  # CUDA: deterministic algorithms, so a GPU run repeats to the bit (slower)
 
     @field_validator("device", mode="before")

@@ -19,9 +19,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..core.ltr import level_density, level_for_sparsity
-from ..core.recipe import STARTS
-from ..core.saliency import SCORERS
+from ..core.prune.ltr import level_density, level_for_sparsity
+from ..core.prune.saliency import SCORERS
+from ..core.train.recipe import STARTS
 from .identity import cts_method_name
 from .typed import Flag, Section, plain, read_section
 
@@ -29,7 +29,7 @@ BRANCH_PARAM = "branch"
 MAX_LEVEL = 60  # 0.8**60 keeps 1.5e-6 of the weights: beyond any network's last weight
 DENSE = "dense"
 LTR = "ltr"
-PAI_METHODS = tuple(SCORERS)  # a scorer added to core.saliency is a method of the sweep
+PAI_METHODS = tuple(SCORERS)  # a scorer added to core.prune.saliency is a method of the sweep
 CHECKS = {"shuffle": "shuffled", "invert": "inverted", "reinit": "reinit"}  # check -> name suffix
 
 

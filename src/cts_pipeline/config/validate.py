@@ -9,11 +9,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..core.data import ensure_available, get_dataset_info
-from ..core.distributed import check_one_gpu_each, under_torchrun
-from ..core.masks import count_prunable, kept_count
-from ..core.models import check_model_fits, skeleton
-from ..core.runtime import resolve_device
+from ..core.data.registry import get_dataset_info
+from ..core.data.splits import ensure_available
+from ..core.device.distributed import check_one_gpu_each, under_torchrun
+from ..core.device.runtime import resolve_device
+from ..core.nets.masks import count_prunable, kept_count
+from ..core.nets.registry import check_model_fits, skeleton
 from .sections import typed_sections
 from .sweep import plan
 from .typed import ConfigError

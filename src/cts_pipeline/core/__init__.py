@@ -1,1 +1,1 @@
-"""Plain PyTorch: data, models, masks, training and the Concrete Ticket Search. No Kedro here."""
+"""Plain PyTorch, no Kedro, by stage: device, artifacts, data, nets, train, then cts and prune."""

@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 from kedro.io.core import get_filepath_str
 
-from ..core.records import RECORD_SUFFIX, payload_mismatch, record_for
+from ..core.artifacts.records import RECORD_SUFFIX, payload_mismatch, record_for
 
 __all__ = ["RECORD_SUFFIX", "NO_RECORD", "RecordedArtifact", "check_file", "payload_mismatch", "read_record",
            "record_for"]

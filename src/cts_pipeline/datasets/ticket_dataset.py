@@ -9,7 +9,7 @@ from typing import Any
 from kedro.io.core import get_filepath_str
 from kedro_datasets._typing import JSONPreview
 
-from ..core.tickets import read_ticket, ticket_bytes
+from ..core.prune.tickets import read_ticket, ticket_bytes
 from ._atomic import atomic_write
 from .json_dataset import preview_of
 from .torch_dataset import TorchDataset

@@ -20,10 +20,11 @@ from torch import nn
 
 from ..config.identity import checkpoint_tag
 from ..config.sections import ModelConfig, RuntimeConfig
-from ..core.checkpoints import Checkpoint, PendingRemovals
-from ..core.data import Split, get_dataset_info
-from ..core.memory import release_cached_memory
-from ..core.runtime import channels_last_hazard, generator, resolve_device
+from ..core.artifacts.checkpoints import Checkpoint, PendingRemovals
+from ..core.data.registry import get_dataset_info
+from ..core.data.splits import Split
+from ..core.device.runtime import channels_last_hazard, generator, resolve_device
+from ..core.train.memory import release_cached_memory
 
 # Nodes that compute on the run's device; a distributed runner gives each one GPU
 # (cts_pipeline.runners.DaskRunner, workers started with --resources GPU=1).
@@ -43,7 +44,7 @@ class ArtifactMismatch(ValueError):
 
 def distributable(node_fn):
     """A node whose loops may run over several processes: with ``runtime.distributed: {nproc: N}``
-    the node runs in N local processes (``core.distributed.launch``: DDP, each rank a slice of
+    the node runs in N local processes (``core.device.distributed.launch``: DDP, each rank a slice of
     every batch) and returns rank 0's result. Under ``torchrun`` it runs on every rank of torchrun's
     group (``cts_pipeline.pipelines.torchrun``; ``nproc`` is then torchrun's), and with one process as it
     is. Checkpoints the ranks finished are removed by this
@@ -51,7 +52,7 @@ def distributable(node_fn):
 
     @functools.wraps(node_fn)
     def run(*args):
-        from ..core.distributed import backend_for, launch, rank_and_world, under_torchrun
+        from ..core.device.distributed import backend_for, launch, rank_and_world, under_torchrun
 
         runtime = next((a for a in args if isinstance(a, RuntimeConfig)), None)
         if under_torchrun():  # torchrun's processes, not ours (cts_pipeline.torchrun): rank 0 leads
@@ -93,7 +94,7 @@ def _node_in_rank(module: str, name: str, args: tuple, threads: int):
     and (rank 0's) log records returned for the driver's handlers: a spawned process has none."""
     import importlib
 
-    from ..core.distributed import rank_and_world
+    from ..core.device.distributed import rank_and_world
 
     torch.set_num_threads(threads)
     pending = PendingRemovals.start()
@@ -142,8 +143,8 @@ def split_from_payload(payload: Mapping, device: torch.device, workers: int | No
         norm = payload["normalization"]
         info = dataclasses.replace(info, mean=tuple(norm["mean"]), std=tuple(norm["std"]))
     if "streamed" in payload:
-        from ..core.distributed import rank_and_world
-        from ..core.image_folders import open_streamed
+        from ..core.data.image_folders import open_streamed
+        from ..core.device.distributed import rank_and_world
 
         if workers is None:
             workers = default_data_workers(rank_and_world()[1])
@@ -172,7 +173,7 @@ def batched_if_faster(runtime: RuntimeConfig, stage: str, measure: Callable[[], 
     """Whether K rows run batched: always with ``runtime.batch_sparsities: true``; with ``auto``, where
     ``measure()`` (a probe's batched time over K single ones) comes out below 1. Rank 0's
     measurement decides for every rank, and the log says what it found."""
-    from ..core.distributed import broadcast_object
+    from ..core.device.distributed import broadcast_object
 
     if runtime.batch_sparsities is True:
         return True
@@ -192,7 +193,7 @@ def batched_if_faster(runtime: RuntimeConfig, stage: str, measure: Callable[[], 
 
 def uses_channels_last(runtime: RuntimeConfig, net: nn.Module) -> bool:
     """``auto``: NHWC whenever the model has convolutions (1.5x faster ResNet-20 steps on CPU),
-    unless a layer would corrupt memory in NHWC on this CPU (``core.runtime.channels_last_hazard``):
+    unless a layer would corrupt memory in NHWC on this CPU (``core.device.runtime.channels_last_hazard``):
     then NCHW, with a warning when ``runtime.channels_last: true`` asked for NHWC."""
     wanted = any(isinstance(m, nn.Conv2d) for m in net.modules()) if runtime.channels_last == "auto" \
         else bool(runtime.channels_last)

@@ -30,20 +30,20 @@ IN_COLLECTIVES = "_cts_raised_in_collectives"
 
 def is_follower() -> bool:
     """A rank other than 0 of a ``torchrun`` launch."""
-    from ..core.distributed import under_torchrun
+    from ..core.device.distributed import under_torchrun
 
     return under_torchrun() and int(os.environ["RANK"]) != 0
 
 
 def _join() -> None:
-    from ..core.distributed import join_torchrun_group
+    from ..core.device.distributed import join_torchrun_group
 
     join_torchrun_group()
 
 
 def lead(module: str, name: str, args: tuple) -> None:
     """Rank 0: have every follower run node ``module.name`` on ``args`` with this rank."""
-    from ..core.distributed import broadcast_object
+    from ..core.device.distributed import broadcast_object
 
     _join()
     broadcast_object((module, name, args))
@@ -61,7 +61,7 @@ def release(ended_by: Iterable[BaseException] = ()) -> None:
     """Rank 0, at the end of its run (``ended_by``: the error that ended it and its causes, if
     any): let the followers exit. Skipped when a node failed in the middle of its collectives
     (the followers are inside one): torchrun then stops every rank."""
-    from ..core.distributed import broadcast_object
+    from ..core.device.distributed import broadcast_object
 
     if any(getattr(error, IN_COLLECTIVES, False) for error in ended_by):
         return
@@ -72,8 +72,8 @@ def release(ended_by: Iterable[BaseException] = ()) -> None:
 def follow() -> None:
     """A follower's whole run: join the group, then run each node rank 0 announces, until it
     announces the end."""
-    from ..core.checkpoints import PendingRemovals
-    from ..core.distributed import broadcast_object
+    from ..core.artifacts.checkpoints import PendingRemovals
+    from ..core.device.distributed import broadcast_object
 
     project = logging.getLogger("cts_pipeline")
     project.setLevel(logging.WARNING)  # rank 0 reports; a follower only its own problems

@@ -81,7 +81,7 @@ class GradBalance:
 
         ``rank_norms`` (``[N]``, or ``[N, K, 1]`` for K rows): ‖g_task‖ of each of N recipe ranks,
         whose gradients average to ``task_grad``; λ* is then computed per rank and averaged, as the
-        authors' code does under DDP (:mod:`..virtual_ranks`)."""
+        authors' code does under DDP (:mod:`..device.virtual_ranks`)."""
         keep_prob = torch.sigmoid(logits)
         expected = row_sum(keep_prob)
         # g_sp = scale·σ(1 − σ); kept unscaled as `spread` and scaled inside the norms and the sum

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ..recipe import STARTS
+from ..train.recipe import STARTS
 from .balance import BALANCERS
 from .objectives import FEATURE_CAPTURES, OBJECTIVES, Objective
 

@@ -1,6 +1,6 @@
 """The masked network's forward in a search: batch statistics, and K rows of masks in one pass.
 
-K rows run stacked in the channel dimension (:mod:`..stacked`, the fast path) where that layout
+K rows run stacked in the channel dimension (:mod:`..train.stacked`, the fast path) where that layout
 was checked against ``vmap(functional_call)`` on this model, else through vmap.
 """
 
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..masks import unflatten
-from ..stacked import stacked_forward
-from ..stacked import supports as stacked_supports
+from ..nets.masks import unflatten
+from ..train.stacked import stacked_forward
+from ..train.stacked import supports as stacked_supports
 from .relaxation import ConcreteMask
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def masked_forward(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tenso
     """The masked network's output: ``[B, C]``, or ``[K, B, C]`` for K rows of masks.
 
     K rows run as one pass, each row normalised with its own batch statistics: stacked in the
-    channel dimension (:mod:`..stacked`, the fast path) when the search has checked that layout on
+    channel dimension (:mod:`..train.stacked`, the fast path) when the search has checked that layout on
     this model, else vectorised by ``torch.func.vmap`` over ``functional_call``.
     """
     if not relaxation.batched:

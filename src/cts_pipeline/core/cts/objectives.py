@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from ..masks import prunable_parameters, unflatten
+from ..nets.masks import prunable_parameters, unflatten
 
 if TYPE_CHECKING:
     from .relaxation import ConcreteMask
@@ -180,7 +180,7 @@ class Objective:
     that except through its ``eps`` (1e-8), which the unscaled logit gradients (medians near 1e-8
     and below) fall under. See ``docs/architecture.md``, "The loss scale".
 
-    ``batch_mean`` objectives can run a batch as micro-batches (``core.memory``) with the same
+    ``batch_mean`` objectives can run a batch as micro-batches (``core.train.memory``) with the same
     gradient; the loss ratio and the network objectives are not means over samples and run whole.
 
     ``lagrange_lr_factor`` scales the Lagrangian ablation's multiplier rate for this objective: the

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..masks import unflatten
-from ..runtime import UniformNoise
+from ..device.runtime import UniformNoise
+from ..nets.masks import unflatten
 
 TEMPERATURE = 2.0 / 3.0  # fixed: no annealing, no straight-through, no hard-concrete stretch
 NOISE_EPS = 1e-10  # keeps log u finite; torch.rand never returns 1, so only the floor matters

@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checkpoints import Checkpoint
-from ..data import Split, iterate_batches
-from ..distributed import all_sum, average_over_ranks, rank_and_world, shard
-from ..epochs import EpochLoop
-from ..masks import prunable_parameters, unflatten
-from ..memory import MicroBatches, plan_micro_batches
-from ..recipe import TrainRecipe
-from ..runtime import UniformNoise, generator, synchronize
-from ..training import check_finite, to_layout
-from ..virtual_ranks import RankLayout, padded_size
+from ..artifacts.checkpoints import Checkpoint
+from ..data.splits import Split, iterate_batches
+from ..device.distributed import all_sum, average_over_ranks, rank_and_world, shard
+from ..device.runtime import UniformNoise, generator, synchronize
+from ..device.virtual_ranks import RankLayout, padded_size
+from ..nets.masks import prunable_parameters, unflatten
+from ..train.epochs import EpochLoop
+from ..train.loop import check_finite, to_layout
+from ..train.memory import MicroBatches, plan_micro_batches
+from ..train.recipe import TrainRecipe
 from .balance import BUDGET_SLACK, GradBalance, Lagrangian, make_balancer, row_sum
 from .config import LR_DROP_FACTOR, SearchConfig
 from .forwards import batch_statistics, check_stacked, masked_forward
@@ -53,13 +53,13 @@ def search_step(
     without autograd, the masked forward on views of ``θ ⊙ m̃``, the gradient of
     ``loss_scale × objective`` to the logits only, GradBalance, one Adam step.
 
-    With ``ranks`` of N > 1 recipe ranks (:mod:`..virtual_ranks`), ``noise`` holds one stream per
+    With ``ranks`` of N > 1 recipe ranks (:mod:`..device.virtual_ranks`), ``noise`` holds one stream per
     chunk this process plays, and each chunk gets its own draw and its own forwards; the gradients
     are averaged over the N ranks, and GradBalance averages their λ*, as the authors' code does on
     N GPUs. ``x`` is then the global batch (or this process's part of it, when presharded), and the
     objective returned is this process's mean over its chunks. Otherwise, under DDP, ``x`` is this
-    process's slice and ``share`` its weight (:func:`..distributed.shard`). ``micro_batches``
-    (:mod:`..memory`) cuts each chunk's forwards into pieces that fit the device, under the same
+    process's slice and ``share`` its weight (:func:`..device.distributed.shard`). ``micro_batches``
+    (:mod:`..train.memory`) cuts each chunk's forwards into pieces that fit the device, under the same
     noise draw.
     """
     ranks = ranks or RankLayout()
@@ -73,7 +73,7 @@ def search_step(
     rank_norms = None
     if ranks.plain:
         loss, task_grad = parts[0]
-        if world > 1:  # under DDP (core/distributed.py) ``x`` is this rank's slice: to the global batch's
+        if world > 1:  # under DDP (core/device/distributed.py) ``x`` is this rank's slice: to the global batch's
             task_grad = average_over_ranks(task_grad, share, world)
     else:
         loss = torch.stack([part[0] for part in parts]).mean(0)
@@ -96,7 +96,7 @@ def _objective_and_gradient(model: nn.Module, relaxation: ConcreteMask, objectiv
     gradient of ``loss_scale × objective`` with respect to the logits.
 
     Whole, one backward from the objective to the logits. In ``micro_batches`` of the batch
-    (:mod:`..memory`), the gradient is taken piece by piece to a detached copy of the soft mask,
+    (:mod:`..train.memory`), the gradient is taken piece by piece to a detached copy of the soft mask,
     each piece's mean weighted by its share of the samples, then once through the sigmoid to the
     logits. The noise is drawn once, before: an out-of-memory error part-way through rebuilds the
     soft mask from the same noise and repeats the step in more pieces, so it computes the same.
@@ -250,7 +250,7 @@ class SearchResult:
     resumed_at: int | None = None
     shared_by: int = 1  # how many densities searched together in one batched search
     forward_path: str = "single"  # how its rows ran: single (one density), stacked or vmap (forwards.py)
-    micro_batches: int = 1  # the pieces each batch ran in, to fit device memory (core/memory.py)
+    micro_batches: int = 1  # the pieces each batch ran in, to fit device memory (core/train/memory.py)
 
     @property
     def group_seconds(self) -> float:
@@ -299,7 +299,7 @@ def concrete_search(
 
     ``model`` and ``train_split`` must be on the same device. The data are the training split with
     evaluation transforms (no augmentation), shuffled, at the training batch size. Returns the
-    logits per layer; :func:`cts_pipeline.core.masks.global_topk_mask` turns them into the mask.
+    logits per layer; :func:`cts_pipeline.core.nets.masks.global_topk_mask` turns them into the mask.
     With ``checkpoint``, the search state is saved after every epoch and a matching one resumed;
     data order and noise of epoch ``e`` depend only on ``(seed, e)``, so resuming changes nothing.
     ``channels_last`` runs the convolutions in NHWC (1.8x faster ResNet-20 search steps on CPU).

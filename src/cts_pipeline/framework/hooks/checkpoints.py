@@ -6,7 +6,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from ...core.checkpoints import PendingRemovals
+from ...core.artifacts.checkpoints import PendingRemovals
 
 
 class CheckpointHook:

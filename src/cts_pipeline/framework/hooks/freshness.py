@@ -61,8 +61,8 @@ class FreshnessHook:
     @staticmethod
     def _disagreeing(pipeline, catalog, producer: dict) -> dict[Any, str]:
         """The nodes whose stored outputs contradict their inputs, each with the reason."""
-        from ...core.data import raw_files_digest
-        from ...core.masks import kept_count, mask_digest, payload_to_mask
+        from ...core.data.splits import raw_files_digest
+        from ...core.nets.masks import kept_count, mask_digest, payload_to_mask
 
         found: dict[Any, str] = {}
         prepared = producer.get("train_data")

@@ -10,9 +10,9 @@ import torch
 from ...config.sections import ModelConfig, RuntimeConfig
 from ...config.sweep import Branch, search_group_namespace
 from ...core.cts import SearchConfig, SearchResult, concrete_search, stacked_search_ratio
-from ...core.memory import release_cached_memory
-from ...core.recipe import TrainRecipe
-from ...core.runtime import describe_hardware
+from ...core.device.runtime import describe_hardware
+from ...core.train.memory import release_cached_memory
+from ...core.train.recipe import TrainRecipe
 from ...terminal.console import PROGRESS_LOGGER
 from ..common import (
     batched_if_faster,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ...config.sections import DataConfig
-from ...core.data import load_splits, raw_files_digest
+from ...core.data.splits import load_splits, raw_files_digest
 from ..common import split_to_payload
 
 logger = logging.getLogger(__name__)

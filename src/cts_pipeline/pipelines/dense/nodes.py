@@ -7,11 +7,11 @@ import time
 
 from ...config.sections import ModelConfig, RuntimeConfig
 from ...config.sweep import Branch
-from ...core.masks import count_prunable
-from ...core.models import count_parameters
-from ...core.recipe import TrainRecipe
-from ...core.runtime import describe_hardware
-from ...core.training import state_on_cpu, train
+from ...core.device.runtime import describe_hardware
+from ...core.nets.masks import count_prunable
+from ...core.nets.registry import count_parameters
+from ...core.train.loop import state_on_cpu, train
+from ...core.train.recipe import TrainRecipe
 from ...terminal.console import PROGRESS_LOGGER
 from ..common import (
     build_network,

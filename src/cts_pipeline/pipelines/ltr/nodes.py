@@ -6,10 +6,10 @@ import time
 
 from ...config.sections import ModelConfig, RuntimeConfig
 from ...config.sweep import Branch
-from ...core.ltr import lottery_ticket_rewinding
-from ...core.masks import mask_to_payload
-from ...core.recipe import TrainRecipe
-from ...core.runtime import describe_hardware
+from ...core.device.runtime import describe_hardware
+from ...core.nets.masks import mask_to_payload
+from ...core.prune.ltr import lottery_ticket_rewinding
+from ...core.train.recipe import TrainRecipe
 from ..common import (
     build_network,
     checkpoint_for,

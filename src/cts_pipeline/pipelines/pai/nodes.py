@@ -6,8 +6,8 @@ import time
 
 from ...config.sections import ModelConfig, RuntimeConfig
 from ...config.sweep import Branch
-from ...core.runtime import describe_hardware
-from ...core.saliency import ScoringInputs, score
+from ...core.device.runtime import describe_hardware
+from ...core.prune.saliency import ScoringInputs, score
 from ..common import build_network, device_for, split_from_payload
 
 

@@ -11,11 +11,11 @@ import pandas as pd
 
 from ...config.sections import ModelConfig
 from ...config.sweep import Branch
-from ...core.data import get_dataset_info
-from ...core.masks import mask_to_payload, payload_to_mask
-from ...core.runtime import generator
-from ...core.sanity import invert, layerwise_shuffle, passes, reinitialised
-from ...core.training import state_on_cpu
+from ...core.data.registry import get_dataset_info
+from ...core.device.runtime import generator
+from ...core.nets.masks import mask_to_payload, payload_to_mask
+from ...core.prune.sanity import invert, layerwise_shuffle, passes, reinitialised
+from ...core.train.loop import state_on_cpu
 
 
 def shuffle_mask(mask: dict, branch: Branch) -> dict:

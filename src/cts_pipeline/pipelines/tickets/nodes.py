@@ -9,11 +9,9 @@ import torch
 
 from ...config.sections import ModelConfig, RuntimeConfig
 from ...config.sweep import Branch, search_group_namespace
-from ...core.batched_training import probe_step, stacked_training_ratio, train_tickets
-from ...core.batched_training import supports as batched_training_supports
-from ...core.connectivity import effective_report
-from ...core.data import get_dataset_info
-from ...core.masks import (
+from ...core.data.registry import get_dataset_info
+from ...core.device.runtime import describe_hardware
+from ...core.nets.masks import (
     check_mask_matches,
     collapsed_layers,
     global_topk_mask,
@@ -25,10 +23,12 @@ from ...core.masks import (
     prunable_parameters,
     thin_layers,
 )
-from ...core.memory import plan_rows, release_cached_memory
-from ...core.recipe import TrainRecipe
-from ...core.runtime import describe_hardware
-from ...core.training import evaluate, state_on_cpu, train
+from ...core.prune.connectivity import effective_report
+from ...core.train.batched import probe_step, stacked_training_ratio, train_tickets
+from ...core.train.batched import supports as stacked_training_supports
+from ...core.train.loop import evaluate, state_on_cpu, train
+from ...core.train.memory import plan_rows, release_cached_memory
+from ...core.train.recipe import TrainRecipe
 from ...terminal.console import PROGRESS_LOGGER
 from ..common import (
     ArtifactMismatch,
@@ -140,7 +140,7 @@ def retrain_tickets(
     """Retrain several tickets of one method and seed from the same start weights, together.
 
     ``masks_then_branches`` is K mask payloads, then their K branches. They train as one stacked
-    network (``core.batched_training``) where the model allows it, else one after the other; the
+    network (``core.train.batched``) where the model allows it, else one after the other; the
     results are the same up to float rounding. Returns ``{<branch>.final_weights: state,
     <branch>.retrain_log: log}`` for every branch; each log's ``seconds`` is that ticket's share.
     """
@@ -203,7 +203,7 @@ def retrain_tickets(
 
     everyone = list(range(len(branches)))
     # The stacked path has no DDP: over several processes the tickets train one at a time.
-    if not batched_training_supports(net, training, device) or runtime.compile \
+    if not stacked_training_supports(net, training, device) or runtime.compile \
             or runtime.distributed.nproc > 1 \
             or not batched_if_faster(
                 runtime, stage,
@@ -211,7 +211,7 @@ def retrain_tickets(
                                                channels_last=channels_last),
                 len(keeps), f"stacked training steps of {len(keeps)} tickets take", "training", "them stacked"):
         return one_at_a_time(everyone)
-    # On a GPU, as many tickets at once as fit the free memory (core/memory.py); all of them on a CPU.
+    # On a GPU, as many tickets at once as fit the free memory (core/train/memory.py); all of them on a CPU.
     per_group = plan_rows(device, len(keeps), training.batch_size,
                           lambda samples: probe_step(net, keeps[0], train_split, training, samples,
                                                      seed=first_branch.seed, channels_last=channels_last), stage)
@@ -234,7 +234,7 @@ def evaluate_ticket(
     dense_metrics: dict,
 ) -> tuple[dict, dict]:
     """Last-epoch test accuracy of the retrained ticket, its sparsity to the weight, and the times;
-    and the ticket itself in a portable form (``core.tickets``: safetensors and a manifest).
+    and the ticket itself in a portable form (``core.prune.tickets``: safetensors and a manifest).
 
     Checks that every pruned weight is exactly zero in the saved weights: a ticket that is not as
     sparse as it claims fails here rather than in someone's paper.

@@ -1,5 +1,5 @@
 """Someone's own data as the loops take it (``find_ticket``, ``Ticket.retrain``): tensors held as
-one :class:`~.data.Split`, or a ``DataLoader`` read batch by batch in every epoch, never gathered.
+one :class:`~.splits.Split`, or a ``DataLoader`` read batch by batch in every epoch, never gathered.
 
 Their inputs are what their model takes, of any shape (``[N, features]``, sequences, images): no
 scaling, no normalisation, no augmentation; only made float32 on the model's device.
@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .data import Split
-from .data_registry import DatasetInfo
+from .registry import DatasetInfo
+from .splits import Split
 
 
 def inputs_info(sample_shape: tuple[int, ...], classes: int) -> DatasetInfo:

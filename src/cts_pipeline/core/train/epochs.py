@@ -1,6 +1,6 @@
 """The epochs of one long loop, with what every such loop needs besides its own step.
 
-Dense training (:func:`.training.train`), stacked retraining (:func:`.batched_training.train_tickets`)
+Dense training (:func:`.loop.train`), stacked retraining (:func:`.batched.train_tickets`)
 and the search (:func:`.cts.search.concrete_search`) differ in what one epoch computes, and in
 nothing else: each resumes from a matching checkpoint, shows a progress bar, times its epochs,
 saves its state after an epoch, logs one record per epoch for the live display, and lets the
@@ -27,8 +27,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .checkpoints import Checkpoint
-from .distributed import rank_and_world
+from ..artifacts.checkpoints import Checkpoint
+from ..device.distributed import rank_and_world
 
 logger = logging.getLogger(__name__)
 

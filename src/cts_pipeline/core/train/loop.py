@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import Checkpoint
-from .data import Split, iterate_batches
-from .distributed import all_sum, rank_and_world, shard, with_sync_batchnorm
+from ..artifacts.checkpoints import Checkpoint
+from ..data.splits import Split, iterate_batches
+from ..device.distributed import all_sum, rank_and_world, shard, with_sync_batchnorm
+from ..device.runtime import generator
+from ..device.virtual_ranks import RankLayout, padded_size, running_stats_of
+from ..nets.masks import check_mask_matches, prunable_parameters
 from .epochs import EpochLoop
-from .masks import check_mask_matches, prunable_parameters
 from .recipe import TrainRecipe
-from .runtime import generator
-from .virtual_ranks import RankLayout, padded_size, running_stats_of
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def train(
     ``(seed, e)``, the result equals that of an uninterrupted run. ``channels_last`` runs
     convolutions in NHWC (faster on CPUs); ``compile_model`` wraps the forward in ``torch.compile``.
     ``sync_batchnorm``: in a process group, BatchNorm normalises over the global batch
-    (:func:`.distributed.with_sync_batchnorm`) instead of each rank's slice.
+    (:func:`..device.distributed.with_sync_batchnorm`) instead of each rank's slice.
     """
     end_epoch = recipe.epochs if end_epoch is None else end_epoch
     device = train_split.device
@@ -176,7 +176,7 @@ def train(
                 x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
                 share = sum_share or share
             optimizer.zero_grad(set_to_none=True)
-            # One chunk per virtual rank of this process (core/virtual_ranks.py); the plain step
+            # One chunk per virtual rank of this process (core/device/virtual_ranks.py); the plain step
             # is the one chunk. Under DDP only the last chunk's backward reduces the gradients.
             chunks = ranks.chunks(x, y)
             for part, (x_part, y_part) in enumerate(chunks):
@@ -238,7 +238,7 @@ def train(
 
 
 def training_forward(model: nn.Module, world: int, compile_model: bool) -> nn.Module:
-    """What a training step calls: under a process group (:mod:`.distributed`), DDP over ``model``
+    """What a training step calls: under a process group (:mod:`..device.distributed`), DDP over ``model``
     so gradients average over ranks; with ``compile_model``, ``torch.compile`` around that. In
     this order dynamo's DDP optimizer cuts the graph at DDP's gradient buckets, so each bucket's
     all-reduce still overlaps the rest of the backward (compiled first, DDP would see one opaque

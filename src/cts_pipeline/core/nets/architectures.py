@@ -1,7 +1,7 @@
 """The architectures the search prunes: LeNet-300-100, the digits convnet, ResNet-20 and VGG-16 for
 CIFAR, and torchvision's ResNet-18 / ResNet-50 for ImageNet-sized inputs. Each has a factory
 function (keyword-only ``image_shape``, ``num_classes`` and its own options) that
-:mod:`.models` registers by name, validates and initialises.
+:mod:`.registry` registers by name, validates and initialises.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ respect to ticket ``k``'s parameters is ticket ``k``'s own. This is the ``stack_
 pattern of ``torch.func``, with the stacked layout instead of ``vmap`` because it measured faster
 on CPUs (see :mod:`.stacked`).
 
-Per ticket, as in :func:`.training.train`: its mask held at zero after every step, its own
+Per ticket, as in :func:`.loop.train`: its mask held at zero after every step, its own
 gradient-norm clipping, its own BatchNorm running statistics, its own evaluation. SGD with
 momentum and weight decay is elementwise, so one optimizer over the stacked tensors is K
-optimizers. The result equals K runs of :func:`.training.train` up to float rounding.
+optimizers. The result equals K runs of :func:`.loop.train` up to float rounding.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import Checkpoint
-from .data import Split, iterate_batches
+from ..artifacts.checkpoints import Checkpoint
+from ..data.splits import Split, iterate_batches
+from ..device.runtime import generator, synchronize
+from ..nets.masks import check_mask_matches
 from .epochs import EpochLoop
-from .masks import check_mask_matches
+from .loop import TrainResult, check_finite, effective_precision, to_layout, train
 from .recipe import TrainRecipe
-from .runtime import generator, synchronize
 from .stacked import rewired, unstack
 from .stacked import supports as stacked_supports
-from .training import TrainResult, check_finite, effective_precision, to_layout, train
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def train_tickets(
 
     ``model`` holds the shared start weights and is not modified. Returns each ticket's final state
     dict (CPU) and its :class:`TrainResult`, whose epoch ``seconds`` are the stacked run's
-    wall-clock over K (each ticket's share). With ``checkpoint``, resumes as :func:`.training.train`.
+    wall-clock over K (each ticket's share). With ``checkpoint``, resumes as :func:`.loop.train`.
     """
     device = train_split.device
     precision = effective_precision(recipe.precision, device)

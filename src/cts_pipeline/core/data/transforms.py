@@ -1,7 +1,7 @@
 """What happens to a batch of raw pixels on its way into the network, on the device it trains on:
 normalisation (uint8 to float32 in one multiply-subtract) and the random crop and flip.
 
-In-memory splits (:mod:`.data`) and streamed ones (:mod:`.image_folders`) both send raw uint8
+In-memory splits (:mod:`.splits`) and streamed ones (:mod:`.image_folders`) both send raw uint8
 batches here, so the bytes that cross to a GPU are a quarter of float32's and the CPUs do no
 float arithmetic per pixel.
 """
@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .data_registry import DatasetInfo
+from .registry import DatasetInfo
 
 
 # (device, dataset) -> (scale, shift) with normalised = pixel * scale - shift. Tiny, and bounded by

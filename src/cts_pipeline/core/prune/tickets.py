@@ -57,10 +57,10 @@ def read_ticket(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, torc
 def prune_with_mask(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> nn.Module:
     """Prune ``model`` in place with ``torch.nn.utils.prune.custom_from_mask``: each masked weight
     becomes ``weight_orig * weight_mask``, so it stays zero through any further training
-    (``core.masks.apply_mask`` only zeroes the weights once)."""
+    (``core.nets.masks.apply_mask`` only zeroes the weights once)."""
     from torch.nn.utils import prune
 
-    from .masks import check_mask_matches
+    from ..nets.masks import check_mask_matches
 
     check_mask_matches(model, mask)
     for name, keep in mask.items():

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .data import CROP_PADDINGS
+from ..data.transforms import CROP_PADDINGS
 
 # auto: bf16 autocast on GPUs with native bf16 (Ampere and later; no gradient scaler, so no host
 # sync), fp32 elsewhere. fp16 needs a scaler (the authors' code); the search always runs in fp32.
@@ -45,7 +45,7 @@ class TrainRecipe:
     eval_batch_size: int = 1000
     eval_every: int = 1
     warmup_epochs: int = 0  # linear warm-up per step over the first epochs (the authors' ImageNet recipe: 5)
-    # N-device data parallelism reproduced on fewer devices (core/virtual_ranks.py): each batch in N
+    # N-device data parallelism reproduced on fewer devices (core/device/virtual_ranks.py): each batch in N
     # chunks with their own BatchNorm statistics, gradients averaged as DDP averages ranks.
     virtual_ranks: int = 1
 

@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .data_registry import DataFileError, DatasetInfo, DatasetNotFoundError
-from .data_transforms import normalize
-from .distributed import rank_and_world
-from .virtual_ranks import padded_order, padded_size
+from ..device.distributed import rank_and_world
+from ..device.virtual_ranks import padded_order, padded_size
+from .registry import DataFileError, DatasetInfo, DatasetNotFoundError
+from .transforms import normalize
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ RESIZED_CROPS = {
 def transforms_for(name: str, stage: str, *, resized_crop: str = "torchvision"):
     """``stage``: ``train`` (random resized crop as ``resized_crop`` says, flip) or ``eval``
     (resize, center crop), on uint8 pixels. Normalising is left to the device the batch goes to
-    (:func:`.data.normalize`): a quarter of the bytes cross to it, and the loader workers' CPUs
+    (:func:`.transforms.normalize`): a quarter of the bytes cross to it, and the loader workers' CPUs
     spend nothing on float arithmetic."""
     from torchvision.transforms import v2
 
@@ -231,7 +231,7 @@ class _SeededOrder(Sampler):
     batch is dealt to: the recipe's virtual ranks, or the processes), as ``DistributedSampler``
     pads it for that many devices, then process ``rank`` takes every ``world``-th sample: its part
     of every global batch, equal in size to every other process's (in-memory splits pad alike,
-    :func:`.virtual_ranks.padded_order`)."""
+    :func:`..device.virtual_ranks.padded_order`)."""
 
     def __init__(self, size: int, *, shuffle: bool, rank: int, world: int, parts: int = 1) -> None:
         # The sampler for one replica is the whole epoch's order (no padding): padded below to

@@ -54,7 +54,7 @@ DATASETS: dict[str, DatasetInfo] = {
         255.0,
         "torchvision",
     ),
-    # Read from JPEG folders batch by batch (core/image_folders.py): ImageNet's statistics, which
+    # Read from JPEG folders batch by batch (core/data/image_folders.py): ImageNet's statistics, which
     # the folders' transforms apply themselves; max_value is the JPEGs' 8 bits.
     "tiny_imagenet": DatasetInfo(
         "tiny_imagenet", (3, 64, 64), 200, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0, "image-folder"

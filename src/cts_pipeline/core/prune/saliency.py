@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .data import Split
-from .masks import global_topk_mask, prunable_parameters, unflatten
-from .models import neutral_statistics
-from .runtime import generator
+from ..data.splits import Split
+from ..device.runtime import generator
+from ..nets.masks import global_topk_mask, prunable_parameters, unflatten
+from ..nets.registry import neutral_statistics
 
 Scores = dict[str, torch.Tensor]
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masks import Mask, check_mask_matches, prunable_parameters
+from ..nets.masks import Mask, check_mask_matches, prunable_parameters
 
 
 def _as_average_pool(module: nn.MaxPool2d):

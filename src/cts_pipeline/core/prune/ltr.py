@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .checkpoints import Checkpoint
-from .data import Split
-from .distributed import rank_and_world
-from .masks import Mask, global_topk_mask, kept_count, prunable_parameters
-from .recipe import TrainRecipe
-from .training import train
+from ..artifacts.checkpoints import Checkpoint
+from ..data.splits import Split
+from ..device.distributed import rank_and_world
+from ..nets.masks import Mask, global_topk_mask, kept_count, prunable_parameters
+from ..train.loop import train
+from ..train.recipe import TrainRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def lottery_ticket_rewinding(
     Returns the masks of ``keep_levels`` (CPU tensors) and one :class:`LevelRecord` per level.
     With ``checkpoint``, the state after each finished level is saved and a matching one resumed;
     ``level_checkpoint(level)`` gives each level's training its own per-epoch checkpoint.
-    ``sync_batchnorm`` as for :func:`.training.train`.
+    ``sync_batchnorm`` as for :func:`..train.loop.train`.
     """
     if not isinstance(max_level, int) or max_level < 1:
         raise ValueError(f"max_level must be a positive integer, got {max_level!r}")

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .masks import Mask, global_topk_mask
-from .runtime import generator as stream_generator
+from ..device.runtime import generator as stream_generator
+from ..nets.masks import Mask, global_topk_mask
 
 
 def layerwise_shuffle(mask: Mask, generator: torch.Generator) -> Mask:

@@ -181,7 +181,7 @@ def mask_to_payload(mask: Mapping[str, torch.Tensor], target_density: float) -> 
 def mask_digest(mask: Mapping[str, torch.Tensor]) -> str:
     """A short digest of which weights a mask keeps (layer names, shapes and bits): what a
     branch's metrics and ticket record, so that a mask replaced later is noticed downstream."""
-    from .checkpoints import digest
+    from ..artifacts.digests import digest
 
     return digest({name: keep.detach().to("cpu", torch.bool) for name, keep in mask.items()})
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
-import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -32,35 +30,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 FORMAT = "cts-pipeline/checkpoint-v1"
-
-
-def digest(*parts: Any) -> str:
-    """A short stable hex digest of JSON-able values and tensors (or dicts of tensors)."""
-    h = hashlib.blake2b(digest_size=8)
-    for part in parts:
-        _feed(h, part)
-    return h.hexdigest()
-
-
-def _feed(h, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        t = value.detach().to("cpu").contiguous()
-        h.update(f"tensor{tuple(t.shape)}{t.dtype}".encode())
-        flat = t.reshape(-1)
-        h.update((flat if t.dtype == torch.bool else flat.view(torch.uint8)).numpy().tobytes())
-    elif isinstance(value, Mapping):
-        h.update(b"{")
-        for k in sorted(value, key=str):
-            h.update(str(k).encode())
-            _feed(h, value[k])
-        h.update(b"}")
-    elif isinstance(value, (list, tuple)):
-        h.update(b"[")
-        for v in value:
-            _feed(h, v)
-        h.update(b"]")
-    else:
-        h.update(json.dumps(value, sort_keys=True, default=str).encode())
 
 
 # `auto` keeps the time spent writing checkpoints at or under this share of the loop's time.
@@ -119,7 +88,7 @@ class Checkpoint:
         process group, rank 0 reads the file and every rank resumes from what it read: rank 0
         alone writes checkpoints, and the other ranks (on other machines, under ``torchrun``)
         may not see its disk."""
-        from .distributed import broadcast_object, rank_and_world
+        from ..device.distributed import broadcast_object, rank_and_world
 
         return broadcast_object(self._read() if rank_and_world()[0] == 0 else None)
 

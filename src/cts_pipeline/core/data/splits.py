@@ -24,20 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data_registry import (  # the registry lives apart so that image_folders needs only it
-    DATASETS,
+from ..device.virtual_ranks import padded_order
+from .registry import (  # the registry lives apart so that image_folders needs only it
     DataFileError,
     DatasetInfo,
     DatasetNotFoundError,
     get_dataset_info,
 )
-from .data_transforms import CROP_PADDINGS, crop_flip, draw_crop_flip, normalize
-from .virtual_ranks import padded_order
-
-__all__ = ["CROP_PADDINGS", "DATASETS", "DataFileError", "DatasetInfo", "DatasetNotFoundError", "Split",
-           "ensure_available",
-           "get_dataset_info", "iterate_batches", "load_splits", "normalize", "raw_files_digest"]
-
+from .transforms import CROP_PADDINGS, crop_flip, draw_crop_flip, normalize
 
 _DIGITS_TEST_SIZE = 360
 
@@ -447,7 +441,7 @@ def iterate_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (normalised float32 images, int64 labels) on the split's device.
 
-    ``parts``: the number of ranks each batch is dealt to (:attr:`.virtual_ranks.RankLayout.parts`).
+    ``parts``: the number of ranks each batch is dealt to (:attr:`..device.virtual_ranks.RankLayout.parts`).
     The epoch's order is then padded to a multiple of it by wrapping to its start, as
     ``DistributedSampler`` pads an epoch for that many devices, so the last batch gives every rank
     the same number of samples (a short last batch would leave some ranks none: a NaN loss).

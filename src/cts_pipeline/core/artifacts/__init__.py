@@ -1,0 +1,1 @@
+"""What a run writes and reads back: stable digests, file records and per-epoch checkpoints."""

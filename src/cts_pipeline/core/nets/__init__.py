@@ -1,0 +1,1 @@
+"""Networks: the architectures, the registry that builds them by name, and their prunable weights and masks."""
