@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -307,141 +307,219 @@ def concrete_search(
     epoch's record (one sort per layer per epoch).
     """
     batched = isinstance(density, Sequence)
-    densities = [float(k) for k in density] if batched else [float(density)]
+    densities = _checked_densities(density)
+    if batched and config.resolved_objective.kind == "network":
+        return [concrete_search(model, train_split, density=k, config=config, recipe=recipe, seed=seed,
+                                stage=f"{stage} {k:g}", checkpoint=None, channels_last=channels_last,
+                                progress=progress, diagnostics=diagnostics) for k in densities]
+    # The weights stay frozen and, with channels_last, in NHWC only while the search runs: restored
+    # however it ends (an error, an interrupt), so the caller's model is as it was.
+    with frozen_for_search(model, channels_last):
+        run = _SearchRun.set_up(model, train_split, densities, batched, config, recipe, seed=seed, stage=stage,
+                                channels_last=channels_last, diagnostics=diagnostics)
+        epochs = run.epochs
+        loop = EpochLoop(stage, first=0, end=epochs, total=epochs, checkpoint=checkpoint, progress=progress)
+        run.resume_at(loop.resume(run.restore))
+        with batch_statistics(model):
+            for epoch in loop:
+                step_losses, under_steps = run.search_epoch(epoch)
+                loop.end_epoch(epoch, run.state, run.record_epoch(epoch, step_losses, under_steps, loop.seconds()))
+    results = run.results()
+    loop.finish()
+    return results if batched else results[0]
+
+
+def _checked_densities(density: float | Sequence[float]) -> list[float]:
+    densities = [float(k) for k in density] if isinstance(density, Sequence) else [float(density)]
     if not densities:
         raise ValueError("density: an empty sequence of densities")
     for k in densities:
         if not 0.0 < k < 1.0:
             raise ValueError(f"density must be in (0, 1), got {k!r}")
-    objective = config.resolved_objective
-    if batched and objective.kind == "network":
-        return [concrete_search(model, train_split, density=k, config=config, recipe=recipe, seed=seed,
-                                stage=f"{stage} {k:g}", checkpoint=None, channels_last=channels_last,
-                                progress=progress, diagnostics=diagnostics) for k in densities]
-    device = train_split.device
-    epochs = config.search_epochs(recipe.epochs)
-    lr = config.lr if config.lr is not None else recipe.lr
-    loss_scale = config.effective_loss_scale
-    rank, world = rank_and_world()
-    ranks = RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed)
-    steps_per_epoch = math.ceil(padded_size(len(train_split), ranks.parts) / recipe.batch_size)
-    total_steps = epochs * steps_per_epoch
-    drop_step = config.lr_drop_step(epochs, steps_per_epoch)
-    rows = len(densities)
+    return densities
 
-    # The weights stay frozen and, with channels_last, in NHWC only while the search runs: restored
-    # however it ends (an error, an interrupt), so the caller's model is as it was.
-    with frozen_for_search(model, channels_last):
-        relaxation = ConcreteMask(prunable_parameters(model), densities if batched else densities[0])
-        balancer = make_balancer(config.balance, densities if batched else densities[0], relaxation.num_weights,
-                                 lr, objective.lagrange_lr_factor)
-        optimizer = torch.optim.Adam([relaxation.logits], lr=lr, fused=True)  # one kernel for all logits
-        budgets = [BUDGET_SLACK * k * relaxation.num_weights for k in densities]
-        expected_trace = torch.zeros((total_steps, rows) if batched else (total_steps,), device=device)
-        histories: list[list[dict]] = [[] for _ in densities]
 
-        def restore(saved) -> bool:
-            if tuple(saved["logits"].shape) != tuple(relaxation.logits.shape):
-                logger.warning("%s: ignoring a checkpoint of another shape %s", stage, tuple(saved["logits"].shape))
-                return False
-            with torch.no_grad():
-                relaxation.logits.copy_(saved["logits"])
-            optimizer.load_state_dict(saved["optimizer"])
-            balancer.load_state_dict(saved["balancer"])
-            expected_trace[: saved["expected_trace"].shape[0]] = saved["expected_trace"].to(device)
-            histories[:] = [list(h) for h in saved["history"]] if batched else [list(saved["history"])]
-            return True
+@dataclass
+class _SearchRun:
+    """One search's state (the relaxation, the balancer, Adam, the per-step trace) and its step.
+    ``batched``: K densities as rows of one search, each with its own history."""
 
-        def state() -> dict:
-            return {
-                "logits": relaxation.logits.detach(),
-                "optimizer": optimizer.state_dict(),
-                "balancer": balancer.state_dict(),
-                "expected_trace": expected_trace[:step],
-                "history": histories if batched else histories[0],
+    model: nn.Module
+    train_split: Split
+    densities: list[float]
+    batched: bool
+    config: SearchConfig
+    recipe: TrainRecipe
+    seed: int
+    stage: str
+    channels_last: bool
+    diagnostics: bool
+    objective: Objective
+    loss_scale: float
+    epochs: int
+    drop_step: int  # the step at which the learning rates drop (config.lr_drop_step)
+    relaxation: ConcreteMask
+    balancer: GradBalance | Lagrangian
+    optimizer: torch.optim.Adam
+    ranks: RankLayout
+    steps_per_epoch: int
+    expected_trace: torch.Tensor  # Σσ(s) after every step (per row when batched)
+    histories: list[list[dict]]
+    step: int = 0
+    resumed_at: int | None = None
+    micro_batches: MicroBatches | None = None  # planned at the first step
+    stacked_checked: bool = False
+
+    @classmethod
+    def set_up(cls, model: nn.Module, train_split: Split, densities: list[float], batched: bool,
+               config: SearchConfig, recipe: TrainRecipe, **options) -> _SearchRun:
+        device = train_split.device
+        lr = config.lr if config.lr is not None else recipe.lr
+        rank, world = rank_and_world()
+        ranks = RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed)
+        steps_per_epoch = math.ceil(padded_size(len(train_split), ranks.parts) / recipe.batch_size)
+        epochs = config.search_epochs(recipe.epochs)
+        objective = config.resolved_objective
+        target = densities if batched else densities[0]
+        relaxation = ConcreteMask(prunable_parameters(model), target)
+        return cls(
+            model=model, train_split=train_split, densities=densities, batched=batched, config=config,
+            recipe=recipe, objective=objective, loss_scale=config.effective_loss_scale, epochs=epochs,
+            drop_step=config.lr_drop_step(epochs, steps_per_epoch), relaxation=relaxation, ranks=ranks, steps_per_epoch=steps_per_epoch,
+            balancer=make_balancer(config.balance, target, relaxation.num_weights, lr,
+                                   objective.lagrange_lr_factor),
+            optimizer=torch.optim.Adam([relaxation.logits], lr=lr, fused=True),  # one kernel for all logits
+            expected_trace=torch.zeros((epochs * steps_per_epoch, len(densities)) if batched
+                                       else (epochs * steps_per_epoch,), device=device),
+            histories=[[] for _ in densities], **options)
+
+    @property
+    def budgets(self) -> list[float]:
+        return [BUDGET_SLACK * k * self.relaxation.num_weights for k in self.densities]
+
+    def restore(self, saved: Mapping) -> bool:
+        if tuple(saved["logits"].shape) != tuple(self.relaxation.logits.shape):
+            logger.warning("%s: ignoring a checkpoint of another shape %s", self.stage, tuple(saved["logits"].shape))
+            return False
+        with torch.no_grad():
+            self.relaxation.logits.copy_(saved["logits"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.balancer.load_state_dict(saved["balancer"])
+        self.expected_trace[: saved["expected_trace"].shape[0]] = saved["expected_trace"].to(self.expected_trace.device)
+        self.histories[:] = [list(h) for h in saved["history"]] if self.batched else [list(saved["history"])]
+        return True
+
+    def state(self) -> dict:
+        return {
+            "logits": self.relaxation.logits.detach(),
+            "optimizer": self.optimizer.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "expected_trace": self.expected_trace[: self.step],
+            "history": self.histories if self.batched else self.histories[0],
+        }
+
+    def resume_at(self, epochs_done: int | None) -> None:
+        self.resumed_at = epochs_done
+        self.step = (epochs_done or 0) * self.steps_per_epoch
+
+    def search_epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One epoch of steps: each step's objective, and how many steps each row ended under budget."""
+        device, rows, ranks = self.train_split.device, len(self.densities), self.ranks
+        step_losses = torch.zeros((self.steps_per_epoch, rows) if self.batched else self.steps_per_epoch,
+                                  device=device)
+        under_steps = torch.zeros(rows if self.batched else (), device=device)
+        # One stream per recipe rank this process plays; rank 0's is the plain search's.
+        noise = [UniformNoise(device, self.seed, "concrete-noise", epoch, *ranks.stream_suffix(c))
+                 for c in range(ranks.per_process)]
+        batches = iterate_batches(self.train_split, self.recipe.batch_size, shuffle=True,
+                                  generator=generator(device, self.seed, "search-order", epoch), parts=ranks.parts)
+        for i, (x, y) in enumerate(batches):
+            step_losses[i] = self._step(x, y, noise)
+            under_steps += ~self.balancer.over_budget.reshape(under_steps.shape)
+        all_sum(step_losses)  # the global batch's objective on every rank
+        check_finite(step_losses, stage=self.stage, epoch=epoch, epochs=self.epochs)
+        return step_losses, under_steps
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, noise: list[UniformNoise]) -> torch.Tensor:
+        """One search step on a global batch; this process's part of its objective."""
+        ranks, world = self.ranks, self.ranks.processes
+        share = 1.0  # with recipe ranks, every process plays the same number of them
+        if world > 1 and ranks.plain:
+            x, y, share = shard(x, y, ranks.process, world, presharded=self.train_split.streamed)
+        x = to_layout(x, self.channels_last)
+        self._first_step_checks(x, y)
+        if self.step == self.drop_step:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= LR_DROP_FACTOR
+            self.balancer.drop_lr(LR_DROP_FACTOR)
+        loss, expected = search_step(self.model, self.relaxation, self.objective, self.balancer, self.optimizer,
+                                     noise, x, y, self.loss_scale, share, world,
+                                     ranks, self.micro_batches)
+        self.expected_trace[self.step] = expected.reshape(-1) if self.batched else expected
+        self.step += 1
+        return loss if world == 1 else loss * (share / world)
+
+    def _first_step_checks(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """At the first step: whether the stacked forward holds for this model (batched), and
+        how many pieces a batch must run in to fit the device."""
+        if self.batched and not self.stacked_checked:
+            self.relaxation.stacked = check_stacked(self.model, self.relaxation, x, self.stage)
+            self.stacked_checked = True
+        if self.micro_batches is None:
+            self.micro_batches = _micro_batches(
+                self.model, self.relaxation, self.objective, x, y, self.loss_scale,
+                len(self.ranks.chunks(x, y)[0][1]), self.seed, self.stage)
+
+    def record_epoch(self, epoch: int, step_losses: torch.Tensor, under_steps: torch.Tensor,
+                     seconds: float) -> list[str]:
+        """Each row's record of the epoch, appended to its history; the log lines saying it."""
+        rows = len(self.densities)
+        losses = step_losses.mean(0).reshape(-1).tolist()
+        kept_now = self.expected_trace[self.step - 1].reshape(-1).tolist()
+        multiplier = self.balancer.multiplier
+        multipliers = multiplier.reshape(-1).tolist() if multiplier is not None else [0.0] * rows
+        under = (under_steps / self.steps_per_epoch).reshape(-1).tolist()
+        messages = []
+        for r, budget in enumerate(self.budgets):
+            record = {
+                "epoch": epoch + 1,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "loss": losses[r],
+                "expected_kept": kept_now[r],
+                "expected_over_budget": kept_now[r] / budget,
+                "multiplier": multipliers[r],
+                "under_budget_fraction": under[r],  # steps with λ* = 0: the moving average only decays
+                "seconds": seconds,  # the whole epoch's wall-clock, shared by the rows when batched
             }
+            if self.diagnostics:
+                record["layers"] = _layer_diagnostics(self.relaxation, r if self.batched else None)
+            self.histories[r].append(record)
+            messages.append(
+                f"{self.stage} epoch {epoch + 1}/{self.epochs}"
+                f"{f' density {self.densities[r]:g}' if self.batched else ''}: "
+                f"{self.config.objective} {record['loss']:.5f}, expected kept {record['expected_kept']:.0f} = "
+                f"{record['expected_over_budget']:.3f} x budget, multiplier {record['multiplier']:.3g} "
+                f"({seconds:.1f} s)")
+        return messages
 
-        loop = EpochLoop(stage, first=0, end=epochs, total=epochs, checkpoint=checkpoint, progress=progress)
-        resumed_at = loop.resume(restore)
-        step = (resumed_at or 0) * steps_per_epoch
-        checked_stacked, micro_batches = None, None
-        with batch_statistics(model):
-            for epoch in loop:
-                step_losses = torch.zeros((steps_per_epoch, rows) if batched else steps_per_epoch, device=device)
-                under_steps = torch.zeros(rows if batched else (), device=device)
-                # One stream per recipe rank this process plays; rank 0's is the plain search's.
-                noise = [UniformNoise(device, seed, "concrete-noise", epoch, *ranks.stream_suffix(c))
-                         for c in range(ranks.per_process)]
-                batches = iterate_batches(
-                    train_split, recipe.batch_size, shuffle=True,
-                    generator=generator(device, seed, "search-order", epoch), parts=ranks.parts,
-                )
-                for i, (x, y) in enumerate(batches):
-                    share = 1.0  # with recipe ranks, every process plays the same number of them
-                    if world > 1 and ranks.plain:
-                        x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
-                    x = to_layout(x, channels_last)
-                    if batched and checked_stacked is None:
-                        relaxation.stacked = checked_stacked = check_stacked(model, relaxation, x, stage)
-                    if micro_batches is None:
-                        micro_batches = _micro_batches(model, relaxation, objective, x, y, loss_scale,
-                                                       len(ranks.chunks(x, y)[0][1]), seed, stage)
-                    if step == drop_step:
-                        for group in optimizer.param_groups:
-                            group["lr"] *= LR_DROP_FACTOR
-                        balancer.drop_lr(LR_DROP_FACTOR)
-                    loss, expected = search_step(model, relaxation, objective, balancer, optimizer, noise, x, y,
-                                                 loss_scale, share, world, ranks, micro_batches)
-                    step_losses[i] = loss if world == 1 else loss * (share / world)
-                    expected_trace[step] = expected.reshape(-1) if batched else expected
-                    under_steps += ~balancer.over_budget.reshape(under_steps.shape)
-                    step += 1
-                all_sum(step_losses)  # the global batch's objective on every rank
-                check_finite(step_losses, stage=stage, epoch=epoch, epochs=epochs)
-                seconds = loop.seconds()
-                losses = step_losses.mean(0).reshape(-1).tolist()
-                kept_now = expected_trace[step - 1].reshape(-1).tolist()
-                multipliers = (balancer.multiplier.reshape(-1).tolist() if balancer.multiplier is not None
-                               else [0.0] * rows)
-                under = (under_steps / steps_per_epoch).reshape(-1).tolist()
-                messages = []
-                for r in range(rows):
-                    record = {
-                        "epoch": epoch + 1,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "loss": losses[r],
-                        "expected_kept": kept_now[r],
-                        "expected_over_budget": kept_now[r] / budgets[r],
-                        "multiplier": multipliers[r],
-                        "under_budget_fraction": under[r],  # steps with λ* = 0: the moving average only decays
-                        "seconds": seconds,  # the whole epoch's wall-clock, shared by the rows when batched
-                    }
-                    if diagnostics:
-                        record["layers"] = _layer_diagnostics(relaxation, r if batched else None)
-                    histories[r].append(record)
-                    messages.append(
-                        f"{stage} epoch {epoch + 1}/{epochs}{f' density {densities[r]:g}' if batched else ''}: "
-                        f"{config.objective} {record['loss']:.5f}, expected kept {record['expected_kept']:.0f} = "
-                        f"{record['expected_over_budget']:.3f} x budget, multiplier {record['multiplier']:.3g} "
-                        f"({seconds:.1f} s)")
-                loop.end_epoch(epoch, state, messages)
-    final_expected = row_sum(torch.sigmoid(relaxation.logits.detach())).reshape(-1).tolist()
-    peaks = expected_trace.reshape(total_steps, rows).max(0).values.tolist()
-    path = ("stacked" if relaxation.stacked else "vmap") if batched else "single"
-    results = [
-        SearchResult(
-            scores=relaxation.scores(r if batched else None),
-            history=histories[r],
-            steps=step,
-            budget=budgets[r],
-            peak_expected_over_budget=max(peaks[r], final_expected[r]) / budgets[r],
-            final_expected_over_budget=final_expected[r] / budgets[r],
-            resumed_at=resumed_at,
-            shared_by=rows,
-            forward_path=path,
-            micro_batches=micro_batches.count if micro_batches is not None else 1,
-        )
-        for r in range(rows)
-    ]
-    loop.finish()
-    return results if batched else results[0]
+    def results(self) -> list[SearchResult]:
+        """One result per row: its scores (the logits per layer), history and budget figures."""
+        rows = len(self.densities)
+        final_expected = row_sum(torch.sigmoid(self.relaxation.logits.detach())).reshape(-1).tolist()
+        peaks = self.expected_trace.reshape(-1, rows).max(0).values.tolist()
+        path = ("stacked" if self.relaxation.stacked else "vmap") if self.batched else "single"
+        return [
+            SearchResult(
+                scores=self.relaxation.scores(r if self.batched else None),
+                history=self.histories[r],
+                steps=self.step,
+                budget=budget,
+                peak_expected_over_budget=max(peaks[r], final_expected[r]) / budget,
+                final_expected_over_budget=final_expected[r] / budget,
+                resumed_at=self.resumed_at,
+                shared_by=rows,
+                forward_path=path,
+                micro_batches=self.micro_batches.count if self.micro_batches is not None else 1,
+            )
+            for r, budget in enumerate(self.budgets)
+        ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -133,50 +133,73 @@ def lottery_ticket_rewinding(
         raise ValueError(f"keep_levels {unknown} are not levels 1..{max_level}")
 
     names = list(prunable_parameters(make_model()))  # one throwaway build, to know what to rank
-    weights = {n: dense_final[n] for n in names}
-    mask: Mask | None = None
-    kept_masks: dict[int, Mask] = {}
-    records: list[LevelRecord] = []
-    cumulative = float(dense_seconds)
-    first = 1
+    done = _Progress(weights={n: dense_final[n] for n in names}, cumulative=float(dense_seconds))
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
-        mask, weights = saved["mask"], saved["weights"]
-        kept_masks = {int(k): v for k, v in saved["kept_masks"].items()}
-        records = [LevelRecord(**r) for r in saved["records"]]
-        cumulative = float(saved["cumulative"])
-        first = int(saved["levels_done"]) + 1
-        logger.info("ltr: resuming from the checkpoint after level %d/%d", first - 1, max_level)
-    for level in range(first, max_level + 1):
+        done = _Progress.from_payload(saved)
+        logger.info("ltr: resuming from the checkpoint after level %d/%d", done.levels_done, max_level)
+    for level in range(done.levels_done + 1, max_level + 1):
         density = level_density(level)
-        mask = {n: keep.cpu() for n, keep in magnitude_mask(weights, density, within=mask).items()}
+        done.mask = {n: keep.cpu() for n, keep in magnitude_mask(done.weights, density, within=done.mask).items()}
         if level in keep_levels:
-            kept_masks[level] = mask
+            done.kept_masks[level] = done.mask
         seconds, accuracy = 0.0, None
         if level < max_level:
-            model = make_model()
             # Only a level's final accuracy is kept: evaluating every epoch would cost time for nothing.
-            result = train(model, train_split, test_split, replace(recipe, eval_every=recipe.epochs), seed=seed,
-                           stage=f"{stage} level {level}/{max_level}", start_epoch=start_epoch, mask=mask,
-                           checkpoint=level_checkpoint(level) if level_checkpoint is not None else None,
-                           progress=progress, sync_batchnorm=sync_batchnorm)
-            seconds, accuracy = result.seconds, result.final.get("test_accuracy")
-            prunable = prunable_parameters(model)
-            weights = {n: prunable[n].detach().clone() for n in names}
-            del model  # free the device before the next level builds its own
-        kept = sum(int(keep.sum()) for keep in mask.values())
-        record = LevelRecord(level=level, density=density, kept=kept, seconds=seconds,
-                             test_accuracy=accuracy, cumulative_seconds=cumulative)
-        records.append(record)
+            seconds, accuracy, done.weights = _train_level(
+                make_model, names, done.mask, train_split, test_split, replace(recipe, eval_every=recipe.epochs),
+                seed=seed, stage=f"{stage} level {level}/{max_level}", start_epoch=start_epoch,
+                checkpoint=level_checkpoint(level) if level_checkpoint is not None else None,
+                progress=progress, sync_batchnorm=sync_batchnorm)
+        record = LevelRecord(level=level, density=density, kept=sum(int(keep.sum()) for keep in done.mask.values()),
+                             seconds=seconds, test_accuracy=accuracy, cumulative_seconds=done.cumulative)
+        done.records.append(record)
         logger.info(
             "%s level %d/%d: density %.6f (sparsity %.4f %%), %d kept, found after %.1f s%s",
-            stage, level, max_level, density, 100.0 * (1.0 - density), record.kept, cumulative,
+            stage, level, max_level, density, 100.0 * (1.0 - density), record.kept, done.cumulative,
             "" if accuracy is None else f", trained to {accuracy:.2f} % in {seconds:.1f} s",
         )
-        cumulative += seconds
+        done.cumulative += seconds
+        done.levels_done = level
         if checkpoint is not None and level < max_level and rank_and_world()[0] == 0:  # one writer
-            checkpoint.save({"levels_done": level, "mask": mask, "weights": weights, "kept_masks": kept_masks,
-                             "records": [asdict(r) for r in records], "cumulative": cumulative})
+            checkpoint.save(done.payload())
     if checkpoint is not None:
         checkpoint.finish()
-    return kept_masks, records
+    return done.kept_masks, done.records
+
+
+@dataclass
+class _Progress:
+    """What the levels done so far leave for the next: the mask and the weights to rank, the
+    masks kept, the records, the wall-clock until now (and a checkpoint's payload of it)."""
+
+    weights: dict[str, torch.Tensor]
+    cumulative: float
+    mask: Mask | None = None
+    kept_masks: dict[int, Mask] = field(default_factory=dict)
+    records: list[LevelRecord] = field(default_factory=list)
+    levels_done: int = 0
+
+    @classmethod
+    def from_payload(cls, saved: Mapping) -> _Progress:
+        return cls(weights=saved["weights"], cumulative=float(saved["cumulative"]), mask=saved["mask"],
+                   kept_masks={int(k): v for k, v in saved["kept_masks"].items()},
+                   records=[LevelRecord(**r) for r in saved["records"]], levels_done=int(saved["levels_done"]))
+
+    def payload(self) -> dict:
+        return {"levels_done": self.levels_done, "mask": self.mask, "weights": self.weights,
+                "kept_masks": self.kept_masks, "records": [asdict(r) for r in self.records],
+                "cumulative": self.cumulative}
+
+
+def _train_level(make_model: Callable[[], nn.Module], names: list[str], mask: Mask, train_split: Split,
+                 test_split: Split | None, recipe: TrainRecipe, **options
+                 ) -> tuple[float, float | None, dict[str, torch.Tensor]]:
+    """Retrain one level's ticket from the rewind point: its seconds, final test accuracy and
+    trained prunable weights (what the next level ranks)."""
+    model = make_model()
+    result = train(model, train_split, test_split, recipe, mask=mask, **options)
+    prunable = prunable_parameters(model)
+    weights = {n: prunable[n].detach().clone() for n in names}
+    del model  # free the device before the next level builds its own
+    return result.seconds, result.final.get("test_accuracy"), weights

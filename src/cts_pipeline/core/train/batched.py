@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from ..data.splits import Split, iterate_batches
 from ..device.runtime import generator, synchronize
 from ..nets.masks import check_mask_matches
 from .epochs import EpochLoop
-from .loop import TrainResult, check_finite, effective_precision, to_layout, train
+from .loop import TrainResult, autocast_for, check_finite, effective_precision, to_layout, train
 from .recipe import TrainRecipe
 from .stacked import rewired, unstack
 from .stacked import supports as stacked_supports
@@ -184,117 +184,165 @@ def train_tickets(
     dict (CPU) and its :class:`TrainResult`, whose epoch ``seconds`` are the stacked run's
     wall-clock over K (each ticket's share). With ``checkpoint``, resumes as :func:`.loop.train`.
     """
-    device = train_split.device
-    precision = effective_precision(recipe.precision, device)
-    if not supports(model, recipe, device):
+    if not supports(model, recipe, train_split.device):
         raise ValueError("these tickets cannot train stacked; use training.train one by one")
     for mask in masks:
         check_mask_matches(model, mask)
-    rows = len(masks)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    tickets = StackedTickets(model, rows)
-    keep = {n: torch.stack([m[n].to(device=device, dtype=tickets.params[n].dtype) for m in masks])
-            for n in masks[0]}
-    params = list(tickets.params.values())
-    optimizer = torch.optim.SGD(params, lr=recipe.lr_at(start_epoch), momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = RowScaler(rows, device) if precision == "fp16" else None
-    autocast = (contextlib.nullcontext if autocast_dtype is None
-                else lambda: torch.autocast(device.type, dtype=autocast_dtype))
-    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
-    results = [TrainResult() for _ in range(rows)]
+    run = _StackedRun.set_up(model, masks, train_split, recipe, start_epoch=start_epoch, channels_last=channels_last)
+    loop = EpochLoop(stage, first=start_epoch, end=recipe.epochs, total=recipe.epochs, checkpoint=checkpoint,
+                     progress=progress)
+    loop.resume(run.restore)
+    run.zero_pruned()
+    for epoch in loop:
+        per_sample, accuracy = run.train_epoch(epoch, seed, stage)
+        seconds = loop.seconds() / run.rows
+        tests = None
+        if test_split is not None and (loop.is_last(epoch) or (epoch + 1) % recipe.eval_every == 0):
+            tests = run.test(test_split)
+        loop.end_epoch(epoch, run.state, run.record_epoch(epoch, per_sample, accuracy, seconds, tests, stage))
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    states = [run.tickets.state_dict(k) for k in range(run.rows)]
+    loop.finish()
+    return states, run.results
 
-    def restore(saved) -> None:
+
+@dataclasses.dataclass
+class _StackedRun:
+    """K tickets' stacked training: their weights as rows, the optimizer, the scaler and the step."""
+
+    tickets: StackedTickets
+    keep: dict[str, torch.Tensor]  # each prunable weight's K masks, stacked like the weights
+    train_split: Split
+    recipe: TrainRecipe
+    optimizer: torch.optim.SGD
+    scaler: RowScaler | None
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    channels_last: bool
+    results: list[TrainResult]
+
+    @classmethod
+    def set_up(cls, model: nn.Module, masks: Sequence[Mapping[str, torch.Tensor]], train_split: Split,
+               recipe: TrainRecipe, *, start_epoch: int, channels_last: bool) -> _StackedRun:
+        device, rows = train_split.device, len(masks)
+        precision = effective_precision(recipe.precision, device)
+        tickets = StackedTickets(model, rows)
+        keep = {n: torch.stack([m[n].to(device=device, dtype=tickets.params[n].dtype) for m in masks])
+                for n in masks[0]}
+        optimizer = torch.optim.SGD(list(tickets.params.values()), lr=recipe.lr_at(start_epoch),
+                                    momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                                    nesterov=recipe.nesterov)
+        return cls(tickets=tickets, keep=keep, train_split=train_split, recipe=recipe, optimizer=optimizer,
+                   scaler=RowScaler(rows, device) if precision == "fp16" else None,
+                   autocast=autocast_for(precision, device), channels_last=channels_last,
+                   results=[TrainResult() for _ in range(rows)])
+
+    @property
+    def rows(self) -> int:
+        return len(self.results)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self.tickets.params.values())
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_split) / self.recipe.batch_size)
+
+    def restore(self, saved: Mapping) -> None:
         with torch.no_grad():
-            for n, p in tickets.params.items():
+            for n, p in self.tickets.params.items():
                 p.copy_(saved["params"][n])
-            for n, b in tickets.buffers.items():
+            for n, b in self.tickets.buffers.items():
                 b.copy_(saved["buffers"][n])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        for result, history in zip(results, saved["history"], strict=True):
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        for result, history in zip(self.results, saved["history"], strict=True):
             result.history = list(history)
             result.resumed_at = int(saved["epochs_done"])
 
-    def state() -> dict:
+    def state(self) -> dict:
         return {
-            "params": {n: p.detach() for n, p in tickets.params.items()},
-            "buffers": tickets.buffers,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "history": [r.history for r in results],
+            "params": {n: p.detach() for n, p in self.tickets.params.items()},
+            "buffers": self.tickets.buffers,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "history": [r.history for r in self.results],
         }
 
-    def zero_pruned() -> None:
-        with torch.no_grad():
-            for n, k in keep.items():
-                tickets.params[n].mul_(k)
+    @torch.no_grad()
+    def zero_pruned(self) -> None:
+        for n, k in self.keep.items():
+            self.tickets.params[n].mul_(k)
 
-    loop = EpochLoop(stage, first=start_epoch, end=recipe.epochs, total=recipe.epochs, checkpoint=checkpoint,
-                     progress=progress)
-    loop.resume(restore)
-    zero_pruned()
-    for epoch in loop:
-        lr = recipe.lr_at(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_losses = torch.zeros(steps_per_epoch, rows, device=device)
-        correct = torch.zeros(rows, dtype=torch.int64, device=device)
-        batches = iterate_batches(train_split, recipe.batch_size, shuffle=True,
+    def train_epoch(self, epoch: int, seed: int, stage: str) -> tuple[list[float], list[float]]:
+        """One epoch of stacked steps: each ticket's per-sample training loss and accuracy (%)."""
+        recipe, device = self.recipe, self.train_split.device
+        self._set_lr(recipe.lr_at(epoch))
+        step_losses = torch.zeros(self.steps_per_epoch, self.rows, device=device)
+        correct = torch.zeros(self.rows, dtype=torch.int64, device=device)
+        batches = iterate_batches(self.train_split, recipe.batch_size, shuffle=True,
                                   generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
                                   padding=recipe.crop_padding)
         for step, (x, y) in enumerate(batches):
             if epoch < recipe.warmup_epochs:
-                lr = recipe.warmup_lr(epoch, step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            with autocast():
-                logits = tickets.logits(to_layout(x, channels_last), training=True)
-                losses = torch.stack([F.cross_entropy(logits[k].float(), y, reduction=recipe.loss_reduction)
-                                      for k in range(rows)])
-            optimizer.zero_grad(set_to_none=True)
-            # Rows share nothing: each ticket gets its own loss's gradient (under fp16, scaled by its own scale).
-            (losses if scaler is None else scaler.scaled(losses)).sum().backward()
-            finite = scaler.unscale_(params) if scaler is not None else None
-            if recipe.grad_clip_norm is not None:
-                _clip_per_row(params, recipe.grad_clip_norm)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer, params, finite)
-                scaler.update(finite)
-            zero_pruned()
-            step_losses[step] = losses.detach()
-            correct += (logits.detach().argmax(2) == y).sum(1)
+                self._set_lr(recipe.warmup_lr(epoch, step, self.steps_per_epoch))
+            step_losses[step], right = self._step(x, y)
+            correct += right
         check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)
-        seconds = loop.seconds() / rows
-        denominator = len(train_split) if recipe.loss_reduction == "sum" else steps_per_epoch
-        per_sample = (step_losses.sum(0) / denominator).tolist()
-        accuracy = (100.0 * correct / len(train_split)).tolist()
-        tests = None
-        if test_split is not None and (loop.is_last(epoch) or (epoch + 1) % recipe.eval_every == 0):
-            eval_started = time.perf_counter()
-            tests = evaluate_stacked(tickets, test_split, recipe.eval_batch_size, channels_last=channels_last)
-            eval_seconds = (time.perf_counter() - eval_started) / rows
-        for k, result in enumerate(results):
+        denominator = len(self.train_split) if recipe.loss_reduction == "sum" else self.steps_per_epoch
+        return (step_losses.sum(0) / denominator).tolist(), (100.0 * correct / len(self.train_split)).tolist()
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step of every ticket on the same batch; each one's loss and correct count."""
+        params, scaler = self.params, self.scaler
+        with self.autocast():
+            logits = self.tickets.logits(to_layout(x, self.channels_last), training=True)
+            losses = torch.stack([F.cross_entropy(logits[k].float(), y, reduction=self.recipe.loss_reduction)
+                                  for k in range(self.rows)])
+        self.optimizer.zero_grad(set_to_none=True)
+        # Rows share nothing: each ticket gets its own loss's gradient (under fp16, scaled by its own scale).
+        (losses if scaler is None else scaler.scaled(losses)).sum().backward()
+        finite = scaler.unscale_(params) if scaler is not None else None
+        if self.recipe.grad_clip_norm is not None:
+            _clip_per_row(params, self.recipe.grad_clip_norm)
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer, params, finite)
+            scaler.update(finite)
+        self.zero_pruned()
+        return losses.detach(), (logits.detach().argmax(2) == y).sum(1)
+
+    def test(self, test_split: Split) -> list[dict[str, float]]:
+        """Each ticket's test loss and accuracy, with its share of the evaluation's wall-clock."""
+        started = time.perf_counter()
+        tests = evaluate_stacked(self.tickets, test_split, self.recipe.eval_batch_size,
+                                 channels_last=self.channels_last)
+        share = (time.perf_counter() - started) / self.rows
+        return [{"test_loss": t["loss"], "test_accuracy": t["accuracy"], "eval_seconds": share} for t in tests]
+
+    def record_epoch(self, epoch: int, per_sample: list[float], accuracy: list[float], seconds: float,
+                     tests: list[dict[str, float]] | None, stage: str) -> str:
+        """Each ticket's record of the epoch, appended to its history; the log line saying them."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        for k, result in enumerate(self.results):
             record = {"epoch": epoch + 1, "lr": lr, "train_loss": per_sample[k], "train_accuracy": accuracy[k],
-                      "seconds": seconds, "shared_by": rows}
+                      "seconds": seconds, "shared_by": self.rows}
             if tests is not None:
-                record.update(test_loss=tests[k]["loss"], test_accuracy=tests[k]["accuracy"],
-                              eval_seconds=eval_seconds)
+                record.update(tests[k])
             result.history.append(record)
-        loop.end_epoch(epoch, state, (
-            f"{stage} epoch {epoch + 1}/{recipe.epochs}: lr {lr:.4g}, train loss "
-            + " ".join(f"{v:.4f}" for v in per_sample) + ", test acc "
-            + (" ".join(f"{t['accuracy']:.2f}" for t in tests) if tests else "-") + f" ({seconds:.1f} s per ticket)"))
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)
-    states = [tickets.state_dict(k) for k in range(rows)]
-    loop.finish()
-    return states, results
+        return (f"{stage} epoch {epoch + 1}/{self.recipe.epochs}: lr {lr:.4g}, train loss "
+                + " ".join(f"{v:.4f}" for v in per_sample) + ", test acc "
+                + (" ".join(f"{t['test_accuracy']:.2f}" for t in tests) if tests else "-")
+                + f" ({seconds:.1f} s per ticket)")
 
 
 def probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor], train_split: Split, recipe: TrainRecipe,

@@ -104,137 +104,199 @@ def train(
     (:func:`..device.distributed.with_sync_batchnorm`) instead of each rank's slice.
     """
     end_epoch = recipe.epochs if end_epoch is None else end_epoch
-    device = train_split.device
-    precision = effective_precision(recipe.precision, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    masked = _mask_pairs(model, mask, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scaler = optimizer_and_scaler(params, recipe, recipe.lr_at(start_epoch), precision, device)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if autocast_dtype is None:
-        autocast = contextlib.nullcontext  # entering a disabled autocast still costs per step
-    else:
-        def autocast():
-            return torch.autocast(device.type, dtype=autocast_dtype)
-    rank, world = rank_and_world()
-    ranks = RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed)
-    # Under DDP with one recipe rank, a process's loss is weighted to its part of the global
-    # batch's: by its slice's share of the batch for a mean, by the number of processes for a sum
-    # (DDP averages the gradients). With N recipe ranks each chunk weighs 1/N (ranks.loss_weight).
-    sum_share = float(world) if recipe.loss_reduction == "sum" else None
-    if world > 1:
-        model = with_sync_batchnorm(model, sync_batchnorm)
-    forward = training_forward(model, world, compile_model)
-    # The epoch as the ranks see it: padded so each gets the same share of the last batch.
-    epoch_samples = padded_size(len(train_split), ranks.parts)
-    steps_per_epoch = _num_batches(epoch_samples, recipe.batch_size)
+    run = _TrainingRun.set_up(model, train_split, recipe, mask=mask, start_epoch=start_epoch,
+                              channels_last=channels_last, compile_model=compile_model,
+                              sync_batchnorm=sync_batchnorm)
     result = TrainResult()
+    loop = EpochLoop(stage, first=start_epoch, end=end_epoch, total=recipe.epochs, checkpoint=checkpoint,
+                     progress=progress)
+    result.resumed_at = loop.resume(lambda saved: run.restore(saved, result))
+    if result.resumed_at is None and start_epoch in snapshot_epochs:
+        result.snapshots[start_epoch] = state_on_cpu(run.model)
+    run.zero_pruned()
+    for epoch in loop:
+        record = run.train_epoch(epoch, seed, stage)
+        record["seconds"] = loop.seconds()  # training only: evaluation is timed apart
+        if test_split is not None and (loop.is_last(epoch) or (epoch + 1) % recipe.eval_every == 0):
+            record.update(run.test(test_split))
+        result.history.append(record)
+        if epoch + 1 in snapshot_epochs:
+            result.snapshots[epoch + 1] = state_on_cpu(run.model)
+        loop.end_epoch(epoch, lambda: run.state(result), _format_epoch(stage, record, recipe.epochs), postfix={
+            "loss": f"{record['train_loss']:.3f}", "acc": f"{record.get('test_accuracy', record['train_accuracy']):.1f}"})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, run.model)
+    if channels_last:
+        run.model.to(memory_format=torch.contiguous_format)  # callers get the usual layout back
+    loop.finish()
+    return result
 
-    def restore(saved) -> None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
+
+@dataclass
+class _TrainingRun:
+    """One training's set-up (the optimizer, the scaler, the ranks, the mask) and its step."""
+
+    model: nn.Module
+    forward: nn.Module  # what a step calls: the model, under DDP and/or torch.compile
+    train_split: Split
+    recipe: TrainRecipe
+    optimizer: torch.optim.SGD
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    params: list[torch.Tensor]
+    masked: tuple[list[torch.Tensor], list[torch.Tensor]] | None
+    ranks: RankLayout
+    channels_last: bool
+
+    @classmethod
+    def set_up(cls, model: nn.Module, train_split: Split, recipe: TrainRecipe, *, mask, start_epoch: int,
+               channels_last: bool, compile_model: bool, sync_batchnorm: bool) -> _TrainingRun:
+        device = train_split.device
+        precision = effective_precision(recipe.precision, device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        masked = _mask_pairs(model, mask, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scaler = optimizer_and_scaler(params, recipe, recipe.lr_at(start_epoch), precision, device)
+        rank, world = rank_and_world()
+        if world > 1:
+            model = with_sync_batchnorm(model, sync_batchnorm)
+        return cls(model=model, forward=training_forward(model, world, compile_model), train_split=train_split,
+                   recipe=recipe, optimizer=optimizer, scaler=scaler, autocast=autocast_for(precision, device),
+                   params=params, masked=masked, ranks=RankLayout(recipe.virtual_ranks, rank, world,
+                                                   presharded=train_split.streamed),
+                   channels_last=channels_last)
+
+    @property
+    def epoch_samples(self) -> int:
+        """The epoch as the ranks see it: padded so each gets the same share of the last batch."""
+        return padded_size(len(self.train_split), self.ranks.parts)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.epoch_samples / self.recipe.batch_size)
+
+    def restore(self, saved: Mapping, result: TrainResult) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
         result.history = list(saved["history"])
         result.snapshots = {int(k): v for k, v in saved["snapshots"].items()}
 
-    def state() -> dict:
+    def state(self, result: TrainResult) -> dict:
         return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "history": result.history,
             "snapshots": {str(k): v for k, v in result.snapshots.items()},
         }
 
-    loop = EpochLoop(stage, first=start_epoch, end=end_epoch, total=recipe.epochs, checkpoint=checkpoint,
-                     progress=progress)
-    result.resumed_at = loop.resume(restore)
-    if result.resumed_at is None and start_epoch in snapshot_epochs:
-        result.snapshots[start_epoch] = state_on_cpu(model)
+    def zero_pruned(self) -> None:
+        _zero_pruned(self.masked)
 
-    _zero_pruned(masked)
-    for epoch in loop:
-        lr = recipe.lr_at(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        step_losses = torch.zeros(steps_per_epoch, device=device)
+    def train_epoch(self, epoch: int, seed: int, stage: str) -> dict:
+        """One epoch of steps; its record (the global batch's loss and accuracy on every rank)."""
+        recipe, device = self.recipe, self.train_split.device
+        self._set_lr(recipe.lr_at(epoch))
+        self.model.train()
+        step_losses = torch.zeros(self.steps_per_epoch, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         batches = iterate_batches(
-            train_split, recipe.batch_size, shuffle=True,
+            self.train_split, recipe.batch_size, shuffle=True,
             generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
-            padding=recipe.crop_padding, parts=ranks.parts,
+            padding=recipe.crop_padding, parts=self.ranks.parts,
         )
         for step, (x, y) in enumerate(batches):
             if epoch < recipe.warmup_epochs:
-                lr = recipe.warmup_lr(epoch, step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            if world > 1 and ranks.plain:
-                x, y, share = shard(x, y, rank, world, presharded=train_split.streamed)
-                share = sum_share or share
-            optimizer.zero_grad(set_to_none=True)
-            # One chunk per virtual rank of this process (core/device/virtual_ranks.py); the plain step
-            # is the one chunk. Under DDP only the last chunk's backward reduces the gradients.
-            chunks = ranks.chunks(x, y)
-            for part, (x_part, y_part) in enumerate(chunks):
-                # (DDP decides at the forward whether the backward reduces: no_sync covers it.)
-                with (running_stats_of(model, part), _gradient_sync(forward, part == len(chunks) - 1),
-                      autocast()):
-                    logits = forward(to_layout(x_part, channels_last))
-                    loss = F.cross_entropy(logits.float(), y_part, reduction=recipe.loss_reduction)
-                    if not ranks.plain:  # DDP's average over the recipe's ranks' gradients
-                        weighted = loss * ranks.loss_weight
-                    else:
-                        weighted = loss * share if world > 1 else loss
-                (scaler.scale(weighted) if scaler is not None else weighted).backward()
-                if not ranks.plain:
-                    step_losses[step] += loss.detach() / (ranks.ranks if recipe.loss_reduction == "mean" else 1)
-                    correct += (logits.detach().argmax(1) == y_part).sum()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if recipe.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            _zero_pruned(masked)
-            if ranks.plain:  # (virtual ranks recorded theirs chunk by chunk above)
-                # Under DDP: this rank's part of the global batch's loss, summed over ranks below.
-                ddp_part = 1.0 if world == 1 or recipe.loss_reduction == "sum" else share / world
-                step_losses[step] = loss.detach() if world == 1 else loss.detach() * ddp_part
-                correct += (logits.detach().argmax(1) == y).sum()
-        all_sum(step_losses, correct)  # the global batch's loss and accuracy on every rank
+                self._set_lr(recipe.warmup_lr(epoch, step, self.steps_per_epoch))
+            step_losses[step], right = self._step(x, y)
+            correct += right
+        all_sum(step_losses, correct)
         # One host sync per epoch instead of one per step; the failing step is still named exactly.
         check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)
-        per_sample = step_losses.sum().item() / (epoch_samples if recipe.loss_reduction == "sum" else steps_per_epoch)
-        record = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": per_sample,
-            "train_accuracy": 100.0 * correct.item() / epoch_samples,
-            "seconds": loop.seconds(),  # training only: evaluation is timed apart
-        }
-        if test_split is not None and (loop.is_last(epoch) or (epoch + 1) % recipe.eval_every == 0):
-            eval_started = time.perf_counter()
-            test = evaluate(model, test_split, recipe.eval_batch_size, channels_last=channels_last)
-            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"],
-                          eval_seconds=time.perf_counter() - eval_started)
-        result.history.append(record)
-        if epoch + 1 in snapshot_epochs:
-            result.snapshots[epoch + 1] = state_on_cpu(model)
-        loop.end_epoch(epoch, state, _format_epoch(stage, record, recipe.epochs), postfix={
-            "loss": f"{record['train_loss']:.3f}", "acc": f"{record.get('test_accuracy', record['train_accuracy']):.1f}"})
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, model)
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)  # callers get the usual layout back
-    loop.finish()
-    return result
+        per_sample = step_losses.sum().item() / (
+            self.epoch_samples if recipe.loss_reduction == "sum" else self.steps_per_epoch)
+        return {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "train_loss": per_sample,
+                "train_accuracy": 100.0 * correct.item() / self.epoch_samples}
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a global batch: this process's part of its loss (summed over
+        processes by the caller) and its correct count."""
+        ranks, world = self.ranks, self.ranks.processes
+        share = 1.0
+        if world > 1 and ranks.plain:
+            x, y, share = shard(x, y, ranks.process, world, presharded=self.train_split.streamed)
+            # A process's loss is weighted to its part of the global batch's: by its slice's share
+            # of the batch for a mean, by the number of processes for a sum (DDP averages the
+            # gradients). With N recipe ranks each chunk weighs 1/N (ranks.loss_weight).
+            share = float(world) if self.recipe.loss_reduction == "sum" else share
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, correct = self._forward_backward(x, y, share)
+        self._update()
+        _zero_pruned(self.masked)
+        if ranks.plain and world > 1:
+            # Under DDP: this rank's part of the global batch's loss, summed over ranks afterwards.
+            loss = loss * (1.0 if self.recipe.loss_reduction == "sum" else share / world)
+        return loss, correct
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, share: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of one global batch: one chunk per virtual rank of this process
+        (core/device/virtual_ranks.py), the plain step being the one chunk. Under DDP only the
+        last chunk's backward reduces the gradients. Returns the batch's loss and correct count."""
+        ranks, recipe = self.ranks, self.recipe
+        chunks = ranks.chunks(x, y)
+        loss_sum = correct = None
+        for part, (x_part, y_part) in enumerate(chunks):
+            # (DDP decides at the forward whether the backward reduces: no_sync covers it.)
+            with (running_stats_of(self.model, part), _gradient_sync(self.forward, part == len(chunks) - 1),
+                  self.autocast()):
+                logits = self.forward(to_layout(x_part, self.channels_last))
+                loss = F.cross_entropy(logits.float(), y_part, reduction=recipe.loss_reduction)
+                if not ranks.plain:  # DDP's average over the recipe's ranks' gradients
+                    weighted = loss * ranks.loss_weight
+                else:
+                    weighted = loss * share if ranks.processes > 1 else loss
+            (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
+            # The batch's loss is the mean of its chunks' means (or the sum of their sums).
+            part_loss = loss.detach() if ranks.plain or recipe.loss_reduction == "sum" else loss.detach() / ranks.ranks
+            part_correct = (logits.detach().argmax(1) == y_part).sum()
+            loss_sum = part_loss if loss_sum is None else loss_sum + part_loss
+            correct = part_correct if correct is None else correct + part_correct
+        return loss_sum, correct
+
+    def _update(self) -> None:
+        """The optimizer step (unscaled and clipped first where the recipe asks)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.recipe.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def test(self, test_split: Split) -> dict[str, float]:
+        started = time.perf_counter()
+        test = evaluate(self.model, test_split, self.recipe.eval_batch_size, channels_last=self.channels_last)
+        return {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                "eval_seconds": time.perf_counter() - started}
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A step's autocast context for ``precision`` (none for fp32: entering a disabled autocast
+    still costs per step)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def training_forward(model: nn.Module, world: int, compile_model: bool) -> nn.Module:
@@ -316,10 +378,6 @@ def _format_epoch(stage: str, record: dict, epochs: int) -> str:
     if "test_accuracy" in record:
         text += f", test acc {record['test_accuracy']:.2f} %"
     return text + f" ({record['seconds']:.1f} s" + (f" + {record['eval_seconds']:.1f} s test" if "eval_seconds" in record else "") + ")"
-
-
-def _num_batches(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)
 
 
 def effective_precision(precision: str, device: torch.device) -> str:
