@@ -29,7 +29,7 @@ from speed import sync, synthetic
 
 from cts_pipeline.core.cts import SearchConfig, batch_statistics, concrete_search
 from cts_pipeline.core.data.splits import Split, load_splits
-from cts_pipeline.core.device.runtime import describe_hardware, resolve_device
+from cts_pipeline.core.device.runtime import describe_hardware, training_device
 from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.nets.registry import build_model
 from cts_pipeline.core.train.batched import train_tickets
@@ -119,11 +119,22 @@ def peak_memory(run, device: torch.device) -> str:
     """The most device memory ``run()`` holds at once (CUDA; "—" on a CPU, which has no such counter)."""
     if device.type != "cuda":
         return "—"
+    peaks = []
+    reset = torch.cuda.reset_peak_memory_stats
+
+    def keeping_the_peak(*args, **kwargs):  # the search's memory probe resets the counter mid-run
+        peaks.append(torch.cuda.max_memory_allocated(device))
+        reset(*args, **kwargs)
+
     sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run()
-    sync(device)
-    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    reset(device)
+    torch.cuda.reset_peak_memory_stats = keeping_the_peak
+    try:
+        run()
+        sync(device)
+    finally:
+        torch.cuda.reset_peak_memory_stats = reset
+    return f"{max([*peaks, torch.cuda.max_memory_allocated(device)]) / 2**30:.2f} GiB"
 
 
 def on_other_threads(run):
@@ -148,12 +159,12 @@ def swapped(densities, a_side, b_side) -> tuple[int, int]:
 
 
 def measure_retraining(label: str, model: str, split: Split, test: Split, recipe: TrainRecipe, densities: list[float],
-                       device: torch.device, repeats: int, channels_last: bool, headroom: bool = False) -> str:
+                       device: torch.device, repeats: int, channels_last: bool, headroom: bool = False, options: dict | None = None) -> str:
     """The table's line for K tickets retrained stacked against one at a time."""
     info = split.info
 
     def fresh():
-        return build_model(model, image_shape=info.image_shape, num_classes=info.num_classes,
+        return build_model(model, image_shape=info.image_shape, num_classes=info.num_classes, **(options or {}),
                            generator=torch.Generator().manual_seed(0)).to(device)
 
     g = torch.Generator().manual_seed(1)
@@ -194,8 +205,15 @@ def main() -> None:
     parser.add_argument("--mnist", type=Path, help="root of the real MNIST files (else MNIST-shaped noise)")
     parser.add_argument("--resnet", action="store_true", help="ResNet-20 on CIFAR-shaped noise, batch 512")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/performance.md")
+    parser.add_argument("--quick", action="store_true", help="every row at toy sizes: checks the script")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    if args.write_docs and args.quick:
+        raise SystemExit("--quick checks the script; its figures say nothing and are not written")
+    device = training_device(args.device)
+    repeats = 1 if args.quick else args.repeats
+    # toy sizes: images per split, the ResNet-20 batch and width
+    mnist_images, cifar_images, resnet_batch, resnet = ((1024, 64, 64, {"width": 8}) if args.quick
+                                                        else (60_000, 10_240, 512, {}))
     densities = [0.8 ** L for L in LEVELS]
     # The CPU table and a GPU's live side by side: each device writes its own block.
     table = BlockWriter("docs/performance.md", "batched" if device.type == "cpu" else f"batched-{device.type}",
@@ -210,34 +228,37 @@ def main() -> None:
 
     def small_networks() -> None:
         digits, digits_test = (s.to(device) for s in load_splits("digits"))
+        if args.quick:
+            digits = digits.subset(256)
         table.add(measure("convnet (56,224 weights), digits, batch 64, 3 search epochs", "convnet", {}, digits,
-                          TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats,
-                          channels_last=True, headroom=True))
-        mnist = (load_splits("mnist", args.mnist)[0] if args.mnist else synthetic("mnist", 60_000, "cpu")).to(device)
+                          TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, repeats,
+                          channels_last=True, headroom=not args.quick))
+        mnist = (load_splits("mnist", args.mnist)[0] if args.mnist else synthetic("mnist", mnist_images, "cpu")).to(device)
         source = "MNIST" if args.mnist else "MNIST-shaped noise"
         table.add(measure(f"LeNet-300-100 (266,200 weights), {source}, batch 128, 1 search epoch", "lenet_300_100",
-                          {}, mnist, TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities, device, args.repeats,
+                          {}, mnist, TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities, device, repeats,
                           channels_last=False))
         table.add(measure_retraining("convnet, digits, batch 64, 3 epochs", "convnet", digits, digits_test,
-                                     TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, args.repeats,
-                                     True, headroom=True))
+                                     TrainRecipe(epochs=3, batch_size=64, lr=0.1), densities, device, repeats,
+                                     True, headroom=not args.quick))
         table.add(measure_retraining("LeNet-300-100, " + source + ", batch 128, 1 epoch", "lenet_300_100", mnist,
                                      mnist.subset(2000), TrainRecipe(epochs=1, batch_size=128, lr=0.1), densities,
-                                     device, args.repeats, False))
+                                     device, repeats, False))
 
     def resnet20() -> None:
-        cifar = synthetic("cifar10", 10_240, device)
+        cifar = synthetic("cifar10", cifar_images, device)
         for k in (5, 15):
             grid = [0.8 ** L for L in (16, 18, 20, 22, 24)] * (k // 5)
-            table.add(measure("ResNet-20 (270,896 weights), CIFAR-shaped noise, batch 512, 1 search epoch "
-                              "(10,240 images)", "resnet20", {}, cifar, TrainRecipe(epochs=1, batch_size=512, lr=0.1),
-                              grid, device, args.repeats, channels_last=True, headroom=True))
+            table.add(measure(f"ResNet-20 (270,896 weights), CIFAR-shaped noise, batch {resnet_batch}, 1 search epoch "
+                              f"({cifar_images:,} images)", "resnet20", resnet, cifar,
+                              TrainRecipe(epochs=1, batch_size=resnet_batch, lr=0.1),
+                              grid, device, repeats, channels_last=True, headroom=not args.quick))
         for k in (5, 15):  # stacked retraining in the default precision (bf16 on a recent GPU)
             grid = [0.8 ** L for L in (16, 18, 20, 22, 24)] * (k // 5)
-            table.add(measure_retraining("ResNet-20, CIFAR-shaped noise, batch 512, 1 epoch (10,240 images)",
-                                         "resnet20", cifar, cifar.subset(1024),
-                                         TrainRecipe(epochs=1, batch_size=512, lr=0.1), grid, device, args.repeats,
-                                         True))
+            table.add(measure_retraining(f"ResNet-20, CIFAR-shaped noise, batch {resnet_batch}, 1 epoch "
+                                         f"({cifar_images:,} images)", "resnet20", cifar, cifar.subset(128),
+                                         TrainRecipe(epochs=1, batch_size=resnet_batch, lr=0.1), grid, device,
+                                         repeats, True, options=resnet))
 
     # ResNet-20 first when asked for: it is what a GPU run is for, and a time limit cuts the end.
     for rows in (resnet20, small_networks) if args.resnet else (small_networks,):

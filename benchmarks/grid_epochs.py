@@ -6,15 +6,18 @@ PyTorch, so it runs where Kedro and MLflow are not installed (the GPU machine).
     python benchmarks/grid_epochs.py --quick                       # checks the script in a minute
 
 It times one epoch of each kind of work the grid needs (the median of --repeats after a warm-up
-epoch), on the same weights and data, with the `cifar10_resnet20` preset's recipe (batch 512,
-summed loss with clipping at 2.0, augmentation; fp16 on CUDA as the preset asks):
+epoch), on the same weights and data, with the `cifar10_resnet20` preset's network, recipe and
+search exactly as its conf/ files give them (presets.py: conv3x3 shortcut, batch statistics at test
+time, U(0, 1) BatchNorm weights, batch 512 as 4 virtual ranks, summed loss clipped at 2.0, reflect
+padding, fp16 on CUDA; a CPU trains in fp32):
   - a masked training epoch: LTR's unit, since every level retrains from the rewind epoch;
-  - a search epoch at one density, and CTS's batched search over the K grid densities (always
-    fp32, as the search runs);
-  - CTS's retraining of the K tickets stacked (fp16 with one loss scale per ticket on CUDA).
+  - a search epoch at one density, and CTS's batched search over the K grid densities (the
+    search's own arithmetic: fp32 logits, the masked forward in fp32);
+  - CTS's retraining of the K tickets: stacked where the recipe allows it; the preset's
+    ``virtual_ranks: 4`` does not, so its K tickets retrain one at a time (K masked epochs).
 
-It then composes the whole grid from the preset's epoch counts (E = 160, rewind k = 9, levels 16–28):
-LTR pays (L_max + 1) · (E − k) training epochs; CTS pays E_search search epochs (160 `long`, 20
+It then composes the whole grid from the preset's epoch counts (E, rewind k, the grid's levels):
+LTR pays (L_max + 1) · (E − k) training epochs; CTS pays E_search search epochs (E `long`, int(E/8)
 `short`) and (E − k) retraining epochs. The dense training to θ_k and the test evaluations are
 common to both sides and left out. CTS is costed both ways, batched and one at a time
 (`runtime.batch_sparsities: auto` picks the faster), and the ratio uses the faster.
@@ -26,23 +29,22 @@ import argparse
 import datetime
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from docs_blocks import BlockWriter
+from presets import preset
 from speed import sync, synthetic
 
-from cts_pipeline.core.cts import SearchConfig, concrete_search
-from cts_pipeline.core.device.runtime import describe_hardware, resolve_device
+from cts_pipeline.core.cts import concrete_search
+from cts_pipeline.core.device.runtime import describe_hardware, precision_label, training_device
 from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.nets.registry import build_model
 from cts_pipeline.core.train.batched import supports as stacked_retraining_supported
 from cts_pipeline.core.train.batched import train_tickets
-from cts_pipeline.core.train.loop import train
-from cts_pipeline.core.train.recipe import TrainRecipe
+from cts_pipeline.core.train.loop import effective_precision, train
 
-EPOCHS, REWIND = 160, 9  # the cifar10_resnet20 preset
-LEVELS = (16, 18, 20, 22, 24, 26, 28)
-SEARCH_EPOCHS = {"long": EPOCHS, "short": EPOCHS // 8}
+PRESET = "cifar10_resnet20"
 
 
 def median_seconds(run, repeats: int, device: torch.device) -> float:
@@ -61,27 +63,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--images", type=int, default=10_240, help="images per timed epoch")
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a small network (width 8) and 2 levels: checks the script")
     parser.add_argument("--write-docs", action="store_true", help="rewrite this device's block in docs/performance.md")
     args = parser.parse_args()
     if args.write_docs and args.quick:
         raise SystemExit("--quick checks the script; its figures say nothing and are not written")
-    device = resolve_device(args.device)
-    levels = LEVELS[-2:] if args.quick else LEVELS
+    device = training_device(args.device)
+    paper = preset(PRESET)
+    epochs, rewind = paper.recipe.epochs, paper.recipe.rewind_epoch
+    search_epochs = {"long": replace(paper.search, search_length="long").search_epochs(epochs),
+                     "short": replace(paper.search, search_length="short").search_epochs(epochs)}
+    levels = paper.levels[-2:] if args.quick else paper.levels
     images = 256 if args.quick else args.images
-    batch = 64 if args.quick else args.batch_size
+    batch = 64 if args.quick else args.batch_size or paper.recipe.batch_size
     # Width 8, not 4: below 8 input channels the 1x1 strided shortcut's NHWC backward corrupts
     # memory on AVX2 CPUs (core.device.runtime.channels_last_hazard), and --quick is run on CPUs.
-    options = {"width": 8} if args.quick else {}
-    split = synthetic("cifar10", images, device)
-    recipe = TrainRecipe(epochs=1, batch_size=batch, lr=0.1, weight_decay=1e-3, loss_reduction="sum",
-                         grad_clip_norm=2.0, augment=True, precision="fp16" if device.type == "cuda" else "fp32")
+    options = {**paper.model_options, **({"width": 8} if args.quick else {})}
+    split = synthetic(paper.dataset, images, device)
+    recipe = replace(paper.recipe, epochs=1, batch_size=batch, rewind_epoch=0, milestones=())
+    config = replace(paper.search, epochs=1)
     channels_last = True
 
     def fresh():
-        return build_model("resnet20", image_shape=split.info.image_shape, num_classes=split.info.num_classes,
+        return build_model(paper.model, image_shape=split.info.image_shape, num_classes=split.info.num_classes,
                            generator=torch.Generator().manual_seed(0), **options).to(device)
 
     theta = fresh()
@@ -95,7 +101,7 @@ def main() -> None:
               channels_last=channels_last)
 
     def search_epoch(density):
-        concrete_search(theta, split, density=density, config=SearchConfig(epochs=1), recipe=recipe, seed=0,
+        concrete_search(theta, split, density=density, config=config, recipe=recipe, seed=0,
                         progress=False, channels_last=channels_last)
 
     stacked = stacked_retraining_supported(theta, recipe, device)
@@ -109,10 +115,11 @@ def main() -> None:
     table.add(
         f"`python benchmarks/grid_epochs.py{' --quick' if args.quick else ''}"
         f"{f' --images {images}' if not args.quick and images != 10_240 else ''} --device {device.type}`, "
-        f"{datetime.date.today()}, {describe_hardware(device)}. ResNet-20{' (width 8)' if args.quick else ''}, "
-        f"CIFAR-shaped noise, {images:,} images per epoch, batch {batch}, training in {recipe.precision}"
-        f"{'' if device.type == 'cuda' else ' (a CPU always trains in fp32)'}; K = {k} levels "
-        f"({', '.join(map(str, levels))}).",
+        f"{datetime.date.today()}, {describe_hardware(device)}. "
+        f"{replace(paper, recipe=recipe, model_options=options).describe()}"
+        f"{' (a check of the script)' if args.quick else ''}; training in "
+        f"{precision_label(effective_precision(recipe.precision, device), device)}; CIFAR-shaped noise, "
+        f"{images:,} images per epoch; K = {k} levels ({', '.join(map(str, levels))}).",
         "",
         "| work | s per epoch | against one training epoch |",
         "|---|---:|---:|",
@@ -127,17 +134,18 @@ def main() -> None:
     t_retrain = median_seconds(retraining_epoch, args.repeats, device) if stacked else None
     table.add(f"| retraining epoch of the K tickets, stacked | {t_retrain:.2f} | {t_retrain / t_train:.2f} "
               f"({t_retrain / (k * t_train):.2f} of K single epochs) |" if stacked
-              else "| retraining epoch of the K tickets, stacked | — (the recipe cannot be stacked) | — |")
-    ltr = (max(levels) + 1) * (EPOCHS - REWIND) * t_train
+              else f"| retraining epoch of the K tickets | {k * t_train:.2f} (one at a time: the preset's "
+                   f"virtual_ranks: {recipe.virtual_ranks} cannot be stacked) | {k:.2f} |")
+    ltr = (max(levels) + 1) * (epochs - rewind) * t_train
     grid = ["",
-            f"| whole grid (E = {EPOCHS}, rewind {REWIND}) | LTR, {max(levels) + 1} trainings | CTS batched "
+            f"| whole grid (E = {epochs}, rewind {rewind}) | LTR, {max(levels) + 1} trainings | CTS batched "
             "| CTS one at a time | LTR / the faster CTS |",
             "|---|---:|---:|---:|---:|"]
-    retrain_epochs = EPOCHS - REWIND
-    for name, search_epochs in SEARCH_EPOCHS.items():
-        one_at_a_time = k * (search_epochs * t_single + retrain_epochs * t_train)
-        together = search_epochs * t_search + retrain_epochs * (t_retrain if stacked else k * t_train)
-        grid.append(f"| CTS-KL `{name}` ({search_epochs} search epochs) | {ltr / 3600:.2f} h | "
+    retrain_epochs = epochs - rewind
+    for name, length in search_epochs.items():
+        one_at_a_time = k * (length * t_single + retrain_epochs * t_train)
+        together = length * t_search + retrain_epochs * (t_retrain if stacked else k * t_train)
+        grid.append(f"| CTS-KL `{name}` ({length} search epochs) | {ltr / 3600:.2f} h | "
                     f"{together / 3600:.2f} h | {one_at_a_time / 3600:.2f} h | "
                     f"**{ltr / min(together, one_at_a_time):.1f}×** |")
     table.add(*grid)

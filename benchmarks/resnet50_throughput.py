@@ -1,10 +1,10 @@
 """ResNet-50 training throughput on synthetic ImageNet-shaped batches (issue 12's GPU rows).
 
-Images/s and peak device memory of the project's training loop (``core.train.loop.train``) in fp32,
-bf16 and fp16, with channels_last on and off, and in one process against the DDP wrapper with one
-rank (the wrapper's own cost per step: one process group of one rank, NCCL on CUDA; no
-communication, which needs a second GPU). Plain PyTorch only, so it runs on the
-device machine without Kedro:
+Images/s and peak device memory of the project's training loop (``core.train.loop.train``) in fp32
+(TF32 matmuls and convolutions, as the pipeline's CUDA policy sets them), bf16 and fp16, with
+channels_last on and off. (What several GPUs cost in communication is benchmarks/distributed.py's;
+with one process the loop never wraps the model in DDP, so there is no one-GPU DDP row.) Plain
+PyTorch only, so it runs on the device machine without Kedro:
 
     PYTHONPATH=src python benchmarks/resnet50_throughput.py --device cuda             # about 3 min on an H200
     PYTHONPATH=src python benchmarks/resnet50_throughput.py --device cuda --write-docs
@@ -27,14 +27,13 @@ from docs_blocks import BlockWriter
 
 from cts_pipeline.core.data.registry import DATASETS
 from cts_pipeline.core.data.splits import Split
-from cts_pipeline.core.device.distributed import launch
-from cts_pipeline.core.device.runtime import describe_hardware
+from cts_pipeline.core.device.runtime import describe_hardware, precision_label, training_device
 from cts_pipeline.core.nets.registry import build_model
 from cts_pipeline.core.train.loop import train
 from cts_pipeline.core.train.recipe import TrainRecipe
 
 
-def images_per_second(model_name: str, size: int, batch: int, steps: int, device: str, precision: str,
+def images_per_second(model_name: str, size: int, batch: int, steps: int, device: torch.device, precision: str,
                       channels_last: bool) -> tuple[float, float | None]:
     """Images/s of the training loop, and its peak device memory in GiB (CUDA; else None)."""
     info = dataclasses.replace(DATASETS["imagenet"], image_shape=(3, size, size))
@@ -66,12 +65,13 @@ def main() -> None:
     args = parser.parse_args()
     model, size = ("resnet18", 64) if args.quick else ("resnet50", 224)
     batch, steps = (8, 2) if args.quick else (args.batch, args.steps)
-    on_cuda = args.device.startswith("cuda")
     if args.write_docs and args.quick:
         raise SystemExit("--quick checks the script; its figures say nothing and are not written")
+    device = training_device(args.device)
+    on_cuda = device.type == "cuda"
     table = BlockWriter("docs/performance.md", "resnet50", to_docs=args.write_docs)
     table.add(f"`python benchmarks/resnet50_throughput.py --device {args.device}`, {datetime.date.today()}, "
-              f"{describe_hardware(torch.device(args.device))}. {model}, {size}x{size} synthetic images, "
+              f"{describe_hardware(device)}. {model}, {size}x{size} synthetic images, "
               f"batch {batch}, summed loss with clipping; fp16 with its gradient scaler and fused SGD.", "",
               "| run | images/s | against fp32 NCHW | peak memory |", "|---|---|---|---|")
     speeds: dict[str, float] = {}
@@ -79,22 +79,14 @@ def main() -> None:
     def add(label: str, measured: tuple[float, float | None]) -> None:
         speed, peak = measured
         speeds[label] = speed
-        baseline = next(iter(speeds.values()))  # the first row: fp32, NCHW
+        baseline = next(iter(speeds.values()))  # the first row: fp32 (TF32 on CUDA), NCHW
         table.add(f"| {label} | {speed:.0f} | {speed / baseline:.2f} | "
                   f"{f'{peak:.1f} GiB' if peak is not None else '—'} |")
 
     for precision in ("fp32", "bf16", "fp16") if on_cuda else ("fp32",):
         for channels_last in (False, True):
-            add(f"one process, {precision}, {'channels_last' if channels_last else 'NCHW'}",
-                images_per_second(model, size, batch, steps, args.device, precision, channels_last))
-    best_precision = "bf16" if on_cuda else "fp32"
-    # One rank: DDP's own cost per step (its hooks and bucket copies), with no second rank to
-    # all-reduce with; what several GPUs cost in communication is benchmarks/distributed.py's.
-    wrapped = f"DDP wrapper alone (one rank, no all-reduce partner), {best_precision}, channels_last"
-    add(wrapped, launch(images_per_second, 1, model, size, batch, steps, args.device, best_precision, True,
-                        backend="nccl" if on_cuda else "gloo"))
-    single = speeds[f"one process, {best_precision}, channels_last"]
-    table.add("", f"The DDP wrapper with one rank / one process: **{speeds[wrapped] / single:.2f}** of the images/s.")
+            add(f"{precision_label(precision, device)}, {'channels_last' if channels_last else 'NCHW'}",
+                images_per_second(model, size, batch, steps, device, precision, channels_last))
     table.finish()
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Speed ratios, each measured side by side in this one process (never a timed assertion in a test).
 
     python benchmarks/speed.py                       # all rows (about 20 min on 2 CPU cores)
-    python benchmarks/speed.py --quick               # rows 1-3 only (about 2 min)
+    python benchmarks/speed.py --quick               # rows 1-3 and 6 at toy sizes: checks the script
     python benchmarks/speed.py --mnist ../shared/data
 
 Rows:
@@ -10,7 +10,12 @@ Rows:
   2. a CTS search step vs a dense training step on the same batch (ResNet-20: target <= 1.5);
   3. the device-resident batched data path vs a torchvision DataLoader with per-sample transforms;
   4. end-to-end CTS-KL vs end-to-end LTR to 99.26 % sparsity, MNIST LeNet-300-100 (needs --mnist);
-  5. the default `kedro run --pipelines=cts` wall-clock vs the sum of its nodes' compute.
+  5. the default `kedro run --pipelines=cts` wall-clock vs the sum of its nodes' compute;
+  6. the `cifar10_resnet20` preset's training and search steps as the preset runs them (its
+     precision, 4 virtual ranks, its BatchNorm options; conf/ read by presets.py), against the same
+     steps with one rank in the default precision (bf16 on a recent GPU).
+Rows 1 and 2 compare two sides at the same arithmetic: the project's loop in its default precision
+against a hand-written loop under the same autocast; fp32 is labelled with what TF32 does to it.
 Timings interleave the two sides and report the median of repeated ratios.
 """
 
@@ -26,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,12 +45,13 @@ from cts_pipeline.core.device.runtime import (
     UniformNoise,
     describe_hardware,
     generator,
-    resolve_device,
+    precision_label,
     synchronize,
+    training_device,
 )
 from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.nets.registry import build_model
-from cts_pipeline.core.train.loop import train
+from cts_pipeline.core.train.loop import autocast_for, effective_precision, train
 from cts_pipeline.core.train.recipe import TrainRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +149,8 @@ def synthetic(name: str, n: int, device: torch.device) -> Split:
 def loop_ratio(table: SpeedTable, name: str, split: Split, batch: int, device: torch.device, channels_last: bool,
                repeats: int) -> None:
     recipe = TrainRecipe(epochs=1, batch_size=batch, lr=0.01, weight_decay=1e-4)
+    precision = effective_precision(recipe.precision, device)  # both sides: bf16 on a recent GPU
+    autocast = autocast_for(precision, device)
     shape = split.info.image_shape
     x_all = normalize(split.images, split.info)
     if channels_last:
@@ -162,7 +170,8 @@ def loop_ratio(table: SpeedTable, name: str, split: Split, batch: int, device: t
         perm = torch.randperm(len(split), generator=generator(device, 0, "bench"), device=device)
         for i in range(0, len(split), batch):
             idx = perm[i:i + batch]
-            loss = F.cross_entropy(net(x_all[idx]), split.labels[idx])
+            with autocast():
+                loss = F.cross_entropy(net(x_all[idx]).float(), split.labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -171,7 +180,7 @@ def loop_ratio(table: SpeedTable, name: str, split: Split, batch: int, device: t
     hand_written()
     t_project, t_hand, ratio = interleaved(project, hand_written, repeats, device)
     table.add(1, f"speed of the project training loop / of a hand-written loop, {LABELS[name]}{' NHWC' if channels_last else ''}, "
-        f"{len(split):,} images, batch {batch}",
+        f"{len(split):,} images, batch {batch}, both {precision_label(precision, device)}",
         f"{t_project:.2f} s vs {t_hand:.2f} s per epoch", f"{ratio:.2f}", "≥ 0.95", ratio >= 0.95)
 
 
@@ -225,7 +234,7 @@ def step_ratio(table: SpeedTable, name: str, shape, batch: int, device: torch.de
     convolutional = name in ("resnet20", "vgg16")
     memory = f"; peak {peak_gib(search, device)} vs {peak_gib(dense, device)}" if device.type == "cuda" else ""
     table.add(2, f"CTS search step / dense training step, {LABELS[name]}{' NHWC' if channels_last else ' NCHW' if convolutional else ''} "
-        f"({d:,} logits), batch {batch}, fp32",
+        f"({d:,} logits), batch {batch}, {precision_label('fp32', device)}",
         f"{t_search / steps * 1e3:.1f} ms vs {t_dense / steps * 1e3:.1f} ms{memory}", f"{ratio:.2f}",
         "≤ 1.5 (floor ≈ 1.33)" if convolutional else "below the straightforward 2.6–2.8",
         ratio <= 1.5 if convolutional else ratio < 2.6)
@@ -238,6 +247,54 @@ def peak_gib(run, device: torch.device) -> str:
     run()
     sync(device)
     return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+
+
+# --------------------------------------------------------------------------------------------
+# 6. the ResNet-20 preset's steps as the preset runs them
+
+
+def preset_steps(table: SpeedTable, device: torch.device, images: int, batch: int, repeats: int,
+                 width: int | None = None) -> None:
+    """The training and search steps of ``cifar10_resnet20`` as its conf/ files set them (precision,
+    virtual ranks, BatchNorm options, loss, clipping, augmentation), each against the same step with
+    one rank in the default precision: what the preset's recipe costs beyond the plain step."""
+    from presets import preset
+
+    paper = preset("cifar10_resnet20")
+    options = {**paper.model_options, **({"width": width} if width else {})}
+    split = synthetic(paper.dataset, images, device)
+    as_preset = replace(paper.recipe, epochs=1, batch_size=batch, rewind_epoch=0, milestones=())
+    one_rank = replace(as_preset, virtual_ranks=1, precision="auto")
+    steps = -(-images // batch)
+
+    def fresh():
+        return build_model(paper.model, image_shape=split.info.image_shape, num_classes=split.info.num_classes,
+                           generator=torch.Generator().manual_seed(0), **options).to(device)
+
+    def training(recipe):
+        net = fresh()
+        return lambda: train(net, split, None, recipe, seed=0, stage="preset step", channels_last=True,
+                             progress=False)
+
+    theta = fresh()
+
+    def search(recipe):
+        return lambda: C.concrete_search(theta, split, density=paper.densities[3], config=replace(paper.search, epochs=1),
+                                         recipe=recipe, seed=0, channels_last=True, progress=False)
+
+    labels = {recipe: precision_label(effective_precision(recipe.precision, device), device)
+              for recipe in (as_preset, one_rank)}
+    for what, plain, preset_side in (("training", training(one_rank), training(as_preset)),
+                                     ("search", search(one_rank), search(as_preset))):
+        plain(), preset_side()  # warm-up: allocations, cuDNN's algorithm choice
+        t_plain, t_preset, ratio = interleaved(plain, preset_side, repeats, device)
+        arithmetic = (f"{labels[as_preset]}, 4 virtual ranks / one rank, {labels[one_rank]}" if what == "training"
+                      else "fp32 logits, 4 virtual ranks / one rank")
+        table.add(6, f"{what} step as the cifar10_resnet20 preset runs it / the plain step: ResNet-20"
+                     f"{f' (width {width})' if width else ''} ({', '.join(f'{k} {v}' for k, v in paper.model_options.items())}), "
+                     f"batch {batch}, {arithmetic}",
+                  f"{t_preset / steps * 1e3:.1f} ms vs {t_plain / steps * 1e3:.1f} ms per step", f"{ratio:.2f}",
+                  "report", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,8 +505,9 @@ def _overhead_pair(lines: list[str], ratios: dict[str, list[float]], walls: dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="rows 1-3 only")
-    parser.add_argument("--rows", default="1,2,3,4,5", help="which rows to measure, e.g. 4,5")
+    parser.add_argument("--quick", action="store_true",
+                        help="rows 1-3 and 6 at toy sizes: checks the script (its figures are not written)")
+    parser.add_argument("--rows", default="1,2,3,4,5,6", help="which rows to measure, e.g. 4,5")
     parser.add_argument("--mnist", type=Path, default=ROOT.parent / "shared" / "data",
                         help="folder holding MNIST/raw (row 4)")
     parser.add_argument("--device", default="auto")
@@ -457,29 +515,34 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true",
                         help="rewrite the measured rows in docs/performance.md (and row 5's overhead table)")
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    conv_batch = 512 if device.type == "cuda" else 128
+    if args.write_docs and args.quick:
+        raise SystemExit("--quick checks the script; its figures say nothing and are not written")
+    device = training_device(args.device)
+    cuda = device.type == "cuda"
+    quick = args.quick
+    conv_batch = 32 if quick else 512 if cuda else 128
+    repeats = 1 if quick else args.repeats
     print(f"hardware: {describe_hardware(device)}", flush=True)
 
-    rows = {int(r) for r in args.rows.split(",")} - ({4, 5} if args.quick else set())
+    rows = {int(r) for r in args.rows.split(",")} - ({4, 5} if quick else set())
     table = SpeedTable(device, to_docs=args.write_docs)
     if 1 in rows:
-        loop_ratio(table, "lenet_300_100", synthetic("mnist", 12_800, device), 128, device, channels_last=False,
-                   repeats=args.repeats)
-        loop_ratio(table, "resnet20", synthetic("cifar10", 2_560 if device.type == "cpu" else 25_600, device),
-                   conv_batch, device, channels_last=True, repeats=args.repeats)
+        loop_ratio(table, "lenet_300_100", synthetic("mnist", 512 if quick else 12_800, device), 128, device,
+                   channels_last=False, repeats=repeats)
+        loop_ratio(table, "resnet20", synthetic("cifar10", 128 if quick else 25_600 if cuda else 2_560, device),
+                   conv_batch, device, channels_last=True, repeats=repeats)
     if 2 in rows:
         for name, shape, batch, channels_last, steps in [
             ("resnet20", (3, 32, 32), conv_batch, True, 5),
             ("resnet20", (3, 32, 32), conv_batch, False, 5),
             ("lenet_300_100", (1, 28, 28), 128, False, 100),
             # VGG-16's 15 M weights at batch 512: minutes per row on a CPU
-            *([("vgg16", (3, 32, 32), conv_batch, True, 5)] if device.type == "cuda" else []),
+            *([("vgg16", (3, 32, 32), conv_batch, True, 5)] if cuda else []),
         ]:
-            step_ratio(table, name, shape, batch, device, channels_last=channels_last, repeats=args.repeats,
-                       steps=steps)
+            step_ratio(table, name, shape, batch, device, channels_last=channels_last, repeats=repeats,
+                       steps=1 if quick else steps)
     if 3 in rows:
-        data_path_ratio(table, device, 5_000, repeats=3)
+        data_path_ratio(table, device, 512 if quick else 5_000, repeats=repeats if quick else 3)
     if 4 in rows:
         if (args.mnist / "MNIST" / "raw").is_dir():
             cts_vs_ltr(table, args.mnist, device)
@@ -487,6 +550,9 @@ def main() -> None:
             print(f"skipping row 4: no MNIST under {args.mnist}", flush=True)
     if 5 in rows:
         kedro_overhead(table)
+    if 6 in rows:
+        preset_steps(table, device, images=128 if quick else 10_240 if cuda else 2_048,
+                     batch=64 if quick else 512, repeats=repeats, width=8 if quick else None)
 
     print(f"\nhardware: {describe_hardware(device)}; torch threads {torch.get_num_threads()}\n")
     print("| # | measurement | times | ratio | target | met |")

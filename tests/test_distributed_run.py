@@ -81,15 +81,15 @@ def test_a_node_failing_inside_its_collectives_leaves_the_followers_to_torchrun(
     from cts_pipeline.pipelines import torchrun
 
     announced = []
-    monkeypatch.setattr(torchrun, "_join", lambda: None)
+    monkeypatch.setattr(torchrun, "_join", lambda device: None)
     monkeypatch.setattr("cts_pipeline.core.device.distributed.broadcast_object", announced.append)
     inside = RuntimeError("NCCL timeout")
     torchrun.raised_in_collectives(inside)
     try:
         raise ValueError("the node failed") from inside
     except ValueError as wrapped:
-        torchrun.release(causes(wrapped))
+        torchrun.release(torch.device("cpu"), causes(wrapped))
     assert announced == []
-    torchrun.release(causes(RuntimeError("a report node failed")))
-    torchrun.release()
+    torchrun.release(torch.device("cpu"), causes(RuntimeError("a report node failed")))
+    torchrun.release(torch.device("cpu"))
     assert announced == [None, None]

@@ -85,12 +85,12 @@ def test_launching_more_nccl_processes_than_gpus_is_refused_before_any_start(one
 @pytest.fixture
 def cuda_flags(monkeypatch):
     """cuDNN and cuBLAS flags as they were, and an Ampere-or-later device as far as the policy can tell."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
-             torch.are_deterministic_algorithms_enabled())
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+             torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     yield
-    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+    (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
      torch.backends.cudnn.benchmark) = saved[:3]
     torch.use_deterministic_algorithms(saved[3])
 
@@ -99,27 +99,27 @@ def test_the_cuda_policy_is_explicit_and_named_on_the_hardware_line(cuda_flags, 
     import os
 
     from cts_pipeline.config.sections import RuntimeConfig
-    from cts_pipeline.core.device.runtime import CudaPolicy, describe_hardware
+    from cts_pipeline.core.device.runtime import CudaPolicy, describe_hardware, tf32_modes
 
     cuda = torch.device("cuda")
     RuntimeConfig().cuda_policy.apply(cuda)  # the defaults
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert tf32_modes() == (True, True)
     assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert "NVIDIA H200 (CUDA " in describe_hardware(cuda) and "TF32 on, cudnn.benchmark on)" in describe_hardware(cuda)
+    assert "NVIDIA H200 (CUDA " in describe_hardware(cuda) and "TF32 matmul on, TF32 conv on, cudnn.benchmark on)" in describe_hardware(cuda)
 
     CudaPolicy(tf32=False, deterministic=True).apply(cuda)
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
+    assert tf32_modes() == (False, False) and not torch.backends.cudnn.benchmark
     assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    assert "TF32 off, cudnn.benchmark off, deterministic" in describe_hardware(cuda)
+    assert "TF32 matmul off, TF32 conv off, cudnn.benchmark off, deterministic" in describe_hardware(cuda)
 
 
 def test_before_ampere_tf32_stays_off_and_a_cpu_run_is_left_alone(cuda_flags, monkeypatch):
-    from cts_pipeline.core.device.runtime import CudaPolicy
+    from cts_pipeline.core.device.runtime import CudaPolicy, tf32_modes
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     CudaPolicy(tf32=True).apply(torch.device("cuda"))
-    assert not torch.backends.cuda.matmul.allow_tf32
+    assert tf32_modes() == (False, False)
     torch.backends.cudnn.benchmark = False
     CudaPolicy(deterministic=True).apply(torch.device("cpu"))
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
@@ -729,7 +729,8 @@ def test_a_batched_search_that_does_not_fit_runs_one_density_at_a_time(digits_pa
 def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payloads, monkeypatch, caplog):
     """A device whose free memory holds two tickets' steps: the three tickets retrain as a stacked
     pair and then one alone, and each log says how it ran. The plan reads one ticket's probe steps
-    at 4 and 8 samples (weights 30 MiB, activations 1 MiB a sample: 94 MiB a ticket at batch 64)."""
+    at 4 and 8 samples (weights 30 MiB, activations 1 MiB a sample: 94 MiB a ticket at batch 64),
+    and its evaluation at 8 (10 KiB a sample: about 40 MiB a ticket at the evaluation batch of 1000)."""
     import logging
 
     from cts_pipeline.config.sweep import Branch
@@ -747,20 +748,21 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
     probed = []
     mib = 2**20
 
-    def fake_peak(device, step):
+    def fake_peak(device, step):  # training at 4 and 8 samples, then one evaluation of 8 (80 KiB)
         step()
         probed.append(len(probed))
-        return (30 + (4 if len(probed) == 1 else 8)) * mib
+        return {1: 34 * mib, 2: 38 * mib, 3: 80 * 2**10}[len(probed)]
 
     monkeypatch.setattr(memory, "free_bytes", lambda device: 240 * mib)  # 0.8 × 240 = 192 MiB: two tickets
     monkeypatch.setattr(memory, "peak_bytes", fake_peak)
     with caplog.at_level(logging.INFO, logger="cts_pipeline"):
         out = nodes.retrain_tickets(theta, train, test, model, recipe, runtime, *payloads, *group)
-    assert len(probed) == 2
+    assert len(probed) == 3
     assert "the 3 rows run in groups of 2" in caplog.text
     logs = [out[f"{b.namespace}.retrain_log"] for b in group]
     assert [log.get("retrain_path", "single") for log in logs] == ["stacked x2", "stacked x2", "single"]
     assert memory.rows_to_fit(30 * mib, mib, 64, 240 * mib) == 2
+    monkeypatch.undo()
     assert memory.plan_rows(torch.device("cpu"), 3, 64, lambda n: None, "s") == 3  # nothing to plan on a CPU
 
 
@@ -1014,8 +1016,9 @@ def test_gpu_sh_parts_load_on_the_gpu_machines_stack_and_fit_one_device_call():
              if line.startswith("part ")]
     assert [p[2] for p in parts] == ["speed", "batched", "grid_epochs", "resnet50"]
     assert sum(int(p[1]) for p in parts) <= 540, "the parts must end inside one 560 s device call"
-    assert all(p[3] == "$PYTHON" and p[5:].count("--write-docs") == 1 for p in parts), "each part writes its table"
-    scripts = [(p[4], p[5:]) for p in parts]
+    assert all(p[3] == "$PYTHON" and p[5:].count("$WRITE") == 1 for p in parts), "each part writes its table"
+    as_on_the_gpu = {"$DEVICE": "cuda", "$WRITE": "--write-docs"}  # gpu.sh without arguments
+    scripts = [(p[4], [as_on_the_gpu.get(flag, flag) for flag in p[5:]]) for p in parts]
     code = f"MISSING = {MISSING_ON_THE_GPU_MACHINE!r}\n" + _PARSE_ONLY
     done = subprocess.run([sys.executable, "-c", code, json.dumps(scripts)], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": "src"})
@@ -1147,7 +1150,7 @@ def test_the_gpu_batched_part_measures_resnet20_before_the_small_networks(monkey
         ("search", "convnet"), ("search", "lenet_300_100"), ("retraining", "convnet"), ("retraining", "lenet_300_100")]
 
 
-@pytest.mark.parametrize("script", ["grid_epochs.py", "resnet50_throughput.py"])
+@pytest.mark.parametrize("script", ["speed.py", "batched.py", "grid_epochs.py", "resnet50_throughput.py"])
 def test_quick_figures_are_refused_for_the_docs_in_one_line_before_anything_is_measured(script):
     """``--quick`` checks a script; its figures say nothing. Asked to write them into the docs, the
     script says so in one line and exits 1 before it measures, and the docs are untouched."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from .core.cts import SearchConfig, concrete_search
 from .core.data.user_data import LoaderSplit, inputs_info, is_streamable, tensor_split
+from .core.device.runtime import CudaPolicy
 from .core.nets.masks import global_topk_mask, layer_report, prunable_parameters
 from .core.prune.tickets import prune_with_mask
 from .core.train.loop import TrainResult
@@ -84,6 +85,7 @@ class Ticket:
                              "mask (give the network the ticket was found on, not one pruned by ticket.apply)")
         recipe = recipe if recipe is not None else RETRAIN_DEFAULTS
         device = next(model.parameters()).device
+        CudaPolicy().apply(device)  # TF32 and cuDNN's autotuner as the pipeline trains
         train_split, batch_size = _user_split(model, data, labels, device)
         test_split = None
         if test is not None:
@@ -267,6 +269,7 @@ def find_ticket(
     if not every_layer:
         raise ValueError(f"find_ticket: model ({type(model).__name__}) has no Conv2d or Linear layer to prune")
     device = next(model.parameters()).device
+    CudaPolicy().apply(device)  # TF32 and cuDNN's autotuner as the pipeline searches
     # Inputs are taken as they are, whatever their shape ([N, features], sequences, images).
     split, loader_batch = _user_split(model, data, labels, device)
     config = SearchConfig(objective=objective, epochs=epochs, lr=lr)

@@ -143,7 +143,8 @@ def _run(verbose: bool, **kwargs):
             exit_with(CONFIGURATION_EXIT)
         if torchrun.is_follower():  # runs what rank 0 announces; rank 0 alone opens the Kedro session
             try:
-                torchrun.follow()
+                torchrun.follow(torchrun.run_device(kwargs.get("env"), kwargs.get("conf_source"),
+                                                    kwargs.get("params")))
             except Exception as error:
                 if verbose:
                     raise
@@ -186,7 +187,11 @@ def _run(verbose: bool, **kwargs):
         exit_with(code)
     finally:
         if under_torchrun():
-            torchrun.release(causes(ended_by))
+            try:
+                device = torchrun.run_device(kwargs.get("env"), kwargs.get("conf_source"), kwargs.get("params"))
+            except Exception:  # the error that ended the run has been said; the followers stopped on it too
+                device = None
+            torchrun.release(device, causes(ended_by))
     exit_with(0)
 
 

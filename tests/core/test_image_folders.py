@@ -277,3 +277,69 @@ def test_tiny_imagenet_is_evaluated_whole_and_takes_the_authors_crop():
     assert crop.scale == (0.6, 1.0) and crop.ratio == (0.8, 1.25) and crop.size == (64, 64)
     imagenet_eval = transforms_for("imagenet", "eval").transforms
     assert next(t for t in imagenet_eval if type(t) is v2.Resize).size == [256]
+
+
+def test_loader_workers_and_prefetch_are_cut_to_fit_the_shared_memory(tmp_path, monkeypatch, caplog):
+    """A container's /dev/shm (64 MB by default) cannot hold 15 workers × 4 batches of ImageNet
+    images: the workers die with a bus error. The loader takes as many batches in flight as fit a
+    third of the free space (a run keeps three loaders), says so in one line, and reads the same
+    epoch."""
+    from cts_pipeline.core.data import shared_memory
+
+    tiny_imagenet(tmp_path, per_class=4, noise=60)
+    train, _ = load_splits("tiny_imagenet", tmp_path)
+    expected = epoch(train.with_workers(0), 0, 3)
+    batch_bytes = 4 * (3 * 64 * 64 + 8)
+    monkeypatch.setattr(shared_memory, "free_shared_memory", lambda path=None: 3 * 5 * batch_bytes)  # 5 batches each
+    tight = train.with_workers(2)
+    with caplog.at_level("WARNING"):
+        batches = epoch(tight, 0, 3)
+    (loader,) = tight._loaders.values()
+    assert (loader.num_workers, loader.prefetch_factor) == (2, 2)
+    (line,) = [r.getMessage() for r in caplog.records if r.name.endswith("shared_memory")]
+    assert line.startswith("tiny_imagenet train training loader: 2 workers x 4 batches of ")
+    assert "do not fit a third of the 1 MB free in /dev/shm" in line and "using 2 workers x 2 batches" in line
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, expected, strict=True))
+    monkeypatch.setattr(shared_memory, "free_shared_memory", lambda path=None: batch_bytes)  # not one batch
+    none_fit = train.with_workers(2)
+    epoch(none_fit, 0, 3)
+    assert next(iter(none_fit._loaders.values())).num_workers == 0
+
+
+def test_a_loader_that_fits_the_shared_memory_is_left_as_asked():
+    from cts_pipeline.core.data.shared_memory import LoaderPlan, fit_loader
+
+    assert fit_loader(15, 4, 2**20, what="x", free=2**30) == LoaderPlan(15, 4)
+    assert fit_loader(15, 4, 150 * 2**20, what="x", free=64 * 2**20) == LoaderPlan(0, 4)
+
+
+def test_taking_images_decodes_them_in_the_loaders_workers(tmp_path, monkeypatch):
+    """``take`` (the batched-search probe's 1024 images, SNIP's and GraSP's batches) read JPEGs one
+    by one in the main process; it now reads them through the loader's workers, as the epochs do,
+    with the same images in the same order."""
+    import os
+
+    from cts_pipeline.core.data import image_folders
+
+    tiny_imagenet(tmp_path, per_class=4, noise=60)
+    train, _ = load_splits("tiny_imagenet", tmp_path)
+    pids = tmp_path / "decoded-in"
+    original = image_folders.transforms_for
+
+    def noting_the_process(*args, **kwargs):
+        transform = original(*args, **kwargs)
+
+        def decode(image):
+            with open(pids, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            return transform(image)
+
+        return decode
+
+    index = torch.tensor([5, 0, 7, 2])
+    in_process = train.with_workers(0).take(index)
+    monkeypatch.setattr(image_folders, "transforms_for", noting_the_process)
+    with_workers = train.with_workers(2).take(index)
+    assert torch.equal(in_process, with_workers)
+    decoded_in = set(pids.read_text().split())
+    assert len(pids.read_text().split()) == 4 and str(os.getpid()) not in decoded_in

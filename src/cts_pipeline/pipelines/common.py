@@ -23,7 +23,7 @@ from ..config.sections import ModelConfig, RuntimeConfig
 from ..core.artifacts.checkpoints import Checkpoint, PendingRemovals
 from ..core.data.registry import get_dataset_info
 from ..core.data.splits import Split
-from ..core.device.runtime import channels_last_hazard, generator, resolve_device
+from ..core.device.runtime import channels_last_hazard, generator, resolve_device, training_device
 from ..core.train.memory import release_cached_memory
 
 # Nodes that compute on the run's device; a distributed runner gives each one GPU
@@ -58,7 +58,8 @@ def distributable(node_fn):
         if under_torchrun():  # torchrun's processes, not ours (cts_pipeline.torchrun): rank 0 leads
             from . import torchrun
 
-            torchrun.lead(node_fn.__module__, node_fn.__qualname__, args)
+            torchrun.lead(node_fn.__module__, node_fn.__qualname__, args,
+                          resolve_device(runtime.device if runtime is not None else "auto"))
             try:
                 return node_fn(*args)
             except BaseException as error:
@@ -113,9 +114,7 @@ def device_for(runtime: RuntimeConfig) -> torch.device:
     determinism) ``runtime`` asks for."""
     if runtime.num_threads is not None:
         torch.set_num_threads(runtime.num_threads)
-    device = resolve_device(runtime.device)
-    runtime.cuda_policy.apply(device)
-    return device
+    return training_device(runtime.device, runtime.cuda_policy)
 
 
 def split_to_payload(split) -> dict:

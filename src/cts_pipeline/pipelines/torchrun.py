@@ -22,6 +22,8 @@ import logging
 import os
 from collections.abc import Iterable
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 # Set on an error raised while rank 0 led a node: the followers are then inside its collectives.
@@ -35,17 +37,29 @@ def is_follower() -> bool:
     return under_torchrun() and int(os.environ["RANK"]) != 0
 
 
-def _join() -> None:
+def run_device(env: str | None, conf_source: str | None, params: dict | None) -> torch.device:
+    """The run's ``runtime.device``, as every rank reads it from the same configuration (torchrun
+    starts the same command line on each): the process group's backend follows it, so
+    ``device: cpu`` on a GPU machine joins with gloo, not NCCL."""
+    from ..config import active as active_config
+    from ..core.device.runtime import resolve_device
+
+    parameters = active_config.parameters(active_config.project_config_loader(env, conf_source, params))
+    return resolve_device((parameters.get("runtime") or {}).get("device", "auto"))
+
+
+def _join(device: torch.device) -> None:
     from ..core.device.distributed import join_torchrun_group
 
-    join_torchrun_group()
+    join_torchrun_group(device)
 
 
-def lead(module: str, name: str, args: tuple) -> None:
-    """Rank 0: have every follower run node ``module.name`` on ``args`` with this rank."""
+def lead(module: str, name: str, args: tuple, device: torch.device) -> None:
+    """Rank 0: have every follower run node ``module.name`` on ``args`` with this rank, in a group
+    for the run's ``device``."""
     from ..core.device.distributed import broadcast_object
 
-    _join()
+    _join(device)
     broadcast_object((module, name, args))
 
 
@@ -57,19 +71,19 @@ def raised_in_collectives(error: BaseException) -> None:
         pass
 
 
-def release(ended_by: Iterable[BaseException] = ()) -> None:
+def release(device: torch.device | None, ended_by: Iterable[BaseException] = ()) -> None:
     """Rank 0, at the end of its run (``ended_by``: the error that ended it and its causes, if
     any): let the followers exit. Skipped when a node failed in the middle of its collectives
     (the followers are inside one): torchrun then stops every rank."""
     from ..core.device.distributed import broadcast_object
 
-    if any(getattr(error, IN_COLLECTIVES, False) for error in ended_by):
-        return
-    _join()
+    if device is None or any(getattr(error, IN_COLLECTIVES, False) for error in ended_by):
+        return  # (no device: the configuration is unreadable, and the followers stopped on it too)
+    _join(device)
     broadcast_object(None)
 
 
-def follow() -> None:
+def follow(device: torch.device) -> None:
     """A follower's whole run: join the group, then run each node rank 0 announces, until it
     announces the end."""
     from ..core.artifacts.checkpoints import PendingRemovals
@@ -77,7 +91,7 @@ def follow() -> None:
 
     project = logging.getLogger("cts_pipeline")
     project.setLevel(logging.WARNING)  # rank 0 reports; a follower only its own problems
-    _join()
+    _join(device)
     while (call := broadcast_object(None)) is not None:
         module, name, args = call
         pending = PendingRemovals.start()  # rank 0's Kedro removes them once it has saved the outputs

@@ -107,8 +107,10 @@ class GradBalance:
     def state_dict(self) -> dict:
         return {"multiplier": self.multiplier}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.multiplier = state["multiplier"]
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """``device``: where the search runs (a checkpoint is read to the CPU, and a CPU ``[K, 1]``
+        multiplier beside CUDA logits would fail the next step)."""
+        self.multiplier = _on(state["multiplier"], device)
 
 
 class Lagrangian:
@@ -147,8 +149,13 @@ class Lagrangian:
     def state_dict(self) -> dict:
         return {"multiplier": self.multiplier, "lr": self.lr}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.multiplier, self.lr = state["multiplier"], state["lr"]
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """``device`` as for :meth:`GradBalance.load_state_dict`."""
+        self.multiplier, self.lr = _on(state["multiplier"], device), state["lr"]
+
+
+def _on(value: torch.Tensor | None, device: torch.device | str | None) -> torch.Tensor | None:
+    return value if value is None or device is None else value.to(device)
 
 
 def make_balancer(name: str, density: float | Sequence[float], num_weights: int,

@@ -404,7 +404,7 @@ class _SearchRun:
         with torch.no_grad():
             self.relaxation.logits.copy_(saved["logits"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.balancer.load_state_dict(saved["balancer"])
+        self.balancer.load_state_dict(saved["balancer"], device=self.relaxation.logits.device)
         self.expected_trace[: saved["expected_trace"].shape[0]] = saved["expected_trace"].to(self.expected_trace.device)
         self.histories[:] = [list(h) for h in saved["history"]] if self.batched else [list(saved["history"])]
         return True

@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ..device.distributed import rank_and_world
 from ..device.virtual_ranks import padded_order, padded_size
 from .registry import DataFileError, DatasetInfo, DatasetNotFoundError
+from .shared_memory import fit_loader
 from .transforms import normalize
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Batches each loader worker keeps ready (torch's default is 2): a GPU step on a bf16 ResNet-50
 # takes less than one worker's decoding of a batch, so a deeper queue rides out slow JPEGs.
 PREFETCH_BATCHES = 4
+TAKE_BATCH = 64  # images per worker batch when a few hundred are taken at once (StreamedSplit.take)
 
 
 @dataclass(frozen=True)
@@ -343,24 +345,21 @@ class StreamedSplit:
         (evaluation) read every image on every rank. ``parts``: the ranks a global batch is dealt
         to; the epoch is padded for them (:class:`_SeededOrder`)."""
         rank, world = rank_and_world() if shuffle else (0, 1)
-        workers = self.workers
-        if workers and multiprocessing.current_process().daemon:
-            # A daemonic process may not start children (a Dask worker started with its default
-            # distributed.worker.daemon: true): read in this process rather than fail.
-            logger.warning("%s: this process is daemonic and cannot start DataLoader workers; reading the "
-                           "images in the process itself (start Dask workers with "
-                           "DASK_DISTRIBUTED__WORKER__DAEMON=False to use runtime.data_workers)", self.info.name)
-            workers = self.workers = 0
+        workers = self._usable_workers()
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} does not split over {world} processes; make it a multiple")
         key = (augment, batch_size, shuffle, drop_last, world, parts)
         if key not in self._loaders:
             order = _SeededOrder(len(self), shuffle=shuffle, rank=rank, world=world, parts=parts)
             samples = _SeededSamples(self.dataset("train" if augment else "eval"), self.indices)
+            # Workers hand batches over through /dev/shm: as many in flight as fit it (shared_memory.py).
+            batch_bytes = batch_size // world * (math.prod(self.info.image_shape) + 8)  # uint8 pixels, int64 label
+            plan = fit_loader(workers, PREFETCH_BATCHES, batch_bytes,
+                              what=f"{self.info.name} {self.split} {'training' if augment else 'reading'} loader")
             self._loaders[key] = DataLoader(
-                samples, batch_size=batch_size // world, sampler=order, num_workers=workers,
-                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last,
-                prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
+                samples, batch_size=batch_size // world, sampler=order, num_workers=plan.workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=plan.workers > 0, drop_last=drop_last,
+                prefetch_factor=plan.prefetch if plan.workers > 0 else None)
         loader = self._loaders[key]
         if shuffle:
             gen_device = generator.device if generator is not None else "cpu"
@@ -369,10 +368,27 @@ class StreamedSplit:
             yield normalize(x.to(self.device, non_blocking=True), self.info), y.to(self.device, non_blocking=True)
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
-        """The images at ``index`` (evaluation transforms) as one normalised batch on :attr:`device`."""
-        dataset = self.dataset("eval")
-        images = [dataset[self.indices[i] if self.indices is not None else i][0] for i in index.tolist()]
-        return normalize(torch.stack(images).to(self.device), self.info)
+        """The images at ``index`` (evaluation transforms) as one normalised batch on :attr:`device`,
+        decoded by the loader's workers (the batched-search probe's 1024 images, SNIP's and GraSP's
+        class-balanced batches: serially in this process, seconds of JPEG decoding per call)."""
+        chosen = [self.indices[i] if self.indices is not None else i for i in index.tolist()]
+        pieces = math.ceil(len(chosen) / TAKE_BATCH)
+        plan = fit_loader(min(self._usable_workers(), pieces), PREFETCH_BATCHES,
+                          TAKE_BATCH * (math.prod(self.info.image_shape) + 8), what=f"{self.info.name} {self.split} take")
+        loader = DataLoader(Subset(self.dataset("eval"), chosen), batch_size=TAKE_BATCH, num_workers=plan.workers,
+                            prefetch_factor=plan.prefetch if plan.workers else None)
+        images = torch.cat([x for x, _ in loader])
+        return normalize(images.to(self.device), self.info)
+
+    def _usable_workers(self) -> int:
+        """:attr:`workers`, or 0 in a daemonic process, which may not start children (a Dask worker
+        started with its default distributed.worker.daemon: true): it reads in the process itself."""
+        if self.workers and multiprocessing.current_process().daemon:
+            logger.warning("%s: this process is daemonic and cannot start DataLoader workers; reading the "
+                           "images in the process itself (start Dask workers with "
+                           "DASK_DISTRIBUTED__WORKER__DAEMON=False to use runtime.data_workers)", self.info.name)
+            self.workers = 0
+        return self.workers
 
 
 def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: list[int] | None = None,

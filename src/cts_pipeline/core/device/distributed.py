@@ -75,16 +75,16 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ
 
 
-def join_torchrun_group() -> None:
-    """Join the process group ``torchrun`` set up the environment for (once): NCCL on CUDA with
-    this process's GPU (``LOCAL_RANK``), gloo on a CPU."""
+def join_torchrun_group(device: torch.device) -> None:
+    """Join the process group ``torchrun`` set up the environment for (once), with the backend of
+    the run's ``device`` (:func:`backend_for`): NCCL with this process's GPU (``LOCAL_RANK``) for
+    CUDA, gloo for a CPU run, on a GPU machine too."""
     if dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    backend = backend_for(device)
+    if backend == "nccl":
         torch.cuda.set_device(own_gpu(int(os.environ["LOCAL_RANK"]), "torchrun's --nproc-per-node"))
-        dist.init_process_group(backend="nccl")
-    else:
-        dist.init_process_group(backend="gloo")
+    dist.init_process_group(backend=backend)
 
 
 def check_one_gpu_each(nproc: int, named: str = "runtime.distributed.nproc") -> None:

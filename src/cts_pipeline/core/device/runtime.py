@@ -78,18 +78,69 @@ class CudaPolicy:
         if device.type != "cuda":
             return
         ampere = torch.cuda.get_device_capability(device)[0] >= 8
-        torch.backends.cuda.matmul.allow_tf32 = self.tf32 and ampere
-        torch.backends.cudnn.allow_tf32 = self.tf32 and ampere
+        set_tf32(self.tf32 and ampere)
         torch.backends.cudnn.benchmark = self.benchmark
         if self.deterministic:
             # cuBLAS needs a fixed workspace to be deterministic; read when cuBLAS starts.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(self.deterministic)
 
-    def describe(self) -> str:
-        tf32 = "on" if torch.backends.cuda.matmul.allow_tf32 else "off"
-        return (f"TF32 {tf32}, cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}"
+    @staticmethod
+    def describe() -> str:
+        """The flags as torch holds them now (whoever set them): matmuls and convolutions apart,
+        since cuDNN's convolutions default to TF32 where cuBLAS's matmuls do not."""
+        matmul, conv = tf32_modes()
+        return (f"TF32 matmul {'on' if matmul else 'off'}, TF32 conv {'on' if conv else 'off'}, "
+                f"cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}"
                 f"{', deterministic' if torch.are_deterministic_algorithms_enabled() else ''}")
+
+
+# torch 2.9 replaced ``allow_tf32`` with ``fp32_precision`` per backend and refuses to read a flag
+# through one API once the other has set it, so both directions go through these two functions.
+_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def set_tf32(on: bool) -> None:
+    """TF32 for fp32 matmuls (cuBLAS) and convolutions (cuDNN), on or off together."""
+    if _NEW_TF32_API:
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
+def tf32_modes() -> tuple[bool, bool]:
+    """Whether fp32 matmuls and fp32 convolutions run in TF32 now, as (matmul, conv)."""
+    if not _NEW_TF32_API:
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def resolved(*levels: str) -> bool:  # "none" inherits from the level above; at the top, IEEE
+        return next((level for level in levels if level != "none"), "ieee") == "tf32"
+
+    return (resolved(torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision),
+            resolved(torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision,
+                     torch.backends.fp32_precision))
+
+
+def precision_label(precision: str, device: torch.device) -> str:
+    """What a table calls a step's arithmetic: fp32 on CUDA names what TF32 does to it now (the
+    convolutions may run in TF32 while the matmuls do not)."""
+    if precision != "fp32" or device.type != "cuda":
+        return precision
+    matmul, conv = tf32_modes()
+    if matmul == conv:
+        return "fp32 (TF32 on)" if matmul else "fp32 (IEEE, TF32 off)"
+    return f"fp32 (TF32 {'matmuls' if matmul else 'convolutions'} only)"
+
+
+def training_device(choice: str = "auto", policy: CudaPolicy | None = None) -> torch.device:
+    """The device a run trains on, with its CUDA policy applied (the project's defaults when
+    ``policy`` is None): what the pipeline, ``find_ticket`` and every benchmark start from, so a
+    timing measures the configuration the pipeline runs."""
+    device = resolve_device(choice)
+    (policy or CudaPolicy()).apply(device)
+    return device
 
 
 def synchronize(device: torch.device) -> None:

@@ -82,18 +82,30 @@ class RowScaler:
         return finite
 
     @torch.no_grad()
-    def step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], finite: torch.Tensor) -> None:
-        """``optimizer.step()`` for the tickets whose gradients are finite: the others' weights and
-        momentum are put back. A momentum buffer the step created is zero for them, which is what an
-        absent buffer means to SGD (without dampening, its first update is the gradient itself)."""
-        before = [(p.detach().clone(), _momentum(optimizer, p)) for p in params]
-        optimizer.step()
-        for p, (weights, momentum) in zip(params, before, strict=True):
+    def step(self, optimizer: torch.optim.SGD, params: Sequence[torch.Tensor], finite: torch.Tensor) -> None:
+        """``optimizer``'s SGD step for the tickets whose gradients are finite; the others' weights
+        and momentum stay as they were. SGD's update is written out here, parameter by parameter,
+        with each row switched on or off, rather than run whole and undone: undoing needs a copy of
+        every stacked weight and momentum buffer per step (twice the tickets' state in memory). A
+        buffer absent before the first step is made zero, which is what SGD's first step means
+        (``buf = d_p`` without dampening)."""
+        group = optimizer.param_groups[0]
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+        if group["dampening"]:
+            raise ValueError("RowScaler.step: SGD with dampening is not supported (the recipe has none)")
+        for p in params:
+            if p.grad is None:
+                continue
             keep = _per_row(finite, p)
-            p.copy_(torch.where(keep, p, weights))
-            buffer = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buffer is not None:
-                buffer.copy_(torch.where(keep, buffer, momentum if momentum is not None else torch.zeros_like(buffer)))
+            d_p = p.grad.add(p, alpha=decay) if decay else p.grad
+            if momentum:
+                state = optimizer.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(p)
+                buf.copy_(torch.where(keep, buf * momentum + d_p, buf))
+                d_p = d_p.add(buf, alpha=momentum) if group["nesterov"] else buf
+            p.sub_(torch.where(keep, d_p, 0.0), alpha=lr)  # skipped rows: p − lr·0 = p exactly
 
     @torch.no_grad()
     def update(self, finite: torch.Tensor) -> None:
@@ -115,11 +127,6 @@ class RowScaler:
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``[K]`` values shaped to broadcast over a ``[K, ...]`` tensor."""
     return values.view(-1, *[1] * (like.dim() - 1))
-
-
-def _momentum(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
-    buffer = optimizer.state.get(p, {}).get("momentum_buffer")
-    return None if buffer is None else buffer.clone()
 
 
 class StackedTickets:
@@ -151,13 +158,17 @@ class StackedTickets:
 
 @torch.inference_mode()
 def evaluate_stacked(tickets: StackedTickets, split: Split, batch_size: int, *,
-                     channels_last: bool = False) -> list[dict[str, float]]:
-    """Accuracy (%) and mean cross-entropy of each ticket on ``split`` (BatchNorm running statistics)."""
+                     channels_last: bool = False, precision: str = "fp32") -> list[dict[str, float]]:
+    """Accuracy (%) and mean cross-entropy of each ticket on ``split`` (BatchNorm running statistics),
+    under the autocast of ``precision`` as :func:`.loop.evaluate`."""
     device = split.device
+    autocast = autocast_for(precision, device)
     correct = torch.zeros(tickets.rows, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(tickets.rows, dtype=torch.float64, device=device)
     for x, y in iterate_batches(split, batch_size, shuffle=False):
-        logits = tickets.logits(to_layout(x, channels_last), training=False).float()
+        with autocast():
+            logits = tickets.logits(to_layout(x, channels_last), training=False)
+        logits = logits.float()
         loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(tickets.rows, -1), reduction="none").sum(1)
         correct += (logits.argmax(2) == y).sum(1)
     n = len(split)
@@ -219,6 +230,7 @@ class _StackedRun:
     recipe: TrainRecipe
     optimizer: torch.optim.SGD
     scaler: RowScaler | None
+    precision: str  # the effective one: what steps and evaluations run in
     autocast: Callable[[], contextlib.AbstractContextManager]
     channels_last: bool
     results: list[TrainResult]
@@ -235,7 +247,7 @@ class _StackedRun:
                                     momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                                     nesterov=recipe.nesterov)
         return cls(tickets=tickets, keep=keep, train_split=train_split, recipe=recipe, optimizer=optimizer,
-                   scaler=RowScaler(rows, device) if precision == "fp16" else None,
+                   scaler=RowScaler(rows, device) if precision == "fp16" else None, precision=precision,
                    autocast=autocast_for(precision, device), channels_last=channels_last,
                    results=[TrainResult() for _ in range(rows)])
 
@@ -275,8 +287,8 @@ class _StackedRun:
 
     @torch.no_grad()
     def zero_pruned(self) -> None:
-        for n, k in self.keep.items():
-            self.tickets.params[n].mul_(k)
+        """Pruned weights back to zero: one fused multiply over every layer (torch._foreach_mul_)."""
+        torch._foreach_mul_([self.tickets.params[n] for n in self.keep], list(self.keep.values()))
 
     def train_epoch(self, epoch: int, seed: int, stage: str) -> tuple[list[float], list[float]]:
         """One epoch of stacked steps: each ticket's per-sample training loss and accuracy (%)."""
@@ -305,8 +317,10 @@ class _StackedRun:
         params, scaler = self.params, self.scaler
         with self.autocast():
             logits = self.tickets.logits(to_layout(x, self.channels_last), training=True)
-            losses = torch.stack([F.cross_entropy(logits[k].float(), y, reduction=self.recipe.loss_reduction)
-                                  for k in range(self.rows)])
+            # One cross-entropy over the K·B rows, then each ticket's mean (or sum) of its B.
+            per_sample = F.cross_entropy(logits.float().flatten(0, 1), y.repeat(self.rows), reduction="none")
+            per_sample = per_sample.view(self.rows, -1)
+            losses = per_sample.mean(1) if self.recipe.loss_reduction == "mean" else per_sample.sum(1)
         self.optimizer.zero_grad(set_to_none=True)
         # Rows share nothing: each ticket gets its own loss's gradient (under fp16, scaled by its own scale).
         (losses if scaler is None else scaler.scaled(losses)).sum().backward()
@@ -325,7 +339,7 @@ class _StackedRun:
         """Each ticket's test loss and accuracy, with its share of the evaluation's wall-clock."""
         started = time.perf_counter()
         tests = evaluate_stacked(self.tickets, test_split, self.recipe.eval_batch_size,
-                                 channels_last=self.channels_last)
+                                 channels_last=self.channels_last, precision=self.precision)
         share = (time.perf_counter() - started) / self.rows
         return [{"test_loss": t["loss"], "test_accuracy": t["accuracy"], "eval_seconds": share} for t in tests]
 
@@ -352,6 +366,17 @@ def probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor], train_split: 
     probe = dataclasses.replace(recipe, epochs=1, batch_size=samples, warmup_epochs=0, milestones=[])
     train_tickets(model, [mask], train_split.subset(samples), None, probe, seed=seed, stage="memory probe",
                   progress=False, channels_last=channels_last)
+
+
+def eval_probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor], test_split: Split, samples: int, *,
+                    channels_last: bool = False) -> None:
+    """One stacked evaluation of a single ticket on ``samples`` test samples: what
+    :func:`.memory.plan_rows` measures so that the tickets' test evaluation fits as well."""
+    tickets = StackedTickets(model, 1)
+    with torch.no_grad():
+        for n, keep in mask.items():
+            tickets.params[n].mul_(keep.to(tickets.params[n].device, tickets.params[n].dtype))
+    evaluate_stacked(tickets, test_split.subset(samples), samples, channels_last=channels_last)
 
 
 def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.Tensor]], train_split: Split,

@@ -34,23 +34,40 @@ PROBE_SAMPLES = 8  # the probe's batch: large enough for BatchNorm's statistics,
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (CUDA), or None where there is none to plan for (the CPU)."""
+    """Memory a step may still take on ``device`` (CUDA), or None where there is none to plan for
+    (the CPU): what the driver reports free plus what PyTorch's allocator holds cached but
+    unallocated (the driver counts those blocks as used; the allocator hands them out first)."""
     if device.type != "cuda":
         return None
     free, _total = torch.cuda.mem_get_info(device)
-    return int(free)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(0, int(cached))
 
 
 def peak_bytes(device: torch.device, step: Callable[[], object]) -> int | None:
-    """The most memory ``step()`` holds at once above what was allocated before it (CUDA), or None."""
+    """The most memory ``step()`` holds at once above what was allocated before it (CUDA), or None.
+    The step runs once unmeasured first: a cold call includes cuDNN's autotuning workspaces, which
+    scaled by batch / probe would overstate every later step many times over."""
     if device.type != "cuda":
         return None
+    step()
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
     torch.cuda.synchronize(device)
     return max(0, torch.cuda.max_memory_allocated(device) - before)
+
+
+def _probed_peak(device: torch.device, step: Callable[[], object]) -> int | None:
+    """:func:`peak_bytes` of a probe, or None where even the probe ran out of device memory (its
+    cached blocks then handed back)."""
+    try:
+        return peak_bytes(device, step)
+    except torch.OutOfMemoryError:
+        pass
+    release_cached_memory()  # past the except clause, whose traceback held the probe's tensors
+    return None
 
 
 def micro_batches_to_fit(bytes_per_sample: float, batch: int, free: int, share: float = DEVICE_MEMORY_SHARE,
@@ -71,12 +88,8 @@ def plan_micro_batches(device: torch.device, batch: int, probe: Callable[[int], 
     samples = min(PROBE_SAMPLES, batch)
     if free is None or samples >= batch:
         return 1
-    try:
-        used = peak_bytes(device, lambda: probe(samples))
-    except torch.OutOfMemoryError:
-        used = None
-    if used is None:  # (past the except clause, whose traceback held the probe's tensors)
-        release_cached_memory()
+    used = _probed_peak(device, lambda: probe(samples))
+    if used is None:
         count = max(1, batch // min_samples)
         logger.warning("%s: even a probe step on %d samples ran out of device memory; the step will "
                        "split its batch as far as it can", stage, samples)
@@ -110,25 +123,37 @@ def rows_to_fit(fixed_bytes: float, bytes_per_sample: float, batch: int, free: i
     return int(share * free // per_row) if per_row > 0 else 2**31
 
 
-def plan_rows(device: torch.device, rows: int, batch: int, probe: Callable[[int], object], stage: str) -> int:
+def plan_rows(device: torch.device, rows: int, batch: int, probe: Callable[[int], object], stage: str, *,
+              eval_batch: int | None = None, eval_probe: Callable[[int], object] | None = None) -> int:
     """How many of ``rows`` stacked rows (tickets) to run at once in a step over ``batch`` samples,
     from ``probe(n)`` (one step of a single row on ``n`` samples) measured at half and all of
     :data:`PROBE_SAMPLES`: the difference gives a row's activations per sample, the rest its
-    fixed cost, so a large model's weights are not scaled with the batch. ``rows`` on a CPU."""
+    fixed cost, so a large model's weights are not scaled with the batch. With ``eval_probe``
+    (one row's evaluation of ``n`` samples), the rows' test evaluation at ``eval_batch`` must fit
+    too. ``rows`` on a CPU."""
     free = free_bytes(device)
     if free is None or rows == 1:
         return rows
     small, large = PROBE_SAMPLES // 2, PROBE_SAMPLES
-    try:
-        at_small = peak_bytes(device, lambda: probe(small))
-        at_large = peak_bytes(device, lambda: probe(large))
-    except torch.OutOfMemoryError:
-        release_cached_memory()
+    at_small = _probed_peak(device, lambda: probe(small))
+    at_large = _probed_peak(device, lambda: probe(large)) if at_small is not None else None
+    if at_large is None:
         logger.warning("%s: even one row's probe step ran out of device memory; one row at a time", stage)
         return 1
-    per_sample = max(0.0, (at_large - at_small) / (large - small))
+    slope = (at_large - at_small) / (large - small)
+    if slope <= 0:
+        logger.warning("%s: the probe steps at %d and %d samples took %.0f and %.0f MB, so a row's activations "
+                       "per sample could not be told from its fixed cost; planning with the larger step's "
+                       "memory per sample", stage, small, large, at_small / 2**20, at_large / 2**20)
+    per_sample = slope if slope > 0 else at_large / large
     fixed = max(0.0, at_large - per_sample * large)
     count = max(1, min(rows, rows_to_fit(fixed, per_sample, batch, free)))
+    if eval_probe is not None and eval_batch:
+        evaluating = _probed_peak(device, lambda: eval_probe(large))
+        if evaluating is None:
+            logger.warning("%s: even one row's evaluation probe ran out of device memory; one row at a time", stage)
+            return 1
+        count = max(1, min(count, rows_to_fit(fixed, evaluating / large, eval_batch, free)))
     if count < rows:
         logger.info("%s: one row's step at batch %d comes to about %.1f GiB; %d rows at once fit %.0f %% of the "
                     "%.1f GiB free, so the %d rows run in groups of %d", stage, batch,

@@ -24,9 +24,9 @@ from ...core.nets.masks import (
     thin_layers,
 )
 from ...core.prune.connectivity import effective_report
-from ...core.train.batched import probe_step, stacked_training_ratio, train_tickets
+from ...core.train.batched import eval_probe_step, probe_step, stacked_training_ratio, train_tickets
 from ...core.train.batched import supports as stacked_training_supports
-from ...core.train.loop import evaluate, state_on_cpu, train
+from ...core.train.loop import effective_precision, evaluate, state_on_cpu, train
 from ...core.train.memory import plan_rows, release_cached_memory
 from ...core.train.recipe import TrainRecipe
 from ...terminal.console import PROGRESS_LOGGER
@@ -214,7 +214,10 @@ def retrain_tickets(
     # On a GPU, as many tickets at once as fit the free memory (core/train/memory.py); all of them on a CPU.
     per_group = plan_rows(device, len(keeps), training.batch_size,
                           lambda samples: probe_step(net, keeps[0], train_split, training, samples,
-                                                     seed=first_branch.seed, channels_last=channels_last), stage)
+                                                     seed=first_branch.seed, channels_last=channels_last), stage,
+                          eval_batch=training.eval_batch_size,
+                          eval_probe=lambda samples: eval_probe_step(net, keeps[0], test_split, samples,
+                                                                     channels_last=channels_last))
     out = {}
     for start in range(0, len(branches), per_group):
         out.update(stacked(everyone[start:start + per_group]))
@@ -249,7 +252,8 @@ def evaluate_ticket(
     if any(leaked.values()):
         raise ValueError(f"{branch.namespace}: pruned weights are not zero after retraining: "
                          f"{ {n: c for n, c in leaked.items() if c} }")
-    test = evaluate(net, test_split, training.eval_batch_size, channels_last=uses_channels_last(runtime, net))
+    test = evaluate(net, test_split, training.eval_batch_size, channels_last=uses_channels_last(runtime, net),
+                    precision=effective_precision(training.precision, device))  # as the last epoch's test
     collapsed = collapsed_layers(keep)
     if collapsed:
         logger.warning("%s: layer collapse, no weight left in %s: the network is disconnected",
