@@ -65,6 +65,20 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
     assert parents[0].data.params["cts.lr"] == "0.05 (training.lr)"
     assert parents[0].data.params["cts.epochs"].endswith("(long: training.epochs = 3)")
     assert parents[0].data.params["cts.loss_scale"] == "100 (the authors' factor for kl)"
+    # No bare None anywhere a person reads parameters: what each null stands for, on the parent and
+    # the children; and floats rounded where they are shown (the metrics keep them exact).
+    for run in runs:
+        assert "None" not in run.data.params.values(), {k: v for k, v in run.data.params.items() if v == "None"}
+    assert parents[0].data.params["training.grad_clip_norm"] == "off"
+    assert parents[0].data.params["data.std"].endswith("(the dataset's)")
+    assert parents[0].data.params["runtime.num_threads"].endswith("(torch's default)")
+    searched = [c for c in children if c.data.tags["method"] == "cts_kl"]
+    assert {c.data.params["cts.lr"] for c in searched} == {"0.05 (training.lr)"}
+    assert all(c.data.params["cts.epochs"].endswith("(long: training.epochs = 3)") for c in searched)
+    assert all(len(c.data.params["sparsity"]) <= 8 for c in children if "sparsity" in c.data.params)
+    # Every run says which preset and which configuration made it, so presets never mix.
+    assert {r.data.tags["preset"] for r in runs} == {"smoke"}
+    assert len({r.data.tags["config"] for r in runs}) == 1
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     # One accuracy-versus-sparsity line per method on the parent (step: sparsity in 0.01 %).
     line = client.get_metric_history(parents[0].info.run_id, "accuracy_vs_sparsity/cts_kl")

@@ -62,10 +62,11 @@ CHILD_METRICS = (
 )
 
 
-def parent_run_params(sections: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's typed sections as the parent run's parameters, with the settings whose ``null``
-    means "derived" logged as what they resolve to, and from what (``cts.epochs: 30 (long:
-    training.epochs)``), so that a reader of the MLflow table never sees a bare ``None``."""
+def parent_run_params(sections: Mapping[str, Any]) -> dict[str, str]:
+    """The run's typed sections as the parent run's parameters (flat ``section.key`` strings), with
+    every setting whose ``null`` means "derived" or "off" logged as what it resolves to, and from
+    what (``cts.epochs: 30 (long: training.epochs = 30)``, ``data.std: (0.3081,) (the dataset's)``,
+    ``training.grad_clip_norm: off``), so a reader of the MLflow table never sees a bare ``None``."""
     out = dict(sections)
     cts, training = sections.get("cts"), sections.get("training")
     if cts is not None and training is not None:
@@ -77,7 +78,42 @@ def parent_run_params(sections: Mapping[str, Any]) -> dict[str, Any]:
         if cts.loss_scale is None:
             resolved["loss_scale"] = f"{cts.effective_loss_scale:g} (the authors' factor for {cts.objective})"
         out["cts"] = resolved
-    return out
+    flat = flatten(out)
+    for name, value in flat.items():
+        if value == "None":
+            flat[name] = _what_none_means(name, sections)
+    return flat
+
+
+def _what_none_means(name: str, sections: Mapping[str, Any]) -> str:
+    """What a ``null`` setting stands for in a run, for the parameters people read."""
+    import torch
+
+    data = sections.get("data")
+    if name in ("data.mean", "data.std") and data is not None:
+        from ..core.data.registry import get_dataset_info
+
+        statistic = getattr(get_dataset_info(data.name), name.split(".")[1])
+        return f"{tuple(round(v, 4) for v in statistic)} (the dataset's)"
+    meanings = {
+        "data.train_subset": "all", "data.test_subset": "all", "training.grad_clip_norm": "off",
+        "grid.levels": "none (grid.sparsities)", "runtime.checkpoint_dir": "none (no checkpoints)",
+        "runtime.distributed": "off (one process)",
+        "runtime.num_threads": f"{torch.get_num_threads()} (torch's default)",
+    }
+    if name == "runtime.data_workers":
+        from ..pipelines.common import default_data_workers
+
+        runtime = sections.get("runtime")
+        processes = runtime.distributed.nproc if runtime is not None and runtime.distributed else 1
+        return f"{default_data_workers(processes)} (the CPUs less one per process)"
+    return meanings.get(name, "default")
+
+
+def rounded(value: Any) -> str:
+    """A parameter or tag as a person reads it: floats to 6 significant digits (the metrics keep
+    the exact values)."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -129,7 +165,8 @@ class RunTracker:
     """The parent run of one pipeline run and the child runs logged under it."""
 
     def __init__(self, client, experiment_id: str, parent_run_id: str, started_at: float,
-                 sparsities: Sequence[float] = ()):
+                 sparsities: Sequence[float] = (), parent_params: Mapping[str, str] | None = None,
+                 child_tags: Mapping[str, str] | None = None):
         self.client = client
         self.sparsities = list(sparsities)  # the sweep's, ascending: the children's tie-break
         self.experiment_id = experiment_id
@@ -139,11 +176,14 @@ class RunTracker:
         self.reports: set[str] = set()
         self.tickets: set[str] = set()
         self.monitor = None  # MLflow's system-metrics sampler for the parent run
+        # What a child's derived (null) setting resolved to: the parent's parameter of that name.
+        self.parent_params = dict(parent_params or {})
+        self.child_tags = dict(child_tags or {})  # on every child too: the preset, the configuration
 
     @classmethod
     def start(cls, settings: TrackingSettings, project_path: Path, run_name: str,
-              params: Mapping[str, Any], tags: Mapping[str, str], started_at: float | None = None,
-              sparsities: Sequence[float] = ()) -> RunTracker:
+              params: Mapping[str, str], tags: Mapping[str, str], started_at: float | None = None,
+              sparsities: Sequence[float] = (), child_tags: Mapping[str, str] | None = None) -> RunTracker:
         """The parent run, opened now; ``started_at`` is when the ``kedro run`` began (the run is
         opened in a writer thread while the first nodes already run, and a branch that started
         before it was opened still belongs to it)."""
@@ -167,11 +207,12 @@ class RunTracker:
             # on its GenAI overview unless the URL says ?workflowType=machine_learning: see ui_link.)
             client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
             started_at = time.time() if started_at is None else started_at
-            run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags), start_time=_ms(started_at))
+            run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **(child_tags or {})},
+                                    start_time=_ms(started_at))
         except Exception as exc:
             raise TrackingUnavailable(f"the MLflow store {uri} refused the run ({first_line(exc)})") from exc
-        tracker = cls(client, experiment_id, run.info.run_id, started_at, sparsities)
-        tracker._log_params(run.info.run_id, flatten(params))
+        tracker = cls(client, experiment_id, run.info.run_id, started_at, sparsities, params, child_tags)
+        tracker._log_params(run.info.run_id, params)
         if settings.system_metrics:
             tracker._start_monitor(uri)
         logger.info("MLflow: run %s in experiment %r at %s", run.info.run_id, settings.experiment_name, uri)
@@ -206,7 +247,7 @@ class RunTracker:
             return self.children[dataset_name]
         namespace = metrics.get("namespace") or f"{metrics['method']}.seed{metrics['seed']}"
         # method, sparsity and seed as tags too: the UI's "group by" and compare view take tags.
-        tags = {"mlflow.parentRunId": self.parent_run_id, "method": str(metrics["method"]),
+        tags = {**self.child_tags, "mlflow.parentRunId": self.parent_run_id, "method": str(metrics["method"]),
                 "sparsity": f"{float(metrics.get('sparsity') or 0.0):.4f}", "seed": str(metrics.get("seed")),
                 "namespace": namespace}
         if metrics.get("collapsed_layers"):
@@ -220,9 +261,10 @@ class RunTracker:
             tags["computed_in_an_earlier_run"] = "true"  # found in the catalog, not recomputed
         run_id = self.client.create_run(self.experiment_id, run_name=child_run_name(metrics), tags=tags,
                                         start_time=self._child_start_ms(metrics)).info.run_id
-        params = {k: str(metrics[k]) for k in CHILD_PARAMS if metrics.get(k) is not None}
+        params = {k: rounded(metrics[k]) for k in CHILD_PARAMS if metrics.get(k) is not None}
         family = metrics.get("family", "setting")
-        params.update({f"{family}.{k}": str(v) for k, v in (metrics.get("settings") or {}).items()})
+        params.update({f"{family}.{k}": rounded(v) if v is not None else self.parent_params.get(f"{family}.{k}", "default")
+                       for k, v in (metrics.get("settings") or {}).items()})
         self._log_params(run_id, params)
         values = {k: float(metrics[k]) for k in CHILD_METRICS if metrics.get(k) is not None}
         if metrics.get("method") != "dense":

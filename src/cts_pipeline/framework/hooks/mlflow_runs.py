@@ -17,6 +17,7 @@ from kedro.framework.hooks import hook_impl
 from ...config.sections import TrackingSettings, typed_sections
 from ...config.sweep import plan
 from ...config.typed import read_section
+from ...core.artifacts.digests import digest
 from ...errors import TrackingUnavailable, first_line
 from ..tracking import RunTracker, check_reachable, parent_run_params, source_tags
 from .catalog import artifact_path, is_result, load_fresh
@@ -72,10 +73,14 @@ class MlflowHook:
             **source_tags(self.project_path, f"kedro run --pipelines={names} --env={env}"),
             "kedro.runner": re.sub(r"^<?([\w.]+).*", r"\1", str(run_params.get("runner"))).rsplit(".", 1)[-1],
         }
-        sections = typed_sections(catalog.load("parameters"))
+        raw = catalog.load("parameters")
+        sections = typed_sections(raw)
+        # On the parent and every child: which preset (Kedro env) and which configuration made it,
+        # so "group by sparsity" never sets a smoke ticket beside a default one.
+        identity = {"preset": env, "config": digest(raw)}
         start = partial(RunTracker.start, self.settings, self.project_path,
                         run_name=parent_run_name(names, env), params=parent_run_params(sections), tags=tags,
-                        started_at=time.time(),
+                        started_at=time.time(), child_tags=identity,
                         sparsities=sorted({b.sparsity for b in plan(sections).all() if b.sparsity is not None}))
         try:
             check_reachable(self.settings.resolved_uri(self.project_path))  # seconds at most
