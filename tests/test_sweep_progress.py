@@ -102,3 +102,19 @@ def test_a_run_says_first_what_it_will_run():
     assert line == ("kedro run: __default__ (compare + sanity: every method, then the sanity checks), 42 nodes; "
                     "5 branches: 2 methods, 2 sparsities, 2 seeds")
     assert sweep_progress.describe_sweep(["cts"], SimpleNamespace(nodes=nodes[:1]), 3) == "kedro run: cts, 3 nodes"
+
+
+def test_progress_false_turns_the_live_display_off_on_a_terminal_too(project, monkeypatch):
+    """``runtime.progress: false`` hid the loops' bars but not the sweep's live display."""
+    shown = []
+
+    class Spy(SweepProgress):
+        def start(self):
+            shown.append(True)
+            super().start()
+
+    monkeypatch.setattr(sweep_progress, "rich_console", lambda: terminal())
+    monkeypatch.setattr(sweep_progress, "wanted", lambda stream=None: True)
+    monkeypatch.setattr(sweep_progress, "SweepProgress", Spy)
+    run_pipeline(project, params={"runtime": {"progress": False}})
+    assert shown == []

@@ -115,6 +115,18 @@ def describe_sweep(pipeline_names: list[str] | None, pipeline, nodes: int) -> st
     return f"kedro run: {names}, {nodes} nodes" + (f"; {len(branches)} branches: {grid}" if branches else "")
 
 
+def _progress_setting(catalog) -> bool:
+    """``runtime.progress``: false turns the live display off as well as the loops' own bars."""
+    try:
+        runtime = catalog.load("parameters").get("runtime")
+    except Exception as exc:  # a catalog without the parameters (a test's): the display's default
+        logging.getLogger(__name__).debug("no runtime.progress to read (%s)", exc)
+        return True
+    if isinstance(runtime, RuntimeConfig):  # typed by the validation hook
+        return runtime.progress
+    return bool((runtime or {}).get("progress", True))
+
+
 class SweepProgressHook:
     """Owns the sweep's display for one run. While it draws, each node is handed ``runtime`` with
     ``progress: false``, so the loops' own tqdm bars give way to it (``before_node_run`` may
@@ -129,7 +141,7 @@ class SweepProgressHook:
         logging.getLogger(PROGRESS_LOGGER).info("%s", describe_sweep(run_params.get("pipeline_names"), pipeline,
                                                                      total))
         console = rich_console()
-        if self.display is not None or console is None or not wanted():
+        if self.display is not None or console is None or not wanted() or not _progress_setting(catalog):
             return
         self.display = SweepProgress(console, total)
         self.display.start()
