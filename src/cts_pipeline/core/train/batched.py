@@ -225,6 +225,7 @@ class _StackedRun:
     """K tickets' stacked training: their weights as rows, the optimizer, the scaler and the step."""
 
     tickets: StackedTickets
+    params: list[torch.Tensor]  # the tickets' stacked parameters, as the optimizer holds them
     keep: dict[str, torch.Tensor]  # each prunable weight's K masks, stacked like the weights
     train_split: Split
     recipe: TrainRecipe
@@ -243,10 +244,11 @@ class _StackedRun:
         tickets = StackedTickets(model, rows)
         keep = {n: torch.stack([m[n].to(device=device, dtype=tickets.params[n].dtype) for m in masks])
                 for n in masks[0]}
-        optimizer = torch.optim.SGD(list(tickets.params.values()), lr=recipe.lr_at(start_epoch),
+        params = list(tickets.params.values())
+        optimizer = torch.optim.SGD(params, lr=recipe.lr_at(start_epoch),
                                     momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                                     nesterov=recipe.nesterov)
-        return cls(tickets=tickets, keep=keep, train_split=train_split, recipe=recipe, optimizer=optimizer,
+        return cls(tickets=tickets, params=params, keep=keep, train_split=train_split, recipe=recipe, optimizer=optimizer,
                    scaler=RowScaler(rows, device) if precision == "fp16" else None, precision=precision,
                    autocast=autocast_for(precision, device), channels_last=channels_last,
                    results=[TrainResult() for _ in range(rows)])
@@ -254,10 +256,6 @@ class _StackedRun:
     @property
     def rows(self) -> int:
         return len(self.results)
-
-    @property
-    def params(self) -> list[torch.Tensor]:
-        return list(self.tickets.params.values())
 
     @property
     def steps_per_epoch(self) -> int:
