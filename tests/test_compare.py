@@ -94,8 +94,15 @@ def test_the_default_run_compares_the_methods_and_the_notebook_redraws_it(projec
     check_the_notebook(project, monkeypatch, with_sanity=True)
 
 
-def test_the_notebook_redraws_the_readme_cts_run(finished_project, monkeypatch):
-    check_the_notebook(finished_project, monkeypatch, with_sanity=False)
+def test_the_notebook_redraws_a_cts_run_below_10_and_above_99_9_percent(project, monkeypatch):
+    """The layer-density cell rebuilt the branches' names and missed ``sp05_00`` and ``sp99_90``:
+    it reads them from the pipeline now (issue 37, item 9)."""
+    conf = project / "conf" / "smoke" / "parameters.yml"  # the grid of a user's own preset
+    conf.write_text(conf.read_text().replace("sparsities: [0.5, 0.9]", "sparsities: [0.05, 0.999]", 1))
+    run_pipeline(project)
+    table = pd.read_csv(latest(project, "data/08_reporting/smoke/report-*/cts_results.csv"))
+    assert set(table["target_sparsity_pct"]) == {0.0, 5.0, 99.9}
+    check_the_notebook(project, monkeypatch, with_sanity=False)
 
 
 def check_the_notebook(project, monkeypatch, *, with_sanity: bool) -> None:
@@ -121,6 +128,7 @@ def check_the_notebook(project, monkeypatch, *, with_sanity: bool) -> None:
     assert any("passes" in t for t in tables) == with_sanity
     printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "kept " in printed and "98.00 % sparsity" in printed  # the one-call API's cell
+    assert re.search(r"sparsity\): \d+\.\d\d % test accuracy on 360 held-out digits", printed), printed
     # Issue 24: no log lines or warnings in the cells, and the summary rounded with whole counts.
     noise = [o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
     assert not noise, noise
@@ -134,7 +142,7 @@ def test_summary_counts_collapsed_seeds_after_a_csv_round_trip(tmp_path):
     from cts_pipeline.pipelines.reporting.nodes import summary
 
     columns = dict(method=["snip"] * 3, target_sparsity_pct=[99.0] * 3, seed=[0, 1, 2], achieved_sparsity_pct=[99.0] * 3,
-                   kept_weights=[10] * 3, test_accuracy=[90.0, 91.0, 20.0], find_mask_s=[1.0] * 3, retrain_s=[2.0] * 3,
+                   kept_weights=[10] * 3, test_accuracy=[90.0, 91.0, 20.0], find_mask_s=[1.0] * 3, retrain_s=[2.0] * 3, to_rewind_s=[0.0] * 3,
                    total_s=[3.0] * 3, collapsed_layers=["", "", "fc1.weight"])
     pd.DataFrame(columns).to_csv(tmp_path / "table.csv", index=False)
     table = pd.read_csv(tmp_path / "table.csv")  # "" comes back as NaN

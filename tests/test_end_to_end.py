@@ -35,6 +35,11 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
     assert (table["dense_test_accuracy"] == dense_accuracy).all()
     assert (table["total_s"] > 0).all() and table["hardware"].str.contains("CPU").all()
     assert (latest(project, "data/08_reporting/smoke/report-*/cts_accuracy_vs_sparsity.png")).stat().st_size > 1000
+    # Every row names the run that wrote it (the session id, also the artifacts' version folder),
+    # the preset and the commit, so two runs' copied CSVs are told apart (issue 37, item 10).
+    version = latest(project, "data/08_reporting/smoke/report-*/cts_results.csv").parent.name
+    assert set(table["run"]) == {version} and set(table["preset"]) == {"smoke"}
+    assert set(table["commit"]) == {"not a git checkout"}, "the test project is a copy outside git"
 
     for branch, sparsity in SPARSITIES.items():
         payload = load_mask(project, branch)
@@ -57,6 +62,7 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["mlflow.source.name"] == "kedro run --pipelines=cts --env=smoke"
+    assert parents[0].data.tags["kedro.session_id"] == version, "a CSV's run column finds its MLflow run"
     # The pipeline, then the time: what tells runs apart in MLflow's narrow name column.
     assert re.fullmatch(r"cts \d\d-\d\d \d\d:\d\d:\d\d smoke", parents[0].info.run_name)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -107,6 +113,9 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
             assert params["search_shared_by"] == "2" and params["retrain_shared_by"] == "2"
             assert metrics["seconds_find_mask_group"] == pytest.approx(2 * metrics["seconds_find_mask"])
             assert metrics["seconds_find_mask"] > 0 and metrics["seconds_retrain"] > 0
+            # Its Duration spans the group: the tag names the group and says the seconds are shares.
+            assert child.data.tags["shared_search"].startswith("1/2 of ")
+            assert child.data.tags["shared_retraining"].endswith("share of the group cts_kl.seed0.sp50_00")
             trajectory = client.get_metric_history(child.info.run_id, "search/expected_over_budget")
             assert [m.step for m in trajectory] == list(range(1, int(params["search_epochs"]) + 1))
             assert params["cts.objective"] == "kl", "the branch's CTS settings are its parameters"
@@ -116,6 +125,10 @@ def test_cts_pipeline_end_to_end(project, monkeypatch):
             table = pd.read_csv(layers)
             assert list(table.columns) == ["layer", "kept", "effective_kept", "density"]
             assert table["kept"].sum() == metrics["kept_weights"]
+            # The per-layer density as one figure and one table, not one one-bar chart per layer.
+            layer_files = {a.path for a in client.list_artifacts(child.info.run_id)}
+            assert {"layer_density.png", "layer_density.json"} <= layer_files
+            assert not any(k.startswith("layer_density/") for k in metrics)
         # The branch's own wall-clock (it spans at least its training), not the moment it was logged.
         assert child.info.end_time - child.info.start_time >= 1000 * metrics.get(
             "seconds_retrain", metrics.get("seconds_train", 0)) - 50

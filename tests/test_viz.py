@@ -99,3 +99,31 @@ def test_previews_show_every_row_and_lead_with_the_result(tmp_path):
                  "manifest": {"format": "cts-pipeline/ticket-v1", "test_accuracy": 97.5, "target_sparsity": 0.98,
                               "layer_kept": {"fc.weight": 4}}})
     assert list(json.loads(ticket.preview()))[:2] == ["test_accuracy", "target_sparsity"]
+
+
+def test_kedro_viz_shows_the_statistics_of_its_own_presets_last_run(project):
+    """After a smoke run, kedro-viz showed the smoke run's row counts and node states for the
+    default preset too (issue 37, item 6): each preset's files are kept and put back in place."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from .conftest import run_pipeline
+
+    def open_for(env):  # what `kedro viz run --env=<env>` does before it reads .viz/
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, env=env) as session:
+            session.load_context()
+
+    run_pipeline(project)  # smoke
+    viz = project / ".viz"
+    smoke_stats = json.loads((viz / "stats.json").read_text())
+    assert smoke_stats["cts_results_table"]["rows"] == 3
+    assert json.loads((viz / "shown_preset.json").read_text())["preset"] == "smoke"
+    open_for(None)  # the default preset has never run: no statistics, not smoke's
+    assert not (viz / "stats.json").exists() and not (viz / "kedro_pipeline_events.json").exists()
+    assert json.loads((viz / "shown_preset.json").read_text())["preset"] == "default"
+    open_for("smoke")
+    assert json.loads((viz / "stats.json").read_text()) == smoke_stats
+    # kedro-viz writes its events file for a `kedro run` from the command line only.
+    events = viz / "kedro_pipeline_events.json"
+    assert events.exists() == (viz / "presets" / "smoke" / events.name).exists()

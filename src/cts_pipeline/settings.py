@@ -11,7 +11,9 @@ from cts_pipeline.framework.hooks import (
     FreshnessHook,
     MlflowHook,
     ResultsPrinterHook,
+    RunIdentityHook,
     RunValidationHook,
+    VizStatsHook,
 )
 from cts_pipeline.terminal.progress import SweepProgressHook
 
@@ -28,8 +30,8 @@ os.environ.setdefault("KEDRO_MP_CONTEXT", "spawn")
 
 # Order matters only where a hook says so: RunValidationHook runs first at run start (tryfirst),
 # so a bad configuration never opens an MLflow run.
-HOOKS = (RunValidationHook(), FreshnessHook(), ArtifactPathHook(), CheckpointHook(), MlflowHook(),
-         ResultsPrinterHook(), SweepProgressHook())
+HOOKS = (RunValidationHook(), RunIdentityHook(), FreshnessHook(), ArtifactPathHook(), CheckpointHook(), MlflowHook(),
+         ResultsPrinterHook(), SweepProgressHook(), VizStatsHook())
 
 # Hands the grid to the pipeline registry and gives each branch its parameters (see framework/context.py).
 CONTEXT_CLASS = ProjectContext

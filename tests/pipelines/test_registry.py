@@ -64,7 +64,7 @@ def test_cts_has_one_batched_search_per_seed_fanning_out_to_each_sparsity(params
     assert evaluate.outputs == ["cts_kl.seed1.sp99_26.metrics", "cts_kl.seed1.sp99_26.ticket"]
     assert "metrics" in evaluate.tags
     report = next(n for n in cts.nodes if n.name == "cts_report")
-    assert report.inputs[0] == "params:report" and len(report.inputs) == 7  # 2 dense + 4 tickets
+    assert report.inputs[:2] == ["params:report", "run_identity"] and len(report.inputs) == 8  # 2 dense + 4 tickets
     assert "cts_results_table" in report.outputs and "cts_layer_density_plot" in report.outputs
 
 

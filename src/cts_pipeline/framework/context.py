@@ -9,6 +9,7 @@ the parameter ``params:<namespace>.branch`` (e.g. ``params:cts_kl.seed0.sp99_26.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from attrs import define
@@ -17,6 +18,8 @@ from kedro.framework.context import KedroContext
 from ..config import active as active_config
 from ..config.sweep import BRANCH_PARAM, branches_for
 from ..terminal import console
+from . import viz_stats
+from .provenance import preset_name
 
 PIPELINE_REGISTRY = "cts_pipeline.pipeline_registry"
 
@@ -28,6 +31,8 @@ class ProjectContext(KedroContext):
 
         console.install()  # a quiet console: warnings and one line per finished branch
         active_config.remember(self.config_loader)
+        # kedro-viz reads the last run's statistics from one place: show this preset's instead.
+        viz_stats.show(Path(self.project_path), preset_name(self.config_loader, self.env))
         # Pipelines are cached per process; this context may carry another environment or other
         # --params (another grid), so they are rebuilt from it on next access.
         pipelines.configure(PIPELINE_REGISTRY)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ..config.typed import is_section, plain
 from ..errors import TrackingUnavailable, first_line
 from ..terminal.console import show_unwrapped
+from .provenance import git_state
 
 if TYPE_CHECKING:
     from ..config.sections import TrackingSettings
@@ -256,6 +257,7 @@ class RunTracker:
             tags["disconnected"] = "true"
         if metrics.get("diverged"):
             tags["diverged"] = str(metrics["diverged"])
+        tags.update(shared_time_tags(metrics))
         finished = metrics.get("finished_at")
         if finished is not None and finished < self.started_at:
             tags["computed_in_an_earlier_run"] = "true"  # found in the catalog, not recomputed
@@ -271,7 +273,6 @@ class RunTracker:
             values["accuracy_drop"] = float(metrics["dense_test_accuracy"] - metrics["test_accuracy"])
             values["collapsed_layers"] = float(len(metrics.get("collapsed_layers", [])))
         values.update({f"seconds_{k}": float(v) for k, v in metrics.get("seconds", {}).items()})
-        values.update({metric_name(f"layer_density/{k}"): float(v) for k, v in metrics.get("layer_density", {}).items()})
         stamp = _ms(finished) or _ms(time.time())
         batch = [Metric(k, v, stamp, 0) for k, v in values.items()]
         history = metrics.get("retrain_history") or metrics.get("history") or []
@@ -288,10 +289,23 @@ class RunTracker:
             self.client.log_batch(run_id, metrics=batch[start:start + 1000])
         self.client.log_text(run_id, json.dumps(metrics, indent=2, default=str), "metrics.json")
         if metrics.get("layer_kept"):
-            self.client.log_text(run_id, layer_table(metrics), "layer_density.csv")
+            self._log_layers(run_id, metrics)
         self.client.set_terminated(run_id, "FINISHED", end_time=stamp)
         self.children[dataset_name] = run_id
         return run_id
+
+    def _log_layers(self, run_id: str, metrics: Mapping[str, Any]) -> None:
+        """Per-layer density as one table and one figure (a bar per layer): as metrics, each layer
+        would be its own one-bar chart in the run's Model metrics."""
+        from ..pipelines.reporting.nodes import ticket_layer_plot
+
+        self.client.log_text(run_id, layer_table(metrics), "layer_density.csv")
+        kept, effective = metrics["layer_kept"], metrics.get("layer_effective_kept") or {}
+        density = metrics.get("layer_density") or {}
+        self.client.log_table(run_id, {"layer": list(kept), "kept": [int(v) for v in kept.values()],
+                                       "effective_kept": [effective.get(n) for n in kept],
+                                       "density": [density.get(n) for n in kept]}, "layer_density.json")
+        self.client.log_figure(run_id, ticket_layer_plot(metrics), "layer_density.png")
 
     def log_ticket(self, metrics_name: str, ticket_path: str) -> None:
         """The branch's ticket (mask and weights, safetensors) and its manifest on its child run."""
@@ -371,6 +385,24 @@ class RunTracker:
             self.client.log_batch(run_id, params=items[start:start + 100])
 
 
+def shared_time_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """Where a ticket's times are shares: which batched search or stacked retraining it shared,
+    with how many tickets and the group's whole wall-clock. MLflow's Duration of such a child spans
+    the group's time; its ``seconds_*`` metrics are its 1/K shares, and this tag says so."""
+    seconds = metrics.get("seconds") or {}
+    tags = {}
+    for stage, count, whole, group, share in (
+            ("search", "search_shared_by", "find_mask_group", "search_group_id", "find_mask"),
+            ("retraining", "retrain_shared_by", "retrain_group", "retrain_group_id", "retrain")):
+        k = int(metrics.get(count) or 1)
+        if k > 1:
+            # What matters first, since the run page cuts a tag at about 30 characters.
+            tags[f"shared_{stage}"] = (f"1/{k} of {seconds.get(whole, 0.0):.1f} s: seconds_{share} = "
+                                       f"{seconds.get(share, 0.0):.1f} s is this ticket's share of the group "
+                                       f"{metrics.get(group) or '?'}")
+    return tags
+
+
 def layer_table(metrics: Mapping[str, Any]) -> str:
     """Per-layer kept, effective and total counts and density, as CSV (the ticket's layer report)."""
     density = metrics.get("layer_density", {})
@@ -398,18 +430,11 @@ def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
 def source_tags(project_path: Path, command: str) -> dict[str, str]:
     """MLflow's source tags: the command and, in a git checkout, the commit (and whether the tree
     had uncommitted changes)."""
-    import subprocess
-
     tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": command}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_path, capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_path,
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return tags
-    tags["mlflow.source.git.commit"] = commit
-    tags["git.dirty"] = str(bool(dirty)).lower()
+    state = git_state(project_path)
+    if state is not None:
+        tags["mlflow.source.git.commit"] = state[0]
+        tags["git.dirty"] = str(state[1]).lower()
     return tags
 
 

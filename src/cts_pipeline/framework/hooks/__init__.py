@@ -11,6 +11,8 @@ their own processes) and :class:`cts_pipeline.runners.DaskRunner`. One module pe
 - :mod:`.checkpoints`: ``CheckpointHook`` (a node's checkpoints go once its outputs are saved);
 - :mod:`.mlflow_runs`: ``MlflowHook``;
 - :mod:`.results`: ``ResultsPrinterHook``;
+- :mod:`.viz`: ``VizStatsHook`` (kedro-viz's run statistics kept per preset);
+- :mod:`.run_identity`: ``RunIdentityHook`` (the results rows name their run, preset and commit);
 - :mod:`.catalog`: what they share in reading the catalog.
 """
 
@@ -18,7 +20,9 @@ from .checkpoints import CheckpointHook
 from .freshness import FreshnessHook
 from .mlflow_runs import MlflowHook
 from .results import ResultsPrinterHook, print_tables
+from .run_identity import RunIdentityHook
 from .validation import ArtifactPathHook, RunValidationHook, check_writable
+from .viz import VizStatsHook
 
 __all__ = ["ArtifactPathHook", "CheckpointHook", "FreshnessHook", "MlflowHook", "ResultsPrinterHook",
-           "RunValidationHook", "check_writable", "print_tables"]
+           "RunIdentityHook", "RunValidationHook", "VizStatsHook", "check_writable", "print_tables"]

@@ -28,3 +28,14 @@ def artifact_path(catalog, name: str) -> str:
         except Exception:
             continue
     return str(getattr(dataset, "_filepath", name))
+
+
+def shown_path(catalog, name: str) -> str:
+    """:func:`artifact_path` relative to the working directory when under it (a terminal line)."""
+    from pathlib import Path
+
+    path = artifact_path(catalog, name)
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        return path

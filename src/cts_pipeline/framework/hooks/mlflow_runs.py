@@ -19,6 +19,7 @@ from ...config.sweep import plan
 from ...config.typed import read_section
 from ...core.artifacts.digests import digest
 from ...errors import TrackingUnavailable, first_line
+from ..provenance import DEFAULT_ENV, preset_name
 from ..tracking import RunTracker, check_reachable, parent_run_params, source_tags
 from .catalog import artifact_path, is_result, load_fresh
 
@@ -29,10 +30,10 @@ IN_PROCESS_RUNNERS = ("SequentialRunner", "ThreadRunner")
 
 
 
-def parent_run_name(pipelines: str, env: str, when: float | None = None) -> str:
-    """``cts 12-03 22:56:13 local``: the pipeline, then the time, the parts that tell runs apart
-    within the width MLflow's name column shows (the session id is a tag, ``kedro.session_id``)."""
-    return f"{pipelines} {time.strftime('%m-%d %H:%M:%S', time.localtime(when))} {env}"
+def parent_run_name(pipelines: str, preset: str, when: float | None = None) -> str:
+    """``cts 12-03 22:56:13 default``: the pipeline, then the time (what tells runs apart
+    within the width MLflow's name column shows), then the preset; the session id is a tag."""
+    return f"{pipelines} {time.strftime('%m-%d %H:%M:%S', time.localtime(when))} {preset}"
 
 
 class MlflowHook:
@@ -46,10 +47,12 @@ class MlflowHook:
         self.driver_pid: int | None = None
         self.rerun_hint = "kedro run --only-missing-outputs"
         self.catalog = None
+        self.preset = DEFAULT_ENV
 
     @hook_impl
     def after_context_created(self, context) -> None:
         self.project_path = Path(context.project_path)
+        self.preset = preset_name(context.config_loader, context.env)
         try:
             raw = context.config_loader["mlflow"]
         except (KeyError, MissingConfigException):
@@ -77,9 +80,9 @@ class MlflowHook:
         sections = typed_sections(raw)
         # On the parent and every child: which preset (Kedro env) and which configuration made it,
         # so "group by sparsity" never sets a smoke ticket beside a default one.
-        identity = {"preset": env, "config": digest(raw)}
+        identity = {"preset": self.preset, "config": digest(raw)}
         start = partial(RunTracker.start, self.settings, self.project_path,
-                        run_name=parent_run_name(names, env), params=parent_run_params(sections), tags=tags,
+                        run_name=parent_run_name(names, self.preset), params=parent_run_params(sections), tags=tags,
                         started_at=time.time(), child_tags=identity,
                         sparsities=sorted({b.sparsity for b in plan(sections).all() if b.sparsity is not None}))
         try:

@@ -4,6 +4,8 @@ accuracy against wall-clock, and per-layer density at one sparsity."""
 from __future__ import annotations
 
 import logging
+import math
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -14,17 +16,21 @@ from ...config.sections import ReportConfig
 
 logger = logging.getLogger(__name__)
 
+# Which run wrote a table (``framework/provenance.run_identity`` gives these keys).
+RUN_COLUMNS = ("run", "preset", "commit")
 COLUMNS = [
     "method", "family", "seed", "target_sparsity_pct", "achieved_sparsity_pct", "kept_weights",
     "effective_kept_weights", "disconnected", "diverged", "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
     "retrain_s", "total_s", "eval_s", "collapsed_layers", "thin_layers", "start", "model", "dataset", "rewind_epoch", "search_path",
     "retrain_path", "search_shared_by", "find_mask_group_s", "search_group_id", "retrain_shared_by",
-    "retrain_group_s", "retrain_group_id", "test_images", "hardware",
+    "retrain_group_s", "retrain_group_id", "test_images", "hardware", *RUN_COLUMNS,
 ]
 
 
-def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
-    """One row per (method, seed, sparsity), dense references first; accuracies in %."""
+def results_table(metrics: Sequence[Mapping], run: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per (method, seed, sparsity), dense references first; accuracies in %. ``run``
+    (:func:`~cts_pipeline.framework.provenance.run_identity`) fills the ``run``, ``preset`` and
+    ``commit`` columns: which run wrote the table, so two runs' copied CSVs are told apart."""
     rows = []
     for m in metrics:
         dense = m["method"] == "dense"
@@ -47,7 +53,9 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
             "accuracy_drop": 0.0 if dense else m["dense_test_accuracy"] - m["test_accuracy"],
             "to_rewind_s": seconds["to_rewind"],
             "find_mask_s": 0.0 if dense else seconds["find_mask"],
-            "retrain_s": seconds["train"] if dense else seconds["retrain"],
+            # From θ_k to the end: the ticket's retraining, or the dense training's rest, so that
+            # every row's total is to_rewind + find_mask + retrain.
+            "retrain_s": seconds["train"] - seconds["to_rewind"] if dense else seconds["retrain"],
             "total_s": seconds["train"] if dense else seconds["total"],
             # Test evaluations, timed apart: some stages evaluate every epoch, others once.
             "eval_s": (seconds.get("test_during_training", 0.0) if dense
@@ -68,10 +76,11 @@ def results_table(metrics: Sequence[Mapping]) -> pd.DataFrame:
             "find_mask_group_s": seconds.get("find_mask_group", 0.0 if dense else seconds["find_mask"]),
             "search_group_id": m.get("search_group_id") or "",
             "retrain_shared_by": m.get("retrain_shared_by", 1),
-            "retrain_group_s": seconds.get("retrain_group", seconds["train"] if dense else seconds["retrain"]),
+            "retrain_group_s": seconds.get("retrain_group", seconds["train"] - seconds["to_rewind"] if dense else seconds["retrain"]),
             "retrain_group_id": m.get("retrain_group_id") or "",
             "test_images": m.get("test_images"),  # one image is 100 / test_images points of accuracy
             "hardware": m["hardware"],
+            **{key: (run or {}).get(key, "") for key in RUN_COLUMNS},
         })
     table = pd.DataFrame(rows, columns=COLUMNS)
     return (table.assign(_dense_last=table["method"].ne("dense"))
@@ -99,6 +108,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         kept_weights=("kept_weights", "mean"),
         test_accuracy_mean=("test_accuracy", "mean"),
         test_accuracy_std=("test_accuracy", "std"),
+        to_rewind_s=("to_rewind_s", "mean"),
         find_mask_s=("find_mask_s", "mean"),
         retrain_s=("retrain_s", "mean"),
         total_s=("total_s", "mean"),
@@ -113,9 +123,13 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """The printed summary: header and formatted rows (accuracy as mean ± std when seeds > 1)."""
-    header = ["method", "sparsity %", "achieved %", "kept", "effective", "seeds", "test acc %", "find mask s",
-              "retrain s", "total s", "note"]
+    """The printed summary: header and formatted rows (accuracy as mean ± std when seeds > 1).
+
+    The total shown is the sum of the three times shown, each rounded to 0.1 s as printed, so the
+    columns add up on screen (the CSV keeps the exact seconds); ``rewind s`` is the dense training
+    to θ_k that every ticket of a seed starts from (0 for LTR, whose mask time holds it)."""
+    header = ["method", "sparsity %", "achieved %", "kept", "effective", "seeds", "test acc %", "rewind s",
+              "mask s", "retrain s", "total s", "note"]
     rows = []
     for r in summary(table).itertuples():
         acc = (f"{r.test_accuracy_mean:.2f} ± {r.test_accuracy_std:.2f}" if r.seeds > 1
@@ -125,10 +139,10 @@ def summary_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             note = f"DISCONNECTED ({r.disconnected_seeds} of {r.seeds} seeds)"
         if r.diverged_seeds:
             note = f"DIVERGED ({r.diverged_seeds} of {r.seeds} seeds)" + (f"; {note}" if note else "")
+        times = [round(t, 1) for t in (r.to_rewind_s, r.find_mask_s, r.retrain_s)]
         rows.append([r.method, f"{r.target_sparsity_pct:.2f}", f"{r.achieved_sparsity_pct:.2f}",
                      f"{r.kept_weights:.0f}", f"{r.effective_kept_weights:.0f}", str(r.seeds), acc,
-                     f"{r.find_mask_s:.1f}",
-                     f"{r.retrain_s:.1f}", f"{r.total_s:.1f}", note])
+                     *(f"{t:.1f}" for t in times), f"{sum(times):.1f}", note])
     return header, rows
 
 
@@ -194,9 +208,10 @@ def test_set_note(table: pd.DataFrame) -> str:
 
 
 def _finish(fig: Figure, ax, xlabel: str, title: str, table: pd.DataFrame | None = None) -> Figure:
-    ax.set_xlabel(xlabel)
+    # Wrapped to the figure's size (8 x 5 in at 10 pt): an unwrapped label is cut at both ends.
+    ax.set_xlabel(textwrap.fill(xlabel, 95))
     note = test_set_note(table) if table is not None else ""
-    ax.set_ylabel(f"test accuracy (%, last epoch{'; ' + note if note else ''})")
+    ax.set_ylabel(textwrap.fill(f"test accuracy (%, last epoch{'; ' + note if note else ''})", 50))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -232,6 +247,7 @@ def _log_seconds_axis(ax) -> None:
         middle = (low * high) ** 0.5
         low, high = middle / 5 ** 0.5, middle * 5 ** 0.5
         ax.set_xlim(low, high)
+    ax.set_xlim(low, high * 1.15)  # room for the rightmost point's label
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -251,12 +267,21 @@ def time_plot(table: pd.DataFrame, title: str) -> Figure:
             seeds=("test_accuracy", "count"))
         ax.errorbar(means["seconds"], means["accuracy"], yerr=means["std"].fillna(0.0), marker="o", ls="",
                     capsize=3, label=seeds_label(method, means["seeds"]))
-        for sparsity, r in means.iterrows():
-            ax.annotate(f"{sparsity:.2f}", (r["seconds"], r["accuracy"]), fontsize=8, xytext=(3, 3),
-                        textcoords="offset points")
+        _label_points(ax, means["seconds"], means["accuracy"])
     _log_seconds_axis(ax)
     return _finish(fig, ax, "cumulative wall-clock up to this ticket, s (log; a batched search or retraining "
                    "shared evenly by its tickets; labels: sparsity %)", title, table)
+
+
+def _label_points(ax, x: pd.Series, y: pd.Series) -> None:
+    """Each point labelled with its sparsity (the series' index); points that coincide on the
+    plot (a batched group paid once, equal accuracies) share one label, "89.26, 95.60", instead
+    of printing over each other."""
+    labels: dict[tuple[float, float], list[str]] = {}
+    for sparsity, (px, py) in zip(x.index, zip(x, y, strict=True), strict=True):
+        labels.setdefault((round(float(px), 3), round(float(py), 2)), []).append(f"{sparsity:.2f}")
+    for (px, py), names in labels.items():
+        ax.annotate(", ".join(names), (px, py), fontsize=8, xytext=(4, 3), textcoords="offset points")
 
 
 def grid_cost(table: pd.DataFrame, shared: str = "once") -> pd.DataFrame:
@@ -321,14 +346,43 @@ def grid_cost_plot(table: pd.DataFrame, title: str) -> Figure:
     for method, rows in costs.groupby("method", sort=False):
         means = rows.groupby("target_sparsity_pct", sort=True)[["cumulative_s", "test_accuracy"]].mean()
         seeds = rows.groupby("target_sparsity_pct", sort=True)["test_accuracy"].count()
-        ax.plot(means["cumulative_s"], means["test_accuracy"], marker="o", label=seeds_label(
+        # One batched wall-clock for the whole grid puts every point at one x: points, not a line.
+        line = "-" if means["cumulative_s"].round(6).nunique() > 1 else ""
+        ax.plot(means["cumulative_s"], means["test_accuracy"], marker="o", ls=line, label=seeds_label(
             method, seeds, also=f"grid: {rows.groupby('seed')['grid_cost_s'].max().mean():.0f} s"))
-        for sparsity, r in means.iterrows():
-            ax.annotate(f"{sparsity:.2f}", (r["cumulative_s"], r["test_accuracy"]), fontsize=8,
-                        xytext=(4, 3), textcoords="offset points")
-    _log_seconds_axis(ax)
+        _label_points(ax, means["cumulative_s"], means["test_accuracy"])
+    if costs.empty:
+        ax.text(0.5, 0.5, "no method tickets to cost", ha="center", transform=ax.transAxes)
+    else:
+        _log_seconds_axis(ax)
     return _finish(fig, ax, "cumulative wall-clock to produce the grid up to this sparsity, s (log; a batched "
                    "search or retraining paid once, at its first ticket; labels: sparsity %)", title, table)
+
+
+def ticket_layer_plot(metrics: Mapping) -> Figure:
+    """One ticket's per-layer density as one bar chart (a bar per layer, log scale), with the
+    overall density as a line: its MLflow child's picture of where the kept weights are."""
+    density = metrics.get("layer_density") or {}
+    fig, ax = _figure(max(6.0, 0.35 * len(density) + 2), 4)
+    layers = list(density)
+    heights = [max(float(density[n]), 1e-6) for n in layers]
+    ax.bar(range(len(layers)), heights, color="tab:blue")
+    overall = metrics.get("achieved_density")
+    if overall is not None:
+        ax.axhline(float(overall), color="black", lw=1, ls="--", label=f"overall density {100 * float(overall):.2f} %")
+        ax.legend(fontsize="small")
+    ax.set_yscale("log")
+    # Whole decades from below the smallest bar to 1: bar lengths compare, the ticks read 10^-k.
+    ax.set_ylim(10 ** math.floor(math.log10(min(heights, default=1.0) / 2)), 1.0)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("fraction of the layer's weights kept\n(log; 1e-6 = layer collapse)")
+    name = f"{metrics.get('method')} seed {metrics.get('seed')}"
+    if metrics.get("sparsity") is not None:
+        name += f" at {100 * float(metrics['sparsity']):.2f} % sparsity"
+    ax.set_title(f"per-layer density: {name}")
+    ax.grid(alpha=0.3, axis="y")
+    return fig
 
 
 def layer_density_plot(metrics: Sequence[Mapping], sparsity: float | None, title: str) -> Figure:
@@ -359,11 +413,11 @@ def layer_density_plot(metrics: Sequence[Mapping], sparsity: float | None, title
     return fig
 
 
-def build_report(report: ReportConfig, *metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Figure,
-                                                                  Figure, Figure, Figure]:
+def build_report(report: ReportConfig, run: Mapping[str, str], *metrics: dict) -> tuple[
+        pd.DataFrame, pd.DataFrame, pd.DataFrame, Figure, Figure, Figure, Figure]:
     """Results table, mean ± std summary, whole-grid cost, and the four plots for all branches of a
-    pipeline."""
-    table = results_table(metrics)
+    pipeline; ``run`` (run, preset, commit) names the run in every row of the table."""
+    table = results_table(metrics, run)
     first = metrics[0]
     title = f"{first['dataset']} / {first['model']}, rewind epoch {first['rewind_epoch']}"
     collapsed = table[table["collapsed_layers"] != ""]

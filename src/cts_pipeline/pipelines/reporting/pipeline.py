@@ -9,7 +9,7 @@ def create_pipeline(report: str, metrics: list[str]) -> Pipeline:
     return Pipeline([
         node(
             build_report,
-            ["params:report", *metrics],
+            ["params:report", "run_identity", *metrics],
             [f"{report}_results_table", f"{report}_summary_table", f"{report}_grid_cost_table",
              f"{report}_accuracy_plot", f"{report}_time_plot", f"{report}_grid_cost_plot",
              f"{report}_layer_density_plot"],
