@@ -127,3 +127,21 @@ def test_kedro_viz_shows_the_statistics_of_its_own_presets_last_run(project):
     # kedro-viz writes its events file for a `kedro run` from the command line only.
     events = viz / "kedro_pipeline_events.json"
     assert events.exists() == (viz / "presets" / "smoke" / events.name).exists()
+
+
+def test_a_viz_file_fault_costs_one_warning_never_the_run(project, logged):
+    """Showing a preset's kedro-viz statistics runs whenever a context opens: a fault there (here
+    a folder where kedro-viz's file belongs) must not stop the run, nor leave a partial file."""
+    from .conftest import run_pipeline
+
+    kept = project / ".viz" / "presets" / "default"
+    kept.mkdir(parents=True)
+    (kept / "stats.json").write_text("{}")
+    (project / ".viz" / "stats.json").mkdir()  # cannot be replaced by a file
+    run_pipeline(project)  # opens a context for smoke, then for nothing else: must finish
+    from cts_pipeline.framework import viz_stats
+
+    viz_stats.show(project, "default")
+    warnings = [r.getMessage() for r in logged if "kedro-viz statistics per preset" in r.getMessage()]
+    assert len(warnings) >= 1 and all("\n" not in w for w in warnings), warnings
+    assert not list((project / ".viz").glob(".*.partial")), "no half-written file left"

@@ -42,5 +42,5 @@ def run_identity(run_params: dict, project_path: Path, preset: str) -> dict[str,
     ``kedro.session_id``), the preset (:func:`preset_name`) and the commit (``+dirty`` with local changes)."""
     state = git_state(project_path)
     commit = "not a git checkout" if state is None else state[0][:12] + ("+dirty" if state[1] else "")
-    return {"run": str(run_params.get("run_id") or run_params.get("session_id") or ""),
+    return {"run": str(run_params.get("run_id") or ""),
             "preset": preset, "commit": commit}

@@ -12,10 +12,12 @@ removes another preset's.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import time
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 VIZ_FILES = ("stats.json", "kedro_pipeline_events.json")  # what kedro-viz writes and reads
 KEPT = Path(".viz") / "presets"
@@ -24,47 +26,59 @@ SHOWN = Path(".viz") / "shown_preset.json"  # which preset's files are in .viz/ 
 
 def keep(project_path: Path, preset: str, run: str) -> None:
     """Copy kedro-viz's files of the run that just ended to ``.viz/presets/<preset>/``."""
-    viz = Path(project_path) / ".viz"
-    kept = Path(project_path) / KEPT / preset
-    found = [name for name in VIZ_FILES if (viz / name).exists()]
-    if not found:
-        return
-    kept.mkdir(parents=True, exist_ok=True)
-    for name in found:
-        _replace(viz / name, kept / name)
-    label = json.dumps({"preset": preset, "run": run, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")})
-    _write(kept / "label.json", label)
-    _write(Path(project_path) / SHOWN, label)
+    _optional(_keep, Path(project_path), preset, run)
 
 
 def show(project_path: Path, preset: str) -> None:
     """Put ``preset``'s kept files where kedro-viz reads them; when it has none, take another
     preset's out (they stay kept under their own preset)."""
-    viz = Path(project_path) / ".viz"
-    if not viz.is_dir():
+    _optional(_show, Path(project_path), preset)
+
+
+def _optional(step, *args) -> None:
+    """kedro-viz's view is optional: a file fault costs one warning, never the run (``show`` runs
+    whenever a context is created, before any work)."""
+    try:
+        step(*args)
+    except OSError as exc:
+        logger.warning("kedro-viz statistics per preset: %s (the run goes on; kedro-viz may show "
+                       "another preset's statistics)", exc)
+
+
+def _keep(project: Path, preset: str, run: str) -> None:
+    viz, kept = project / ".viz", project / KEPT / preset
+    found = [name for name in VIZ_FILES if (viz / name).exists()]
+    if not found:
         return
-    if _read(Path(project_path) / SHOWN).get("preset") == preset:
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in found:
+        _write(kept / name, (viz / name).read_bytes())
+    label = json.dumps({"preset": preset, "run": run, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+    _write(kept / "label.json", label)
+    _write(project / SHOWN, label)
+
+
+def _show(project: Path, preset: str) -> None:
+    viz, kept = project / ".viz", project / KEPT / preset
+    if not viz.is_dir() or _read(project / SHOWN).get("preset") == preset:
         return
-    kept = Path(project_path) / KEPT / preset
     for name in VIZ_FILES:
         if (kept / name).exists():
-            _replace(kept / name, viz / name)
+            _write(viz / name, (kept / name).read_bytes())
         elif (viz / name).exists():
             (viz / name).unlink()
-    _write(Path(project_path) / SHOWN, json.dumps({"preset": preset, **_read(kept / "label.json")}))
+    _write(project / SHOWN, json.dumps({"preset": preset, **_read(kept / "label.json")}).encode())
 
 
-def _replace(source: Path, target: Path) -> None:
-    """A whole copy or none: kedro-viz (or a run) may read ``target`` meanwhile."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, target)
-
-
-def _write(path: Path, text: str) -> None:
+def _write(path: Path, data: bytes) -> None:
+    """Whole or not at all: kedro-viz (or a run) may read ``path`` meanwhile. (Not the catalog's
+    ``atomic_write``: these files are kedro-viz's and carry no record.)"""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> dict:

@@ -31,14 +31,8 @@ class VizStatsHook:
 
     @hook_impl(trylast=True)
     def after_pipeline_run(self) -> None:
-        self._keep()
+        viz_stats.keep(self.project_path, self.preset, self.run)
 
     @hook_impl(trylast=True)
     def on_pipeline_error(self) -> None:
-        self._keep()
-
-    def _keep(self) -> None:
-        try:
-            viz_stats.keep(self.project_path, self.preset, self.run)
-        except OSError:  # an optional view's files: never a run's failure
-            pass
+        viz_stats.keep(self.project_path, self.preset, self.run)
