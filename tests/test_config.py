@@ -174,6 +174,8 @@ def test_grid_levels_take_a_range_for_the_command_line():
     ("runtime", {"distributed": {"nprocs": 2}},
      "runtime.distributed: unknown key 'nprocs' (did you mean 'nproc'?); allowed: nproc, sync_batchnorm"),
     ("runtime", {"channels_last": "yes"}, "runtime.channels_last must be auto, true or false, got 'yes'"),
+    ("runtime", {"virtual_rank_passes": "parallel"},
+     "runtime.virtual_rank_passes must be auto, one or sequential, got 'parallel'"),
     ("data", {"name": "digits", "mean": ["a"]}, "data.mean[0]: input should be a valid number, got 'a'"),
     ("data", {"root": "x"}, "data.name: missing (required)"),
     ("model", {"name": "lenet_300_100", "options": 3}, "model.options must be a mapping of the model's options, got 3"),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cts_pipeline.core.device.dispatched_ops import DispatchedOps
+
 from .conftest import PROJECT_ROOT
 
 
@@ -176,9 +178,10 @@ def test_gpu_sh_runs_every_part_and_prints_every_row_on_a_cpu(tmp_path):
                           capture_output=True, text=True, timeout=400,
                           env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
-    for part in ("speed", "batched", "grid_epochs", "resnet50"):
+    parts = ("speed", "batched", "grid_epochs", "resnet50", "launches")
+    for part in parts:
         assert f"== {part}: exit 0" in done.stdout, (tmp_path / f"{part}.log").read_text()[-3000:]
-    logs = {part: (tmp_path / f"{part}.log").read_text() for part in ("speed", "batched", "grid_epochs", "resnet50")}
+    logs = {part: (tmp_path / f"{part}.log").read_text() for part in parts}
     table = [line for line in logs["speed"].splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [line.split("|")[1].strip() for line in table] == ["1", "1", "2", "2", "2", "3", "6", "6"]
     assert sum("preset runs it" in line for line in table) == 2
@@ -187,6 +190,10 @@ def test_gpu_sh_runs_every_part_and_prints_every_row_on_a_cpu(tmp_path):
     assert "the `cifar10_resnet20` preset: resnet20 (shortcut conv3x3, bn_running_stats False" in grid
     assert "4 virtual ranks" in grid and "cannot be stacked" in grid and grid.count("| CTS-KL `") == 2
     assert logs["resnet50"].count("| fp32, ") == 2
+    launches = [line for line in logs["launches"].splitlines() if line.startswith("| train") or line.startswith("| search")
+                or line.startswith("| retraining")]
+    assert len(launches) == 11 and "ranks in one pass (ghost BatchNorm" in launches[2]
+    assert "ranks as rows of one pass" in launches[5] and "ranks as rows of one pass" in launches[8]
     assert doc.read_bytes() == before
 
 
@@ -291,33 +298,6 @@ def test_the_row_plan_leaves_room_for_the_tickets_test_evaluation(monkeypatch):
 
 
 # 11. and 12. What a GPU step pays for: dispatched operations, and evaluation's precision
-
-
-class DispatchedOps:
-    """The aten operations dispatched inside the block (what a launch-bound GPU pays per call),
-    with their outputs' dtypes."""
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        calls = self.calls = []
-
-        class Count(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                first = out[0] if isinstance(out, (list, tuple)) and out else out
-                calls.append((func.overloadpacket.__name__, getattr(first, "dtype", None)))
-                return out
-
-        self.mode = Count()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
-
-    def named(self, *names: str) -> list:
-        return [c for c in self.calls if c[0] in names]
 
 
 def _masked_pairs(model, density=0.5):

@@ -1014,7 +1014,7 @@ def test_gpu_sh_parts_load_on_the_gpu_machines_stack_and_fit_one_device_call():
 
     parts = [shlex.split(line) for line in (PROJECT_ROOT / "benchmarks/gpu.sh").read_text().splitlines()
              if line.startswith("part ")]
-    assert [p[2] for p in parts] == ["speed", "batched", "grid_epochs", "resnet50"]
+    assert [p[2] for p in parts] == ["speed", "batched", "grid_epochs", "resnet50", "launches"]
     assert sum(int(p[1]) for p in parts) <= 540, "the parts must end inside one 560 s device call"
     assert all(p[3] == "$PYTHON" and p[5:].count("$WRITE") == 1 for p in parts), "each part writes its table"
     as_on_the_gpu = {"$DEVICE": "cuda", "$WRITE": "--write-docs"}  # gpu.sh without arguments

@@ -201,12 +201,12 @@ def converted_batchnorm() -> list[list[str]]:
 
 
 
-def train_and_search_with_each(virtual_ranks: list[int], densities) -> list[dict]:
-    """One process group for every setting (spawning the ranks costs more than the runs)."""
-    return [train_and_search_with_virtual_ranks(n, densities) for n in virtual_ranks]
+def train_and_search_with_each(settings: list[tuple[int, str]], densities) -> list[dict]:
+    """One process group for every (virtual ranks, rank passes) (spawning the ranks costs more than the runs)."""
+    return [train_and_search_with_virtual_ranks(n, densities, passes) for n, passes in settings]
 
 
-def train_and_search_with_virtual_ranks(virtual_ranks: int, densities) -> dict:
+def train_and_search_with_virtual_ranks(virtual_ranks: int, densities, rank_passes: str = "sequential") -> dict:
     """The digits convnet (BatchNorm) trained and searched with the authors' ``virtual_ranks``
     recipe ranks, in however many processes call it; 72 images, so the last batch of 8 is uneven."""
     from dataclasses import replace
@@ -221,12 +221,14 @@ def train_and_search_with_virtual_ranks(virtual_ranks: int, densities) -> dict:
     recipe = replace(RECIPE, batch_size=32, loss_reduction="sum", lr=0.002, virtual_ranks=virtual_ranks)
     model = build_model("convnet", image_shape=(1, 8, 8), num_classes=10, width=4,
                         generator=torch.Generator().manual_seed(1))
-    history = train(model, train_split, None, recipe, seed=0, stage="ranks train", progress=False).history
+    history = train(model, train_split, None, recipe, seed=0, stage="ranks train", progress=False,
+                    rank_passes=rank_passes).history
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     found = concrete_search(model, train_split, density=densities, config=SearchConfig(epochs=2), recipe=recipe,
-                            seed=0, stage="ranks search", progress=False)
+                            seed=0, stage="ranks search", progress=False, rank_passes=rank_passes)
     return {"state": state, "history": history, "world": rank_and_world()[1],
             "scores": [r.scores for r in found], "search": [r.history for r in found],
+            "as_rows": all(r.ranks_as_rows for r in found),
             "masks": [global_topk_mask(r.scores, k) for r, k in zip(found, densities, strict=True)]}
 
 
@@ -237,11 +239,15 @@ def test_recipe_ranks_on_one_process_are_those_of_two_gloo_processes():
     plays the N ranks or two processes play N/2 each: N = 2, and N = 4 (two chunks per process,
     so DDP's no_sync and the gathering of the ranks' gradient norms are exercised)."""
     densities = [0.2, 0.05]
-    settings = [2, 4]
-    for virtual_ranks, one, two in zip(settings, train_and_search_with_each(settings, densities),
-                                       launch(train_and_search_with_each, 2, settings, densities, backend="gloo"),
-                                       strict=True):
+    # Each process's ranks in one pass (ghost BatchNorm; the search's ranks as rows) and one chunk after
+    # another: with 4 ranks, two in each of the two processes.
+    settings = [(2, "one"), (4, "one"), (4, "sequential")]
+    for (virtual_ranks, passes), one, two in zip(settings, train_and_search_with_each(settings, densities),
+                                                 launch(train_and_search_with_each, 2, settings, densities,
+                                                        backend="gloo"), strict=True):
         _assert_same_run(virtual_ranks, one, two)
+        # As rows wherever a process plays several ranks: not 2 ranks over 2 processes.
+        assert (one["as_rows"], two["as_rows"]) == (passes == "one", passes == "one" and virtual_ranks == 4)
 
 
 def _assert_same_run(virtual_ranks: int, one: dict, two: dict) -> None:

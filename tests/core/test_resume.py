@@ -13,6 +13,7 @@ import torch
 
 SCRIPT = textwrap.dedent('''
     import os, signal, sys, torch
+    from dataclasses import replace
     from cts_pipeline.core import cts
     from cts_pipeline.core.artifacts.checkpoints import Checkpoint
     from cts_pipeline.core.data.splits import load_splits
@@ -35,12 +36,15 @@ SCRIPT = textwrap.dedent('''
         net = build_model("convnet", image_shape=(1, 8, 8), num_classes=10,
                           generator=torch.Generator().manual_seed(0), width=4)
         checkpoint = Checkpoint(checkpoint_path, key="test") if checkpoint_path != "-" else None
-        if what == "train":
+        if what.startswith("train"):
             def maybe_die(done, model):
                 if done == kill_after:
                     die()
-            result = train(net, train_split, test_split, recipe, seed=3, stage="t", checkpoint=checkpoint,
-                           snapshot_epochs={1}, on_epoch_end=maybe_die, progress=False)
+            # train_ranks: the authors' 4 GPUs in one pass (ghost BatchNorm's buffers are views then)
+            ranks = 4 if what == "train_ranks" else 1
+            result = train(net, train_split, test_split, replace(recipe, virtual_ranks=ranks), seed=3, stage="t",
+                           checkpoint=checkpoint, snapshot_epochs={1}, on_epoch_end=maybe_die, progress=False,
+                           rank_passes="one")
             torch.save({"weights": net.state_dict(), "rewind": result.snapshots[1], "resumed_at": result.resumed_at,
                         "history": [r["train_loss"] for r in result.history]}, out)
             return
@@ -67,7 +71,7 @@ SCRIPT = textwrap.dedent('''
         job(what, checkpoint_path, out, int(kill_after))
 ''')
 
-WHATS = ("train", "search", "batched_search")
+WHATS = ("train", "train_ranks", "search", "batched_search")
 
 
 def run(folder, *jobs: tuple[str, str, str, int]) -> int:
@@ -110,10 +114,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(killed_and_resumed, what
     straight = torch.load(folder / f"{what}.straight.pt", weights_only=True)
     assert resumed["resumed_at"] == 2 and straight["resumed_at"] is None
     assert resumed["history"] == straight["history"], "the same losses, epoch by epoch"
-    key = "weights" if what == "train" else "scores"
+    key = "weights" if what.startswith("train") else "scores"
     for name, value in straight[key].items():
         assert torch.equal(resumed[key][name], value), f"{name} differs after resuming"
-    if what == "train":
+    if what.startswith("train"):
         for name, value in straight["rewind"].items():
             assert torch.equal(resumed["rewind"][name], value), "θ_k must survive the kill"
     assert not (folder / f"{what}.ckpt.pt").exists(), "a finished run removes its checkpoint"

@@ -22,6 +22,7 @@ from ..core.cts import SearchConfig
 from ..core.data.image_folders import RESIZED_CROPS
 from ..core.data.registry import DATASETS
 from ..core.device.runtime import CudaPolicy, check_device_choice
+from ..core.device.virtual_ranks import RANK_PASSES
 from ..core.nets.registry import MODELS, build_model
 from ..core.train.recipe import TrainRecipe
 from .sweep import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
@@ -113,6 +114,11 @@ class RuntimeConfig(Section):
     checkpoint_every: int | str = 1
     channels_last: AutoFlag = "auto"  # auto: NHWC for convolutional models (faster on CPUs)
     compile: Flag = False  # torch.compile the training forward (worth it on GPUs, not on CPUs)
+    # How a process plays training.virtual_ranks: one forward and backward of its whole part with each
+    # rank's BatchNorm statistics its own (ghost BatchNorm), or sequential, one chunk after another (the
+    # reference; the same numbers to float rounding, N times the GPU's kernel launches); auto: one on a
+    # GPU, sequential on a CPU (compute-bound: one pass is no faster there).
+    virtual_rank_passes: Literal[RANK_PASSES] = "auto"
     # One batched CTS search (and retraining) per seed and CTS configuration. true: always batched, so
     # runs repeat to the bit; auto: batched where a probe of a step measures it faster on this
     # device (not for ResNet-20 on a CPU), a choice that timing noise can flip between runs.

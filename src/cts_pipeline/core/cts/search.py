@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -26,6 +26,13 @@ from .balance import BUDGET_SLACK, GradBalance, Lagrangian, make_balancer, row_s
 from .config import LR_DROP_FACTOR, SearchConfig
 from .forwards import batch_statistics, check_stacked, masked_forward
 from .objectives import Objective
+from .rank_rows import (
+    RankRows,
+    ReplayedNoise,
+    draw_rank_noise,
+    objective_and_rank_gradients,
+    rank_rows_hold,
+)
 from .relaxation import ConcreteMask
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,7 @@ def search_step(
     world: int = 1,
     ranks: RankLayout | None = None,
     micro_batches: MicroBatches | None = None,
+    rank_rows: RankRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the search (inside :func:`batch_statistics`); returns the objective (unscaled)
     and ``Σσ(s)``, per row when batched.
@@ -60,24 +68,35 @@ def search_step(
     objective returned is this process's mean over its chunks. Otherwise, under DDP, ``x`` is this
     process's slice and ``share`` its weight (:func:`..device.distributed.shard`). ``micro_batches``
     (:mod:`..train.memory`) cuts each chunk's forwards into pieces that fit the device, under the same
-    noise draw.
+    noise draw. With ``rank_rows`` active, the chunks run as rows of one stacked pass (:mod:`.rank_rows`),
+    the same step to float rounding; an out-of-memory error there turns it off for good and repeats
+    the step one chunk after another, with the noise already drawn.
     """
     ranks = ranks or RankLayout()
     noises = list(noise) if isinstance(noise, Sequence) else [noise]
-    chunks = ranks.chunks(x, y)
-    if len(noises) != len(chunks):
-        raise ValueError(f"search_step: {len(chunks)} chunks of the batch but {len(noises)} noise streams")
-    parts = [_objective_and_gradient(model, relaxation, objective, chunk_noise, x_part, y_part, loss_scale,
-                                     micro_batches)
-             for chunk_noise, (x_part, y_part) in zip(noises, chunks, strict=True)]
+    if len(noises) != ranks.per_process:
+        raise ValueError(f"search_step: {ranks.per_process} chunks of the batch but {len(noises)} noise streams")
+    by_rank = None
+    if rank_rows is not None and rank_rows.active:
+        uniform = draw_rank_noise(relaxation, noises)
+        by_rank = rank_rows.run(lambda: objective_and_rank_gradients(model, relaxation, objective, uniform, x, y,
+                                                                    ranks, loss_scale))
+        if by_rank is None:  # out of memory: one chunk after another, with the same draws
+            noises = [ReplayedNoise(u) for u in uniform]
+    parts = None
+    if by_rank is None:
+        parts = [_objective_and_gradient(model, relaxation, objective, chunk_noise, x_part, y_part, loss_scale,
+                                         micro_batches)
+                 for chunk_noise, (x_part, y_part) in zip(noises, ranks.chunks(x, y), strict=True)]
     rank_norms = None
     if ranks.plain:
         loss, task_grad = parts[0]
         if world > 1:  # under DDP (core/device/distributed.py) ``x`` is this rank's slice: to the global batch's
             task_grad = average_over_ranks(task_grad, share, world)
     else:
-        loss = torch.stack([part[0] for part in parts]).mean(0)
-        local_grads = torch.stack([part[1] for part in parts])
+        if by_rank is None:
+            by_rank = torch.stack([part[0] for part in parts]), torch.stack([part[1] for part in parts])
+        loss, local_grads = by_rank[0].mean(0), by_rank[1]
         task_grad = local_grads.sum(0)
         all_sum(task_grad)
         task_grad = task_grad / ranks.ranks
@@ -171,15 +190,22 @@ def _micro_batches(model: nn.Module, relaxation: ConcreteMask, objective: Object
     ``virtual_ranks: N`` the ranks themselves are the authors' per-GPU batches, and only a chunk
     that does not fit is cut further (on a BatchNorm model that changes the gradient: a warning)."""
     limit = max(1, chunk // 2) if objective.batch_mean else 1
-    probe_noise = UniformNoise(x.device, seed, "memory-probe", 0)
     # The search normalises with batch statistics (batch_statistics): pieces of a chunk change them.
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    probe = _memory_probe(model, relaxation, objective, x, y, loss_scale, seed)
+    planned = plan_micro_batches(x.device, chunk, probe, stage, batchnorm=batchnorm) if limit > 1 else 1
+    return MicroBatches(planned, limit=limit, stage=stage, batchnorm=batchnorm, batch=chunk)
+
+
+def _memory_probe(model: nn.Module, relaxation: ConcreteMask, objective: Objective, x: torch.Tensor,
+                  y: torch.Tensor, loss_scale: float, seed: int) -> Callable[[int], None]:
+    """A step's forwards and backward on the batch's first ``n`` samples, on noise of its own."""
+    probe_noise = UniformNoise(x.device, seed, "memory-probe", 0)
 
     def probe(samples: int) -> None:
         _objective_and_gradient(model, relaxation, objective, probe_noise, x[:samples], y[:samples], loss_scale)
 
-    planned = plan_micro_batches(x.device, chunk, probe, stage, batchnorm=batchnorm) if limit > 1 else 1
-    return MicroBatches(planned, limit=limit, stage=stage, batchnorm=batchnorm, batch=chunk)
+    return probe
 
 
 def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequence[float], config: SearchConfig,
@@ -251,6 +277,7 @@ class SearchResult:
     shared_by: int = 1  # how many densities searched together in one batched search
     forward_path: str = "single"  # how its rows ran: single (one density), stacked or vmap (forwards.py)
     micro_batches: int = 1  # the pieces each batch ran in, to fit device memory (core/train/memory.py)
+    ranks_as_rows: bool = False  # the virtual ranks ran as rows of one pass to the end (rank_rows.py)
 
     @property
     def group_seconds(self) -> float:
@@ -288,6 +315,7 @@ def concrete_search(
     channels_last: bool = False,
     progress: bool = True,
     diagnostics: bool = False,
+    rank_passes: str = "auto",
 ) -> SearchResult | list[SearchResult]:
     """Learn mask logits for ``model``'s current weights (``θ_k``), which stay frozen.
 
@@ -304,19 +332,22 @@ def concrete_search(
     data order and noise of epoch ``e`` depend only on ``(seed, e)``, so resuming changes nothing.
     ``channels_last`` runs the convolutions in NHWC (1.8x faster ResNet-20 search steps on CPU).
     ``diagnostics`` adds per-layer expected kept counts and median gradient magnitudes to every
-    epoch's record (one sort per layer per epoch).
+    epoch's record (one sort per layer per epoch). ``rank_passes``: how a process plays the recipe's
+    virtual ranks (:data:`..device.virtual_ranks.RANK_PASSES`): as rows of one pass (:mod:`.rank_rows`)
+    or one after another.
     """
     batched = isinstance(density, Sequence)
     densities = _checked_densities(density)
     if batched and config.resolved_objective.kind == "network":
         return [concrete_search(model, train_split, density=k, config=config, recipe=recipe, seed=seed,
                                 stage=f"{stage} {k:g}", checkpoint=None, channels_last=channels_last,
-                                progress=progress, diagnostics=diagnostics) for k in densities]
+                                progress=progress, diagnostics=diagnostics, rank_passes=rank_passes)
+                for k in densities]
     # The weights stay frozen and, with channels_last, in NHWC only while the search runs: restored
     # however it ends (an error, an interrupt), so the caller's model is as it was.
     with frozen_for_search(model, channels_last):
         run = _SearchRun.set_up(model, train_split, densities, batched, config, recipe, seed=seed, stage=stage,
-                                channels_last=channels_last, diagnostics=diagnostics)
+                                channels_last=channels_last, diagnostics=diagnostics, rank_passes=rank_passes)
         epochs = run.epochs
         loop = EpochLoop(stage, first=0, end=epochs, total=epochs, checkpoint=checkpoint, progress=progress)
         run.resume_at(loop.resume(run.restore))
@@ -354,6 +385,7 @@ class _SearchRun:
     stage: str
     channels_last: bool
     diagnostics: bool
+    rank_passes: str  # runtime.virtual_rank_passes: whether the ranks may run as rows
     objective: Objective
     loss_scale: float
     epochs: int
@@ -368,6 +400,7 @@ class _SearchRun:
     step: int = 0
     resumed_at: int | None = None
     micro_batches: MicroBatches | None = None  # planned at the first step
+    rank_rows: RankRows | None = None  # decided at the first step
     stacked_checked: bool = False
 
     @classmethod
@@ -454,7 +487,7 @@ class _SearchRun:
             self.balancer.drop_lr(LR_DROP_FACTOR)
         loss, expected = search_step(self.model, self.relaxation, self.objective, self.balancer, self.optimizer,
                                      noise, x, y, self.loss_scale, share, world,
-                                     ranks, self.micro_batches)
+                                     ranks, self.micro_batches, self.rank_rows)
         self.expected_trace[self.step] = expected.reshape(-1) if self.batched else expected
         self.step += 1
         return loss if world == 1 else loss * (share / world)
@@ -466,9 +499,21 @@ class _SearchRun:
             self.relaxation.stacked = check_stacked(self.model, self.relaxation, x, self.stage)
             self.stacked_checked = True
         if self.micro_batches is None:
+            chunk = len(self.ranks.chunks(x, y)[0][1])
             self.micro_batches = _micro_batches(
-                self.model, self.relaxation, self.objective, x, y, self.loss_scale,
-                len(self.ranks.chunks(x, y)[0][1]), self.seed, self.stage)
+                self.model, self.relaxation, self.objective, x, y, self.loss_scale, chunk, self.seed, self.stage)
+            self.rank_rows = RankRows(self._ranks_fit_as_rows(x, y, chunk), self.stage)
+
+    def _ranks_fit_as_rows(self, x: torch.Tensor, y: torch.Tensor, chunk: int) -> bool:
+        """Whether this process's ranks run as rows of one pass (:mod:`.rank_rows`): where
+        ``rank_passes`` asks for one pass, for an objective on the logits, on layers the stacked
+        layout knows, and where the ranks' chunks fit the device at once, whole."""
+        per_process = self.ranks.per_process
+        if not (self.ranks.one_pass(self.rank_passes, x.device) and self.objective.kind != "network"
+                and self.micro_batches.count == 1 and rank_rows_hold(self.model, self.relaxation, x, self.stage)):
+            return False
+        probe = _memory_probe(self.model, self.relaxation, self.objective, x, y, self.loss_scale, self.seed)
+        return plan_micro_batches(x.device, chunk * per_process, probe, self.stage) == 1
 
     def record_epoch(self, epoch: int, step_losses: torch.Tensor, under_steps: torch.Tensor,
                      seconds: float) -> list[str]:
@@ -520,6 +565,7 @@ class _SearchRun:
                 shared_by=rows,
                 forward_path=path,
                 micro_batches=self.micro_batches.count if self.micro_batches is not None else 1,
+                ranks_as_rows=self.rank_rows is not None and self.rank_rows.active,
             )
             for r, budget in enumerate(self.budgets)
         ]

@@ -35,6 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# How a process plays its N/M ranks (``runtime.virtual_rank_passes``): one forward and backward of its
+# whole part with ghost BatchNorm (.ghost_batchnorm), or one per rank's chunk, the reference the
+# one pass is tested against; auto: one on a GPU, where a step of a small network costs its kernel
+# launches (P times fewer), sequential on a CPU, which is compute-bound and where a channels_last
+# batch's copies around every BatchNorm made ResNet-20's one pass 1.4x slower (docs/performance.md).
+RANK_PASSES = ("auto", "one", "sequential")
 
 def check_ranks(virtual_ranks: int, processes: int) -> None:
     """Refuse N virtual ranks that M processes cannot share equally (``config.validate_run`` says
@@ -96,10 +102,25 @@ class RankLayout:
         ``r + M``, ``r + 2M``, … (0 for the plain step, which every process plays together)."""
         return 0 if self.plain else self.process + self.processes * chunk
 
+    def one_pass(self, passes: str, device: torch.device) -> bool:
+        """Whether this process's ranks run as one pass on ``device`` (``passes``: one of
+        :data:`RANK_PASSES`): only where it plays several; one rank's chunk is its whole part."""
+        if passes not in RANK_PASSES:
+            raise ValueError(f"runtime.virtual_rank_passes must be one of {', '.join(RANK_PASSES)}, got {passes!r}")
+        wanted = device.type != "cpu" if passes == "auto" else passes == "one"
+        return wanted and self.per_process > 1
+
     @property
     def loss_weight(self) -> float:
         """Each chunk's loss weight before DDP averages over the processes: 1/N in all."""
         return self.processes / self.ranks
+
+    def process_part(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's part of a global batch: every M-th sample from the ``r``-th (what a
+        presharded loader already hands it), whose every (N/M)-th sample is one of its chunks."""
+        if self.presharded or self.processes == 1:
+            return x, y
+        return x[self.process::self.processes], y[self.process::self.processes]
 
     def chunks(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This process's chunks of a batch. Recipe rank ``g`` takes every N-th sample from the
@@ -109,8 +130,7 @@ class RankLayout:
         The chunks are the same whatever the process count."""
         if self.plain:
             return [(x, y)]
-        if not self.presharded:
-            x, y = x[self.process::self.processes], y[self.process::self.processes]
+        x, y = self.process_part(x, y)
         step = self.per_process
         # Contiguous copies of the strided chunks: torch.compile's CPU code read a strided chunk
         # wrongly under AVX2 kernels (NaN losses from the second step; torch 2.14.1,

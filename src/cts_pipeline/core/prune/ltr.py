@@ -113,6 +113,7 @@ def lottery_ticket_rewinding(
     stage: str = "ltr",
     progress: bool = True,
     sync_batchnorm: bool = False,
+    rank_passes: str = "auto",
 ) -> tuple[dict[int, Mask], list[LevelRecord]]:
     """Prune iteratively from ``dense_final`` down to level ``max_level``.
 
@@ -124,7 +125,7 @@ def lottery_ticket_rewinding(
     Returns the masks of ``keep_levels`` (CPU tensors) and one :class:`LevelRecord` per level.
     With ``checkpoint``, the state after each finished level is saved and a matching one resumed;
     ``level_checkpoint(level)`` gives each level's training its own per-epoch checkpoint.
-    ``sync_batchnorm`` as for :func:`..train.loop.train`.
+    ``sync_batchnorm`` and ``rank_passes`` as for :func:`..train.loop.train`.
     """
     if not isinstance(max_level, int) or max_level < 1:
         raise ValueError(f"max_level must be a positive integer, got {max_level!r}")
@@ -150,7 +151,7 @@ def lottery_ticket_rewinding(
                 make_model, names, done.mask, train_split, test_split, replace(recipe, eval_every=recipe.epochs),
                 seed=seed, stage=f"{stage} level {level}/{max_level}", start_epoch=start_epoch,
                 checkpoint=level_checkpoint(level) if level_checkpoint is not None else None,
-                progress=progress, sync_batchnorm=sync_batchnorm)
+                progress=progress, sync_batchnorm=sync_batchnorm, rank_passes=rank_passes)
         record = LevelRecord(level=level, density=density, kept=sum(int(keep.sum()) for keep in done.mask.values()),
                              seconds=seconds, test_accuracy=accuracy, cumulative_seconds=done.cumulative)
         done.records.append(record)

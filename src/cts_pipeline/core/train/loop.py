@@ -16,6 +16,7 @@ from torch import nn
 from ..artifacts.checkpoints import Checkpoint
 from ..data.splits import Split, iterate_batches
 from ..device.distributed import all_sum, rank_and_world, shard, with_sync_batchnorm
+from ..device.ghost_batchnorm import ghost_batchnorm
 from ..device.runtime import generator
 from ..device.virtual_ranks import RankLayout, padded_size, running_stats_of
 from ..nets.masks import check_mask_matches, prunable_parameters
@@ -96,6 +97,7 @@ def train(
     sync_batchnorm: bool = False,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     progress: bool = True,
+    rank_passes: str = "auto",
 ) -> TrainResult:
     """Train ``model`` in place from ``start_epoch`` to ``end_epoch`` (default: the recipe's end).
 
@@ -108,11 +110,23 @@ def train(
     convolutions in NHWC (faster on CPUs); ``compile_model`` wraps the forward in ``torch.compile``.
     ``sync_batchnorm``: in a process group, BatchNorm normalises over the global batch
     (:func:`..device.distributed.with_sync_batchnorm`) instead of each rank's slice.
+    ``rank_passes``: how a process plays its ``recipe.virtual_ranks`` (:data:`..device.virtual_ranks.RANK_PASSES`):
+    in one pass with ghost BatchNorm, one chunk after another, or auto (one pass on a GPU).
     """
     end_epoch = recipe.epochs if end_epoch is None else end_epoch
     run = _TrainingRun.set_up(model, train_split, recipe, mask=mask, start_epoch=start_epoch,
                               channels_last=channels_last, compile_model=compile_model,
-                              sync_batchnorm=sync_batchnorm)
+                              sync_batchnorm=sync_batchnorm, rank_passes=rank_passes)
+    with run.released:
+        return _train_epochs(run, test_split, recipe, seed=seed, stage=stage, start_epoch=start_epoch,
+                             end_epoch=end_epoch, snapshot_epochs=snapshot_epochs, checkpoint=checkpoint,
+                             channels_last=channels_last, on_epoch_end=on_epoch_end, progress=progress)
+
+
+def _train_epochs(run: _TrainingRun, test_split: Split | None, recipe: TrainRecipe, *, seed: int, stage: str,
+                  start_epoch: int, end_epoch: int, snapshot_epochs: Collection[int], checkpoint: Checkpoint | None,
+                  channels_last: bool, on_epoch_end: Callable[[int, nn.Module], None] | None,
+                  progress: bool) -> TrainResult:
     result = TrainResult()
     loop = EpochLoop(stage, first=start_epoch, end=end_epoch, total=recipe.epochs, checkpoint=checkpoint,
                      progress=progress)
@@ -153,27 +167,36 @@ class _TrainingRun:
     params: list[torch.Tensor]
     masked: tuple[list[torch.Tensor], list[torch.Tensor]] | None
     ranks: RankLayout
+    one_pass: bool  # this process's ranks in one forward and backward (ghost BatchNorm)
     channels_last: bool
+    released: contextlib.ExitStack  # what the run installed on the model, undone on leaving it
 
     @classmethod
     def set_up(cls, model: nn.Module, train_split: Split, recipe: TrainRecipe, *, mask, start_epoch: int,
-               channels_last: bool, compile_model: bool, sync_batchnorm: bool) -> _TrainingRun:
+               channels_last: bool, compile_model: bool, sync_batchnorm: bool,
+               rank_passes: str = "auto") -> _TrainingRun:
         device = train_split.device
         precision = effective_precision(recipe.precision, device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        masked = _mask_pairs(model, mask, device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer, scaler = optimizer_and_scaler(params, recipe, recipe.lr_at(start_epoch), precision, device)
         rank, world = rank_and_world()
-        if world > 1:
-            model = with_sync_batchnorm(model, sync_batchnorm)
-        return cls(model=model, forward=training_forward(model, world, compile_model), train_split=train_split,
-                   recipe=recipe, optimizer=optimizer, scaler=scaler, precision=precision,
-                   autocast=autocast_for(precision, device),
-                   params=params, masked=masked, ranks=RankLayout(recipe.virtual_ranks, rank, world,
-                                                   presharded=train_split.streamed),
-                   channels_last=channels_last)
+        ranks = RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed)
+        # (SyncBatchNorm normalises the global batch; config.validate_run refuses it with recipe ranks.)
+        one_pass = ranks.one_pass(rank_passes, device) and not (world > 1 and sync_batchnorm)
+        masked = _mask_pairs(model, mask, device)
+        # What the run installs on the model is undone if setting it up fails, else when it ends.
+        with contextlib.ExitStack() as installed:
+            if one_pass:  # before DDP is built below: it keeps the buffers the ghost BatchNorm puts in place
+                installed.enter_context(ghost_batchnorm(model, ranks.per_process))
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer, scaler = optimizer_and_scaler(params, recipe, recipe.lr_at(start_epoch), precision, device)
+            if world > 1:
+                model = with_sync_batchnorm(model, sync_batchnorm)
+            run = cls(model=model, forward=training_forward(model, world, compile_model), train_split=train_split,
+                       recipe=recipe, optimizer=optimizer, scaler=scaler, precision=precision,
+                       autocast=autocast_for(precision, device), params=params, masked=masked, ranks=ranks,
+                       one_pass=one_pass, channels_last=channels_last, released=installed.pop_all())
+        return run
 
     @property
     def epoch_samples(self) -> int:
@@ -259,6 +282,8 @@ class _TrainingRun:
         (core/device/virtual_ranks.py), the plain step being the one chunk. Under DDP only the
         last chunk's backward reduces the gradients. Returns the batch's loss and correct count."""
         ranks, recipe = self.ranks, self.recipe
+        if self.one_pass:
+            return self._one_pass(x, y)
         chunks = ranks.chunks(x, y)
         loss_sum = correct = None
         for part, (x_part, y_part) in enumerate(chunks):
@@ -278,6 +303,22 @@ class _TrainingRun:
             loss_sum = part_loss if loss_sum is None else loss_sum + part_loss
             correct = part_correct if correct is None else correct + part_correct
         return loss_sum, correct
+
+    def _one_pass(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's P = N/M ranks in one forward and backward of its part of the batch, each
+        rank's BatchNorm statistics its own (ghost BatchNorm, installed by :meth:`set_up`). The
+        loss weights are the sequential chunks' summed: for a mean, ``Σ_c (M/N)·mean_c = mean`` of
+        the part (the chunks are equal); for a sum, ``(M/N)·sum``. So is the loss reported."""
+        ranks, reduction = self.ranks, self.recipe.loss_reduction
+        x, y = ranks.process_part(x, y)
+        with self.autocast():
+            logits = self.forward(to_layout(x, self.channels_last))
+            loss = F.cross_entropy(logits.float(), y, reduction=reduction)
+            weighted = loss if reduction == "mean" else loss * ranks.loss_weight
+        (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
+        # Reported as the sequential chunks add it up: Σ_c mean_c/N = mean·P/N, or Σ_c sum_c.
+        reported = loss.detach() * (ranks.per_process / ranks.ranks) if reduction == "mean" else loss.detach()
+        return reported, (logits.detach().argmax(1) == y).sum()
 
     def _update(self) -> None:
         """The optimizer step (unscaled and clipped first where the recipe asks)."""

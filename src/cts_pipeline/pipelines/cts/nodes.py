@@ -69,6 +69,7 @@ def _search_log(branch: Branch, cts: SearchConfig, training: TrainRecipe, result
         "search_shared_by": result.shared_by,  # how many masks that wall-clock produced together
         "search_path": result.forward_path,  # single, or how K rows ran together: stacked or vmap
         "search_micro_batches": result.micro_batches,
+        "search_ranks_as_rows": result.ranks_as_rows,  # training.virtual_ranks as rows of one pass (rank_rows.py)
         "history": result.history,
         "hardware": hardware,
         "started_at": started_at,  # wall-clock (Unix seconds): the branch's start in MLflow
@@ -131,7 +132,7 @@ def search_masks(
             config=cts, recipe=training, seed=first.seed, stage=f"{namespace} search", progress=runtime.progress,
             checkpoint=checkpoint_for(runtime, namespace, "search", model, training, *[b.as_dict() for b in branches],
                                       theta_start, data_fingerprint(train_data)),
-            channels_last=channels_last,
+            channels_last=channels_last, rank_passes=runtime.virtual_rank_passes,
         )
         return found if together else [found]
 

@@ -52,7 +52,7 @@ def train_dense(
         checkpoint=checkpoint_for(runtime, branch.namespace, "dense", model, training, branch.seed,
                                   data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
-        sync_batchnorm=runtime.sync_batchnorm,
+        sync_batchnorm=runtime.sync_batchnorm, rank_passes=runtime.virtual_rank_passes,
     )
     metrics = {
         **branch.as_dict(),

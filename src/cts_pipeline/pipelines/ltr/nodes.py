@@ -50,7 +50,7 @@ def prune_iteratively(
         dense_final_weights, train_split, test_split, training,
         seed=branch.seed, max_level=max_level, start_epoch=training.rewind_epoch,
         dense_seconds=dense_metrics["seconds"]["train"], keep_levels=set(levels), progress=runtime.progress,
-        stage=branch.namespace, sync_batchnorm=runtime.sync_batchnorm,
+        stage=branch.namespace, sync_batchnorm=runtime.sync_batchnorm, rank_passes=runtime.virtual_rank_passes,
         checkpoint=checkpoint_for(runtime, branch.namespace, "ltr", *key),
         level_checkpoint=lambda level: checkpoint_for(runtime, branch.namespace, f"ltr-level{level}", level, *key),
     )

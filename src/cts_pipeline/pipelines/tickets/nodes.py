@@ -116,7 +116,7 @@ def retrain_ticket(
         checkpoint=checkpoint_for(runtime, branch.namespace, "retrain", model, training, branch.as_dict(),
                                   theta_start, keep, data_fingerprint(train_data)),
         channels_last=uses_channels_last(runtime, net), compile_model=runtime.compile,
-        sync_batchnorm=runtime.sync_batchnorm,
+        sync_batchnorm=runtime.sync_batchnorm, rank_passes=runtime.virtual_rank_passes,
     )
     return state_on_cpu(net), _retrain_log(branch, first, result, started_at, retrain_path="single")
 
@@ -317,10 +317,12 @@ def evaluate_ticket(
         # How the mask was found, per search epoch (CTS only): the objective, Σσ over the budget, λ.
         "search_history": [{k: r[k] for k in ("epoch", "loss", "expected_over_budget", "multiplier") if k in r}
                            for r in mask_log.get("history", [])],
-        # How the branch's work ran: the search's rows (single, stacked, vmap) and its micro-batches,
-        # and the retraining (single, or stacked with K tickets): the times above depend on it.
+        # How the branch's work ran: the search's rows (single, stacked, vmap), its micro-batches, whether
+        # its virtual ranks ran as rows, and the retraining (single, or stacked with K tickets): the
+        # times above depend on it.
         "search_path": mask_log.get("search_path"),
         "search_micro_batches": mask_log.get("search_micro_batches"),
+        "search_ranks_as_rows": mask_log.get("search_ranks_as_rows"),
         "retrain_path": retrain_log.get("retrain_path"),
         "search_shared_by": search_shared_by,  # the tickets one search's wall-clock made together
         "retrain_shared_by": retrain_shared_by,
