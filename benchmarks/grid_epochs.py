@@ -13,8 +13,9 @@ padding, fp16 on CUDA; a CPU trains in fp32):
   - a masked training epoch: LTR's unit, since every level retrains from the rewind epoch;
   - a search epoch at one density, and CTS's batched search over the K grid densities (the
     search's own arithmetic: fp32 logits, the masked forward in fp32);
-  - CTS's retraining of the K tickets: stacked where the recipe allows it; the preset's
-    ``virtual_ranks: 4`` does not, so its K tickets retrain one at a time (K masked epochs).
+  - CTS's retraining of the K tickets: stacked where the model allows it, the preset's
+    ``virtual_ranks: 4`` in one pass (each rank's BatchNorm statistics its own); else one at a
+    time (K masked epochs).
 
 It then composes the whole grid from the preset's epoch counts (E, rewind k, the grid's levels):
 LTR pays (L_max + 1) · (E − k) training epochs; CTS pays E_search search epochs (E `long`, int(E/8)
@@ -134,8 +135,8 @@ def main() -> None:
     t_retrain = median_seconds(retraining_epoch, args.repeats, device) if stacked else None
     table.add(f"| retraining epoch of the K tickets, stacked | {t_retrain:.2f} | {t_retrain / t_train:.2f} "
               f"({t_retrain / (k * t_train):.2f} of K single epochs) |" if stacked
-              else f"| retraining epoch of the K tickets | {k * t_train:.2f} (one at a time: the preset's "
-                   f"virtual_ranks: {recipe.virtual_ranks} cannot be stacked) | {k:.2f} |")
+              else f"| retraining epoch of the K tickets | {k * t_train:.2f} (one at a time: this network "
+                   f"cannot be stacked) | {k:.2f} |")
     ltr = (max(levels) + 1) * (epochs - rewind) * t_train
     grid = ["",
             f"| whole grid (E = {epochs}, rewind {rewind}) | LTR, {max(levels) + 1} trainings | CTS batched "

@@ -131,6 +131,8 @@ def rows_for(name: str, device: torch.device, repeats: int, quick: bool, ranks: 
          stacked(1) if stacked_supported(theta, replace(recipe, virtual_ranks=1), device) else None),
         (f"retraining, {k} tickets under {ranks} ranks: one at a time, in one pass", 1,
          training(ranks, "one", masks[-1])),
+        (f"retraining, {k} tickets stacked under {ranks} ranks (one pass)", k,
+         stacked(ranks) if stacked_supported(theta, replace(recipe, virtual_ranks=ranks), device) else None),
     ]
     rows = []
     for label, tickets, run_epoch in plan:

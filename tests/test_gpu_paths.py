@@ -188,11 +188,12 @@ def test_gpu_sh_runs_every_part_and_prints_every_row_on_a_cpu(tmp_path):
     assert sum(line.startswith("| ") and "K = " in line for line in logs["batched"].splitlines()) == 8
     grid = logs["grid_epochs"]
     assert "the `cifar10_resnet20` preset: resnet20 (shortcut conv3x3, bn_running_stats False" in grid
-    assert "4 virtual ranks" in grid and "cannot be stacked" in grid and grid.count("| CTS-KL `") == 2
+    assert "4 virtual ranks" in grid and "retraining epoch of the K tickets, stacked" in grid
+    assert grid.count("| CTS-KL `") == 2
     assert logs["resnet50"].count("| fp32, ") == 2
     launches = [line for line in logs["launches"].splitlines() if line.startswith("| train") or line.startswith("| search")
                 or line.startswith("| retraining")]
-    assert len(launches) == 11 and "ranks in one pass (ghost BatchNorm" in launches[2]
+    assert len(launches) == 12 and "ranks in one pass (ghost BatchNorm" in launches[2]
     assert "ranks as rows of one pass" in launches[5] and "ranks as rows of one pass" in launches[8]
     assert doc.read_bytes() == before
 

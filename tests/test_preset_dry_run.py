@@ -47,8 +47,9 @@ def tiny_split(info, n: int, side: int, seed: int) -> Split:
     return Split(images=images, labels=torch.randint(0, info.num_classes, (n,), generator=g), info=info)
 
 
+@pytest.mark.parametrize("rank_passes", ["auto", "one"])  # on a CPU, auto: the ranks one after another
 @pytest.mark.parametrize("preset", GPU_PRESETS)
-def test_gpu_preset_runs_end_to_end_on_cpu(preset):
+def test_gpu_preset_runs_end_to_end_on_cpu(preset, rank_passes):
     sections = preset_sections(preset)
     data, model_config, recipe, search = (sections[k] for k in ("data", "model", "training", "cts"))
     assert recipe.virtual_ranks == 4 and model_config.options["bn_running_stats"] is False
@@ -62,17 +63,18 @@ def test_gpu_preset_runs_end_to_end_on_cpu(preset):
 
     net = model_config.build(train_split.info.image_shape, info.num_classes, generator=torch.Generator().manual_seed(0))
     dense = train(net, train_split, test_split, small, seed=0, stage=f"{preset} dense", progress=False,
-                  snapshot_epochs={1})
+                  snapshot_epochs={1}, rank_passes=rank_passes)
     theta_k = dense.snapshots[1]
     net.load_state_dict(theta_k)
     density = 1 - sections["grid"].sparsities[0]  # one: the batched search has its own tests
     found = concrete_search(net, train_split, density=density, config=dataclasses.replace(search, epochs=1),
-                            recipe=small, seed=0, progress=False)
+                            recipe=small, seed=0, progress=False, rank_passes=rank_passes)
+    assert found.ranks_as_rows == (rank_passes == "one")
     mask = global_topk_mask(found.scores, density)
     assert sum(int(m.sum()) for m in mask.values()) == kept_count(density, count_prunable(net))
     ticket = copy.deepcopy(net)
     retrained = train(ticket, train_split, test_split, small, seed=0, stage=f"{preset} ticket", progress=False,
-                      start_epoch=1, mask=mask)
+                      start_epoch=1, mask=mask, rank_passes=rank_passes)
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in dense.history + retrained.history)
     weights = dict(ticket.named_parameters())
     for name, keep in mask.items():  # the ticket trained its kept weights and held the others at zero

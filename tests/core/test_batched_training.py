@@ -39,6 +39,12 @@ def random_masks(model, densities):
     ("convnet", TrainRecipe(epochs=2, batch_size=48, lr=0.05, loss_reduction="sum", grad_clip_norm=2.0,
                             augment=True, nesterov=True)),
     ("lenet_300_100", TrainRecipe(epochs=2, batch_size=64, lr=0.1, eval_every=2)),
+    # Virtual ranks, stacked in one pass against one ticket at a time with its ranks one after another
+    # (on a CPU, `auto`): 4 ranks; 3 ranks with a summed loss, where 256 samples pad to 258 and the
+    # last batch of 18 gives each rank 6.
+    ("convnet", TrainRecipe(epochs=2, batch_size=64, lr=0.1, weight_decay=5e-4, virtual_ranks=4)),
+    ("convnet", TrainRecipe(epochs=2, batch_size=48, lr=0.05, loss_reduction="sum", grad_clip_norm=2.0,
+                            augment=True, virtual_ranks=3)),
 ])
 def test_stacked_retraining_equals_one_ticket_at_a_time(digits, name, recipe):
     train_split, test_split = digits

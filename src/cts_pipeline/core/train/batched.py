@@ -31,6 +31,7 @@ from torch import nn
 from ..artifacts.checkpoints import Checkpoint
 from ..data.splits import Split, iterate_batches
 from ..device.runtime import generator, synchronize
+from ..device.virtual_ranks import RankLayout, padded_size
 from ..nets.masks import check_mask_matches
 from .epochs import EpochLoop
 from .loop import TrainResult, autocast_for, check_finite, effective_precision, to_layout, train
@@ -41,11 +42,14 @@ from .stacked import supports as stacked_supports
 logger = logging.getLogger(__name__)
 
 
-def supports(model: nn.Module, recipe: TrainRecipe, device: torch.device) -> bool:
-    """Whether these tickets can train stacked: layers the stacked layout knows, BatchNorm with a
-    fixed momentum, and one rank (virtual ranks train one ticket at a time)."""
+def supports(model: nn.Module, recipe: TrainRecipe, device: torch.device, rank_passes: str = "auto") -> bool:
+    """Whether these tickets can train stacked: layers the stacked layout knows and BatchNorm with a
+    fixed momentum. Virtual ranks train stacked in one pass (each rank's BatchNorm statistics its
+    own, :func:`.stacked.rewired`), unless ``rank_passes`` asks for them one after another (the
+    reference), which trains one ticket at a time."""
     norms_ok = all(m.momentum is not None for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    return stacked_supports(model) and norms_ok and recipe.virtual_ranks == 1
+    sequential_ranks = recipe.virtual_ranks > 1 and rank_passes == "sequential"
+    return stacked_supports(model) and norms_ok and not sequential_ranks
 
 
 class RowScaler:
@@ -130,19 +134,28 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class StackedTickets:
-    """K copies of ``model``'s parameters and buffers, ``[K, *shape]`` each, on its device."""
+    """K copies of ``model``'s parameters and buffers, ``[K, *shape]`` each, on its device.
 
-    def __init__(self, model: nn.Module, rows: int):
-        self.model, self.rows = model, rows
+    With ``ranks`` P > 1 (virtual ranks), the running statistics live in ``[P, K, C]`` tensors
+    (:attr:`rank_buffers`) whose first row is the tickets' own (:attr:`buffers`, rank 0's, as DDP
+    keeps them); training normalises each rank's chunk apart and updates all P rows."""
+
+    def __init__(self, model: nn.Module, rows: int, ranks: int = 1):
+        self.model, self.rows, self.ranks = model, rows, ranks
         self.params = {n: p.detach().unsqueeze(0).repeat(rows, *[1] * p.dim()).requires_grad_(True)
                        for n, p in model.named_parameters()}
-        self.buffers = {n: b.detach().unsqueeze(0).repeat(rows, *[1] * b.dim()).contiguous()
+        self.rank_buffers = {n: b.detach().expand(ranks, rows, *b.shape).contiguous()
+                             for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+        self.buffers = {n: self.rank_buffers[n][0] if n in self.rank_buffers else
+                        b.detach().unsqueeze(0).repeat(rows, *[1] * b.dim()).contiguous()
                         for n, b in model.named_buffers()}
         self._batch_counts = [b for n, b in self.buffers.items() if n.endswith("num_batches_tracked")]
 
     def logits(self, x: torch.Tensor, *, training: bool) -> torch.Tensor:
         """``[K, B, classes]``; in training, BatchNorm uses batch statistics and updates each row's."""
-        with rewired(self.model, self.params, self.rows, self.buffers, training=training):
+        ranks = self.ranks if training else 1
+        buffers = {**self.buffers, **self.rank_buffers} if ranks > 1 else self.buffers
+        with rewired(self.model, self.params, self.rows, buffers, training=training, ranks=ranks):
             out = unstack(self.model(x), self.rows)
         if training:
             for count in self._batch_counts:
@@ -194,6 +207,8 @@ def train_tickets(
     ``model`` holds the shared start weights and is not modified. Returns each ticket's final state
     dict (CPU) and its :class:`TrainResult`, whose epoch ``seconds`` are the stacked run's
     wall-clock over K (each ticket's share). With ``checkpoint``, resumes as :func:`.loop.train`.
+    ``recipe.virtual_ranks`` N > 1 trains each ticket as :func:`.loop.train` does in one pass: each
+    rank's chunk with its own BatchNorm statistics, its loss weighted 1/N.
     """
     if not supports(model, recipe, train_split.device):
         raise ValueError("these tickets cannot train stacked; use training.train one by one")
@@ -241,7 +256,7 @@ class _StackedRun:
                recipe: TrainRecipe, *, start_epoch: int, channels_last: bool) -> _StackedRun:
         device, rows = train_split.device, len(masks)
         precision = effective_precision(recipe.precision, device)
-        tickets = StackedTickets(model, rows)
+        tickets = StackedTickets(model, rows, recipe.virtual_ranks)
         keep = {n: torch.stack([m[n].to(device=device, dtype=tickets.params[n].dtype) for m in masks])
                 for n in masks[0]}
         params = list(tickets.params.values())
@@ -258,8 +273,13 @@ class _StackedRun:
         return len(self.results)
 
     @property
+    def epoch_samples(self) -> int:
+        """The epoch as the virtual ranks see it: padded so each gets the same share of the last batch."""
+        return padded_size(len(self.train_split), RankLayout(self.recipe.virtual_ranks).parts)
+
+    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.train_split) / self.recipe.batch_size)
+        return math.ceil(self.epoch_samples / self.recipe.batch_size)
 
     def restore(self, saved: Mapping) -> None:
         with torch.no_grad():
@@ -296,15 +316,15 @@ class _StackedRun:
         correct = torch.zeros(self.rows, dtype=torch.int64, device=device)
         batches = iterate_batches(self.train_split, recipe.batch_size, shuffle=True,
                                   generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
-                                  padding=recipe.crop_padding)
+                                  padding=recipe.crop_padding, parts=RankLayout(recipe.virtual_ranks).parts)
         for step, (x, y) in enumerate(batches):
             if epoch < recipe.warmup_epochs:
                 self._set_lr(recipe.warmup_lr(epoch, step, self.steps_per_epoch))
             step_losses[step], right = self._step(x, y)
             correct += right
         check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)
-        denominator = len(self.train_split) if recipe.loss_reduction == "sum" else self.steps_per_epoch
-        return (step_losses.sum(0) / denominator).tolist(), (100.0 * correct / len(self.train_split)).tolist()
+        denominator = self.epoch_samples if recipe.loss_reduction == "sum" else self.steps_per_epoch
+        return (step_losses.sum(0) / denominator).tolist(), (100.0 * correct / self.epoch_samples).tolist()
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -321,7 +341,11 @@ class _StackedRun:
             losses = per_sample.mean(1) if self.recipe.loss_reduction == "mean" else per_sample.sum(1)
         self.optimizer.zero_grad(set_to_none=True)
         # Rows share nothing: each ticket gets its own loss's gradient (under fp16, scaled by its own scale).
-        (losses if scaler is None else scaler.scaled(losses)).sum().backward()
+        # Under N virtual ranks a summed loss weighs 1/N, as each rank's does before DDP averages them
+        # (a mean needs nothing: with equal chunks it is the mean of the ranks' means).
+        weighted = losses / self.recipe.virtual_ranks if self.recipe.loss_reduction == "sum" and \
+            self.recipe.virtual_ranks > 1 else losses
+        (weighted if scaler is None else scaler.scaled(weighted)).sum().backward()
         finite = scaler.unscale_(params) if scaler is not None else None
         if self.recipe.grad_clip_norm is not None:
             _clip_per_row(params, self.recipe.grad_clip_norm)
@@ -361,7 +385,10 @@ def probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor], train_split: 
                samples: int, *, seed: int, channels_last: bool = False) -> None:
     """One stacked training step of a single ticket on ``samples`` samples (no evaluation, no
     checkpoint): what :func:`.memory.plan_rows` measures to cap how many tickets train at once."""
-    probe = dataclasses.replace(recipe, epochs=1, batch_size=samples, warmup_epochs=0, milestones=[])
+    # (A probe's few samples may not deal equally to the virtual ranks; its memory hardly depends on them.)
+    ranks = recipe.virtual_ranks if samples % recipe.virtual_ranks == 0 else 1
+    probe = dataclasses.replace(recipe, epochs=1, batch_size=samples, warmup_epochs=0, milestones=[],
+                                virtual_ranks=ranks)
     train_tickets(model, [mask], train_split.subset(samples), None, probe, seed=seed, stage="memory probe",
                   progress=False, channels_last=channels_last)
 

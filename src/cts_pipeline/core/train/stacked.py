@@ -85,10 +85,16 @@ def _linear(module: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, 
     return forward
 
 
-def _norm(module: nn.modules.batchnorm._BatchNorm, weight, bias, running: tuple | None, training: bool):
+def _norm(module: nn.modules.batchnorm._BatchNorm, weight, bias, running: tuple | None, training: bool,
+          ranks: int = 1):
     """BatchNorm over K·C channels. ``running`` (flat ``[K·C]`` views of the stacked running
     statistics) are used in evaluation and updated in place in training; without them, every
-    call normalises with the batch's statistics and keeps none (the search's mode)."""
+    call normalises with the batch's statistics and keeps none (the search's mode).
+
+    ``ranks`` P > 1 (training only): each of P virtual ranks' chunks (every P-th sample) is
+    normalised with its own statistics, as :mod:`..device.ghost_batchnorm` does for one network: the
+    batch ``[B, K·C, H, W]`` viewed as ``[B/P, P·K·C, H, W]``, γ and β repeated P times, and
+    ``running`` then ``[P·K·C]`` views whose first K·C entries are the tickets' own (rank 0's)."""
     flat_weight = None if weight is None else weight.reshape(-1)
     flat_bias = None if bias is None else bias.reshape(-1)
 
@@ -98,18 +104,32 @@ def _norm(module: nn.modules.batchnorm._BatchNorm, weight, bias, running: tuple 
         return F.batch_norm(x, running[0], running[1], flat_weight, flat_bias, training, module.momentum,
                             module.eps)
 
-    return forward
+    def by_rank(x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        if batch % ranks:
+            raise ValueError(f"stacked BatchNorm: a batch of {batch} samples cannot be dealt equally to {ranks} "
+                             "virtual ranks")
+        grouped = x.reshape(batch // ranks, ranks * x.shape[1], *x.shape[2:])  # a copy for channels_last
+        mean, var = (None, None) if running is None else running
+        out = F.batch_norm(grouped, mean, var, None if flat_weight is None else flat_weight.repeat(ranks),
+                           None if flat_bias is None else flat_bias.repeat(ranks), True,
+                           0.0 if running is None else module.momentum, module.eps)
+        return out.view(x.shape)
+
+    return by_rank if ranks > 1 and (training or running is None) else forward
 
 
 @contextmanager
 def rewired(model: nn.Module, params: Mapping[str, torch.Tensor], rows: int,
-            buffers: Mapping[str, torch.Tensor] | None = None, training: bool = True) -> Iterator[None]:
+            buffers: Mapping[str, torch.Tensor] | None = None, training: bool = True,
+            ranks: int = 1) -> Iterator[None]:
     """Within the block, ``model(x)`` computes K rows at once in the stacked layout.
 
     ``params`` maps parameter names to ``[K, *shape]`` tensors; parameters not in it are shared by
     every row. ``buffers`` holds stacked BatchNorm running statistics (``[K, C]``, contiguous),
     used in evaluation (``training=False``) and updated in place in training; without it,
-    BatchNorm uses batch statistics only.
+    BatchNorm uses batch statistics only. ``ranks`` P > 1: in training, BatchNorm normalises each
+    virtual rank's chunk apart (:func:`_norm`), and ``buffers`` holds ``[P, K, C]`` statistics.
     """
     patched = []
     try:
@@ -124,7 +144,7 @@ def rewired(model: nn.Module, params: Mapping[str, torch.Tensor], rows: int,
                     prefix = f"{name}." if name else ""
                     running = (buffers[prefix + "running_mean"].view(-1), buffers[prefix + "running_var"].view(-1))
                 module.forward = _norm(module, _row_param(module, name, params, "weight", rows),
-                                       _row_param(module, name, params, "bias", rows), running, training)
+                                       _row_param(module, name, params, "bias", rows), running, training, ranks)
             else:
                 continue
             patched.append(module)

@@ -203,7 +203,7 @@ def retrain_tickets(
 
     everyone = list(range(len(branches)))
     # The stacked path has no DDP: over several processes the tickets train one at a time.
-    if not stacked_training_supports(net, training, device) or runtime.compile \
+    if not stacked_training_supports(net, training, device, runtime.virtual_rank_passes) or runtime.compile \
             or runtime.distributed.nproc > 1 \
             or not batched_if_faster(
                 runtime, stage,
