@@ -128,3 +128,16 @@ def test_the_stacking_probe_trains_nothing_of_the_model(digits):
                                       TrainRecipe(epochs=3, batch_size=64, lr=0.1, milestones=[2]), seed=0)
     assert 0.0 < ratio < float("inf")
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_tickets_stack_under_virtual_ranks_only_where_the_ranks_run_in_one_pass():
+    """Stacked, a ticket's ranks run in one pass: the pipeline stacks them where
+    runtime.virtual_rank_passes chooses one pass on the device (auto: a GPU), never one rank after another."""
+    from cts_pipeline.core.train.batched import stacks_ranks
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    ranks, plain = TrainRecipe(epochs=1, batch_size=8, lr=0.1, virtual_ranks=4), TrainRecipe(epochs=1, batch_size=8, lr=0.1)
+    assert [stacks_ranks(ranks, "auto", d) for d in (cpu, cuda)] == [False, True]
+    assert [stacks_ranks(ranks, p, cpu) for p in ("one", "sequential")] == [True, False]
+    assert not stacks_ranks(ranks, "sequential", cuda)
+    assert all(stacks_ranks(plain, p, d) for p in ("auto", "sequential") for d in (cpu, cuda))

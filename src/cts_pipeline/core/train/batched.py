@@ -42,14 +42,20 @@ from .stacked import supports as stacked_supports
 logger = logging.getLogger(__name__)
 
 
-def supports(model: nn.Module, recipe: TrainRecipe, device: torch.device, rank_passes: str = "auto") -> bool:
+def supports(model: nn.Module, recipe: TrainRecipe, device: torch.device) -> bool:
     """Whether these tickets can train stacked: layers the stacked layout knows and BatchNorm with a
     fixed momentum. Virtual ranks train stacked in one pass (each rank's BatchNorm statistics its
-    own, :func:`.stacked.rewired`), unless ``rank_passes`` asks for them one after another (the
-    reference), which trains one ticket at a time."""
+    own, :func:`.stacked.rewired`)."""
     norms_ok = all(m.momentum is not None for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    sequential_ranks = recipe.virtual_ranks > 1 and rank_passes == "sequential"
-    return stacked_supports(model) and norms_ok and not sequential_ranks
+    return stacked_supports(model) and norms_ok
+
+
+def stacks_ranks(recipe: TrainRecipe, rank_passes: str, device: torch.device) -> bool:
+    """Whether retraining may stack tickets under ``recipe``'s virtual ranks: stacked, they run in
+    one pass, so only where ``rank_passes`` (``runtime.virtual_rank_passes``) chooses one pass on
+    this device. With ``auto`` on a CPU the ranks run one after another, and so do the tickets
+    (stacked, ResNet-20's 7 tickets under 4 ranks took 2.5x one at a time there: docs/performance.md)."""
+    return recipe.virtual_ranks == 1 or RankLayout(recipe.virtual_ranks).one_pass(rank_passes, device)
 
 
 class RowScaler:

@@ -24,7 +24,13 @@ from ...core.nets.masks import (
     thin_layers,
 )
 from ...core.prune.connectivity import effective_report
-from ...core.train.batched import eval_probe_step, probe_step, stacked_training_ratio, train_tickets
+from ...core.train.batched import (
+    eval_probe_step,
+    probe_step,
+    stacked_training_ratio,
+    stacks_ranks,
+    train_tickets,
+)
 from ...core.train.batched import supports as stacked_training_supports
 from ...core.train.loop import effective_precision, evaluate, state_on_cpu, train
 from ...core.train.memory import plan_rows, release_cached_memory
@@ -203,7 +209,8 @@ def retrain_tickets(
 
     everyone = list(range(len(branches)))
     # The stacked path has no DDP: over several processes the tickets train one at a time.
-    if not stacked_training_supports(net, training, device, runtime.virtual_rank_passes) or runtime.compile \
+    if not stacked_training_supports(net, training, device) \
+            or not stacks_ranks(training, runtime.virtual_rank_passes, device) or runtime.compile \
             or runtime.distributed.nproc > 1 \
             or not batched_if_faster(
                 runtime, stage,
