@@ -47,8 +47,10 @@ def tiny_split(info, n: int, side: int, seed: int) -> Split:
     return Split(images=images, labels=torch.randint(0, info.num_classes, (n,), generator=g), info=info)
 
 
-@pytest.mark.parametrize("rank_passes", ["auto", "one"])  # on a CPU, auto: the ranks one after another
-@pytest.mark.parametrize("preset", GPU_PRESETS)
+# Every preset with its ranks one after another (auto, on a CPU), and in one pass (ghost BatchNorm, the
+# search's ranks as rows) on the two kinds of network the others share (ResNet, VGG).
+@pytest.mark.parametrize(("preset", "rank_passes"), [(p, "auto") for p in GPU_PRESETS] + [
+    ("cifar10_resnet20", "one"), ("cifar10_vgg16", "one")])
 def test_gpu_preset_runs_end_to_end_on_cpu(preset, rank_passes):
     sections = preset_sections(preset)
     data, model_config, recipe, search = (sections[k] for k in ("data", "model", "training", "cts"))
