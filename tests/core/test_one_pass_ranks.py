@@ -210,3 +210,20 @@ def test_unknown_rank_passes_are_refused_naming_the_setting(digits):
     with pytest.raises(ValueError, match="runtime.virtual_rank_passes must be one of auto, one, sequential"):
         train(convnet(), digits[0].subset(64), None, recipe, seed=0, stage="x", progress=False,
               rank_passes="parallel")
+
+
+def test_a_test_evaluation_inside_a_one_pass_training_normalises_its_whole_batch(digits):
+    """With batch statistics at test time (the paper presets' bn_running_stats: false), the training
+    run's own test evaluation normalises each test batch whole, as the sequential ranks' does and as
+    an evaluation after the run does: not per rank (a test batch of 30 would not even divide by 4)."""
+    from cts_pipeline.core.train.loop import evaluate
+
+    recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.05, virtual_ranks=4, eval_batch_size=30)
+    test = digits[1].subset(90)
+    for passes in ("one", "sequential"):
+        model = convnet(bn_running_stats=False)
+        result = train(model, digits[0].subset(128), test, recipe, seed=0, stage=passes, progress=False,
+                       rank_passes=passes)
+        after = evaluate(model, test, 30)
+        assert result.final["test_loss"] == pytest.approx(after["loss"], rel=1e-6), passes
+        assert result.final["test_accuracy"] == after["accuracy"], passes

@@ -99,7 +99,7 @@ def objective_and_rank_gradients(model: nn.Module, relaxation: ConcreteMask, obj
     labels = _per_row(y.unflatten(0, (samples, per_process)).transpose(0, 1), rows_per_rank)
     teacher = None
     if objective.needs_teacher:
-        with torch.no_grad(), ghost_batchnorm(model, per_process):
+        with torch.no_grad(), ghost_batchnorm(model, per_process, in_evaluation=True):
             dense = model(x)
         teacher = _per_row(dense.unflatten(0, (samples, per_process)).transpose(0, 1), rows_per_rank)
     loss = torch.vmap(objective.fn, in_dims=(0, None if teacher is None else 0, 0))(sparse, teacher, labels)

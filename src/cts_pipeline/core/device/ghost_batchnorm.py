@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 # The instance attributes an installed ghost BatchNorm carries (removed with it).
-_RANKS, _STATS, _OWN = "_ghost_ranks", "_ghost_stats", "_ghost_own_buffers"
+_RANKS, _STATS, _OWN, _EVAL = "_ghost_ranks", "_ghost_stats", "_ghost_own_buffers", "_ghost_in_evaluation"
 
 
 def batchnorms_of(model: nn.Module) -> list[_BatchNorm]:
@@ -45,11 +45,14 @@ def batchnorms_of(model: nn.Module) -> list[_BatchNorm]:
 
 
 @contextmanager
-def ghost_batchnorm(model: nn.Module, ranks: int) -> Iterator[None]:
+def ghost_batchnorm(model: nn.Module, ranks: int, in_evaluation: bool = False) -> Iterator[None]:
     """Within the block, every BatchNorm of ``model`` in training mode normalises each of ``ranks``
     interleaved chunks of its batch (every ``ranks``-th sample) with that chunk's statistics, in one
-    call; in evaluation mode it is unchanged. The running statistics are restored to plain buffers
-    on the way out, holding what rank 0's samples made of them."""
+    call; in evaluation mode it is unchanged (a test evaluation inside the training normalises its
+    whole batch, as the sequential ranks' does), unless ``in_evaluation``: then a BatchNorm without
+    running statistics normalises each chunk apart in evaluation too (the search's teacher, whose
+    model is in evaluation mode with batch statistics). The running statistics are restored to
+    plain buffers on the way out, holding what rank 0's samples made of them."""
     norms = batchnorms_of(model)
     if any(isinstance(m, nn.SyncBatchNorm) for m in norms):
         raise ValueError("ghost BatchNorm normalises each virtual rank's chunk; SyncBatchNorm normalises the "
@@ -57,7 +60,7 @@ def ghost_batchnorm(model: nn.Module, ranks: int) -> Iterator[None]:
     installed = []
     try:
         for norm in norms:
-            _install(norm, ranks)
+            _install(norm, ranks, in_evaluation)
             installed.append(norm)
         yield
     finally:
@@ -65,7 +68,7 @@ def ghost_batchnorm(model: nn.Module, ranks: int) -> Iterator[None]:
             _remove(norm)
 
 
-def _install(norm: _BatchNorm, ranks: int) -> None:
+def _install(norm: _BatchNorm, ranks: int, in_evaluation: bool) -> None:
     own, every = {}, []
     for name in ("running_mean", "running_var"):
         buffer = getattr(norm, name)
@@ -77,6 +80,7 @@ def _install(norm: _BatchNorm, ranks: int) -> None:
         every.append(stats)
         setattr(norm, name, stats[: buffer.numel()])  # the module's buffer for the block: rank 0's view
     setattr(norm, _RANKS, ranks)
+    setattr(norm, _EVAL, in_evaluation)
     setattr(norm, _STATS, tuple(every))
     setattr(norm, _OWN, own)
     # An instance attribute, not a hook: a hook could only replace the output after the plain forward
@@ -90,14 +94,15 @@ def _remove(norm: _BatchNorm) -> None:
         with torch.no_grad():
             buffer.copy_(getattr(norm, name))  # what rank 0 made of them (or what a resume loaded)
         setattr(norm, name, buffer)
-    for attribute in (_RANKS, _STATS, _OWN):
+    for attribute in (_RANKS, _STATS, _OWN, _EVAL):
         delattr(norm, attribute)
 
 
 def _ghost_forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    # Batch statistics in training, and in evaluation without running statistics (the search's
-    # mode, ..cts.forwards.batch_statistics), as _BatchNorm.forward decides; else the plain forward.
-    if not (self.training or (self.running_mean is None and self.running_var is None)):
+    # Each rank's batch statistics in training, and, where asked, in evaluation without running
+    # statistics (the search's mode, ..cts.forwards.batch_statistics); else the plain forward.
+    batch_statistics = self.running_mean is None and self.running_var is None
+    if not (self.training or (getattr(self, _EVAL) and batch_statistics)):
         return type(self).forward(self, x)
     self._check_input_dim(x)
     ranks = getattr(self, _RANKS)
