@@ -73,8 +73,8 @@ def per_step(run_epoch: Callable[[int], None], repeats: int, device: torch.devic
             run_epoch(steps)
             sync(device)
             fastest[steps] = min(fastest[steps], time.perf_counter() - started)
-    return ((counted[1][0] - counted[0][0]) / span, (counted[1][1] - counted[0][1]) / span,
-            max(fastest[STEPS[1]] - fastest[STEPS[0]], 0.0) / span)
+    seconds = max(fastest[STEPS[1]] - fastest[STEPS[0]], 0.0) / span if repeats else math.nan  # --quick: not timed
+    return (counted[1][0] - counted[0][0]) / span, (counted[1][1] - counted[0][1]) / span, seconds
 
 
 def rows_for(name: str, device: torch.device, repeats: int, quick: bool, ranks: int = 4) -> tuple[str, list[Row]]:
@@ -166,7 +166,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--presets", default="cifar10_resnet20,base")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="batch 32, a narrow ResNet-20: checks the script")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 32, a narrow ResNet-20, nothing timed: checks the script")
     parser.add_argument("--write-docs", action="store_true", help="rewrite this device's block in docs/performance.md")
     args = parser.parse_args()
     if args.write_docs and args.quick:
@@ -177,7 +178,7 @@ def main() -> None:
               f"{datetime.date.today()}, {describe_hardware(device)}. Search rows are "
               "against the 1-density 1-rank search step, the others against the 1-rank training step.")
     for name in args.presets.split(","):
-        header, rows = rows_for(name, device, 1 if args.quick else args.repeats, args.quick)
+        header, rows = rows_for(name, device, 0 if args.quick else args.repeats, args.quick)
         table.add("", *table_lines(header, rows, device))
     table.finish()
 
