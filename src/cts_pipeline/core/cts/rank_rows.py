@@ -117,7 +117,6 @@ def _per_row(by_rank: torch.Tensor, rows_per_rank: int) -> torch.Tensor:
     return by_rank.unsqueeze(1).expand(by_rank.shape[0], rows_per_rank, *by_rank.shape[1:]).flatten(0, 1)
 
 
-
 class RankRows:
     """Whether a search's ranks run as rows (decided at its first step), and off for good after an
     out-of-memory error: the rows hold P chunks' activations at once, one rank's only a chunk's."""

@@ -38,8 +38,9 @@ from torch import nn
 # How a process plays its N/M ranks (``runtime.virtual_rank_passes``): one forward and backward of its
 # whole part with ghost BatchNorm (.ghost_batchnorm), or one per rank's chunk, the reference the
 # one pass is tested against; auto: one on a GPU, where a step of a small network costs its kernel
-# launches (P times fewer), sequential on a CPU, which is compute-bound and where a channels_last
-# batch's copies around every BatchNorm made ResNet-20's one pass 1.4x slower (docs/performance.md).
+# launches (P times fewer operations), sequential on a CPU, which is compute-bound: there ResNet-20's
+# one-pass training step took 1.9x the sequential one at batch 512, its search's rows 1.9x too
+# (four chunks of 128 run faster per sample than one batch of 512; docs/performance.md).
 RANK_PASSES = ("auto", "one", "sequential")
 
 def check_ranks(virtual_ranks: int, processes: int) -> None:
