@@ -105,11 +105,6 @@ def _ghost_forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     if not (self.training or (getattr(self, _EVAL) and batch_statistics)):
         return type(self).forward(self, x)
     self._check_input_dim(x)
-    ranks = getattr(self, _RANKS)
-    batch, channels = x.shape[0], x.shape[1]
-    if batch % ranks:
-        raise ValueError(f"ghost BatchNorm: a batch of {batch} samples cannot be dealt equally to {ranks} "
-                         "virtual ranks")
     # As _BatchNorm.forward: the count, and the momentum (a cumulative average when it is None).
     factor = 0.0 if self.momentum is None else self.momentum
     tracked = self.training and self.track_running_stats and self.num_batches_tracked is not None
@@ -118,11 +113,23 @@ def _ghost_forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         if self.momentum is None:
             factor = 1.0 / float(self.num_batches_tracked)
     mean, var = getattr(self, _STATS) if self.training and self.track_running_stats else (None, None)
-    # A view of an NCHW batch; a copy of a channels_last one (see the module's docstring).
+    return batch_norm_by_rank(x, getattr(self, _RANKS), mean, var, self.weight, self.bias, factor, self.eps)
+
+
+def batch_norm_by_rank(x: torch.Tensor, ranks: int, running_mean: torch.Tensor | None,
+                       running_var: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       momentum: float, eps: float) -> torch.Tensor:
+    """``x`` normalised in batch-statistics mode, each of ``ranks`` interleaved chunks (every
+    ``ranks``-th sample) with its own statistics, in one call: ``x`` viewed as ``[B/P, P·C, ...]``
+    (a copy of a channels_last batch), ``weight`` and ``bias`` (``[C]``) repeated P times, the
+    running statistics (``[P·C]``, or None) updated at ``momentum``. Also the stacked layout's
+    (:func:`..train.stacked._norm`), whose C counts K tickets' channels."""
+    batch, channels = x.shape[0], x.shape[1]
+    if batch % ranks:
+        raise ValueError(f"ghost BatchNorm: a batch of {batch} samples cannot be dealt equally to {ranks} "
+                         "virtual ranks")
     grouped = x.reshape(batch // ranks, ranks * channels, *x.shape[2:])
-    out = F.batch_norm(grouped, mean, var,
-                       None if self.weight is None else self.weight.repeat(ranks),
-                       None if self.bias is None else self.bias.repeat(ranks),
-                       True, factor, self.eps)
+    out = F.batch_norm(grouped, running_mean, running_var, None if weight is None else weight.repeat(ranks),
+                       None if bias is None else bias.repeat(ranks), True, momentum, eps)
     return out.view(x.shape)
 

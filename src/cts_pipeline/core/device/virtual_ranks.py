@@ -43,6 +43,7 @@ from torch import nn
 # (four chunks of 128 run faster per sample than one batch of 512; docs/performance.md).
 RANK_PASSES = ("auto", "one", "sequential")
 
+
 def check_ranks(virtual_ranks: int, processes: int) -> None:
     """Refuse N virtual ranks that M processes cannot share equally (``config.validate_run`` says
     the same at run start, naming the process count's setting)."""

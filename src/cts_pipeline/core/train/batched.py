@@ -156,11 +156,12 @@ class StackedTickets:
                         b.detach().unsqueeze(0).repeat(rows, *[1] * b.dim()).contiguous()
                         for n, b in model.named_buffers()}
         self._batch_counts = [b for n, b in self.buffers.items() if n.endswith("num_batches_tracked")]
+        self._training_buffers = {**self.buffers, **self.rank_buffers}  # every rank's statistics
 
     def logits(self, x: torch.Tensor, *, training: bool) -> torch.Tensor:
         """``[K, B, classes]``; in training, BatchNorm uses batch statistics and updates each row's."""
         ranks = self.ranks if training else 1
-        buffers = {**self.buffers, **self.rank_buffers} if ranks > 1 else self.buffers
+        buffers = self._training_buffers if training else self.buffers
         with rewired(self.model, self.params, self.rows, buffers, training=training, ranks=ranks):
             out = unstack(self.model(x), self.rows)
         if training:

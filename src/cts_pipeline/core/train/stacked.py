@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device.ghost_batchnorm import batch_norm_by_rank
+
 # Leaf modules that act per channel (or per element), so they run unchanged on stacked activations.
 _CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Flatten,
                 nn.Dropout)
@@ -105,16 +107,9 @@ def _norm(module: nn.modules.batchnorm._BatchNorm, weight, bias, running: tuple 
                             module.eps)
 
     def by_rank(x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        if batch % ranks:
-            raise ValueError(f"stacked BatchNorm: a batch of {batch} samples cannot be dealt equally to {ranks} "
-                             "virtual ranks")
-        grouped = x.reshape(batch // ranks, ranks * x.shape[1], *x.shape[2:])  # a copy for channels_last
         mean, var = (None, None) if running is None else running
-        out = F.batch_norm(grouped, mean, var, None if flat_weight is None else flat_weight.repeat(ranks),
-                           None if flat_bias is None else flat_bias.repeat(ranks), True,
-                           0.0 if running is None else module.momentum, module.eps)
-        return out.view(x.shape)
+        return batch_norm_by_rank(x, ranks, mean, var, flat_weight, flat_bias,
+                                  0.0 if running is None else module.momentum, module.eps)
 
     return by_rank if ranks > 1 and (training or running is None) else forward
 
