@@ -48,13 +48,14 @@ part 130 speed "$PYTHON" benchmarks/speed.py --device "$DEVICE" --rows 1,2,3,6 $
 # Batched against one-at-a-time search (the path each took: stacked or vmap) and retraining
 # (stacked, in the default bf16), ResNet-20 at K = 5 and K = 15 first, then the small networks,
 # with peak memory.
-part 160 batched "$PYTHON" benchmarks/batched.py --device "$DEVICE" --resnet $WRITE
+part 150 batched "$PYTHON" benchmarks/batched.py --device "$DEVICE" --resnet $WRITE
 # The whole grid against LTR per epoch of work: the cifar10_resnet20 preset as conf/ gives it, on
 # CIFAR-shaped noise.
 part 80 grid_epochs "$PYTHON" benchmarks/grid_epochs.py --device "$DEVICE" $WRITE
 # ResNet-50 throughput and peak memory: fp32 (TF32), bf16 and fp16, NCHW and channels_last.
 part 100 resnet50 "$PYTHON" benchmarks/resnet50_throughput.py --device "$DEVICE" $WRITE
 # Operations dispatched and GPU time per ticket-step: the cifar10_resnet20 preset's training and
-# search with its 4 virtual ranks one after another and in one pass, its K tickets' retraining.
-part 50 launches "$PYTHON" benchmarks/launches.py --device "$DEVICE" --presets cifar10_resnet20 $WRITE
+# search with its 4 virtual ranks one after another and in one pass, its K tickets' retraining; the
+# default's too, with its grid's 3 seeds as rows (runtime.stack_seeds).
+part 60 launches "$PYTHON" benchmarks/launches.py --device "$DEVICE" --presets cifar10_resnet20,base $WRITE
 cp docs/performance.md "$OUT/performance.md"

@@ -15,7 +15,9 @@ measured the same way, without the counter, from the fastest of ``--repeats`` ep
 Each preset as its conf/ files give it (presets.py): `cifar10_resnet20` (ResNet-20, batch 512 as 4
 virtual ranks, summed loss clipped at 2.0; fp32 on a CPU, fp16 on a GPU) and the default `base`
 (the digits convnet, batch 64, one rank). The 4-rank rows of the default are the same recipe with
-``virtual_ranks: 4``: there ghost BatchNorm meets a network with running statistics.
+``virtual_ranks: 4``: there ghost BatchNorm meets a network with running statistics. The default
+also has the grid's rows (``runtime.stack_seeds``): 3 seeds' dense runs stacked, and their 5 × 3
+tickets retrained stacked, each row with its own seed's weights and batches.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from cts_pipeline.core.train.batched import train_tickets
 from cts_pipeline.core.train.loop import effective_precision, train
 
 STEPS = (1, 2)  # the two epoch lengths whose difference is one step's cost
+GRID_SEEDS = (0, 1, 2)  # the seeds of the grid rows (issue 35: the default grid, 5 sparsities × 3 seeds)
 
 
 @dataclass
@@ -77,7 +80,8 @@ def per_step(run_epoch: Callable[[int], None], repeats: int, device: torch.devic
     return (counted[1][0] - counted[0][0]) / span, (counted[1][1] - counted[0][1]) / span, seconds
 
 
-def rows_for(name: str, device: torch.device, repeats: int, quick: bool, ranks: int = 4) -> tuple[str, list[Row]]:
+def rows_for(name: str, device: torch.device, repeats: int, quick: bool, ranks: int = 4,
+             grid: bool = False) -> tuple[str, list[Row]]:
     paper = preset(name)
     batch = 32 if quick else paper.recipe.batch_size
     options = {**paper.model_options, **({"width": 8} if quick and paper.model == "resnet20" else {})}
@@ -117,6 +121,19 @@ def rows_for(name: str, device: torch.device, repeats: int, quick: bool, ranks: 
         return lambda steps: train_tickets(fresh(), masks, subset(steps), None, r, seed=0, stage="launches",
                                            progress=False, channels_last=channels_last)
 
+    # Seeds as rows (runtime.stack_seeds), under the preset's own ranks: each seed its own weights
+    # and its own batches. The grid's tickets: every density of every seed.
+    seed_starts = [build_model(paper.model, image_shape=split.info.image_shape, num_classes=split.info.num_classes,
+                               generator=torch.Generator().manual_seed(seed), **options).state_dict()
+                   for seed in GRID_SEEDS]
+
+    def seeds_as_rows(with_masks: bool):
+        rows = [(seed, start, mask) for seed, start in zip(GRID_SEEDS, seed_starts, strict=True)
+                for mask in (masks if with_masks else [None])]
+        return lambda steps: train_tickets(fresh(), [m for _, _, m in rows], subset(steps), None, recipe,
+                                           seed=[s for s, _, _ in rows], starts=[st for _, st, _ in rows],
+                                           stage="launches", progress=False, channels_last=channels_last)
+
     plan: list[tuple[str, int, Callable[[int], None] | None]] = [
         ("train, 1 rank", 1, training(1, "sequential")),
         (f"train, {ranks} ranks one after another (`virtual_rank_passes: sequential`)", 1, training(ranks, "sequential")),
@@ -134,6 +151,14 @@ def rows_for(name: str, device: torch.device, repeats: int, quick: bool, ranks: 
         (f"retraining, {k} tickets stacked under {ranks} ranks (one pass)", k,
          stacked(ranks) if stacked_supported(theta, replace(recipe, virtual_ranks=ranks), device) else None),
     ]
+    if grid:  # the default grid: S seeds' dense runs, and their S × K tickets' retraining, each as one stacked network
+        own = f"{recipe.virtual_ranks} rank{'s' if recipe.virtual_ranks > 1 else ''}"
+        plan += [
+            (f"dense training, {len(GRID_SEEDS)} seeds stacked (`stack_seeds`), {own}", len(GRID_SEEDS),
+             seeds_as_rows(False)),
+            (f"retraining, the grid: {k} densities × {len(GRID_SEEDS)} seeds stacked, {own}", k * len(GRID_SEEDS),
+             seeds_as_rows(True)),
+        ]
     rows = []
     for label, tickets, run_epoch in plan:
         if run_epoch is None:
@@ -178,7 +203,7 @@ def main() -> None:
               f"{datetime.date.today()}, {describe_hardware(device)}. Search rows are "
               "against the 1-density 1-rank search step, the others against the 1-rank training step.")
     for name in args.presets.split(","):
-        header, rows = rows_for(name, device, 0 if args.quick else args.repeats, args.quick)
+        header, rows = rows_for(name, device, 0 if args.quick else args.repeats, args.quick, grid=name == "base")
         table.add("", *table_lines(header, rows, device))
     table.finish()
 

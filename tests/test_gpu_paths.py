@@ -193,8 +193,9 @@ def test_gpu_sh_runs_every_part_and_prints_every_row_on_a_cpu(tmp_path):
     assert logs["resnet50"].count("| fp32, ") == 2
     launches = [line for line in logs["launches"].splitlines() if line.startswith("| train") or line.startswith("| search")
                 or line.startswith("| retraining")]
-    assert len(launches) == 12 and "ranks in one pass (ghost BatchNorm" in launches[2]
+    assert len(launches) == 12 + 14 and "ranks in one pass (ghost BatchNorm" in launches[2]
     assert "ranks as rows of one pass" in launches[5] and "ranks as rows of one pass" in launches[8]
+    assert "3 seeds stacked (`stack_seeds`)" in launches[24] and "5 densities × 3 seeds stacked" in launches[25]
     assert doc.read_bytes() == before
 
 

@@ -756,7 +756,7 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
     monkeypatch.setattr(memory, "free_bytes", lambda device: 240 * mib)  # 0.8 × 240 = 192 MiB: two tickets
     monkeypatch.setattr(memory, "peak_bytes", fake_peak)
     with caplog.at_level(logging.INFO, logger="cts_pipeline"):
-        out = nodes.retrain_tickets(theta, train, test, model, recipe, runtime, *payloads, *group)
+        out = nodes.retrain_tickets(train, test, model, recipe, runtime, theta, *payloads, *group)
     assert len(probed) == 3
     assert "the 3 rows run in groups of 2" in caplog.text
     logs = [out[f"{b.namespace}.retrain_log"] for b in group]
@@ -799,7 +799,7 @@ def test_a_stacked_group_out_of_memory_frees_its_tensors_before_the_fallback(dig
     monkeypatch.setattr(nodes, "release_cached_memory",
                         lambda: alive_at.setdefault("release", group_tensors[0]() is not None))
     monkeypatch.setattr(nodes, "retrain_ticket", one_ticket)
-    out = nodes.retrain_tickets(theta, train, test, model, TrainRecipe(epochs=1, batch_size=64, lr=0.1), runtime,
+    out = nodes.retrain_tickets(train, test, model, TrainRecipe(epochs=1, batch_size=64, lr=0.1), runtime, theta,
                                 *payloads, *group)
     assert [out[f"{b.namespace}.retrain_log"]["retrain_path"] for b in group] == ["single", "single"]
     assert alive_at == {"release": False, "fallback": False}

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from kedro.pipeline import Pipeline
 
 from .config import active as active_config
 from .config.sweep import Branch, plan
+from .core.device.runtime import resolve_device
+from .core.train.batched import stacks_seeds
 from .pipelines.cts.pipeline import create_pipeline as cts_pipeline
 from .pipelines.data_processing.pipeline import create_pipeline as data_pipeline
 from .pipelines.dense.pipeline import create_pipeline as dense_pipeline
@@ -35,6 +38,14 @@ def _metrics(branches: list[Branch]) -> list[str]:
     return [f"{b.namespace}.metrics" for b in branches]
 
 
+def _device_or_cpu(choice) -> torch.device:
+    """The run's device, or the CPU for a choice the run will refuse when it starts (in one line)."""
+    try:
+        return resolve_device(choice)
+    except (ValueError, TypeError, RuntimeError):
+        return torch.device("cpu")
+
+
 def build_pipelines(params: dict) -> dict[str, Pipeline]:
     """Every pipeline of the sweep that the raw parameters ``params`` plan."""
     # Branches read datasets of other namespaces on purpose (each branch reads its seed's
@@ -46,12 +57,14 @@ def build_pipelines(params: dict) -> dict[str, Pipeline]:
 
 
 def _build(p, params: dict) -> dict[str, Pipeline]:
-    batch = (params.get("runtime") or {}).get("batch_sparsities", True) is not False
-    base = data_pipeline() + dense_pipeline(p.dense)
-    cts = cts_pipeline(p.cts, batch)
-    variants = cts_pipeline(p.cts_variants, batch)
-    ltr = ltr_pipeline(p.ltr_runs, p.ltr, batch)
-    pai = pai_pipeline(p.pai, batch)
+    runtime = params.get("runtime") or {}
+    batch = runtime.get("batch_sparsities", True) is not False
+    stack_seeds = stacks_seeds(runtime.get("stack_seeds", "auto"), _device_or_cpu(runtime.get("device", "auto")))
+    base = data_pipeline() + dense_pipeline(p.dense, stack_seeds)
+    cts = cts_pipeline(p.cts, batch, stack_seeds)
+    variants = cts_pipeline(p.cts_variants, batch, stack_seeds)
+    ltr = ltr_pipeline(p.ltr_runs, p.ltr, batch, stack_seeds)
+    pai = pai_pipeline(p.pai, batch, stack_seeds)
 
     def with_report(name: str, branches: list[Branch], *parts: Pipeline) -> Pipeline:
         return base + sum(parts, Pipeline([])) + report_pipeline(name, _metrics(p.dense) + _metrics(branches))
@@ -68,6 +81,6 @@ def _build(p, params: dict) -> dict[str, Pipeline]:
                                                         (p.pai, pai)) for b in branches}
     references = [b for b in compared if b.method in checked]
     pipelines["sanity"] = (base + sum((family_of[m] for m in sorted(checked)), Pipeline([]))
-                           + sanity_pipeline(p.sanity, batch) + sanity_report(_metrics(references) + _metrics(p.sanity)))
+                           + sanity_pipeline(p.sanity, batch, stack_seeds) + sanity_report(_metrics(references) + _metrics(p.sanity)))
     pipelines["__default__"] = pipelines["compare"] + pipelines["sanity"]
     return pipelines

@@ -56,7 +56,7 @@ def test_cts_has_one_batched_search_per_seed_fanning_out_to_each_sparsity(params
     group = [n.name.rsplit(".", 1)[1] for n in cts.nodes if n.namespace == "cts_kl.seed1"]
     assert group == ["search", "retrain", "evaluate_sp98_20", "evaluate_sp99_26"]  # topological order
     retrain = next(n for n in cts.nodes if n.name == "cts_kl.seed1.retrain")
-    assert retrain.inputs[0] == "dense.seed1.theta_rewind"
+    assert retrain.inputs[5] == "dense.seed1.theta_rewind"  # after the data and the settings
     assert {"cts_kl.seed1.sp98_20.mask", "cts_kl.seed1.sp99_26.mask"} <= set(retrain.inputs)
     assert set(retrain.outputs) == {"cts_kl.seed1.sp98_20.final_weights", "cts_kl.seed1.sp98_20.retrain_log",
                                     "cts_kl.seed1.sp99_26.final_weights", "cts_kl.seed1.sp99_26.retrain_log"}
@@ -217,3 +217,28 @@ def test_names():
     assert cts_method_name({"objective": "kl", "epochs": 3, "balance": "lagrangian"}) == "cts_kl_3ep_lagrangian"
     assert cts_method_name({"objective": "kl", "loss_scale": 1.0}) == "cts_kl_ls1"
     assert cts_method_name({"objective": "kl", "loss_scale": 0.5, "min_kept_per_layer": 8}) == "cts_kl_ls0p5_floor8"
+
+
+def test_the_seeds_share_nodes_only_where_runtime_stack_seeds_says(params, monkeypatch):
+    """true: one dense node and one retraining node per method for every seed; false, or auto on a
+    CPU: a node per seed; auto on an accelerator: shared (the node then probes)."""
+    import torch
+
+    params["grid"]["seeds"] = [0, 1, 2]
+
+    def names(stack_seeds, cuda=False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        params["runtime"]["stack_seeds"] = stack_seeds
+        return {n.name for n in pipelines_for(params)["compare"].nodes}
+
+    stacked = names(True)
+    assert "dense.seeds.train" in stacked and not any(n.endswith("train_dense") for n in stacked)
+    for method in ("cts_kl", "ltr", "snip"):
+        assert f"{method}.seeds.retrain" in stacked and f"{method}.seed0.retrain" not in stacked
+    assert "cts_kl.seeds.evaluate_seed2_sp99_26" in stacked
+    assert "cts_kl.seed1.search" in stacked, "the searches stay per seed"
+    per_seed = names(False)
+    assert {"dense.seed0.train_dense", "dense.seed2.train_dense", "cts_kl.seed1.retrain"} <= per_seed
+    assert "dense.seeds.train" not in per_seed
+    assert names("auto") == per_seed, "auto keeps a node per seed on a CPU"
+    assert names("auto", cuda=True) == stacked, "and shares them on an accelerator"

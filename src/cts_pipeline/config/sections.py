@@ -123,6 +123,11 @@ class RuntimeConfig(Section):
     # runs repeat to the bit; auto: batched where a probe of a step measures it faster on this
     # device (not for ResNet-20 on a CPU), a choice that timing noise can flip between runs.
     batch_sparsities: AutoFlag = True
+    # The grid's seeds as rows of one stacked network: their dense runs in one node, and the retraining
+    # of a method's tickets of every seed and sparsity in one (with batch_sparsities on). true: always;
+    # auto: where a probe of a step measures it faster on this device (a CPU, compute-bound, mostly not);
+    # false: a node per seed. Each seed keeps its own initialisation, data order, artifacts and records.
+    stack_seeds: AutoFlag = "auto"
     strict: Flag = False  # stop the run when a search diverges, instead of flagging the branch
     # {nproc: N}: train and search over N local processes; null: one
     distributed: Annotated[DistributedConfig, Expects("null or {nproc: N, sync_batchnorm: false}")] = \

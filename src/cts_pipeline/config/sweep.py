@@ -80,6 +80,12 @@ def search_group_namespace(branch: Branch) -> str:
     return branch_namespace(branch.method, branch.seed)
 
 
+def seeds_group_namespace(branch: Branch) -> str:
+    """``cts_kl.seeds``: one method's tickets of every seed retrained as rows of one stacked network
+    (``runtime.stack_seeds``)."""
+    return f"{branch.method}.seeds"
+
+
 def branch_namespace(method: str, seed: int, sparsity: float | None = None) -> str:
     parts = [method, f"seed{seed}"]
     if sparsity is not None:

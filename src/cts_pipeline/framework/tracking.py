@@ -55,7 +55,7 @@ REACHABLE_TIMEOUT_S = 5
 CHILD_PARAMS = (
     "method", "family", "objective", "model", "dataset", "sparsity", "density", "seed", "rewind_epoch",
     "search_length", "search_epochs", "start", "start_epoch", "checked_method", "namespace", "hardware",
-    "search_path", "search_micro_batches", "search_ranks_as_rows", "retrain_path", "search_shared_by", "retrain_shared_by", "test_images",
+    "search_path", "search_micro_batches", "search_ranks_as_rows", "retrain_path", "search_shared_by", "retrain_shared_by", "dense_path", "dense_shared_by", "test_images",
 )
 CHILD_METRICS = (
     "test_accuracy", "test_loss", "achieved_sparsity", "achieved_density", "kept_weights",

@@ -168,13 +168,15 @@ def build_network(
 
 
 def batched_if_faster(runtime: RuntimeConfig, stage: str, measure: Callable[[], float], rows: int,
-                      what: str, doing: str, together: str) -> bool:
-    """Whether K rows run batched: always with ``runtime.batch_sparsities: true``; with ``auto``, where
-    ``measure()`` (a probe's batched time over K single ones) comes out below 1. Rank 0's
-    measurement decides for every rank, and the log says what it found."""
+                      what: str, doing: str, together: str,
+                      settings: tuple[str, ...] = ("batch_sparsities",)) -> bool:
+    """Whether K rows run batched: always when each of ``runtime.<settings>`` (``batch_sparsities``,
+    ``stack_seeds``) is true; else (one is ``auto``) where ``measure()`` (a probe's batched time over
+    K single ones) comes out below 1. Rank 0's measurement decides for every rank, and the log says
+    what it found."""
     from ..core.device.distributed import broadcast_object
 
-    if runtime.batch_sparsities is True:
+    if all(getattr(runtime, setting) is True for setting in settings):
         return True
     try:
         ratio = measure()
@@ -185,8 +187,9 @@ def batched_if_faster(runtime: RuntimeConfig, stage: str, measure: Callable[[], 
         ratio = math.inf
     ratio = broadcast_object(ratio)
     faster = ratio < 1.0
-    logger.info("%s: %s %.2f of %d single steps on this device; %s %s (runtime.batch_sparsities: auto)", stage,
-                what, ratio, rows, doing, together if faster else "one at a time")
+    auto = next(setting for setting in settings if getattr(runtime, setting) is not True)
+    logger.info("%s: %s %.2f of %d single steps on this device; %s %s (runtime.%s: auto)", stage,
+                what, ratio, rows, doing, together if faster else "one at a time", auto)
     return faster
 
 

@@ -1,4 +1,5 @@
-"""Retrain K tickets of one network at once: same recipe, same seed, same start weights, K masks.
+"""Retrain K tickets of one network at once: same recipe, same seed, same start weights, K masks;
+or train the rows of several seeds at once, each from its own weights on its own batches.
 
 Tickets that share those see exactly the same batches (the data order and the augmentation depend
 on the seed and the epoch only), so they can train as one network of K stacked copies
@@ -12,6 +13,11 @@ Per ticket, as in :func:`.loop.train`: its mask held at zero after every step, i
 gradient-norm clipping, its own BatchNorm running statistics, its own evaluation. SGD with
 momentum and weight decay is elementwise, so one optimizer over the stacked tensors is K
 optimizers. The result equals K runs of :func:`.loop.train` up to float rounding.
+
+Seeds as rows (``runtime.stack_seeds``) are the same network with row ``k`` starting from its own
+seed's weights and reading its own seed's batches: the rows' inputs then sit side by side in the
+channel dimension (the stacked layout's per-row input), and the first layer is a grouped
+convolution, or a batched product, like every other. A dense run is a row without a mask.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +62,14 @@ def stacks_ranks(recipe: TrainRecipe, rank_passes: str, device: torch.device) ->
     this device. With ``auto`` on a CPU the ranks run one after another, and so do the tickets
     (stacked, ResNet-20's 7 tickets under 4 ranks took 2.5x one at a time there: docs/performance.md)."""
     return recipe.virtual_ranks == 1 or RankLayout(recipe.virtual_ranks).one_pass(rank_passes, device)
+
+
+def stacks_seeds(stack_seeds: bool | str, device: torch.device) -> bool:
+    """Whether the grid's seeds share nodes, as rows of one stacked network (``runtime.stack_seeds``):
+    ``true`` always; ``auto`` on an accelerator only, where the node then probes whether stacking is
+    faster. A CPU is compute-bound, so there ``auto`` keeps a node per seed, which parallel runners
+    (Dask, ``ParallelRunner``) can also spread over workers."""
+    return stack_seeds is True or (stack_seeds == "auto" and device.type != "cpu")
 
 
 class RowScaler:
@@ -146,14 +160,22 @@ class StackedTickets:
     (:attr:`rank_buffers`) whose first row is the tickets' own (:attr:`buffers`, rank 0's, as DDP
     keeps them); training normalises each rank's chunk apart and updates all P rows."""
 
-    def __init__(self, model: nn.Module, rows: int, ranks: int = 1):
+    def __init__(self, model: nn.Module, rows: int, ranks: int = 1,
+                 starts: Sequence[Mapping[str, torch.Tensor]] | None = None):
+        if starts is not None and len(starts) != rows:
+            raise ValueError(f"StackedTickets: {rows} rows but {len(starts)} start states")
         self.model, self.rows, self.ranks = model, rows, ranks
-        self.params = {n: p.detach().unsqueeze(0).repeat(rows, *[1] * p.dim()).requires_grad_(True)
-                       for n, p in model.named_parameters()}
-        self.rank_buffers = {n: b.detach().expand(ranks, rows, *b.shape).contiguous()
+
+        def as_rows(name: str, own: torch.Tensor) -> torch.Tensor:
+            """``[K, *shape]``: the model's own tensor in every row, or row k's from ``starts[k]``."""
+            if starts is None:
+                return own.detach().unsqueeze(0).repeat(rows, *[1] * own.dim())
+            return torch.stack([start[name].to(own.device, own.dtype) for start in starts])
+
+        self.params = {n: as_rows(n, p).requires_grad_(True) for n, p in model.named_parameters()}
+        self.rank_buffers = {n: as_rows(n, b).expand(ranks, rows, *b.shape).contiguous()
                              for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
-        self.buffers = {n: self.rank_buffers[n][0] if n in self.rank_buffers else
-                        b.detach().unsqueeze(0).repeat(rows, *[1] * b.dim()).contiguous()
+        self.buffers = {n: self.rank_buffers[n][0] if n in self.rank_buffers else as_rows(n, b).contiguous()
                         for n, b in model.named_buffers()}
         self._batch_counts = [b for n, b in self.buffers.items() if n.endswith("num_batches_tracked")]
         self._training_buffers = {**self.buffers, **self.rank_buffers}  # every rank's statistics
@@ -197,14 +219,16 @@ def evaluate_stacked(tickets: StackedTickets, split: Split, batch_size: int, *,
 
 def train_tickets(
     model: nn.Module,
-    masks: Sequence[Mapping[str, torch.Tensor]],
+    masks: Sequence[Mapping[str, torch.Tensor] | None],
     train_split: Split,
     test_split: Split | None,
     recipe: TrainRecipe,
     *,
-    seed: int,
+    seed: int | Sequence[int],
     stage: str,
     start_epoch: int = 0,
+    starts: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    snapshot_epochs: Collection[int] = (),
     checkpoint: Checkpoint | None = None,
     channels_last: bool = False,
     progress: bool = True,
@@ -216,24 +240,41 @@ def train_tickets(
     wall-clock over K (each ticket's share). With ``checkpoint``, resumes as :func:`.loop.train`.
     ``recipe.virtual_ranks`` N > 1 trains each ticket as :func:`.loop.train` does in one pass: each
     rank's chunk with its own BatchNorm statistics, its loss weighted 1/N.
+
+    Rows of several seeds (seeds as rows, ``runtime.stack_seeds``): ``seed`` then lists each row's
+    seed, and ``starts`` each row's own start state (``model.state_dict()`` keys) in place of
+    ``model``'s. Each seed's batches are drawn from its own generator, as :func:`.loop.train` draws
+    them for that seed, and each row trains on its seed's batch. A ``None`` mask trains the row
+    dense (every row's or none's); ``snapshot_epochs`` keeps each row's CPU state after that many
+    epochs in its result's ``snapshots``, as :func:`.loop.train` does.
     """
     if not supports(model, recipe, train_split.device):
         raise ValueError("these tickets cannot train stacked; use training.train one by one")
+    seeds = [seed] * len(masks) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(masks):
+        raise ValueError(f"train_tickets: {len(masks)} rows but {len(seeds)} seeds")
+    if any(m is None for m in masks) and not all(m is None for m in masks):
+        raise ValueError("train_tickets: either every row has a mask or none has")
     for mask in masks:
-        check_mask_matches(model, mask)
+        if mask is not None:
+            check_mask_matches(model, mask)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    run = _StackedRun.set_up(model, masks, train_split, recipe, start_epoch=start_epoch, channels_last=channels_last)
+    run = _StackedRun.set_up(model, masks, train_split, recipe, seeds=seeds, starts=starts, start_epoch=start_epoch,
+                             channels_last=channels_last)
     loop = EpochLoop(stage, first=start_epoch, end=recipe.epochs, total=recipe.epochs, checkpoint=checkpoint,
                      progress=progress)
-    loop.resume(run.restore)
+    if loop.resume(run.restore) is None and start_epoch in snapshot_epochs:
+        run.snapshot(start_epoch)
     run.zero_pruned()
     for epoch in loop:
-        per_sample, accuracy = run.train_epoch(epoch, seed, stage)
+        per_sample, accuracy = run.train_epoch(epoch, stage)
         seconds = loop.seconds() / run.rows
         tests = None
         if test_split is not None and (loop.is_last(epoch) or (epoch + 1) % recipe.eval_every == 0):
             tests = run.test(test_split)
+        if epoch + 1 in snapshot_epochs:
+            run.snapshot(epoch + 1)
         loop.end_epoch(epoch, run.state, run.record_epoch(epoch, per_sample, accuracy, seconds, tests, stage))
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
@@ -248,7 +289,8 @@ class _StackedRun:
 
     tickets: StackedTickets
     params: list[torch.Tensor]  # the tickets' stacked parameters, as the optimizer holds them
-    keep: dict[str, torch.Tensor]  # each prunable weight's K masks, stacked like the weights
+    keep: dict[str, torch.Tensor]  # each prunable weight's K masks, stacked like the weights (none: dense rows)
+    seeds: list[int]  # each row's: its data order and augmentation
     train_split: Split
     recipe: TrainRecipe
     optimizer: torch.optim.SGD
@@ -259,18 +301,20 @@ class _StackedRun:
     results: list[TrainResult]
 
     @classmethod
-    def set_up(cls, model: nn.Module, masks: Sequence[Mapping[str, torch.Tensor]], train_split: Split,
-               recipe: TrainRecipe, *, start_epoch: int, channels_last: bool) -> _StackedRun:
+    def set_up(cls, model: nn.Module, masks: Sequence[Mapping[str, torch.Tensor] | None], train_split: Split,
+               recipe: TrainRecipe, *, seeds: list[int], starts: Sequence[Mapping[str, torch.Tensor]] | None,
+               start_epoch: int, channels_last: bool) -> _StackedRun:
         device, rows = train_split.device, len(masks)
         precision = effective_precision(recipe.precision, device)
-        tickets = StackedTickets(model, rows, recipe.virtual_ranks)
+        tickets = StackedTickets(model, rows, recipe.virtual_ranks, starts)
         keep = {n: torch.stack([m[n].to(device=device, dtype=tickets.params[n].dtype) for m in masks])
-                for n in masks[0]}
+                for n in (masks[0] or {})}
         params = list(tickets.params.values())
         optimizer = torch.optim.SGD(params, lr=recipe.lr_at(start_epoch),
                                     momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                                     nesterov=recipe.nesterov)
-        return cls(tickets=tickets, params=params, keep=keep, train_split=train_split, recipe=recipe, optimizer=optimizer,
+        return cls(tickets=tickets, params=params, keep=keep, seeds=seeds, train_split=train_split, recipe=recipe,
+                   optimizer=optimizer,
                    scaler=RowScaler(rows, device) if precision == "fp16" else None, precision=precision,
                    autocast=autocast_for(precision, device), channels_last=channels_last,
                    results=[TrainResult() for _ in range(rows)])
@@ -297,8 +341,10 @@ class _StackedRun:
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
-        for result, history in zip(self.results, saved["history"], strict=True):
+        for result, history, snapshots in zip(self.results, saved["history"],
+                                              saved.get("snapshots") or [{}] * self.rows, strict=True):
             result.history = list(history)
+            result.snapshots = {int(k): v for k, v in snapshots.items()}
             result.resumed_at = int(saved["epochs_done"])
 
     def state(self) -> dict:
@@ -308,23 +354,27 @@ class _StackedRun:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "history": [r.history for r in self.results],
+            "snapshots": [{str(k): v for k, v in r.snapshots.items()} for r in self.results],
         }
+
+    def snapshot(self, epochs_done: int) -> None:
+        """Each row's weights and buffers now, on the CPU, as its result's snapshot after ``epochs_done``."""
+        for k, result in enumerate(self.results):
+            result.snapshots[epochs_done] = self.tickets.state_dict(k)
 
     @torch.no_grad()
     def zero_pruned(self) -> None:
         """Pruned weights back to zero: one fused multiply over every layer (torch._foreach_mul_)."""
-        torch._foreach_mul_([self.tickets.params[n] for n in self.keep], list(self.keep.values()))
+        if self.keep:  # dense rows have none
+            torch._foreach_mul_([self.tickets.params[n] for n in self.keep], list(self.keep.values()))
 
-    def train_epoch(self, epoch: int, seed: int, stage: str) -> tuple[list[float], list[float]]:
+    def train_epoch(self, epoch: int, stage: str) -> tuple[list[float], list[float]]:
         """One epoch of stacked steps: each ticket's per-sample training loss and accuracy (%)."""
         recipe, device = self.recipe, self.train_split.device
         self._set_lr(recipe.lr_at(epoch))
         step_losses = torch.zeros(self.steps_per_epoch, self.rows, device=device)
         correct = torch.zeros(self.rows, dtype=torch.int64, device=device)
-        batches = iterate_batches(self.train_split, recipe.batch_size, shuffle=True,
-                                  generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
-                                  padding=recipe.crop_padding, parts=RankLayout(recipe.virtual_ranks).parts)
-        for step, (x, y) in enumerate(batches):
+        for step, (x, y) in enumerate(self._batches(epoch)):
             if epoch < recipe.warmup_epochs:
                 self._set_lr(recipe.warmup_lr(epoch, step, self.steps_per_epoch))
             step_losses[step], right = self._step(x, y)
@@ -332,6 +382,25 @@ class _StackedRun:
         check_finite(step_losses, stage=stage, epoch=epoch, epochs=recipe.epochs)
         denominator = self.epoch_samples if recipe.loss_reduction == "sum" else self.steps_per_epoch
         return (step_losses.sum(0) / denominator).tolist(), (100.0 * correct / self.epoch_samples).tolist()
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches: one ``(x, y)`` every row shares when the rows have one seed; else
+        each seed's own batch (its generator, as :func:`.loop.train` draws it), given to its rows
+        side by side in the channel dimension (``[B, K·C, …]``, the stacked layout of a per-row
+        input) with labels ``[K, B]``."""
+        recipe, device = self.recipe, self.train_split.device
+        distinct = list(dict.fromkeys(self.seeds))
+        streams = [iterate_batches(self.train_split, recipe.batch_size, shuffle=True,
+                                   generator=generator(device, seed, "data-order", epoch), augment=recipe.augment,
+                                   padding=recipe.crop_padding, parts=RankLayout(recipe.virtual_ranks).parts)
+                   for seed in distinct]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        stream_of_row = [distinct.index(seed) for seed in self.seeds]
+        for batches in zip(*streams, strict=True):
+            yield (torch.cat([batches[i][0] for i in stream_of_row], dim=1),
+                   torch.stack([batches[i][1] for i in stream_of_row]))
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -343,7 +412,8 @@ class _StackedRun:
         with self.autocast():
             logits = self.tickets.logits(to_layout(x, self.channels_last), training=True)
             # One cross-entropy over the K·B rows, then each ticket's mean (or sum) of its B.
-            per_sample = F.cross_entropy(logits.float().flatten(0, 1), y.repeat(self.rows), reduction="none")
+            labels = y.expand(self.rows, -1) if y.dim() == 1 else y  # shared, or each row's own
+            per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.reshape(-1), reduction="none")
             per_sample = per_sample.view(self.rows, -1)
             losses = per_sample.mean(1) if self.recipe.loss_reduction == "mean" else per_sample.sum(1)
         self.optimizer.zero_grad(set_to_none=True)
@@ -362,7 +432,7 @@ class _StackedRun:
             scaler.step(self.optimizer, params, finite)
             scaler.update(finite)
         self.zero_pruned()
-        return losses.detach(), (logits.detach().argmax(2) == y).sum(1)
+        return losses.detach(), (logits.detach().argmax(2) == labels).sum(1)
 
     def test(self, test_split: Split) -> list[dict[str, float]]:
         """Each ticket's test loss and accuracy, with its share of the evaluation's wall-clock."""
@@ -388,7 +458,7 @@ class _StackedRun:
                 + f" ({seconds:.1f} s per ticket)")
 
 
-def probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor], train_split: Split, recipe: TrainRecipe,
+def probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor] | None, train_split: Split, recipe: TrainRecipe,
                samples: int, *, seed: int, channels_last: bool = False) -> None:
     """One stacked training step of a single ticket on ``samples`` samples (no evaluation, no
     checkpoint): what :func:`.memory.plan_rows` measures to cap how many tickets train at once."""
@@ -400,19 +470,21 @@ def probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor], train_split: 
                   progress=False, channels_last=channels_last)
 
 
-def eval_probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor], test_split: Split, samples: int, *,
+def eval_probe_step(model: nn.Module, mask: Mapping[str, torch.Tensor] | None, test_split: Split, samples: int, *,
                     channels_last: bool = False) -> None:
-    """One stacked evaluation of a single ticket on ``samples`` test samples: what
-    :func:`.memory.plan_rows` measures so that the tickets' test evaluation fits as well."""
+    """One stacked evaluation of a single ticket (``None``: the dense network) on ``samples`` test
+    samples: what :func:`.memory.plan_rows` measures so that the tickets' test evaluation fits as well."""
     tickets = StackedTickets(model, 1)
     with torch.no_grad():
-        for n, keep in mask.items():
+        for n, keep in (mask or {}).items():
             tickets.params[n].mul_(keep.to(tickets.params[n].device, tickets.params[n].dtype))
     evaluate_stacked(tickets, test_split.subset(samples), samples, channels_last=channels_last)
 
 
-def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.Tensor]], train_split: Split,
-                           recipe: TrainRecipe, *, seed: int, channels_last: bool = False, steps: int = 3) -> float:
+def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.Tensor] | None], train_split: Split,
+                           recipe: TrainRecipe, *, seed: int | Sequence[int],
+                           starts: Sequence[Mapping[str, torch.Tensor]] | None = None, channels_last: bool = False,
+                           steps: int = 3) -> float:
     """The time of a stacked training step of the K tickets against K steps of one ticket: below 1,
     training them stacked saves time on this device.
 
@@ -421,7 +493,8 @@ def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.
     measured. Each side trains copies of ``model`` (no test evaluation, no checkpoint) on one
     batch as a warm-up, then on one batch and on ``1 + steps`` batches; the difference is
     ``steps`` steps without the per-call set-up (stacking the parameters, building the optimizer),
-    which a real retraining pays once.
+    which a real retraining pays once. ``seed`` and ``starts`` are each row's, as
+    :func:`train_tickets` takes them (seeds as rows); one ticket is the first row.
     """
     probe = dataclasses.replace(recipe, epochs=1, warmup_epochs=0, milestones=[])
     one_batch, more = train_split.subset(recipe.batch_size), train_split.subset((1 + steps) * recipe.batch_size)
@@ -438,12 +511,15 @@ def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.
         return max(timed(run, more) - timed(run, one_batch), 1e-9) / steps
 
     def stacked(split: Split) -> None:
-        train_tickets(model, masks, split, None, probe, seed=seed, stage="stacking probe", progress=False,
-                      channels_last=channels_last)
+        train_tickets(model, masks, split, None, probe, seed=seed, starts=starts, stage="stacking probe",
+                      progress=False, channels_last=channels_last)
 
     def one(split: Split) -> None:
-        train(copy.deepcopy(model), split, None, probe, seed=seed, stage="stacking probe", mask=masks[0],
-              progress=False, channels_last=channels_last)
+        first = copy.deepcopy(model)
+        if starts is not None:
+            first.load_state_dict(starts[0])
+        train(first, split, None, probe, seed=seed if isinstance(seed, int) else seed[0], stage="stacking probe",
+              mask=masks[0], progress=False, channels_last=channels_last)
 
     return seconds_per_step(stacked) / (len(masks) * seconds_per_step(one))
 

@@ -9,7 +9,7 @@ from .nodes import search_mask, search_masks
 SEARCH_INPUTS = ["train_data", "params:model", "params:training", "params:runtime"]
 
 
-def create_pipeline(branches: list[Branch], batch_sparsities: bool = True) -> Pipeline:
+def create_pipeline(branches: list[Branch], batch_sparsities: bool = True, stack_seeds: bool = False) -> Pipeline:
     """One branch per (CTS variant, seed, sparsity): search -> binary mask -> retrain -> evaluate.
 
     With ``batch_sparsities`` (``runtime.batch_sparsities``, the default), a seed's branches of one
@@ -17,6 +17,7 @@ def create_pipeline(branches: list[Branch], batch_sparsities: bool = True) -> Pi
     to each branch's ``scores`` and ``mask_log``, and one retraining node,
     ``<method>.seed<N>.retrain``; the mask and the evaluation stay per branch.
     Network objectives (features, gradients) cannot be batched and keep one search per branch.
+    With ``stack_seeds`` the retraining node is shared by every seed, ``<method>.seeds.retrain``.
     """
     groups: dict[str, list[Branch]] = {}
     for b in branches:
@@ -39,4 +40,4 @@ def create_pipeline(branches: list[Branch], batch_sparsities: bool = True) -> Pi
             outputs, name="search", namespace=key, tags=GPU_TAG,
         )]))
         branch_parts += [(Pipeline([score_to_mask()]), b, None) for b in group]
-    return Pipeline(parts + ticket_branches(branch_parts, batch_sparsities), tags="cts")
+    return Pipeline(parts + ticket_branches(branch_parts, batch_sparsities, stack_seeds), tags="cts")

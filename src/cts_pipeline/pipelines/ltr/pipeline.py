@@ -6,7 +6,8 @@ from ..tickets.pipeline import SHARED_PARAMETERS, ticket_branches
 from .nodes import prune_iteratively, select_level
 
 
-def create_pipeline(runs: list[Branch], branches: list[Branch], batch: bool = True) -> Pipeline:
+def create_pipeline(runs: list[Branch], branches: list[Branch], batch: bool = True,
+                    stack_seeds: bool = False) -> Pipeline:
     """Per seed, one iterative run (``ltr.seed<N>.prune``); per sparsity, select its level's mask,
     retrain it from θ_k and evaluate it (``ltr.seed<N>.sp<XX_YY>``)."""
     prune = Pipeline([
@@ -34,5 +35,5 @@ def create_pipeline(runs: list[Branch], branches: list[Branch], batch: bool = Tr
     per_sparsity = ticket_branches([
         (select, b, {"level_masks": f"ltr.seed{b.seed}.level_masks", "levels_log": f"ltr.seed{b.seed}.levels_log"})
         for b in branches
-    ], batch)
+    ], batch, stack_seeds)
     return Pipeline([*per_seed, *per_sparsity], tags="ltr")

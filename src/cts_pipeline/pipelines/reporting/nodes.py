@@ -23,7 +23,7 @@ COLUMNS = [
     "effective_kept_weights", "disconnected", "diverged", "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
     "retrain_s", "total_s", "eval_s", "collapsed_layers", "thin_layers", "start", "model", "dataset", "rewind_epoch", "search_path",
     "retrain_path", "search_shared_by", "find_mask_group_s", "search_group_id", "retrain_shared_by",
-    "retrain_group_s", "retrain_group_id", "test_images", "hardware", *RUN_COLUMNS,
+    "retrain_group_s", "retrain_group_id", "dense_shared_by", "test_images", "hardware", *RUN_COLUMNS,
 ]
 
 
@@ -78,6 +78,9 @@ def results_table(metrics: Sequence[Mapping], run: Mapping[str, str] | None = No
             "retrain_shared_by": m.get("retrain_shared_by", 1),
             "retrain_group_s": seconds.get("retrain_group", seconds["train"] - seconds["to_rewind"] if dense else seconds["retrain"]),
             "retrain_group_id": m.get("retrain_group_id") or "",
+            # The seeds whose dense runs trained as one stacked network (runtime.stack_seeds): a dense
+            # row's times, and so every ticket's to_rewind_s, are then its 1/S share.
+            "dense_shared_by": m.get("dense_shared_by", 1),
             "test_images": m.get("test_images"),  # one image is 100 / test_images points of accuracy
             "hardware": m["hardware"],
             **{key: (run or {}).get(key, "") for key in RUN_COLUMNS},
@@ -150,6 +153,10 @@ def shared_time_notes(table: pd.DataFrame) -> list[str]:
     """Per method whose tickets shared a wall-clock, one line saying so, with the group's real time
     (mean over seeds): the table's find-mask and retrain seconds are then shares of it."""
     notes = []
+    dense = table[table["method"].eq("dense")]
+    if "dense_shared_by" in dense and (dense["dense_shared_by"].fillna(1) > 1).any():
+        notes.append(f"dense: times are each seed's share of one stacked training of "
+                     f"{int(dense['dense_shared_by'].max())} seeds ({dense['total_s'].sum():.1f} s)")
     for method, rows in table[~table["method"].eq("dense")].groupby("method", sort=False):
         parts = []
         for stage, count, whole, group_id in (("search", "search_shared_by", "find_mask_group_s", "search_group_id"),
@@ -158,11 +165,17 @@ def shared_time_notes(table: pd.DataFrame) -> list[str]:
             if count not in rows or not (rows[count].fillna(1) > 1).any():
                 continue
             groups = rows[rows[count] > 1].drop_duplicates(group_id)
-            seconds = groups.groupby("seed")[whole].sum().mean()
+            # Over the seeds: a group may hold one seed's tickets or (runtime.stack_seeds) every seed's.
+            seconds = groups[whole].sum() / _seeds_in(rows, group_id, groups)
             parts.append(f"one {stage} of {int(groups[count].max())} ({seconds:.1f} s a seed)")
         if parts:
             notes.append(f"{method}: times are each ticket's share of {' and '.join(parts)}")
     return notes
+
+
+def _seeds_in(rows: pd.DataFrame, group_id: str, groups: pd.DataFrame) -> int:
+    """How many seeds the shared ``groups`` made tickets for."""
+    return max(1, rows[rows[group_id].isin(groups[group_id])]["seed"].nunique())
 
 
 def format_summary(table: pd.DataFrame) -> str:

@@ -5,7 +5,7 @@ from ..tickets.pipeline import ticket_branches
 from .nodes import invert_mask, reinitialise, sanity_table, shuffle_mask
 
 
-def create_pipeline(branches: list[Branch], batch: bool = True) -> Pipeline:
+def create_pipeline(branches: list[Branch], batch: bool = True, stack_seeds: bool = False) -> Pipeline:
     """One branch per (checked method, check, seed, sparsity), reusing the checked branch's mask,
     scores and start weights, then the shared retraining and evaluation."""
     pipelines = []
@@ -24,7 +24,7 @@ def create_pipeline(branches: list[Branch], batch: bool = True) -> Pipeline:
             wiring = {"mask": f"{checked}.mask"}
         wiring["mask_log"] = f"{checked}.mask_log"
         pipelines.append((Pipeline([make]), b, wiring))
-    return Pipeline(ticket_branches(pipelines, batch), tags="sanity")
+    return Pipeline(ticket_branches(pipelines, batch, stack_seeds), tags="sanity")
 
 
 def create_report(metrics: list[str]) -> Pipeline:

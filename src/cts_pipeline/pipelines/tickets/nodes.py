@@ -8,7 +8,7 @@ import time
 import torch
 
 from ...config.sections import ModelConfig, RuntimeConfig
-from ...config.sweep import Branch, search_group_namespace
+from ...config.sweep import Branch, search_group_namespace, seeds_group_namespace
 from ...core.data.registry import get_dataset_info
 from ...core.device.runtime import describe_hardware
 from ...core.nets.masks import (
@@ -135,38 +135,55 @@ def _retrain_log(branch: Branch, first: int, result, started_at: float, **extra)
 
 @distributable
 def retrain_tickets(
-    theta_start: dict,
     train_data: dict,
     test_data: dict,
     model: ModelConfig,
     training: TrainRecipe,
     runtime: RuntimeConfig,
-    *masks_then_branches: dict | Branch,
+    *starts_masks_branches: dict | Branch,
 ) -> dict[str, dict]:
-    """Retrain several tickets of one method and seed from the same start weights, together.
+    """Retrain several tickets of one method together: of one seed from its start weights, or of
+    several seeds (``runtime.stack_seeds``), each from its seed's.
 
-    ``masks_then_branches`` is K mask payloads, then their K branches. They train as one stacked
-    network (``core.train.batched``) where the model allows it, else one after the other; the
-    results are the same up to float rounding. Returns ``{<branch>.final_weights: state,
-    <branch>.retrain_log: log}`` for every branch; each log's ``seconds`` is that ticket's share.
+    ``starts_masks_branches`` is one start state per seed (in the order the branches first name
+    their seeds), then K mask payloads, then their K branches. They train as one stacked network
+    (``core.train.batched``; a ticket of another seed reads that seed's batches) where the model
+    allows it, else one after the other; the results are the same up to float rounding. Returns
+    ``{<branch>.final_weights: state, <branch>.retrain_log: log}`` for every branch; each log's
+    ``seconds`` is that ticket's share.
     """
     started_at = time.time()
-    half = len(masks_then_branches) // 2
-    payloads, branches = masks_then_branches[:half], masks_then_branches[half:]
+    tickets = sum(isinstance(a, Branch) for a in starts_masks_branches)
+    branches = starts_masks_branches[-tickets:]
+    payloads = starts_masks_branches[-2 * tickets:-tickets]
+    seeds = list(dict.fromkeys(b.seed for b in branches))
+    if len(starts_masks_branches) != 2 * tickets + len(seeds) or not all(isinstance(b, Branch) for b in branches):
+        raise TypeError(f"retrain_tickets: expected {len(seeds)} start states, then {tickets} masks and "
+                        f"{tickets} branches, got {len(starts_masks_branches)} inputs")
+    start_of_seed = dict(zip(seeds, starts_masks_branches[:len(seeds)], strict=True))
     first_branch = branches[0]
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device, runtime.data_workers)
     test_split = split_from_payload(test_data, device, runtime.data_workers)
-    net = build_network(model, train_split, device, state=theta_start)
+    net = build_network(model, train_split, device, state=start_of_seed[first_branch.seed])
     first = start_epoch(training, first_branch)
     keeps = [branch_mask(p, b, net) for p, b in zip(payloads, branches, strict=True)]
-    stage = f"{search_group_namespace(first_branch)} retrain x{len(branches)}"
+
+    def group_namespace(group) -> str:
+        return search_group_namespace(group[0]) if len({b.seed for b in group}) == 1 else seeds_group_namespace(group[0])
+
+    def row_starts(group) -> list[dict] | None:
+        """Each row's start state where the rows are of several seeds (else the network's own)."""
+        return None if len({b.seed for b in group}) == 1 else [start_of_seed[b.seed] for b in group]
+
+    stage = f"{group_namespace(branches)} retrain x{len(branches)}"
 
     def one_at_a_time(members: list[int]) -> dict[str, dict]:
         out = {}
         for i in members:
             payload, branch = payloads[i], branches[i]
-            weights, log = retrain_ticket(theta_start, payload, train_data, test_data, model, training, runtime, branch)
+            weights, log = retrain_ticket(start_of_seed[branch.seed], payload, train_data, test_data, model, training,
+                                          runtime, branch)
             out[f"{branch.namespace}.final_weights"], out[f"{branch.namespace}.retrain_log"] = weights, log
         return out
 
@@ -178,14 +195,15 @@ def retrain_tickets(
         group, masks = [branches[i] for i in members], [keeps[i] for i in members]
         if len(group) == 1:
             return one_at_a_time(members)
-        namespace = search_group_namespace(group[0])
+        namespace = group_namespace(group)
         stage = f"{namespace} retrain x{len(group)}"
         try:
             states, results = train_tickets(
-                net, masks, train_split, test_split, training, seed=group[0].seed, stage=stage, start_epoch=first,
-                progress=runtime.progress, channels_last=channels_last,
+                net, masks, train_split, test_split, training, seed=[b.seed for b in group], starts=row_starts(group),
+                stage=stage, start_epoch=first, progress=runtime.progress, channels_last=channels_last,
                 checkpoint=checkpoint_for(runtime, namespace, "retrain", model, training, *[b.as_dict() for b in group],
-                                          theta_start, *masks, data_fingerprint(train_data)),
+                                          *[start_of_seed[s] for s in dict.fromkeys(b.seed for b in group)], *masks,
+                                          data_fingerprint(train_data)),
             )
         except torch.OutOfMemoryError:
             states = None
@@ -208,15 +226,19 @@ def retrain_tickets(
         return out
 
     everyone = list(range(len(branches)))
+    # Several seeds stack where runtime.stack_seeds says (auto: the probe below), one seed's
+    # sparsities where runtime.batch_sparsities does; both true: no probe.
+    settings = ("batch_sparsities", "stack_seeds") if len(seeds) > 1 else ("batch_sparsities",)
     # The stacked path has no DDP: over several processes the tickets train one at a time.
     if not stacked_training_supports(net, training, device) \
             or not stacks_ranks(training, runtime.virtual_rank_passes, device) or runtime.compile \
             or runtime.distributed.nproc > 1 \
             or not batched_if_faster(
                 runtime, stage,
-                lambda: stacked_training_ratio(net, keeps, train_split, training, seed=first_branch.seed,
-                                               channels_last=channels_last),
-                len(keeps), f"stacked training steps of {len(keeps)} tickets take", "training", "them stacked"):
+                lambda: stacked_training_ratio(net, keeps, train_split, training, seed=[b.seed for b in branches],
+                                               starts=row_starts(branches), channels_last=channels_last),
+                len(keeps), f"stacked training steps of {len(keeps)} tickets take", "training", "them stacked",
+                settings=settings):
         return one_at_a_time(everyone)
     # On a GPU, as many tickets at once as fit the free memory (core/train/memory.py); all of them on a CPU.
     per_group = plan_rows(device, len(keeps), training.batch_size,

@@ -5,12 +5,14 @@ its ``seconds``) from ``theta_start``; :func:`branch_pipeline` appends sparse re
 evaluation and namespaces the whole branch, wiring its inputs to the seed's dense run.
 :func:`ticket_branches` does that for a family's branches and, with batching on, retrains the
 tickets of one method and seed that start from the same weights in one node,
-``<method>.seed<N>.retrain``, which fans out to each branch's ``final_weights`` and ``retrain_log``.
+``<method>.seed<N>.retrain``, which fans out to each branch's ``final_weights`` and ``retrain_log``;
+with seeds stacked too (``runtime.stack_seeds``), the tickets of one method and every seed, each
+from its seed's weights, in ``<method>.seeds.retrain``.
 """
 
 from kedro.pipeline import Pipeline, node
 
-from ...config.sweep import Branch, search_group_namespace
+from ...config.sweep import Branch, search_group_namespace, seeds_group_namespace
 from ..common import GPU_TAG
 from .nodes import evaluate_ticket, retrain_ticket, retrain_tickets, topk_mask
 
@@ -76,43 +78,51 @@ def branch_pipeline(find_mask: Pipeline, branch: Branch, inputs: dict[str, str] 
 
 def retrain_group(group: list[Branch]) -> Pipeline:
     """``<method>.seed<N>.retrain``: one node retraining ``group``'s tickets together from their
-    shared start weights, then ``<method>.seed<N>.evaluate_sp<XX_YY>`` per ticket.
+    shared start weights, then ``<method>.seed<N>.evaluate_sp<XX_YY>`` per ticket. A group of
+    several seeds is ``<method>.seeds.retrain``, with each seed's start weights, then
+    ``<method>.seeds.evaluate_seed<N>_sp<XX_YY>``.
 
     The evaluations sit in the group's namespace, not the branches': a Kedro namespace must be one
     contiguous piece of the DAG, and the shared retraining comes between a branch's mask and its
     evaluation.
     """
     first = group[0]
-    namespace = search_group_namespace(first)
+    starts = list(dict.fromkeys(start_weights(b) for b in group))  # one per seed, in the branches' order
+    several_seeds = len({b.seed for b in group}) > 1
+    namespace = seeds_group_namespace(first) if several_seeds else search_group_namespace(first)
     outputs = {name: name for b in group for name in (f"{b.namespace}.final_weights", f"{b.namespace}.retrain_log")}
     nodes = [node(
         retrain_tickets,
-        [start_weights(first), *RETRAIN_INPUTS, *[f"{b.namespace}.mask" for b in group],
+        [*RETRAIN_INPUTS, *starts, *[f"{b.namespace}.mask" for b in group],
          *[f"params:{b.namespace}.branch" for b in group]],
         outputs, name="retrain", namespace=namespace, tags=GPU_TAG,
     )]
     for b in group:
         ns = b.namespace
+        label = ns.split(".", 1)[1].replace(".", "_") if several_seeds else ns.rsplit(".", 1)[1]
         nodes.append(node(
             evaluate_ticket,
             [f"{ns}.final_weights", f"{ns}.mask", "test_data", "params:model", "params:training", "params:runtime",
              f"params:{ns}.branch", f"{ns}.mask_log", f"{ns}.retrain_log", f"dense.seed{b.seed}.metrics"],
-            [f"{ns}.metrics", f"{ns}.ticket"], name=f"evaluate_{ns.rsplit('.', 1)[1]}", namespace=namespace,
+            [f"{ns}.metrics", f"{ns}.ticket"], name=f"evaluate_{label}", namespace=namespace,
             tags=["metrics", GPU_TAG],
         ))
     return Pipeline(nodes)
 
 
-def ticket_branches(parts: list[tuple[Pipeline, Branch, dict[str, str] | None]], batch: bool) -> list[Pipeline]:
+def ticket_branches(parts: list[tuple[Pipeline, Branch, dict[str, str] | None]], batch: bool,
+                    stack_seeds: bool = False) -> list[Pipeline]:
     """Each (find_mask, branch, inputs) as a branch; with ``batch``, the tickets of one method and
-    seed that start from the shared weights θ_k or θ_0 retrain in one node.
+    seed that start from the shared weights θ_k or θ_0 retrain in one node; with ``stack_seeds``
+    as well, those of one method and every seed (each from its seed's θ_k or θ_0).
 
     A branch whose ``find_mask`` makes its own start weights (reinitialisation) retrains alone.
     """
     groups: dict[tuple, list[tuple[Pipeline, Branch, dict[str, str] | None]]] = {}
     for find_mask, b, inputs in parts:
         shared_start = "theta_start" in (find_mask + retrain_and_evaluate()).inputs()
-        key = (b.method, b.seed, start_weights(b)) if batch and shared_start else (b.namespace,)
+        seed_key = () if stack_seeds else (b.seed,)
+        key = (b.method, *seed_key, b.start) if batch and shared_start else (b.namespace,)
         groups.setdefault(key, []).append((find_mask, b, inputs))
     out = []
     for members in groups.values():
