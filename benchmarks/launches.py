@@ -16,8 +16,9 @@ Each preset as its conf/ files give it (presets.py): `cifar10_resnet20` (ResNet-
 virtual ranks, summed loss clipped at 2.0; fp32 on a CPU, fp16 on a GPU) and the default `base`
 (the digits convnet, batch 64, one rank). The 4-rank rows of the default are the same recipe with
 ``virtual_ranks: 4``: there ghost BatchNorm meets a network with running statistics. The default
-also has the grid's rows (``runtime.stack_seeds``): 3 seeds' dense runs stacked, and their 5 × 3
-tickets retrained stacked, each row with its own seed's weights and batches.
+also has the grid's rows (``runtime.stack_seeds``): 3 seeds' dense runs stacked, their 5 × 3
+searches as rows of one, and their 5 × 3 tickets retrained stacked, each row with its own seed's
+weights, noise and batches.
 """
 
 from __future__ import annotations
@@ -151,11 +152,18 @@ def rows_for(name: str, device: torch.device, repeats: int, quick: bool, ranks: 
         (f"retraining, {k} tickets stacked under {ranks} ranks (one pass)", k,
          stacked(ranks) if stacked_supported(theta, replace(recipe, virtual_ranks=ranks), device) else None),
     ]
-    if grid:  # the default grid: S seeds' dense runs, and their S × K tickets' retraining, each as one stacked network
+    def seeds_searching():
+        return lambda steps: concrete_search(fresh(), subset(steps), density=densities, config=search, recipe=recipe,
+                                             seed=list(GRID_SEEDS), starts=seed_starts, progress=False,
+                                             channels_last=channels_last)
+
+    if grid:  # the default grid: S seeds' dense runs, searches and retrainings, each as one stacked network
         own = f"{recipe.virtual_ranks} rank{'s' if recipe.virtual_ranks > 1 else ''}"
         plan += [
             (f"dense training, {len(GRID_SEEDS)} seeds stacked (`stack_seeds`), {own}", len(GRID_SEEDS),
              seeds_as_rows(False)),
+            (f"search, the grid: {k} densities × {len(GRID_SEEDS)} seeds as rows, {own}", k * len(GRID_SEEDS),
+             seeds_searching()),
             (f"retraining, the grid: {k} densities × {len(GRID_SEEDS)} seeds stacked, {own}", k * len(GRID_SEEDS),
              seeds_as_rows(True)),
         ]

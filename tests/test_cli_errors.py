@@ -33,6 +33,18 @@ CASES = [
     (["--params", "runtime.batch_sparsities=1"], "runtime.batch_sparsities must be auto, true or false, got 1"),
     (["--params", "training.eval_batch_size=12.5"], "training.eval_batch_size must be a positive integer, got 12.5"),
     (["--pipelines=sanity", "--params", "sanity.sparsities=[0.42]"], "sanity.sparsities"),
+    # Your own model (model.name: "<module>:<callable>" or "torchvision:<name>"), refused before any
+    # training; --env=local: the base options ({}), not the smoke preset's width for its convnet
+    (["--env=local", "--params", "model.name=no_such_package.nets:build"], "module 'no_such_package.nets' does not import"),
+    (["--env=local", "--params", "model.name=tests.own_models:missing"], "module 'tests.own_models' has no 'missing'"),
+    (["--env=local", "--params", "model.name=tests.own_models:not_a_module"], "the factory returned dict, not an nn.Module"),
+    (["--env=local", "--params", "model.name=tests.own_models:broken"],
+     "the factory raised RuntimeError: this factory needs a file"),
+    (["--env=local", "--params", "model.name=tests.own_models:three_outputs"], "output has shape (2, 3), expected (2, 10)"),
+    (["--env=local", "--params", "model.name=torchvision:resnet9000"], "torchvision has no classification model 'resnet9000'"),
+    (["--env=local", "--params", "model.name=torchvision:resnet18"], "cannot take inputs of shape (1, 8, 8)"),
+    # the preset's options reach the factory as keyword arguments: a factory without them says so
+    (["--params", "model.name=tests.own_models:tiny_mlp"], "unexpected keyword argument 'width'"),
     (["--pipelines=ltr", "--params", "methods.ltr=false"], "methods.ltr is false"),
 ]
 

@@ -191,11 +191,12 @@ def test_gpu_sh_runs_every_part_and_prints_every_row_on_a_cpu(tmp_path):
     assert "4 virtual ranks" in grid and "retraining epoch of the K tickets, stacked" in grid
     assert grid.count("| CTS-KL `") == 2
     assert logs["resnet50"].count("| fp32, ") == 2
-    launches = [line for line in logs["launches"].splitlines() if line.startswith("| train") or line.startswith("| search")
-                or line.startswith("| retraining")]
-    assert len(launches) == 12 + 14 and "ranks in one pass (ghost BatchNorm" in launches[2]
+    launches = [line for line in logs["launches"].splitlines()
+                if line.startswith(("| train", "| search", "| retraining", "| dense"))]
+    assert len(launches) == 12 + 15 and "ranks in one pass (ghost BatchNorm" in launches[2]
     assert "ranks as rows of one pass" in launches[5] and "ranks as rows of one pass" in launches[8]
-    assert "3 seeds stacked (`stack_seeds`)" in launches[24] and "5 densities × 3 seeds stacked" in launches[25]
+    assert "3 seeds stacked (`stack_seeds`)" in launches[24] and "5 densities × 3 seeds as rows" in launches[25]
+    assert "5 densities × 3 seeds stacked" in launches[26]
     assert doc.read_bytes() == before
 
 

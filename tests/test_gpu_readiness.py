@@ -721,7 +721,7 @@ def test_a_batched_search_that_does_not_fit_runs_one_density_at_a_time(digits_pa
     monkeypatch.setattr(nodes, "release_cached_memory", lambda: None)
     group = [Branch("cts_kl", 0, s, family="cts", settings={"objective": "kl", "epochs": 1}) for s in (0.9, 0.95)]
     with caplog.at_level(logging.WARNING, logger="cts_pipeline"):
-        out = nodes.search_masks(theta, train, model, TrainRecipe(epochs=2, batch_size=64, lr=0.1), runtime, *group)
+        out = nodes.search_masks(train, model, TrainRecipe(epochs=2, batch_size=64, lr=0.1), runtime, theta, *group)
     assert "2 densities searched together do not fit in device memory; searching them one at a time" in caplog.text
     assert [out[f"{b.namespace}.mask_log"]["search_path"] for b in group] == ["single", "single"]
 
@@ -743,7 +743,7 @@ def test_stacked_retraining_trains_as_many_tickets_at_once_as_fit(digits_payload
     runtime = runtime.replace(batch_sparsities=True)
     recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.1)
     group = [Branch("cts_kl", 0, s, family="cts", settings={"objective": "kl", "epochs": 1}) for s in (0.8, 0.9, 0.95)]
-    searched = cts_nodes.search_masks(theta, train, model, recipe, runtime, *group)
+    searched = cts_nodes.search_masks(train, model, recipe, runtime, theta, *group)
     payloads = [nodes.topk_mask(searched[f"{b.namespace}.scores"], b) for b in group]
     probed = []
     mib = 2**20

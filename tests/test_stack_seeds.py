@@ -1,6 +1,7 @@
 """`runtime.stack_seeds`: the grid's seeds as rows of one stacked network in the pipeline. The dense
-runs of every seed are one node, the retrainings of a method's tickets of every seed another; each
-seed keeps its own artifacts and records, which equal those of a node per seed up to float rounding."""
+runs of every seed are one node, a method's searches of every seed another, and the retrainings of
+its tickets of every seed a third; each seed keeps its own artifacts and records, which equal those
+of a node per seed up to float rounding."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def masks(project) -> dict[str, dict]:
 def test_stacked_seeds_give_each_seed_what_a_node_per_seed_gives(project, tmp_path, monkeypatch, logged):
     run_pipeline(project, params={**SEEDS, "runtime": {"stack_seeds": True}})
     lines = [r.getMessage() for r in logged]
+    assert any("cts_kl.seeds: one search of 2 seeds × 2 sparsities" in line for line in lines)
     assert any("cts_kl.seeds: 4 tickets retrained stacked" in line for line in lines)
     stacked_dense, stacked_tickets, stacked_masks = records(project, "dense-*/*"), records(project, "cts_kl-*/*/*"), \
         masks(project)
@@ -68,8 +70,11 @@ def test_stacked_seeds_give_each_seed_what_a_node_per_seed_gives(project, tmp_pa
     same_masks = 0
     for name, record in stacked_tickets.items():
         assert record["retrain_path"] == "stacked x4" and record["retrain_shared_by"] == 4
+        assert record["search_path"] == "stacked x2 seeds" and record["search_shared_by"] == 4
+        assert tickets[name]["search_path"] == "stacked" and tickets[name]["search_shared_by"] == 2
         assert record["kept_weights"] == tickets[name]["kept_weights"]
-        # Searched per seed from θ_k trained stacked or not: θ_k differs by float rounding, so may the mask.
+        # θ_k trained stacked or not, searched as seed rows or per seed: equal up to float rounding, so
+        # a mask may swap a few weights.
         mask, theirs = stacked_masks[name.split(".", 1)[1]], per_seed_masks[name.split(".", 1)[1]]
         overlap = sum(int((m & theirs[n]).sum()) for n, m in mask.items()) / record["kept_weights"]
         assert overlap >= 0.95, f"{name}: {overlap:.3f} of the kept weights in common"

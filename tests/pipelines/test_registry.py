@@ -47,7 +47,7 @@ def test_cts_has_one_batched_search_per_seed_fanning_out_to_each_sparsity(params
     }
     search = next(n for n in cts.nodes if n.name == "cts_kl.seed1.search")
     assert search.namespace == "cts_kl.seed1"
-    assert search.inputs[0] == "dense.seed1.theta_rewind"
+    assert search.inputs[4] == "dense.seed1.theta_rewind"  # after the data and the settings
     assert search.inputs[-2:] == ["params:cts_kl.seed1.sp98_20.branch", "params:cts_kl.seed1.sp99_26.branch"]
     assert set(search.outputs) == {"cts_kl.seed1.sp98_20.scores", "cts_kl.seed1.sp98_20.mask_log",
                                    "cts_kl.seed1.sp99_26.scores", "cts_kl.seed1.sp99_26.mask_log"}
@@ -236,9 +236,42 @@ def test_the_seeds_share_nodes_only_where_runtime_stack_seeds_says(params, monke
     for method in ("cts_kl", "ltr", "snip"):
         assert f"{method}.seeds.retrain" in stacked and f"{method}.seed0.retrain" not in stacked
     assert "cts_kl.seeds.evaluate_seed2_sp99_26" in stacked
-    assert "cts_kl.seed1.search" in stacked, "the searches stay per seed"
+    assert "cts_kl.search_seeds" in stacked and "cts_kl.seed1.search" not in stacked
     per_seed = names(False)
     assert {"dense.seed0.train_dense", "dense.seed2.train_dense", "cts_kl.seed1.retrain"} <= per_seed
     assert "dense.seeds.train" not in per_seed
     assert names("auto") == per_seed, "auto keeps a node per seed on a CPU"
     assert names("auto", cuda=True) == stacked, "and shares them on an accelerator"
+
+
+@pytest.mark.parametrize("stack_seeds", [True, False])
+def test_every_namespace_is_one_contiguous_piece_of_the_dag(params, stack_seeds):
+    """No path leaves a namespace's nodes and comes back into them: kedro-viz collapses each
+    namespace to one node, which must not make a cycle (a group's search, the branches' masks, the
+    group's retraining)."""
+    params["grid"]["seeds"] = [0, 1]
+    params["runtime"]["stack_seeds"] = stack_seeds
+    params["methods"]["cts_variants"] = [{"objective": "feature_mse"}]
+    pipeline = pipelines_for(params)["__default__"]
+    parents = {n: set(p) for n, p in pipeline.node_dependencies.items()}
+    children: dict = {n: set() for n in pipeline.nodes}
+    for child, ps in parents.items():
+        for p in ps:
+            children[p].add(child)
+
+    def below(start: set) -> set:
+        seen, todo = set(), list(start)
+        while todo:
+            for c in children[todo.pop()]:
+                if c not in seen:
+                    seen.add(c)
+                    todo.append(c)
+        return seen
+
+    prefixes = {".".join(n.namespace.split(".")[:i]) for n in pipeline.nodes if n.namespace
+                for i in range(1, n.namespace.count(".") + 2)}
+    for prefix in sorted(prefixes):
+        inside = {n for n in pipeline.nodes if n.namespace and (n.namespace == prefix or
+                                                                 n.namespace.startswith(prefix + "."))}
+        outside_below = below(inside) - inside
+        assert not below(outside_below) & inside, f"namespace {prefix} is not contiguous"

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ..core.artifacts.checkpoints import parse_interval
 from ..core.cts import SearchConfig
@@ -23,7 +23,7 @@ from ..core.data.image_folders import RESIZED_CROPS
 from ..core.data.registry import DATASETS
 from ..core.device.runtime import CudaPolicy, check_device_choice
 from ..core.device.virtual_ranks import RANK_PASSES
-from ..core.nets.registry import MODELS, build_model
+from ..core.nets.registry import MODELS, build_model, is_own_model
 from ..core.train.recipe import TrainRecipe
 from .sweep import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
 from .typed import (
@@ -44,7 +44,17 @@ from .typed import (
 )
 
 DatasetName = registered(DATASETS, "dataset")
-ModelName = registered(MODELS, "model")
+def _model_name(name: str) -> str:
+    """A registered model, or someone's factory (``module:callable``, ``torchvision:<name>``), which
+    the run's checks import and try on a batch of the data (:func:`.validate.validate_run`)."""
+    if name not in MODELS and not is_own_model(name):
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}, or your own as "
+                         "'<package.module>:<callable>' or 'torchvision:<name>'")
+    return name
+
+
+ModelName = Annotated[str, Field(strict=True), AfterValidator(_model_name),
+                      Expects("a registered model name, '<package.module>:<callable>' or 'torchvision:<name>'")]
 Numbers = Annotated[tuple[FiniteNumber, ...], Expects("a list of finite numbers, one per channel")]
 
 
@@ -123,10 +133,11 @@ class RuntimeConfig(Section):
     # runs repeat to the bit; auto: batched where a probe of a step measures it faster on this
     # device (not for ResNet-20 on a CPU), a choice that timing noise can flip between runs.
     batch_sparsities: AutoFlag = True
-    # The grid's seeds as rows of one stacked network: their dense runs in one node, and the retraining
-    # of a method's tickets of every seed and sparsity in one (with batch_sparsities on). true: always;
-    # auto: where a probe of a step measures it faster on this device (a CPU, compute-bound, mostly not);
-    # false: a node per seed. Each seed keeps its own initialisation, data order, artifacts and records.
+    # The grid's seeds as rows of one stacked network: their dense runs in one node, and a method's
+    # searches and retrainings of every seed and sparsity in one each (with batch_sparsities on).
+    # true: always; auto: on an accelerator, where a probe of a step measures it faster (a CPU keeps a
+    # node per seed); false: a node per seed. Each seed keeps its own initialisation, noise, data
+    # order, artifacts and records.
     stack_seeds: AutoFlag = "auto"
     strict: Flag = False  # stop the run when a search diverges, instead of flagging the branch
     # {nproc: N}: train and search over N local processes; null: one

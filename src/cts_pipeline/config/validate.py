@@ -51,6 +51,9 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     else:
         prunable = count_prunable(skeleton(  # shapes only: no weight is allocated or initialised
             model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options))
+        if not prunable:
+            problems.append(f"model {model.name!r} (model.name) has no weight the methods may prune "
+                            "(the weights of its Conv2d and Linear layers)")
         for sparsity in grid.sparsities:
             try:
                 kept_count(1.0 - sparsity, prunable)

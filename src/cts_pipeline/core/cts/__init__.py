@@ -58,6 +58,7 @@ from .search import (
     concrete_search,
     frozen_for_search,
     search_step,
+    seed_rows_ratio,
     stacked_search_ratio,
 )
 
@@ -66,5 +67,6 @@ __all__ = [
     "FEATURE_CAPTURES", "NOISE_EPS", "OBJECTIVES", "SCHEDULES", "SEARCH_LENGTHS", "SHORT_SEARCH_FRACTION", "TEMPERATURE", "ConcreteMask",
     "GradBalance", "Lagrangian", "Objective", "SearchConfig", "SearchResult", "batch_statistics",
     "activation_mse", "concrete_noise", "concrete_search", "cross_entropy", "feature_mse", "forward_kl", "frozen_for_search", "grad_mse", "gradient_norm",
-    "logit", "loss_ratio", "make_balancer", "reverse_kl", "search_step", "soft_mask", "stacked_search_ratio",
+    "logit", "loss_ratio", "make_balancer", "reverse_kl", "search_step", "seed_rows_ratio", "soft_mask",
+    "stacked_search_ratio",
 ]

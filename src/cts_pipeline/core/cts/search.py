@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from .rank_rows import (
     rank_rows_hold,
 )
 from .relaxation import ConcreteMask
+from .seed_rows import SeedRows, SeedRowsDeclined, seed_rows_decline
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +249,47 @@ def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequen
         return seconds_per_step([float(k) for k in densities]) / (len(densities) * seconds_per_step(densities[0]))
 
 
+def seed_rows_ratio(model: nn.Module, train_split: Split, densities: Sequence[float], config: SearchConfig,
+                    recipe: TrainRecipe, *, seeds: Sequence[int], starts: Sequence[Mapping[str, torch.Tensor]],
+                    channels_last: bool = False, steps: int = 2) -> float:
+    """The time of a step of S seeds' searches as rows against S seeds' batched steps one after
+    another: below 1, the seeds search faster together on this device (``runtime.stack_seeds: auto``).
+
+    Each side searches copies (no checkpoint) for one epoch of one batch and one of ``1 + steps``
+    batches, after one warm-up: the difference is ``steps`` steps without the set-up, as
+    :func:`..train.batched.stacked_training_ratio` measures training.
+    """
+    probe_config = replace(config, epochs=1)
+    one_batch = train_split.subset(recipe.batch_size)
+    more = train_split.subset(min(len(train_split), (1 + steps) * recipe.batch_size))
+    taken = math.ceil(len(more) / recipe.batch_size) - 1
+    device = train_split.device
+
+    def timed(run, split: Split) -> float:
+        synchronize(device)
+        started = time.perf_counter()
+        run(split)
+        synchronize(device)
+        return time.perf_counter() - started
+
+    def seconds_per_step(run) -> float:
+        run(one_batch)  # warm-up
+        return max(timed(run, more) - timed(run, one_batch), 1e-9) / max(taken, 1)
+
+    def as_rows(split: Split) -> None:
+        concrete_search(model, split, density=list(densities), config=probe_config, recipe=recipe, seed=list(seeds),
+                        starts=starts, stage="stacking probe", progress=False, channels_last=channels_last)
+
+    def one_after_another(split: Split) -> None:
+        for seed, start in zip(seeds, starts, strict=True):
+            alone = copy.deepcopy(model)
+            alone.load_state_dict(start)
+            concrete_search(alone, split, density=list(densities), config=probe_config, recipe=recipe, seed=seed,
+                            stage="stacking probe", progress=False, channels_last=channels_last)
+
+    return seconds_per_step(as_rows) / seconds_per_step(one_after_another)
+
+
 @contextmanager
 def frozen_for_search(model: nn.Module, channels_last: bool):
     """The model's weights frozen (only the logits learn) and, with ``channels_last``, in NHWC,
@@ -309,14 +352,15 @@ def concrete_search(
     density: float | Sequence[float],
     config: SearchConfig,
     recipe: TrainRecipe,
-    seed: int,
+    seed: int | Sequence[int],
+    starts: Sequence[Mapping[str, torch.Tensor]] | None = None,
     stage: str = "search",
     checkpoint: Checkpoint | None = None,
     channels_last: bool = False,
     progress: bool = True,
     diagnostics: bool = False,
     rank_passes: str = "auto",
-) -> SearchResult | list[SearchResult]:
+) -> SearchResult | list[SearchResult] | list[list[SearchResult]]:
     """Learn mask logits for ``model``'s current weights (``θ_k``), which stay frozen.
 
     ``density`` is one density, or a sequence of densities searched together as one batched
@@ -335,7 +379,16 @@ def concrete_search(
     epoch's record (one sort per layer per epoch). ``rank_passes``: how a process plays the recipe's
     virtual ranks (:data:`..device.virtual_ranks.RANK_PASSES`): as rows of one pass (:mod:`.rank_rows`)
     or one after another.
+
+    Several seeds (``seed`` a sequence, ``starts`` each seed's state, e.g. its θ_k): their searches
+    at every density run as rows of one (:mod:`.seed_rows`), each seed on its own weights, noise and
+    data order; returns one list of results per seed, each as its own batched search would, up to
+    float rounding. A ``ValueError`` says why where they cannot (:func:`.seed_rows.seed_rows_decline`).
     """
+    if not isinstance(seed, int):
+        return _search_seed_rows(model, train_split, density, config, recipe, list(seed), starts, stage=stage,
+                                 checkpoint=checkpoint, channels_last=channels_last, progress=progress,
+                                 diagnostics=diagnostics)
     batched = isinstance(density, Sequence)
     densities = _checked_densities(density)
     if batched and config.resolved_objective.kind == "network":
@@ -358,6 +411,37 @@ def concrete_search(
     results = run.results()
     loop.finish()
     return results if batched else results[0]
+
+
+def _search_seed_rows(model: nn.Module, train_split: Split, density: float | Sequence[float], config: SearchConfig,
+                      recipe: TrainRecipe, seeds: list[int], starts: Sequence[Mapping[str, torch.Tensor]] | None,
+                      **options) -> list[list[SearchResult]]:
+    """Several seeds' searches as rows of one (:func:`concrete_search` with a sequence of seeds)."""
+    densities = _checked_densities(density)
+    if starts is None or len(starts) != len(seeds):
+        raise ValueError(f"concrete_search: {len(seeds)} seeds need as many start states, got "
+                         f"{'none' if starts is None else len(starts)}")
+    rank, world = rank_and_world()
+    why = seed_rows_decline(model, config.resolved_objective,
+                            RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed))
+    if why is not None:
+        raise SeedRowsDeclined(f"{options['stage']}: the seeds cannot search as rows: {why}")
+    with frozen_for_search(model, options["channels_last"]):
+        run = _SearchRun.set_up(model, train_split, densities * len(seeds), True, config, recipe, seed=seeds[0],
+                                seed_rows=SeedRows(model, starts, train_split.device), seeds=seeds,
+                                stage=options["stage"], channels_last=options["channels_last"],
+                                diagnostics=options["diagnostics"], rank_passes="sequential")
+        loop = EpochLoop(options["stage"], first=0, end=run.epochs, total=run.epochs,
+                         checkpoint=options["checkpoint"], progress=options["progress"])
+        run.resume_at(loop.resume(run.restore))
+        with batch_statistics(model):
+            for epoch in loop:
+                step_losses, under_steps = run.search_epoch(epoch)
+                loop.end_epoch(epoch, run.state, run.record_epoch(epoch, step_losses, under_steps, loop.seconds()))
+    results = run.results()
+    loop.finish()
+    per_seed = len(densities)
+    return [results[s * per_seed:(s + 1) * per_seed] for s in range(len(seeds))]
 
 
 def _checked_densities(density: float | Sequence[float]) -> list[float]:
@@ -402,6 +486,8 @@ class _SearchRun:
     micro_batches: MicroBatches | None = None  # planned at the first step
     rank_rows: RankRows | None = None  # decided at the first step
     stacked_checked: bool = False
+    seed_rows: SeedRows | None = None  # several seeds' searches as rows (seed_rows.py); densities then repeat
+    seeds: list[int] | None = None  # their seeds, row s·K + k being seed s at density k
 
     @classmethod
     def set_up(cls, model: nn.Module, train_split: Split, densities: list[float], batched: bool,
@@ -461,6 +547,17 @@ class _SearchRun:
         step_losses = torch.zeros((self.steps_per_epoch, rows) if self.batched else self.steps_per_epoch,
                                   device=device)
         under_steps = torch.zeros(rows if self.batched else (), device=device)
+        if self.seed_rows is not None:
+            # Each seed's stream and data order, exactly as its own search draws them.
+            noise = [UniformNoise(device, seed, "concrete-noise", epoch, *ranks.stream_suffix(0)) for seed in self.seeds]
+            streams = [iterate_batches(self.train_split, self.recipe.batch_size, shuffle=True,
+                                       generator=generator(device, seed, "search-order", epoch)) for seed in self.seeds]
+            for i, batches in enumerate(zip(*streams, strict=True)):
+                step_losses[i] = self._seed_rows_step(torch.stack([x for x, _ in batches]),
+                                                      torch.stack([y for _, y in batches]), noise)
+                under_steps += ~self.balancer.over_budget.reshape(under_steps.shape)
+            check_finite(step_losses, stage=self.stage, epoch=epoch, epochs=self.epochs)
+            return step_losses, under_steps
         # One stream per recipe rank this process plays; rank 0's is the plain search's.
         noise = [UniformNoise(device, self.seed, "concrete-noise", epoch, *ranks.stream_suffix(c))
                  for c in range(ranks.per_process)]
@@ -481,16 +578,43 @@ class _SearchRun:
             x, y, share = shard(x, y, ranks.process, world, presharded=self.train_split.streamed)
         x = to_layout(x, self.channels_last)
         self._first_step_checks(x, y)
-        if self.step == self.drop_step:
-            for group in self.optimizer.param_groups:
-                group["lr"] *= LR_DROP_FACTOR
-            self.balancer.drop_lr(LR_DROP_FACTOR)
+        self._drop_lr_when_due()
         loss, expected = search_step(self.model, self.relaxation, self.objective, self.balancer, self.optimizer,
                                      noise, x, y, self.loss_scale, share, world,
                                      ranks, self.micro_batches, self.rank_rows)
         self.expected_trace[self.step] = expected.reshape(-1) if self.batched else expected
         self.step += 1
         return loss if world == 1 else loss * (share / world)
+
+    def _drop_lr_when_due(self) -> None:
+        if self.step == self.drop_step:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= LR_DROP_FACTOR
+            self.balancer.drop_lr(LR_DROP_FACTOR)
+
+    def _seed_rows_step(self, xs: torch.Tensor, ys: torch.Tensor, noise: list[UniformNoise]) -> torch.Tensor:
+        """One step of every seed's rows (:mod:`.seed_rows`) on the seeds' batches ``xs``/``ys``
+        (``[S, B, …]``): the seeds' draws, one pass, GradBalance per row, one Adam step."""
+        relaxation = self.relaxation
+        if not self.stacked_checked:  # the layout's check, as for one seed's rows (on the first seed's batch)
+            relaxation.stacked = check_stacked(self.model, relaxation, to_layout(xs[0], self.channels_last), self.stage)
+            self.stacked_checked = True
+            if not relaxation.stacked:
+                raise SeedRowsDeclined(f"{self.stage}: the seeds cannot search as rows: the stacked layout differs "
+                                       "from vmap on this model")
+        self._drop_lr_when_due()
+        uniform = torch.empty((len(noise), relaxation.num_weights), dtype=relaxation.theta.dtype,
+                              device=relaxation.theta.device)
+        for s, source in enumerate(noise):
+            source.fill_(uniform[s])
+        loss, task_grad = self.seed_rows.objective_and_gradient(self.model, relaxation, self.objective, uniform, xs,
+                                                                ys, self.loss_scale, self.channels_last)
+        grad, expected = self.balancer.combine(relaxation.logits.detach(), task_grad, None)
+        relaxation.logits.grad = grad
+        self.optimizer.step()
+        self.expected_trace[self.step] = expected.reshape(-1)
+        self.step += 1
+        return loss
 
     def _first_step_checks(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """At the first step: whether the stacked forward holds for this model (batched), and
@@ -539,8 +663,9 @@ class _SearchRun:
             if self.diagnostics:
                 record["layers"] = _layer_diagnostics(self.relaxation, r if self.batched else None)
             self.histories[r].append(record)
+            seed = f" seed {self.seeds[r * len(self.seeds) // rows]}" if self.seeds else ""
             messages.append(
-                f"{self.stage} epoch {epoch + 1}/{self.epochs}"
+                f"{self.stage} epoch {epoch + 1}/{self.epochs}{seed}"
                 f"{f' density {self.densities[r]:g}' if self.batched else ''}: "
                 f"{self.config.objective} {record['loss']:.5f}, expected kept {record['expected_kept']:.0f} = "
                 f"{record['expected_over_budget']:.3f} x budget, multiplier {record['multiplier']:.3g} "
@@ -553,6 +678,8 @@ class _SearchRun:
         final_expected = row_sum(torch.sigmoid(self.relaxation.logits.detach())).reshape(-1).tolist()
         peaks = self.expected_trace.reshape(-1, rows).max(0).values.tolist()
         path = ("stacked" if self.relaxation.stacked else "vmap") if self.batched else "single"
+        if self.seed_rows is not None:
+            path = f"stacked x{len(self.seeds)} seeds"
         return [
             SearchResult(
                 scores=self.relaxation.scores(r if self.batched else None),

@@ -7,10 +7,19 @@ config may set; anything else is refused by name, so a typo cannot silently fall
 Initialisation is ours, not PyTorch's: every weight is drawn from the caller's generator, so one
 seed gives bit-identical weights on any machine, and nothing touches the global RNG (models are
 built on the meta device and only then given real storage).
+
+Someone's own network is a factory named ``"<package.module>:<callable>"`` (any importable
+callable returning an ``nn.Module``), or ``"torchvision:<name>"`` for a torchvision
+classification model (built with ``weights=None``: nothing is downloaded). Its options are its
+keyword arguments, and ``num_classes`` and ``image_shape`` are passed where its signature takes
+them. Its initialisation is its own (what its constructor draws), run inside a forked RNG seeded
+from the caller's generator: seeds differ, a seed repeats on one machine, and the global RNG is
+left as it was.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,6 +93,80 @@ def neutral_statistics(model: nn.Module) -> Iterator[None]:
             m.running_mean = m.running_var = None
 
 
+TORCHVISION = "torchvision:"
+
+
+def is_own_model(name: str) -> bool:
+    """Whether ``name`` names someone's factory (``module:callable``, ``torchvision:<name>``)
+    rather than one of :data:`MODELS`."""
+    return ":" in name
+
+
+def own_factory(name: str) -> Callable[..., nn.Module]:
+    """The callable ``name`` names, imported; a ``ValueError`` naming what is missing otherwise."""
+    if name.startswith(TORCHVISION):
+        import torchvision
+
+        model = name.removeprefix(TORCHVISION)
+        known = torchvision.models.list_models(module=torchvision.models)  # the classification models
+        if model not in known:
+            raise ValueError(f"model.name {name!r}: torchvision has no classification model {model!r} "
+                             f"(e.g. {', '.join(known[:6])}, …)")
+        return lambda **kwargs: torchvision.models.get_model(model, weights=None, **kwargs)
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"model.name {name!r}: a factory is named '<package.module>:<callable>'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"model.name {name!r}: module {module_name!r} does not import ({exc})") from None
+    factory = module
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ValueError(f"model.name {name!r}: module {module_name!r} has no {attribute!r}")
+    if not callable(factory):
+        raise ValueError(f"model.name {name!r}: {attribute!r} in {module_name!r} is not callable")
+    return factory
+
+
+def _construct_own(name: str, image_shape: ImageShape, num_classes: int, options: dict) -> nn.Module:
+    """Run someone's factory with ``options`` and, where it takes them, ``num_classes`` and
+    ``image_shape``; refuse, naming it, a factory that fails or returns something else."""
+    factory = own_factory(name)
+    extra = {"num_classes": num_classes, "image_shape": tuple(image_shape)}
+    try:
+        parameters = inspect.signature(factory).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        passed = {k: v for k, v in extra.items() if k in parameters and k not in options}
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass the class count only
+        takes_any, passed = True, {"num_classes": num_classes}
+    if name.startswith(TORCHVISION):
+        passed = {"num_classes": num_classes}
+    elif takes_any and "num_classes" not in options:
+        passed.setdefault("num_classes", num_classes)
+    try:
+        model = factory(**options, **passed)
+    except Exception as exc:  # the user's code: say whose call failed, in one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model.name {name!r} with options {options}: the factory raised "
+                         f"{type(exc).__name__}: {reason}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.name {name!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _own_model(name: str, image_shape: ImageShape, num_classes: int, options: dict,
+               generator: torch.Generator | None) -> nn.Module:
+    """Someone's model, built and initialised by its own factory on the CPU, inside a forked RNG
+    seeded from ``generator`` (the global RNG's state is restored afterwards). Built for real, not on
+    the meta device: a factory may do anything (read a file, fill a tensor) that meta cannot."""
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
+        torch.manual_seed(seed)
+        return _construct_own(name, image_shape, num_classes, options)
+
+
 def _construct(
     name: str, image_shape: ImageShape, num_classes: int, options: dict
 ) -> tuple[nn.Module, ImageShape, dict]:
@@ -150,7 +233,12 @@ def build_model(name: str, *, image_shape: ImageShape, num_classes: int,
     Every model with BatchNorm also takes ``bn_running_stats`` (default true; false: batch
     statistics in evaluation too, so the evaluation batch size is part of the recipe) and
     ``bn_weight_init`` (``ones`` or ``uniform``).
+
+    Someone's own factory (:func:`is_own_model`) initialises its model itself, on the CPU, inside a
+    forked RNG seeded from ``generator``.
     """
+    if is_own_model(name):
+        return _own_model(name, image_shape, num_classes, options, generator)
     with torch.device("meta"):
         model, _, norm = _construct(name, image_shape, num_classes, options)
     model = model.to_empty(device="cpu")
@@ -159,7 +247,10 @@ def build_model(name: str, *, image_shape: ImageShape, num_classes: int,
 
 
 def skeleton(name: str, *, image_shape: ImageShape, num_classes: int, **options) -> nn.Module:
-    """Model ``name`` on the meta device: every shape, no storage, no initialisation (for counts)."""
+    """Model ``name`` on the meta device: every shape, no storage, no initialisation (for counts).
+    Someone's own model is built on the CPU (:func:`_own_model`)."""
+    if is_own_model(name):
+        return _own_model(name, image_shape, num_classes, options, None)
     with torch.device("meta"):
         return _construct(name, image_shape, num_classes, options)[0]
 
@@ -171,9 +262,12 @@ def check_model_fits(name: str, *, image_shape: ImageShape, num_classes: int, **
     mode. (A forward on the meta device computes shapes only, but its first BatchNorm goes through
     torch's Python decompositions and imports torch._dynamo: 1.5 s at every run start.)
     """
-    with torch.device("meta"):
-        model, shape, _ = _construct(name, image_shape, num_classes, options)
-    model = model.to_empty(device="cpu").eval()
+    if is_own_model(name):
+        model, shape = _own_model(name, image_shape, num_classes, options, None).eval(), tuple(image_shape)
+    else:
+        with torch.device("meta"):
+            model, shape, _ = _construct(name, image_shape, num_classes, options)
+        model = model.to_empty(device="cpu").eval()
     # Remember the last module entered, so the reason can name the layer where shapes broke.
     # (The model is thrown away afterwards, so the hooks need no removing.)
     entered: list[str] = []

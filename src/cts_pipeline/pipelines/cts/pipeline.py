@@ -17,13 +17,16 @@ def create_pipeline(branches: list[Branch], batch_sparsities: bool = True, stack
     to each branch's ``scores`` and ``mask_log``, and one retraining node,
     ``<method>.seed<N>.retrain``; the mask and the evaluation stay per branch.
     Network objectives (features, gradients) cannot be batched and keep one search per branch.
-    With ``stack_seeds`` the retraining node is shared by every seed, ``<method>.seeds.retrain``.
+    With ``stack_seeds`` the search and retraining nodes are shared by every seed,
+    ``<method>.search_seeds`` and ``<method>.seeds.retrain``.
     """
     groups: dict[str, list[Branch]] = {}
+    stack_seeds = stack_seeds and len({b.seed for b in branches}) > 1
     for b in branches:
         objective = OBJECTIVES.get(b.settings.get("objective", "kl"))  # unknown: refused when the run starts
         batchable = batch_sparsities and (objective is None or objective.kind == "logits")
-        groups.setdefault(search_group_namespace(b) if batchable else b.namespace, []).append(b)
+        key = (f"{b.method}.search_seeds" if stack_seeds else search_group_namespace(b)) if batchable else b.namespace
+        groups.setdefault(key, []).append(b)
     parts, branch_parts = [], []
     for key, group in groups.items():
         if len(group) == 1:
@@ -35,9 +38,13 @@ def create_pipeline(branches: list[Branch], batch_sparsities: bool = True, stack
             branch_parts.append((search, group[0], None))
             continue
         outputs = {name: name for b in group for name in (f"{b.namespace}.scores", f"{b.namespace}.mask_log")}
+        starts = list(dict.fromkeys(start_weights(b) for b in group))  # one per seed, in the branches' order
+        # Several seeds' search sits in the method's namespace, not in <method>.seeds: that namespace's
+        # retraining comes after the branches' masks, and a Kedro namespace must be one contiguous piece.
+        namespace, name = key.rsplit(".", 1) if key.endswith(".search_seeds") else (key, "search")
         parts.append(Pipeline([node(
-            search_masks, [start_weights(group[0]), *SEARCH_INPUTS, *[f"params:{b.namespace}.branch" for b in group]],
-            outputs, name="search", namespace=key, tags=GPU_TAG,
+            search_masks, [*SEARCH_INPUTS, *starts, *[f"params:{b.namespace}.branch" for b in group]],
+            outputs, name=name, namespace=namespace, tags=GPU_TAG,
         )]))
         branch_parts += [(Pipeline([score_to_mask()]), b, None) for b in group]
     return Pipeline(parts + ticket_branches(branch_parts, batch_sparsities, stack_seeds), tags="cts")

@@ -1,0 +1,100 @@
+"""S seeds' batched searches as rows of one stacked search step (``runtime.stack_seeds``).
+
+A seed's batched search runs its K densities as K stacked rows over one network, θ_k, on one
+batch (:mod:`..train.stacked`). Several seeds differ in everything the rows shared: their θ_k (and
+every other weight: BatchNorm's γ and β, biases), their Concrete noise and their batches. Here row
+``s·K + k`` is seed ``s`` at density ``k``:
+
+- the seeds' uniform draws, one per seed from its own stream, make ``[S, d]`` noise, so seed ``s``'s
+  K rows share its draw exactly as its own batched search shares one;
+- every parameter is a ``[R, *shape]`` row tensor: the prunable weights ``θ_k^s ⊙ m̃_r``, the others
+  seed ``s``'s own, repeated for its K rows;
+- the stacked network takes a per-row input: seed ``s``'s batch in the channels of its K rows;
+- the teacher is one stacked forward of the S dense networks, each on its own batch;
+- the rows share nothing, so one backward of the summed objective gives each row its own gradient,
+  and GradBalance, Adam and the budgets act per row as they do for K densities.
+
+Each row is then seed ``s``'s batched search at density ``k`` up to float rounding
+(``tests/core/test_seed_rows.py``). It needs what the stacked layout needs, an objective on the
+logits, one virtual rank and one process; :func:`seed_rows_decline` says why not otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..device.virtual_ranks import RankLayout
+from ..nets.masks import prunable_parameters
+from ..train.loop import to_layout
+from ..train.stacked import rewired, unstack
+from ..train.stacked import supports as stacked_supports
+from .objectives import Objective
+from .relaxation import NOISE_EPS, ConcreteMask, soft_mask
+
+
+class SeedRowsDeclined(ValueError):
+    """The seeds' searches cannot run as rows here (the message says why): search one seed at a time."""
+
+
+def seed_rows_decline(model: nn.Module, objective: Objective, ranks: RankLayout) -> str | None:
+    """Why these seeds' searches cannot run as rows of one step, or None when they can."""
+    if objective.kind == "network":
+        return "network objectives search one density of one seed at a time"
+    if not ranks.plain:
+        return "virtual ranks (training.virtual_ranks > 1) or several processes search one seed at a time"
+    if not stacked_supports(model):
+        return "the model has layers the stacked layout does not know"
+    return None
+
+
+class SeedRows:
+    """Every seed's parameters as ``[S, *shape]`` rows and its prunable weights flat, ``[S, d]``."""
+
+    def __init__(self, model: nn.Module, starts: Sequence[Mapping[str, torch.Tensor]], device: torch.device):
+        self.seeds = len(starts)
+        self.params = {n: torch.stack([start[n].to(device, p.dtype) for start in starts])
+                       for n, p in model.named_parameters()}
+        prunable = list(prunable_parameters(model))
+        self.prunable = set(prunable)
+        self.theta = torch.cat([self.params[n].reshape(self.seeds, -1) for n in prunable], dim=1)
+
+    def draw(self, relaxation: ConcreteMask, uniform: torch.Tensor) -> torch.Tensor:
+        """The soft masks ``[R, d]``: seed ``s``'s K rows with its own draw ``uniform[s]``."""
+        noise = torch.logit(uniform, eps=NOISE_EPS)  # as concrete_noise, which draws in place
+        rows = relaxation.logits.shape[0]
+        return soft_mask(relaxation.logits.view(self.seeds, rows // self.seeds, -1), noise[:, None]).view(rows, -1)
+
+    def objective_and_gradient(self, model: nn.Module, relaxation: ConcreteMask, objective: Objective,
+                               uniform: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, loss_scale: float,
+                               channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's objective ``[R]`` on its seed's batch (``xs[s]``, ``ys[s]``) and its gradient of
+        ``loss_scale × objective`` to the logits, ``[R, d]``, in one pass."""
+        rows = relaxation.logits.shape[0]
+        per_seed = rows // self.seeds
+        soft = self.draw(relaxation, uniform)
+        masked = (self.theta[:, None] * soft.view(self.seeds, per_seed, -1)).view(rows, -1)
+        weights = {n: p.repeat_interleave(per_seed, 0) for n, p in self.params.items() if n not in self.prunable}
+        weights.update(relaxation.row_weights(masked))
+        with rewired(model, weights, rows):
+            sparse = unstack(model(to_layout(_side_by_side(xs, per_seed), channels_last)), rows)
+        teacher = None
+        if objective.needs_teacher:
+            with torch.no_grad(), rewired(model, self.params, self.seeds):
+                teacher = unstack(model(to_layout(_side_by_side(xs, 1), channels_last)), self.seeds)
+            teacher = teacher.repeat_interleave(per_seed, 0)
+        labels = ys.repeat_interleave(per_seed, 0)
+        loss = torch.vmap(objective.fn, in_dims=(0, None if teacher is None else 0, 0))(sparse, teacher, labels)
+        # Rows share nothing: the gradient of their sum is each row's own.
+        (gradient,) = torch.autograd.grad(loss.sum() * loss_scale, relaxation.logits)
+        return loss.detach(), gradient
+
+
+def _side_by_side(xs: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Seeds' batches ``[S, B, C, …]`` as the stacked layout's per-row input ``[B, S·repeats·C, …]``
+    (seed ``s``'s batch in the channels of its ``repeats`` rows)."""
+    seeds, batch = xs.shape[:2]
+    per_row = xs.unsqueeze(1).expand(seeds, repeats, *xs.shape[1:]).reshape(seeds * repeats, *xs.shape[1:])
+    return per_row.transpose(0, 1).reshape(batch, seeds * repeats * xs.shape[2], *xs.shape[3:])
