@@ -16,7 +16,7 @@ from torch import nn
 from ..artifacts.checkpoints import Checkpoint
 from ..data.splits import Split, iterate_batches
 from ..device.distributed import all_sum, average_over_ranks, rank_and_world, shard
-from ..device.runtime import UniformNoise, generator, synchronize
+from ..device.runtime import UniformNoise, generator, seconds_per_step, synchronize
 from ..device.virtual_ranks import RankLayout, padded_size
 from ..nets.masks import prunable_parameters, unflatten
 from ..train.epochs import EpochLoop
@@ -265,17 +265,6 @@ def seed_rows_ratio(model: nn.Module, train_split: Split, densities: Sequence[fl
     taken = math.ceil(len(more) / recipe.batch_size) - 1
     device = train_split.device
 
-    def timed(run, split: Split) -> float:
-        synchronize(device)
-        started = time.perf_counter()
-        run(split)
-        synchronize(device)
-        return time.perf_counter() - started
-
-    def seconds_per_step(run) -> float:
-        run(one_batch)  # warm-up
-        return max(timed(run, more) - timed(run, one_batch), 1e-9) / max(taken, 1)
-
     def as_rows(split: Split) -> None:
         concrete_search(model, split, density=list(densities), config=probe_config, recipe=recipe, seed=list(seeds),
                         starts=starts, stage="stacking probe", progress=False, channels_last=channels_last)
@@ -287,7 +276,8 @@ def seed_rows_ratio(model: nn.Module, train_split: Split, densities: Sequence[fl
             concrete_search(alone, split, density=list(densities), config=probe_config, recipe=recipe, seed=seed,
                             stage="stacking probe", progress=False, channels_last=channels_last)
 
-    return seconds_per_step(as_rows) / seconds_per_step(one_after_another)
+    return (seconds_per_step(as_rows, one_batch, more, taken, device)
+            / seconds_per_step(one_after_another, one_batch, more, taken, device))
 
 
 @contextmanager
@@ -401,16 +391,21 @@ def concrete_search(
     with frozen_for_search(model, channels_last):
         run = _SearchRun.set_up(model, train_split, densities, batched, config, recipe, seed=seed, stage=stage,
                                 channels_last=channels_last, diagnostics=diagnostics, rank_passes=rank_passes)
-        epochs = run.epochs
-        loop = EpochLoop(stage, first=0, end=epochs, total=epochs, checkpoint=checkpoint, progress=progress)
-        run.resume_at(loop.resume(run.restore))
-        with batch_statistics(model):
-            for epoch in loop:
-                step_losses, under_steps = run.search_epoch(epoch)
-                loop.end_epoch(epoch, run.state, run.record_epoch(epoch, step_losses, under_steps, loop.seconds()))
+        results = _epochs(run, checkpoint, progress)
+    return results if batched else results[0]
+
+
+def _epochs(run: _SearchRun, checkpoint: Checkpoint | None, progress: bool) -> list[SearchResult]:
+    """The search's epochs, resumed from ``checkpoint`` where it matches; each row's result."""
+    loop = EpochLoop(run.stage, first=0, end=run.epochs, total=run.epochs, checkpoint=checkpoint, progress=progress)
+    run.resume_at(loop.resume(run.restore))
+    with batch_statistics(run.model):
+        for epoch in loop:
+            step_losses, under_steps = run.search_epoch(epoch)
+            loop.end_epoch(epoch, run.state, run.record_epoch(epoch, step_losses, under_steps, loop.seconds()))
     results = run.results()
     loop.finish()
-    return results if batched else results[0]
+    return results
 
 
 def _search_seed_rows(model: nn.Module, train_split: Split, density: float | Sequence[float], config: SearchConfig,
@@ -431,15 +426,7 @@ def _search_seed_rows(model: nn.Module, train_split: Split, density: float | Seq
                                 seed_rows=SeedRows(model, starts, train_split.device), seeds=seeds,
                                 stage=options["stage"], channels_last=options["channels_last"],
                                 diagnostics=options["diagnostics"], rank_passes="sequential")
-        loop = EpochLoop(options["stage"], first=0, end=run.epochs, total=run.epochs,
-                         checkpoint=options["checkpoint"], progress=options["progress"])
-        run.resume_at(loop.resume(run.restore))
-        with batch_statistics(model):
-            for epoch in loop:
-                step_losses, under_steps = run.search_epoch(epoch)
-                loop.end_epoch(epoch, run.state, run.record_epoch(epoch, step_losses, under_steps, loop.seconds()))
-    results = run.results()
-    loop.finish()
+        results = _epochs(run, options["checkpoint"], options["progress"])
     per_seed = len(densities)
     return [results[s * per_seed:(s + 1) * per_seed] for s in range(len(seeds))]
 

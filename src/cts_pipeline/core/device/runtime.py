@@ -7,8 +7,11 @@ import logging
 import os
 import platform
 import re
+import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,6 +150,22 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA kernels run asynchronously), so a timing is true."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def seconds_per_step(run: Callable[[Any], object], short: Any, long: Any, steps: int, device: torch.device) -> float:
+    """One step's wall-clock without a call's set-up: ``run(long)`` (an epoch of ``steps`` more
+    batches than ``short``) less ``run(short)``, after one warm-up call, per step. What the
+    stacked-versus-single probes compare (``stacked_training_ratio``, ``seed_rows_ratio``)."""
+
+    def timed(data) -> float:
+        synchronize(device)
+        started = time.perf_counter()
+        run(data)
+        synchronize(device)
+        return time.perf_counter() - started
+
+    run(short)  # warm-up: allocations, the first kernels
+    return max(timed(long) - timed(short), 1e-9) / max(steps, 1)
 
 
 def describe_hardware(device: torch.device) -> str:

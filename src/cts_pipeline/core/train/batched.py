@@ -36,7 +36,7 @@ from torch import nn
 
 from ..artifacts.checkpoints import Checkpoint
 from ..data.splits import Split, iterate_batches
-from ..device.runtime import generator, synchronize
+from ..device.runtime import generator, seconds_per_step
 from ..device.virtual_ranks import RankLayout, padded_size
 from ..nets.masks import check_mask_matches
 from .epochs import EpochLoop
@@ -499,17 +499,6 @@ def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.
     probe = dataclasses.replace(recipe, epochs=1, warmup_epochs=0, milestones=[])
     one_batch, more = train_split.subset(recipe.batch_size), train_split.subset((1 + steps) * recipe.batch_size)
 
-    def timed(run, split: Split) -> float:
-        synchronize(split.device)
-        started = time.perf_counter()
-        run(split)
-        synchronize(split.device)
-        return time.perf_counter() - started
-
-    def seconds_per_step(run) -> float:
-        run(one_batch)  # warm-up: allocations, the first kernels
-        return max(timed(run, more) - timed(run, one_batch), 1e-9) / steps
-
     def stacked(split: Split) -> None:
         train_tickets(model, masks, split, None, probe, seed=seed, starts=starts, stage="stacking probe",
                       progress=False, channels_last=channels_last)
@@ -521,7 +510,9 @@ def stacked_training_ratio(model: nn.Module, masks: Sequence[Mapping[str, torch.
         train(first, split, None, probe, seed=seed if isinstance(seed, int) else seed[0], stage="stacking probe",
               mask=masks[0], progress=False, channels_last=channels_last)
 
-    return seconds_per_step(stacked) / (len(masks) * seconds_per_step(one))
+    device = train_split.device
+    return (seconds_per_step(stacked, one_batch, more, steps, device)
+            / (len(masks) * seconds_per_step(one, one_batch, more, steps, device)))
 
 
 @torch.no_grad()
