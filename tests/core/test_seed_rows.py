@@ -14,9 +14,10 @@ from cts_pipeline.core.cts.forwards import batch_statistics
 from cts_pipeline.core.cts.objectives import OBJECTIVES
 from cts_pipeline.core.cts.relaxation import ConcreteMask
 from cts_pipeline.core.cts.search import _objective_and_gradient
-from cts_pipeline.core.cts.seed_rows import SeedRows
+from cts_pipeline.core.cts.seed_rows import SeedRows, SeedRowsDeclined
 from cts_pipeline.core.data.splits import load_splits
 from cts_pipeline.core.device.runtime import UniformNoise
+from cts_pipeline.core.device.virtual_ranks import RankLayout
 from cts_pipeline.core.nets.masks import global_topk_mask, prunable_parameters
 from cts_pipeline.core.nets.registry import build_model
 from cts_pipeline.core.train.loop import state_on_cpu
@@ -43,25 +44,23 @@ def network(name: str, seed: int):
 
 
 @pytest.mark.cross_path
-@pytest.mark.parametrize(("name", "objective"), [("convnet", "kl"), ("lenet_300_100", "kl"), ("resnet20", "kl"),
-                                                 ("convnet", "ce")])
-def test_each_seed_row_gets_its_seeds_objective_and_gradient_in_exact_arithmetic(digits, name, objective):
-    """One step in float64, two seeds × two densities: every row's objective and gradient to the
-    logits equal those of its seed's own batched step (its θ, noise and batch) within 1e-10."""
+@pytest.mark.parametrize(("name", "objective", "ranks"), [
+    ("convnet", "kl", 1), ("lenet_300_100", "kl", 1), ("resnet20", "kl", 1), ("convnet", "ce", 1),
+    ("convnet", "kl", 2), ("resnet20", "kl", 4),  # virtual ranks: each seed's chunks as rows too
+])
+def test_each_seed_row_gets_its_seeds_objective_and_gradient_in_exact_arithmetic(digits, name, objective, ranks):
+    """One step in float64, two seeds × two densities (× P virtual ranks): every row's objective and
+    gradient to the logits equal those of its seed's own step on that rank's chunk (its θ, noise
+    stream and samples) within 1e-10."""
     models = [network(name, seed).double() for seed in SEEDS]
     with torch.no_grad():  # every parameter its seed's own, BatchNorm's γ and β and the biases too
         for seed, model in zip(SEEDS, models, strict=True):
             g = torch.Generator().manual_seed(seed)
             for p in model.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    if name == "resnet20":
-        split = cifar_like(64)
-        batches = [split.take(torch.arange(32 * i, 32 * (i + 1))).double() for i in range(2)]
-        labels = [split.labels[32 * i:32 * (i + 1)] for i in range(2)]
-    else:
-        split = digits[0]
-        batches = [split.take(torch.arange(48 * i, 48 * (i + 1))).double() for i in range(2)]
-        labels = [split.labels[48 * i:48 * (i + 1)] for i in range(2)]
+    split, size = (cifar_like(64), 32) if name == "resnet20" else (digits[0], 48)
+    batches = [split.take(torch.arange(size * i, size * (i + 1))).double() for i in range(2)]
+    labels = [split.labels[size * i:size * (i + 1)] for i in range(2)]
     densities = [0.2, 0.05]
     g = torch.Generator().manual_seed(9)
     singles = [ConcreteMask(prunable_parameters(m), densities) for m in models]
@@ -71,21 +70,27 @@ def test_each_seed_row_gets_its_seeds_objective_and_gradient_in_exact_arithmetic
     rows = ConcreteMask(prunable_parameters(models[0]), densities * 2)
     with torch.no_grad():
         rows.logits.copy_(torch.cat([r.logits for r in singles]))
-    seed_rows = SeedRows(models[0], [m.state_dict() for m in models], torch.device("cpu"))
-    uniform = torch.empty((2, rows.num_weights), dtype=torch.float64)
+    layout = RankLayout(ranks)
+
+    def stream(seed: int, chunk: int) -> UniformNoise:
+        return UniformNoise(torch.device("cpu"), seed, "concrete-noise", 0, *layout.stream_suffix(chunk))
+
+    uniform = torch.empty((2, ranks, rows.num_weights), dtype=torch.float64)
     for s, seed in enumerate(SEEDS):
-        UniformNoise(torch.device("cpu"), seed, "concrete-noise", 0).fill_(uniform[s])
+        for c in range(ranks):
+            stream(seed, c).fill_(uniform[s, c])
     fn = OBJECTIVES[objective]
+    seed_rows = SeedRows(models[0], [m.state_dict() for m in models], torch.device("cpu"))
     with batch_statistics(models[0]):
-        loss, grad = seed_rows.objective_and_gradient(models[0], rows, fn, uniform, torch.stack(batches),
-                                                      torch.stack(labels), 1.0)
+        loss, grad = seed_rows.objective_and_gradients(models[0], rows, fn, uniform, torch.stack(batches),
+                                                       torch.stack(labels), 1.0)
+    assert loss.shape == (2, ranks, 2) and grad.shape == (2, ranks, 2, rows.num_weights)
     for s, (model, relaxation, seed) in enumerate(zip(models, singles, SEEDS, strict=True)):
         with batch_statistics(model):
-            want_loss, want_grad = _objective_and_gradient(model, relaxation, fn,
-                                                           UniformNoise(torch.device("cpu"), seed, "concrete-noise", 0),
-                                                           batches[s], labels[s], 1.0)
-        assert relative_gap(loss[2 * s:2 * s + 2], want_loss) < 1e-10, f"seed {seed}'s objectives"
-        assert relative_gap(grad[2 * s:2 * s + 2], want_grad) < 1e-10, f"seed {seed}'s gradients"
+            for c, (x, y) in enumerate(layout.chunks(batches[s], labels[s])):
+                want_loss, want_grad = _objective_and_gradient(model, relaxation, fn, stream(seed, c), x, y, 1.0)
+                assert relative_gap(loss[s, c], want_loss) < 1e-10, f"seed {seed}, rank {c}: objectives"
+                assert relative_gap(grad[s, c], want_grad) < 1e-10, f"seed {seed}, rank {c}: gradients"
 
 
 def starts_and_singles(split, densities, recipe, config, name="convnet"):
@@ -96,8 +101,10 @@ def starts_and_singles(split, densities, recipe, config, name="convnet"):
 
 
 @pytest.mark.cross_path
-def test_seeds_search_as_rows_as_each_seed_searches_alone_over_an_epoch(digits):
-    """An epoch (1000 samples, batch 64: 16 steps) of two seeds' 2-density searches: logits within
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_seeds_search_as_rows_as_each_seed_searches_alone_over_an_epoch(digits, ranks):
+    """An epoch (1000 samples, batch 64: 16 steps) of two seeds' 2-density searches (with 4 virtual
+    ranks too, against the seeds' own searches with their ranks one after another): logits within
     5e-4, the objective and λ within 1e-5 relative, equal kept counts, mask overlap at least 0.95.
 
     The logits' bound is looser than the ranks-as-rows test's 1e-4: a seed row's first convolution
@@ -106,7 +113,7 @@ def test_seeds_search_as_rows_as_each_seed_searches_alone_over_an_epoch(digits):
     and unvectorised kernels). A wrong weight, input or noise row is off by 0.1 or more; the
     float64 test above checks each row's step to 1e-10."""
     split, densities = digits[0].subset(1000), [0.1, 0.02]
-    recipe, config = TrainRecipe(epochs=1, batch_size=64, lr=0.05), SearchConfig(epochs=1)
+    recipe, config = TrainRecipe(epochs=1, batch_size=64, lr=0.05, virtual_ranks=ranks), SearchConfig(epochs=1)
     starts, singles = starts_and_singles(split, densities, recipe, config)
     rows = concrete_search(network("convnet", 99), split, density=densities, config=config, recipe=recipe,
                            seed=list(SEEDS), starts=starts, progress=False)
@@ -158,13 +165,10 @@ def test_a_killed_search_of_seed_rows_resumes_to_the_same_logits(digits, tmp_pat
                 assert torch.equal(got.scores[layer], logits), layer
 
 
-@pytest.mark.parametrize(("config", "recipe", "why"), [
-    (SearchConfig(epochs=1, objective="feature_mse"), TrainRecipe(epochs=1, batch_size=64, lr=0.05),
-     "network objectives"),
-    (SearchConfig(epochs=1), TrainRecipe(epochs=1, batch_size=64, lr=0.05, virtual_ranks=2), "virtual ranks"),
-])
-def test_seed_rows_decline_what_they_do_not_cover_in_one_line(digits, config, recipe, why):
+def test_seed_rows_decline_what_they_do_not_cover_in_one_line(digits):
     starts = [state_on_cpu(network("convnet", seed)) for seed in SEEDS]
-    with pytest.raises(ValueError, match=f"the seeds cannot search as rows: {why}"):
-        concrete_search(network("convnet", 0), digits[0].subset(128), density=[0.1], config=config, recipe=recipe,
-                        seed=list(SEEDS), starts=starts, progress=False)
+    with pytest.raises(SeedRowsDeclined, match="the seeds cannot search as rows: network objectives"):
+        concrete_search(network("convnet", 0), digits[0].subset(128), density=[0.1],
+                        config=SearchConfig(epochs=1, objective="feature_mse"),
+                        recipe=TrainRecipe(epochs=1, batch_size=64, lr=0.05), seed=list(SEEDS), starts=starts,
+                        progress=False)

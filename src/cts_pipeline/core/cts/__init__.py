@@ -15,7 +15,9 @@ One module per concept:
 - :mod:`.balance`: GradBalance and the Lagrangian ablation;
 - :mod:`.relaxation`: the Binary Concrete relaxation (:class:`ConcreteMask`);
 - :mod:`.forwards`: batch statistics and the stacked and vmap forwards of K rows;
-- :mod:`.search`: the step, the loop (:func:`concrete_search`) and the batched-versus-single probe.
+- :mod:`.search`: the step and the loop (:func:`concrete_search`);
+- :mod:`.probes`: the timings of the stacked forms against one at a time (``auto`` settings);
+- :mod:`.rank_rows`, :mod:`.seed_rows`: a process's virtual ranks, and several seeds, as rows of one step.
 
 The constants are the method's, not knobs: see ``docs/method.md`` of the shared notes. Each lives
 in the module that uses it; this package re-exports the names callers use.
@@ -52,14 +54,13 @@ from .objectives import (
     loss_ratio,
     reverse_kl,
 )
+from .probes import seed_rows_ratio, stacked_search_ratio
 from .relaxation import NOISE_EPS, TEMPERATURE, ConcreteMask, concrete_noise, logit, soft_mask
 from .search import (
     SearchResult,
     concrete_search,
     frozen_for_search,
     search_step,
-    seed_rows_ratio,
-    stacked_search_ratio,
 )
 
 __all__ = [

@@ -1,14 +1,12 @@
-"""The search loop: one step, the run over epochs, its result, and the batched-versus-single probe."""
+"""The search loop: one step, the run over epochs and its result (for one seed, or several as rows)."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,7 +14,7 @@ from torch import nn
 from ..artifacts.checkpoints import Checkpoint
 from ..data.splits import Split, iterate_batches
 from ..device.distributed import all_sum, average_over_ranks, rank_and_world, shard
-from ..device.runtime import UniformNoise, generator, seconds_per_step, synchronize
+from ..device.runtime import UniformNoise, generator
 from ..device.virtual_ranks import RankLayout, padded_size
 from ..nets.masks import prunable_parameters, unflatten
 from ..train.epochs import EpochLoop
@@ -208,76 +206,6 @@ def _memory_probe(model: nn.Module, relaxation: ConcreteMask, objective: Objecti
         _objective_and_gradient(model, relaxation, objective, probe_noise, x[:samples], y[:samples], loss_scale)
 
     return probe
-
-
-def stacked_search_ratio(model: nn.Module, train_split: Split, densities: Sequence[float], config: SearchConfig,
-                         recipe: TrainRecipe, *, seed: int, channels_last: bool = False, steps: int = 2) -> float:
-    """The time of one batched search step over K densities against K single steps: below 1,
-    searching the K densities together saves time on this device; above 1, one at a time does.
-
-    The stacked layout wins where K copies of the activations stay cheap (the digits convnet on a
-    CPU: 0.77 of the time) and loses where they do not (ResNet-20 at batch 512 on a CPU: 2.0×), and
-    no rule of thumb predicts that across devices and shapes, so it is measured, as cuDNN's
-    benchmark mode measures its algorithms. Each side runs one warm-up step and ``steps`` timed
-    ones on logits, optimizers, noise and a batch of its own (the split's first samples), so the
-    search's own state and random streams are untouched.
-    """
-    device = train_split.device
-    objective = config.resolved_objective
-    lr = config.lr if config.lr is not None else recipe.lr
-    index = torch.arange(min(recipe.batch_size, len(train_split)))
-    x = to_layout(train_split.take(index), channels_last)
-    y = train_split.labels[index].to(device)
-    weights = prunable_parameters(model)
-
-    def seconds_per_step(density: float | list[float]) -> float:
-        relaxation = ConcreteMask(weights, density)
-        balancer = make_balancer(config.balance, density, relaxation.num_weights, lr)
-        optimizer = torch.optim.Adam([relaxation.logits], lr=lr, fused=True)
-        noise = UniformNoise(device, seed, "stacking-probe", 0)
-        if relaxation.batched:
-            relaxation.stacked = check_stacked(model, relaxation, x, "stacking probe")
-        for i in range(steps + 1):
-            if i == 1:  # after the warm-up step
-                synchronize(device)
-                started = time.perf_counter()
-            search_step(model, relaxation, objective, balancer, optimizer, noise, x, y, config.effective_loss_scale)
-        synchronize(device)
-        return (time.perf_counter() - started) / steps
-
-    with frozen_for_search(model, channels_last), batch_statistics(model):
-        return seconds_per_step([float(k) for k in densities]) / (len(densities) * seconds_per_step(densities[0]))
-
-
-def seed_rows_ratio(model: nn.Module, train_split: Split, densities: Sequence[float], config: SearchConfig,
-                    recipe: TrainRecipe, *, seeds: Sequence[int], starts: Sequence[Mapping[str, torch.Tensor]],
-                    channels_last: bool = False, steps: int = 2) -> float:
-    """The time of a step of S seeds' searches as rows against S seeds' batched steps one after
-    another: below 1, the seeds search faster together on this device (``runtime.stack_seeds: auto``).
-
-    Each side searches copies (no checkpoint) for one epoch of one batch and one of ``1 + steps``
-    batches, after one warm-up: the difference is ``steps`` steps without the set-up, as
-    :func:`..train.batched.stacked_training_ratio` measures training.
-    """
-    probe_config = replace(config, epochs=1)
-    one_batch = train_split.subset(recipe.batch_size)
-    more = train_split.subset(min(len(train_split), (1 + steps) * recipe.batch_size))
-    taken = math.ceil(len(more) / recipe.batch_size) - 1
-    device = train_split.device
-
-    def as_rows(split: Split) -> None:
-        concrete_search(model, split, density=list(densities), config=probe_config, recipe=recipe, seed=list(seeds),
-                        starts=starts, stage="stacking probe", progress=False, channels_last=channels_last)
-
-    def one_after_another(split: Split) -> None:
-        for seed, start in zip(seeds, starts, strict=True):
-            alone = copy.deepcopy(model)
-            alone.load_state_dict(start)
-            concrete_search(alone, split, density=list(densities), config=probe_config, recipe=recipe, seed=seed,
-                            stage="stacking probe", progress=False, channels_last=channels_last)
-
-    return (seconds_per_step(as_rows, one_batch, more, taken, device)
-            / seconds_per_step(one_after_another, one_batch, more, taken, device))
 
 
 @contextmanager
@@ -536,9 +464,11 @@ class _SearchRun:
         under_steps = torch.zeros(rows if self.batched else (), device=device)
         if self.seed_rows is not None:
             # Each seed's stream and data order, exactly as its own search draws them.
-            noise = [UniformNoise(device, seed, "concrete-noise", epoch, *ranks.stream_suffix(0)) for seed in self.seeds]
+            noise = [[UniformNoise(device, seed, "concrete-noise", epoch, *ranks.stream_suffix(c))
+                      for c in range(ranks.per_process)] for seed in self.seeds]
             streams = [iterate_batches(self.train_split, self.recipe.batch_size, shuffle=True,
-                                       generator=generator(device, seed, "search-order", epoch)) for seed in self.seeds]
+                                       generator=generator(device, seed, "search-order", epoch), parts=ranks.parts)
+                       for seed in self.seeds]
             for i, batches in enumerate(zip(*streams, strict=True)):
                 step_losses[i] = self._seed_rows_step(torch.stack([x for x, _ in batches]),
                                                       torch.stack([y for _, y in batches]), noise)
@@ -579,9 +509,10 @@ class _SearchRun:
                 group["lr"] *= LR_DROP_FACTOR
             self.balancer.drop_lr(LR_DROP_FACTOR)
 
-    def _seed_rows_step(self, xs: torch.Tensor, ys: torch.Tensor, noise: list[UniformNoise]) -> torch.Tensor:
+    def _seed_rows_step(self, xs: torch.Tensor, ys: torch.Tensor, noise: list[list[UniformNoise]]) -> torch.Tensor:
         """One step of every seed's rows (:mod:`.seed_rows`) on the seeds' batches ``xs``/``ys``
-        (``[S, B, …]``): the seeds' draws, one pass, GradBalance per row, one Adam step."""
+        (``[S, B, …]``): the seeds' (and ranks') draws, one pass, GradBalance per row, one Adam
+        step; each row's objective (its ranks' mean)."""
         relaxation = self.relaxation
         if not self.stacked_checked:  # the layout's check, as for one seed's rows (on the first seed's batch)
             relaxation.stacked = check_stacked(self.model, relaxation, to_layout(xs[0], self.channels_last), self.stage)
@@ -590,18 +521,24 @@ class _SearchRun:
                 raise SeedRowsDeclined(f"{self.stage}: the seeds cannot search as rows: the stacked layout differs "
                                        "from vmap on this model")
         self._drop_lr_when_due()
-        uniform = torch.empty((len(noise), relaxation.num_weights), dtype=relaxation.theta.dtype,
+        seeds, ranks = len(self.seeds), self.ranks.per_process
+        uniform = torch.empty((seeds, ranks, relaxation.num_weights), dtype=relaxation.theta.dtype,
                               device=relaxation.theta.device)
-        for s, source in enumerate(noise):
-            source.fill_(uniform[s])
-        loss, task_grad = self.seed_rows.objective_and_gradient(self.model, relaxation, self.objective, uniform, xs,
-                                                                ys, self.loss_scale, self.channels_last)
-        grad, expected = self.balancer.combine(relaxation.logits.detach(), task_grad, None)
+        for s, per_rank in enumerate(noise):
+            for c, source in enumerate(per_rank):
+                source.fill_(uniform[s, c])
+        loss, gradients = self.seed_rows.objective_and_gradients(self.model, relaxation, self.objective, uniform, xs,
+                                                                 ys, self.loss_scale, self.channels_last)
+        task_grad = (gradients[:, 0] if ranks == 1 else gradients.sum(1) / ranks).flatten(0, 1)
+        # Under virtual ranks, each rank's ‖g_task‖ per row: λ* is taken per rank, then averaged.
+        rank_norms = None if ranks == 1 else \
+            torch.linalg.vector_norm(gradients, dim=-1, keepdim=True).transpose(0, 1).flatten(1, 2)
+        grad, expected = self.balancer.combine(relaxation.logits.detach(), task_grad, rank_norms)
         relaxation.logits.grad = grad
         self.optimizer.step()
         self.expected_trace[self.step] = expected.reshape(-1)
         self.step += 1
-        return loss
+        return (loss[:, 0] if ranks == 1 else loss.mean(1)).flatten()
 
     def _first_step_checks(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """At the first step: whether the stacked forward holds for this model (batched), and

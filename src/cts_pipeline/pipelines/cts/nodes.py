@@ -21,6 +21,7 @@ from ...core.cts.seed_rows import SeedRowsDeclined, seed_rows_decline
 from ...core.device.distributed import rank_and_world
 from ...core.device.runtime import describe_hardware
 from ...core.device.virtual_ranks import RankLayout
+from ...core.train.batched import stacks_ranks
 from ...core.train.memory import plan_rows, release_cached_memory
 from ...core.train.recipe import TrainRecipe
 from ...terminal.console import PROGRESS_LOGGER
@@ -236,6 +237,8 @@ class _Searches:
             why = "the seeds search different densities"
         if why is None and (runtime.compile or runtime.distributed.nproc > 1):
             why = "runtime.compile or several processes"
+        if why is None and not stacks_ranks(training, runtime.virtual_rank_passes, self.train_split.device):
+            why = "the virtual ranks run one after another (runtime.virtual_rank_passes; auto on a CPU)"
         if why is not None:
             logger.info("%s: the seeds search one after another: %s", namespace, why)
             return {}
