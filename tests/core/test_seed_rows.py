@@ -80,7 +80,8 @@ def test_each_seed_row_gets_its_seeds_objective_and_gradient_in_exact_arithmetic
         for c in range(ranks):
             stream(seed, c).fill_(uniform[s, c])
     fn = OBJECTIVES[objective]
-    seed_rows = SeedRows(models[0], [m.state_dict() for m in models], torch.device("cpu"))
+    seed_rows = SeedRows(models[0], [m.state_dict() for m in models], torch.device("cpu"), ranks=ranks,
+                         densities=len(densities))
     with batch_statistics(models[0]):
         loss, grad = seed_rows.objective_and_gradients(models[0], rows, fn, uniform, torch.stack(batches),
                                                        torch.stack(labels), 1.0)

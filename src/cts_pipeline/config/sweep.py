@@ -86,6 +86,11 @@ def seeds_group_namespace(branch: Branch) -> str:
     return f"{branch.method}.seeds"
 
 
+def group_namespace(group: Sequence[Branch]) -> str:
+    """The namespace of a node shared by ``group``: its seed's, or (several seeds) the method's seeds'."""
+    return search_group_namespace(group[0]) if len({b.seed for b in group}) == 1 else seeds_group_namespace(group[0])
+
+
 def branch_namespace(method: str, seed: int, sparsity: float | None = None) -> str:
     parts = [method, f"seed{seed}"]
     if sparsity is not None:

@@ -20,11 +20,15 @@ from torch import nn
 
 from ..config.identity import checkpoint_tag
 from ..config.sections import ModelConfig, RuntimeConfig
+from ..config.sweep import Branch
 from ..core.artifacts.checkpoints import Checkpoint, PendingRemovals
 from ..core.data.registry import get_dataset_info
 from ..core.data.splits import Split
 from ..core.device.runtime import channels_last_hazard, generator, resolve_device, training_device
+from ..core.train.batched import stacks_ranks
+from ..core.train.batched import supports as stacked_training_supports
 from ..core.train.memory import release_cached_memory
+from ..core.train.recipe import TrainRecipe
 
 # Nodes that compute on the run's device; a distributed runner gives each one GPU
 # (cts_pipeline.runners.DaskRunner, workers started with --resources GPU=1).
@@ -165,6 +169,29 @@ def build_network(
     if state is not None:
         net.load_state_dict(state)
     return net.to(device)
+
+
+def may_train_stacked(net: nn.Module, training: TrainRecipe, runtime: RuntimeConfig, device: torch.device) -> bool:
+    """Whether rows (tickets, seeds) may train as one stacked network here: layers the stacked
+    layout knows, the virtual ranks in one pass (``runtime.virtual_rank_passes``), and neither
+    ``runtime.compile`` nor several processes, which the stacked path does not have."""
+    return (stacked_training_supports(net, training, device) and stacks_ranks(training, runtime.virtual_rank_passes,
+                                                                              device)
+            and not runtime.compile and runtime.distributed.nproc <= 1)
+
+
+def starts_then_branches(inputs: tuple, node: str) -> tuple[dict[int, dict], list, list[Branch]]:
+    """A shared node's inputs: one start state per seed (in the order its branches first name their
+    seeds), then K inputs of each branch's (none, or masks), then the K branches. Returns each
+    seed's start state, the per-branch inputs and the branches."""
+    branches = [a for a in inputs if isinstance(a, Branch)]
+    seeds = list(dict.fromkeys(b.seed for b in branches))
+    per_branch = (len(inputs) - len(seeds)) // len(branches) - 1
+    middle = list(inputs[len(seeds):len(inputs) - len(branches)])
+    if per_branch < 0 or len(middle) != per_branch * len(branches) or inputs[len(inputs) - len(branches):] != tuple(branches):
+        raise TypeError(f"{node}: expected {len(seeds)} start states, then inputs of each of {len(branches)} branches, "
+                        f"then the branches; got {len(inputs)} inputs")
+    return dict(zip(seeds, inputs[:len(seeds)], strict=True)), middle, branches
 
 
 def batched_if_faster(runtime: RuntimeConfig, stage: str, measure: Callable[[], float], rows: int,

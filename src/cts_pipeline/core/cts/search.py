@@ -345,13 +345,14 @@ def _search_seed_rows(model: nn.Module, train_split: Split, density: float | Seq
         raise ValueError(f"concrete_search: {len(seeds)} seeds need as many start states, got "
                          f"{'none' if starts is None else len(starts)}")
     rank, world = rank_and_world()
-    why = seed_rows_decline(model, config.resolved_objective,
-                            RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed))
+    layout = RankLayout(recipe.virtual_ranks, rank, world, presharded=train_split.streamed)
+    why = seed_rows_decline(model, config.resolved_objective, layout)
     if why is not None:
         raise SeedRowsDeclined(f"{options['stage']}: the seeds cannot search as rows: {why}")
     with frozen_for_search(model, options["channels_last"]):
         run = _SearchRun.set_up(model, train_split, densities * len(seeds), True, config, recipe, seed=seeds[0],
-                                seed_rows=SeedRows(model, starts, train_split.device), seeds=seeds,
+                                seed_rows=SeedRows(model, starts, train_split.device, densities=len(densities),
+                                                   ranks=layout.per_process), seeds=seeds,
                                 stage=options["stage"], channels_last=options["channels_last"],
                                 diagnostics=options["diagnostics"], rank_passes="sequential")
         results = _epochs(run, options["checkpoint"], options["progress"])

@@ -54,15 +54,22 @@ def seed_rows_decline(model: nn.Module, objective: Objective, ranks: RankLayout)
 
 
 class SeedRows:
-    """Every seed's parameters as ``[S, *shape]`` rows and its prunable weights flat, ``[S, d]``."""
+    """Every seed's parameters as ``[S, *shape]`` rows and its prunable weights flat, ``[S, d]``, for
+    a search of P virtual ranks and K densities per seed. The weights are frozen, so their rows are
+    laid out once here, not at every step: the frozen ones for the ``S·P·K`` masked rows, and every
+    parameter for the ``S·P`` teacher rows."""
 
-    def __init__(self, model: nn.Module, starts: Sequence[Mapping[str, torch.Tensor]], device: torch.device):
+    def __init__(self, model: nn.Module, starts: Sequence[Mapping[str, torch.Tensor]], device: torch.device, *,
+                 ranks: int = 1, densities: int = 1):
         self.seeds = len(starts)
         self.params = {n: torch.stack([start[n].to(device, p.dtype) for start in starts])
                        for n, p in model.named_parameters()}
         prunable = list(prunable_parameters(model))
-        self.prunable = set(prunable)
         self.theta = torch.cat([self.params[n].reshape(self.seeds, -1) for n in prunable], dim=1)
+        self.frozen_rows = {n: p.repeat_interleave(ranks * densities, 0) for n, p in self.params.items()
+                            if n not in set(prunable)}
+        self.teacher_rows = self.params if ranks == 1 else \
+            {n: p.repeat_interleave(ranks, 0) for n, p in self.params.items()}
 
     def objective_and_gradients(self, model: nn.Module, relaxation: ConcreteMask, objective: Objective,
                                 uniform: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, loss_scale: float,
@@ -84,16 +91,13 @@ class SeedRows:
             soft = soft_mask(relaxation.logits.detach().view(seeds, 1, per_seed, -1), noise[:, :, None])
         soft.requires_grad_(True)
         masked = (self.theta[:, None, None] * soft).view(rows, -1)
-        weights = {n: p.repeat_interleave(ranks * per_seed, 0) for n, p in self.params.items()
-                   if n not in self.prunable}
-        weights.update(relaxation.row_weights(masked))
+        weights = {**self.frozen_rows, **relaxation.row_weights(masked)}
         chunks, labels = (xs, ys) if ranks == 1 else (_by_rank(xs, ranks), _by_rank(ys, ranks))  # [S·P, B/P, …]
         with rewired(model, weights, rows):
             sparse = unstack(model(to_layout(_side_by_side(chunks, per_seed), channels_last)), rows)
         teacher = None
         if objective.needs_teacher:
-            dense = self.params if ranks == 1 else {n: p.repeat_interleave(ranks, 0) for n, p in self.params.items()}
-            with torch.no_grad(), rewired(model, dense, seeds * ranks):
+            with torch.no_grad(), rewired(model, self.teacher_rows, seeds * ranks):
                 teacher = unstack(model(to_layout(_side_by_side(chunks, 1), channels_last)), seeds * ranks)
             teacher = teacher.repeat_interleave(per_seed, 0)
         labels = labels.repeat_interleave(per_seed, 0)

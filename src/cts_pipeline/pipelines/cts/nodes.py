@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from ...config.sections import ModelConfig, RuntimeConfig
-from ...config.sweep import Branch, search_group_namespace, seeds_group_namespace
+from ...config.sweep import Branch, group_namespace, search_group_namespace, seeds_group_namespace
 from ...core.cts import (
     SearchConfig,
     SearchResult,
@@ -33,6 +33,7 @@ from ..common import (
     device_for,
     distributable,
     split_from_payload,
+    starts_then_branches,
     uses_channels_last,
 )
 
@@ -110,30 +111,26 @@ def search_masks(
     model: ModelConfig,
     training: TrainRecipe,
     runtime: RuntimeConfig,
-    *starts_then_branches: dict | Branch,
+    *starts_and_branches: dict | Branch,
 ) -> dict[str, dict]:
     """The searches of one CTS configuration's branches: of one seed, as one batched search at all
     their densities; of several seeds (``runtime.stack_seeds``), as rows of one search where they
     can (``core.cts.seed_rows``), else one seed after another.
 
-    ``starts_then_branches`` is one start state per seed (in the order the branches first name their
+    ``starts_and_branches`` is one start state per seed (in the order the branches first name their
     seeds), then the branches. A seed's branches share the start weights, the data order, the noise
     and the dense teacher, so their searches run as one (``core.cts.concrete_search`` with several
     densities). Returns ``{<branch>.scores: logits, <branch>.mask_log: log}`` for every branch.
     """
     started_at = time.time()
-    group = [a for a in starts_then_branches if isinstance(a, Branch)]
-    seeds = list(dict.fromkeys(b.seed for b in group))
-    starts = starts_then_branches[:len(starts_then_branches) - len(group)]
-    if len(starts) != len(seeds) or not all(isinstance(b, Branch) for b in starts_then_branches[len(starts):]):
-        raise TypeError(f"search_masks: expected {len(seeds)} start states, then {len(group)} branches")
+    start_of_seed, _, group = starts_then_branches(starts_and_branches, "search_masks")
+    seeds = list(start_of_seed)
     first = group[0]
     cts = SearchConfig(**first.settings)
     if any(b.settings != first.settings or b.start != first.start for b in group):
-        raise ValueError(f"{search_group_namespace(first)}: a batched search needs one CTS configuration and start")
+        raise ValueError(f"{group_namespace(group)}: a batched search needs one CTS configuration and start")
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device, runtime.data_workers)
-    start_of_seed = dict(zip(seeds, starts, strict=True))
     search = _Searches(train_data, train_split, model, training, runtime, cts, start_of_seed)
     found = search.seeds_as_rows(group) if len(seeds) > 1 else {}
     for seed in seeds:

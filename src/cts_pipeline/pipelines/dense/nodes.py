@@ -13,14 +13,7 @@ from ...core.device.distributed import rank_and_world
 from ...core.device.runtime import describe_hardware
 from ...core.nets.masks import count_prunable
 from ...core.nets.registry import count_parameters
-from ...core.train.batched import (
-    eval_probe_step,
-    probe_step,
-    stacked_training_ratio,
-    stacks_ranks,
-    train_tickets,
-)
-from ...core.train.batched import supports as stacked_training_supports
+from ...core.train.batched import eval_probe_step, probe_step, stacked_training_ratio, train_tickets
 from ...core.train.loop import TrainResult, state_on_cpu, train
 from ...core.train.memory import plan_rows, release_cached_memory
 from ...core.train.recipe import TrainRecipe
@@ -32,6 +25,7 @@ from ..common import (
     data_fingerprint,
     device_for,
     distributable,
+    may_train_stacked,
     split_from_payload,
     uses_channels_last,
 )
@@ -74,6 +68,14 @@ def train_dense(
     progress.info("%s: %.2f %% test accuracy, dense, %.1f s", branch.namespace, metrics["test_accuracy"],
                   result.seconds)
     return theta_init, result.snapshots[k], state_on_cpu(net), metrics
+
+
+DENSE_OUTPUTS = ("theta_init", "theta_rewind", "final_weights", "metrics")  # what a seed's dense run saves
+
+
+def _outputs(branch: Branch, *values: dict) -> dict[str, dict]:
+    """A seed's dense outputs (:data:`DENSE_OUTPUTS`, in order) by their datasets' names."""
+    return {f"{branch.namespace}.{name}": value for name, value in zip(DENSE_OUTPUTS, values, strict=True)}
 
 
 def _dense_metrics(branch: Branch, model: ModelConfig, net, train_split, test_split, training: TrainRecipe,
@@ -130,16 +132,11 @@ def train_dense_seeds(
     channels_last = uses_channels_last(runtime, net)
     stage = f"dense.seeds dense x{len(branches)}"
 
-    def outputs(branch: Branch, theta_init: dict, theta_rewind: dict, final: dict, metrics: dict) -> dict[str, dict]:
-        names = ("theta_init", "theta_rewind", "final_weights", "metrics")
-        return {f"{branch.namespace}.{name}": value
-                for name, value in zip(names, (theta_init, theta_rewind, final, metrics), strict=True)}
-
     def one_at_a_time(members: list[int]) -> dict[str, dict]:
         out = {}
         for i in members:
-            out.update(outputs(branches[i], *train_dense(train_data, test_data, model, training, runtime,
-                                                         branches[i])))
+            out.update(_outputs(branches[i], *train_dense(train_data, test_data, model, training, runtime,
+                                                          branches[i])))
         return out
 
     def stacked(members: list[int]) -> dict[str, dict]:
@@ -167,14 +164,12 @@ def train_dense_seeds(
                                      dense_path=f"stacked x{len(group)}", dense_shared_by=len(group))
             progress.info("%s: %.2f %% test accuracy, dense, %.1f s share", branch.namespace,
                           metrics["test_accuracy"], result.seconds)
-            out.update(outputs(branch, inits[i], result.snapshots[k], state, metrics))
+            out.update(_outputs(branch, inits[i], result.snapshots[k], state, metrics))
         return out
 
     everyone = list(range(len(branches)))
-    # The stacked path has no DDP or torch.compile: there the seeds train one at a time.
-    if not stacked_training_supports(net, training, device) \
-            or not stacks_ranks(training, runtime.virtual_rank_passes, device) or runtime.compile \
-            or runtime.distributed.nproc > 1 or rank_and_world()[1] > 1 \
+    # (Under torchrun, runtime.distributed.nproc is 1 but the processes are several: one at a time too.)
+    if not may_train_stacked(net, training, runtime, device) or rank_and_world()[1] > 1 \
             or not batched_if_faster(
                 runtime, stage,
                 lambda: stacked_training_ratio(net, [None] * len(seeds), train_split, training, seed=seeds,

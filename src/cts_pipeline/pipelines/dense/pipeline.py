@@ -3,9 +3,8 @@ from kedro.pipeline import Pipeline, node
 from ...config.sweep import Branch
 from ..common import GPU_TAG
 from ..tickets.pipeline import SHARED_PARAMETERS
-from .nodes import train_dense, train_dense_seeds
+from .nodes import DENSE_OUTPUTS, train_dense, train_dense_seeds
 
-DENSE_OUTPUTS = ("theta_init", "theta_rewind", "final_weights", "metrics")
 DATA_AND_SETTINGS = ["train_data", "test_data", "params:model", "params:training", "params:runtime"]
 
 

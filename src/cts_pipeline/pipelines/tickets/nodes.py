@@ -8,7 +8,7 @@ import time
 import torch
 
 from ...config.sections import ModelConfig, RuntimeConfig
-from ...config.sweep import Branch, search_group_namespace, seeds_group_namespace
+from ...config.sweep import Branch, group_namespace
 from ...core.data.registry import get_dataset_info
 from ...core.device.runtime import describe_hardware
 from ...core.nets.masks import (
@@ -28,10 +28,8 @@ from ...core.train.batched import (
     eval_probe_step,
     probe_step,
     stacked_training_ratio,
-    stacks_ranks,
     train_tickets,
 )
-from ...core.train.batched import supports as stacked_training_supports
 from ...core.train.loop import effective_precision, evaluate, state_on_cpu, train
 from ...core.train.memory import plan_rows, release_cached_memory
 from ...core.train.recipe import TrainRecipe
@@ -44,7 +42,9 @@ from ..common import (
     data_fingerprint,
     device_for,
     distributable,
+    may_train_stacked,
     split_from_payload,
+    starts_then_branches,
     uses_channels_last,
 )
 
@@ -153,14 +153,8 @@ def retrain_tickets(
     ``seconds`` is that ticket's share.
     """
     started_at = time.time()
-    tickets = sum(isinstance(a, Branch) for a in starts_masks_branches)
-    branches = starts_masks_branches[-tickets:]
-    payloads = starts_masks_branches[-2 * tickets:-tickets]
-    seeds = list(dict.fromkeys(b.seed for b in branches))
-    if len(starts_masks_branches) != 2 * tickets + len(seeds) or not all(isinstance(b, Branch) for b in branches):
-        raise TypeError(f"retrain_tickets: expected {len(seeds)} start states, then {tickets} masks and "
-                        f"{tickets} branches, got {len(starts_masks_branches)} inputs")
-    start_of_seed = dict(zip(seeds, starts_masks_branches[:len(seeds)], strict=True))
+    start_of_seed, payloads, branches = starts_then_branches(starts_masks_branches, "retrain_tickets")
+    seeds = list(start_of_seed)
     first_branch = branches[0]
     device = device_for(runtime)
     train_split = split_from_payload(train_data, device, runtime.data_workers)
@@ -168,9 +162,6 @@ def retrain_tickets(
     net = build_network(model, train_split, device, state=start_of_seed[first_branch.seed])
     first = start_epoch(training, first_branch)
     keeps = [branch_mask(p, b, net) for p, b in zip(payloads, branches, strict=True)]
-
-    def group_namespace(group) -> str:
-        return search_group_namespace(group[0]) if len({b.seed for b in group}) == 1 else seeds_group_namespace(group[0])
 
     def row_starts(group) -> list[dict] | None:
         """Each row's start state where the rows are of several seeds (else the network's own)."""
@@ -229,10 +220,7 @@ def retrain_tickets(
     # Several seeds stack where runtime.stack_seeds says (auto: the probe below), one seed's
     # sparsities where runtime.batch_sparsities does; both true: no probe.
     settings = ("batch_sparsities", "stack_seeds") if len(seeds) > 1 else ("batch_sparsities",)
-    # The stacked path has no DDP: over several processes the tickets train one at a time.
-    if not stacked_training_supports(net, training, device) \
-            or not stacks_ranks(training, runtime.virtual_rank_passes, device) or runtime.compile \
-            or runtime.distributed.nproc > 1 \
+    if not may_train_stacked(net, training, runtime, device) \
             or not batched_if_faster(
                 runtime, stage,
                 lambda: stacked_training_ratio(net, keeps, train_split, training, seed=[b.seed for b in branches],

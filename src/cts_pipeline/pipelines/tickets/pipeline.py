@@ -12,7 +12,7 @@ from its seed's weights, in ``<method>.seeds.retrain``.
 
 from kedro.pipeline import Pipeline, node
 
-from ...config.sweep import Branch, search_group_namespace, seeds_group_namespace
+from ...config.sweep import Branch, group_namespace
 from ..common import GPU_TAG
 from .nodes import evaluate_ticket, retrain_ticket, retrain_tickets, topk_mask
 
@@ -86,10 +86,9 @@ def retrain_group(group: list[Branch]) -> Pipeline:
     contiguous piece of the DAG, and the shared retraining comes between a branch's mask and its
     evaluation.
     """
-    first = group[0]
     starts = list(dict.fromkeys(start_weights(b) for b in group))  # one per seed, in the branches' order
     several_seeds = len({b.seed for b in group}) > 1
-    namespace = seeds_group_namespace(first) if several_seeds else search_group_namespace(first)
+    namespace = group_namespace(group)
     outputs = {name: name for b in group for name in (f"{b.namespace}.final_weights", f"{b.namespace}.retrain_log")}
     nodes = [node(
         retrain_tickets,
