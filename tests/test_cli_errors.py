@@ -203,3 +203,83 @@ def test_to_outputs_without_a_pipeline_runs_the_pipeline_that_holds_them(project
         in result.output
     CliRunner().invoke(run, ["--env=smoke", "--pipelines=compare", "--to-outputs=cts_results_table"])
     assert seen["pipelines"] == ["compare"]  # a pipeline given is never second-guessed
+
+
+# --------------------------------------------------------------------------------------------
+# Your model and your data (issue 36): each refused before any training, in one line, exit 2
+
+
+def _image(path, side: int = 8, value: int = 0) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (side, side), (value, 255 - value, 128)).save(path)
+
+
+def _folder_with_one_class(project):
+    for split in ("train", "val"):
+        for i in range(3):
+            _image(project / f"data/01_raw/pics/{split}/cats/{i}.png", value=40 * i)
+    return ["--params", "data.name=image_folder,data.root=data/01_raw/pics"]
+
+
+def _folder_without_images(project):
+    for split in ("train", "val"):
+        for label in ("cats", "dogs"):
+            (project / f"data/01_raw/pics/{split}/{label}").mkdir(parents=True)
+    return ["--params", "data.name=image_folder,data.root=data/01_raw/pics"]
+
+
+def _csv(project, header: str, rows: list[str]) -> list[str]:
+    path = project / "data/01_raw/table.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+    (project / "conf/smoke/catalog.yml").write_text(
+        "table:\n  type: pandas.CSVDataset\n  filepath: data/01_raw/table.csv\n")
+    return ["--params", "data.name=catalog,data.train=table,data.test=table"]
+
+
+def _csv_without_the_label_column(project):
+    return _csv(project, "f0,f1,target", ["0.1,0.2,0", "0.3,0.1,1", "0.5,0.9,1"])
+
+
+def _csv_with_a_text_feature(project):
+    return _csv(project, "f0,colour,label", ["0.1,red,0", "0.3,blue,1", "0.5,red,1"])
+
+
+def _a_catalog_entry_that_is_not_declared(project):
+    _csv(project, "f0,f1,label", ["0.1,0.2,0", "0.3,0.1,1", "0.5,0.9,1"])
+    return ["--params", "data.name=catalog,data.train=table,data.test=tabel"]
+
+
+def _a_selection_of_nothing(project):
+    return ["--params", "model.prunable=[Embedding]"]
+
+
+def _weights_of_another_model(project):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"0.weight": torch.zeros(3, 3)}, project / "other.safetensors")
+    return ["--params", "model.weights=other.safetensors"]
+
+
+OWN_CASES = [
+    (_folder_with_one_class, "an image folder needs at least two class folders, found ['cats']"),
+    (_folder_without_images, "the class folder holds no image"),
+    (_csv_without_the_label_column, "catalog entry 'table': no label column 'label' (data.label_column)"),
+    (_csv_with_a_text_feature, "feature columns ['colour'] are not numeric"),
+    (_a_catalog_entry_that_is_not_declared, "data.test: catalog entry 'tabel' cannot be loaded"),
+    (_a_selection_of_nothing, "model.prunable entry 'Embedding' matches no module type"),
+    (_weights_of_another_model, "model.weights 'other.safetensors' does not fit the model"),
+]
+
+
+@pytest.mark.parametrize(("setup", "named"), OWN_CASES, ids=[s.__name__.strip("_") for s, _ in OWN_CASES])
+def test_own_model_or_data_that_cannot_work_is_one_line_before_any_training(invoke, project, setup, named):
+    result = invoke(*setup(project))
+    assert result.exit_code == 2, result.output
+    assert named in result.output.split("(the traceback")[0], result.output
+    assert "Traceback" not in result.output
+    assert not (project / "data" / "06_models").exists(), "nothing may be computed"
+    assert not (project / "data" / "05_model_input").exists(), "nothing prepared"

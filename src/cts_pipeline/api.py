@@ -337,12 +337,14 @@ def load_ticket(path: str | Path, *, weights: bool = True) -> LoadedTicket:
     """
     from .core.device.runtime import generator
     from .core.nets.registry import build_model
+    from .core.nets.selection import select_prunable
 
     mask, state, manifest = _read_checked(Path(path))
     init = generator("cpu", manifest.get("seed", 0), "model-init")
     try:
         model = build_model(manifest["model"], image_shape=tuple(manifest["image_shape"]),
                             num_classes=manifest["num_classes"], generator=init, **manifest.get("model_options", {}))
+        select_prunable(model, manifest.get("model_prunable"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: its manifest does not describe a model this project builds: {exc}") from None
     if weights:

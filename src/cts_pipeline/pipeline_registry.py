@@ -60,7 +60,7 @@ def _build(p, params: dict) -> dict[str, Pipeline]:
     runtime = params.get("runtime") or {}
     batch = runtime.get("batch_sparsities", True) is not False
     stack_seeds = stacks_seeds(runtime.get("stack_seeds", "auto"), _device_or_cpu(runtime.get("device", "auto")))
-    base = data_pipeline() + dense_pipeline(p.dense, stack_seeds)
+    base = data_pipeline(params.get("data")) + dense_pipeline(p.dense, stack_seeds)
     cts = cts_pipeline(p.cts, batch, stack_seeds)
     variants = cts_pipeline(p.cts_variants, batch, stack_seeds)
     ltr = ltr_pipeline(p.ltr_runs, p.ltr, batch, stack_seeds)

@@ -148,6 +148,35 @@ def test_grasp_keeps_the_highest_theta_times_hessian_gradient():
     assert (flat > 0).any() and (flat < 0).any()
 
 
+class _ClampedHardActivations(nn.Module):
+    """Hard-sigmoid gating a hard-swish, written by hand as clamps (twice differentiable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        swish = x * torch.clamp(x + 3, 0, 6) / 6
+        return swish * torch.clamp(swish + 3, 0, 6) / 6
+
+
+class _HardActivations(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        swish = F.hardswish(x)
+        return swish * F.hardsigmoid(swish)
+
+
+def test_grasp_scores_mobilenet_activations_as_their_clamps():
+    """MobileNetV3's hard-swish and hard-sigmoid have fused backward kernels without a derivative;
+    GraSP gives the scores of the same network written with clamps."""
+
+    def net(activation: nn.Module) -> nn.Module:
+        return randomise(nn.Sequential(nn.Flatten(), nn.Linear(4, 6), activation, nn.Linear(6, 3)), seed=3)
+
+    data = toy_split()
+    hard = score("grasp", ScoringInputs(net(_HardActivations()), data, density=0.5, seed=2))
+    clamped = score("grasp", ScoringInputs(net(_ClampedHardActivations()), data, density=0.5, seed=2))
+    for name in ("1.weight", "3.weight"):
+        torch.testing.assert_close(hard[name], clamped[name])
+    assert hard["1.weight"].abs().sum() > 0
+
+
 # --------------------------------------------------------------------------------------------
 # SynFlow
 

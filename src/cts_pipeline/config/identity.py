@@ -43,7 +43,24 @@ def catalog_key(params: Mapping[str, Any], scope: str) -> str:
     sections = {name: params.get(name) for name in KEY_SCOPES[scope]}
     if isinstance(sections.get("data"), dict):
         sections["data"] = {k: v for k, v in sections["data"].items() if k not in ("root", "download")}
+    if isinstance(sections.get("model"), dict):
+        sections["model"] = _model_identity(sections["model"])
     return digest(RESULTS_REVISION, sections)
+
+
+def _model_identity(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` section as results depend on it: the start weights' contents, not only their
+    path; ``prunable`` and ``weights`` left out where null, so that keys and checkpoint tags made
+    before they existed stay valid."""
+    values = {k: v for k, v in model.items() if not (k in ("prunable", "weights") and v is None)}
+    if values.get("weights"):
+        from ..core.nets.weights import weights_digest
+
+        try:
+            values["weights_digest"] = weights_digest(values["weights"])
+        except OSError:  # no such file: the run's checks say so, in one line
+            pass
+    return values
 
 
 def cts_method_name(cts: Mapping) -> str:
@@ -73,5 +90,8 @@ def cts_method_name(cts: Mapping) -> str:
 def checkpoint_tag(stage: str, *decided_by: Any) -> str:
     """The tag of one loop's checkpoint: a digest of its stage and of everything that decides its
     result (typed sections or dicts, start weights, masks, the data's fingerprint)."""
-    parts = [plain(k) if is_section(k) else k for k in decided_by]
+    from .sections import ModelConfig
+
+    parts = [(_model_identity(plain(k)) if isinstance(k, ModelConfig) else plain(k)) if is_section(k) else k
+             for k in decided_by]
     return digest(stage, *parts)

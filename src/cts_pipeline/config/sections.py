@@ -15,15 +15,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, PlainValidator, field_validator, model_validator
 
 from ..core.artifacts.checkpoints import parse_interval
 from ..core.cts import SearchConfig
 from ..core.data.image_folders import RESIZED_CROPS
-from ..core.data.registry import DATASETS
+from ..core.data.registry import DATASETS, OWN_DATA
 from ..core.device.runtime import CudaPolicy, check_device_choice
 from ..core.device.virtual_ranks import RANK_PASSES
-from ..core.nets.registry import MODELS, build_model, is_own_model
+from ..core.nets.registry import MODELS, build_model, is_own_model, skeleton
+from ..core.nets.selection import select_prunable
+from ..core.nets.weights import load_weights
 from ..core.train.recipe import TrainRecipe
 from .sweep import GridConfig, MethodsConfig, PaiConfig, SanityConfig, plan
 from .typed import (
@@ -43,7 +45,7 @@ from .typed import (
     section_or_problems,
 )
 
-DatasetName = registered(DATASETS, "dataset")
+DatasetName = registered({**DATASETS, **OWN_DATA}, "dataset")
 def _model_name(name: str) -> str:
     """A registered model, or someone's factory (``module:callable``, ``torchvision:<name>``), which
     the run's checks import and try on a batch of the data (:func:`.validate.validate_run`)."""
@@ -56,6 +58,19 @@ def _model_name(name: str) -> str:
 ModelName = Annotated[str, Field(strict=True), AfterValidator(_model_name),
                       Expects("a registered model name, '<package.module>:<callable>' or 'torchvision:<name>'")]
 Numbers = Annotated[tuple[FiniteNumber, ...], Expects("a list of finite numbers, one per channel")]
+
+
+def _image_size(value: Any) -> int | tuple[int, int] | None:
+    """``data.image_size``: null, a side, or [height, width], in one message when it is none of
+    them (a union type would give one message per alternative)."""
+    def side(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if value is None or side(value):
+        return value
+    if isinstance(value, list | tuple) and len(value) == 2 and all(side(v) for v in value):
+        return tuple(value)
+    raise ValueError("must be null, a positive integer or [height, width]")
 
 
 class DataConfig(Section):
@@ -73,9 +88,21 @@ class DataConfig(Section):
     # The training crop of a streamed (image-folder) dataset: torchvision's RandomResizedCrop, or the
     # authors' (longer side to 500 pixels, then scale (0.1, 1), ratio (0.8, 1.25)).
     resized_crop: Literal[tuple(RESIZED_CROPS)] = "torchvision"
+    # image_folder: the side (or [height, width]) images are resized to; null: their most common size
+    image_size: Annotated[int | tuple[int, int] | None, PlainValidator(_image_size)] = None
+    # catalog: the Kedro catalog entries of the training and test data, and a table's target column
+    train: NonEmptyText | None = None
+    test: NonEmptyText | None = None
+    label_column: NonEmptyText = "label"
 
     @model_validator(mode="after")
     def _fits_the_dataset(self) -> DataConfig:
+        if self.name in OWN_DATA:
+            return self._fits_own_data()
+        for key in ("image_size", "train", "test"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"data.{key} applies to data.name: {'image_folder' if key == 'image_size' else 'catalog'}, "
+                                 f"not to {self.name}")
         if self.resized_crop != "torchvision" and not DATASETS[self.name].streamed:
             raise ValueError(f"data.resized_crop applies to image-folder datasets; {self.name} is cropped by "
                              "training.augment's padded random crop (training.crop_padding)")
@@ -89,17 +116,60 @@ class DataConfig(Section):
             raise ValueError(f"data.std must be positive, got {list(self.std)!r}")
         return self
 
+    def _fits_own_data(self) -> DataConfig:
+        if self.resized_crop != "torchvision":
+            raise ValueError(f"data.resized_crop applies to tiny_imagenet and imagenet; {self.name} is cropped by "
+                             "training.augment's padded random crop (training.crop_padding)")
+        if self.name == "catalog":
+            missing = [key for key in ("train", "test") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"data.name: catalog reads Kedro catalog entries: set data.{' and data.'.join(missing)} "
+                                 "to their names (declared in conf/<env>/catalog.yml)")
+            for key in ("image_size", "mean", "std"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"data.{key} applies to images; catalog data reach the model as they are")
+        else:
+            for key in ("train", "test"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"data.{key} applies to data.name: catalog; an image folder's splits are "
+                                     "data.root's train/ and val/ (or test/)")
+        if self.std is not None and not all(v > 0 for v in self.std):
+            raise ValueError(f"data.std must be positive, got {list(self.std)!r}")
+        return self
+
+    @property
+    def own(self) -> bool:
+        """Data the project has never seen (an image folder, catalog entries): their shape, classes and
+        statistics are found when they are read."""
+        return self.name in OWN_DATA
+
 
 class ModelConfig(Section):
-    """``model`` parameters: a registry name and that model's options (e.g. ``shortcut: conv3x3``)."""
+    """``model`` parameters: a registry name (or someone's factory) and that model's options (e.g.
+    ``shortcut: conv3x3``); which of its weights the methods may prune; where it starts from."""
 
     label: ClassVar[str] = "model."
     name: ModelName
     options: Annotated[dict[str, Any], Expects("a mapping of the model's options")] = Field(default_factory=dict)
+    # null: every Conv and Linear weight; else module types, module or parameter names, glob patterns
+    # (core/nets/selection.py), e.g. [Conv2d, Linear] or ["*.self_attn.in_proj_weight", "fc"]
+    prunable: Annotated[tuple[NonEmptyText, ...] | None,
+                        Expects("null or a list of module types, module or parameter names and glob patterns")] = None
+    # null: a fresh initialisation from the seed; else a local state dict (.safetensors, or a file
+    # torch.load reads with weights_only=True) every seed starts from
+    weights: NonEmptyText | None = None
+
+    def skeleton(self, image_shape, num_classes):
+        """The model's shapes with its prunable selection, no weights loaded (for counts)."""
+        return select_prunable(skeleton(self.name, image_shape=tuple(image_shape), num_classes=num_classes,
+                                        **self.options), self.prunable)
 
     def build(self, image_shape, num_classes, generator=None):
-        return build_model(self.name, image_shape=tuple(image_shape), num_classes=num_classes,
-                           generator=generator, **self.options)
+        net = build_model(self.name, image_shape=tuple(image_shape), num_classes=num_classes,
+                          generator=generator, **self.options)
+        if self.weights is not None:
+            load_weights(net, self.weights)
+        return select_prunable(net, self.prunable)
 
 
 class DistributedConfig(Section):

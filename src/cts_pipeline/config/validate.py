@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..core.data.registry import get_dataset_info
+from ..core.data import tables, user_folders
+from ..core.data.registry import DataFileError, DatasetInfo, get_dataset_info
 from ..core.data.splits import ensure_available
 from ..core.device.distributed import check_one_gpu_each, under_torchrun
 from ..core.device.runtime import resolve_device
 from ..core.nets.masks import count_prunable, kept_count
-from ..core.nets.registry import check_model_fits, skeleton
+from ..core.nets.registry import check_model_fits
 from .sections import typed_sections
 from .sweep import plan
 from .typed import ConfigError
@@ -22,11 +23,12 @@ from .typed import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = None) -> dict[str, Any]:
+def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = None,
+                 load: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Check the whole configuration before any training; return the typed sections.
 
     ``pipelines`` are the pipelines being run (None: the default); the sanity settings matter only
-    when they include the sanity checks. Raises :class:`ConfigError` listing every problem, each
+    when they include the sanity checks. ``load`` reads a catalog entry (``data.name: catalog``). Raises :class:`ConfigError` listing every problem, each
     naming its parameter.
     """
     sections = typed_sections(params)
@@ -43,18 +45,26 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
         problems.append(str(exc))
     else:
         problems += _empty_pipelines(sweep, pipelines or ["__default__"])
-    info = get_dataset_info(data.name)
+    info = _data_info(data, load, problems)
+    if info is None:  # the data cannot be read: said above; the model needs their shape to be checked
+        raise ConfigError("invalid configuration:\n- " + "\n- ".join(problems))
     try:
         check_model_fits(model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options)
     except ValueError as exc:
         problems.append(f"{exc} (data.name = {data.name!r})")
     else:
-        prunable = count_prunable(skeleton(  # shapes only: no weight is allocated or initialised
-            model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options))
-        if not prunable:
-            problems.append(f"model {model.name!r} (model.name) has no weight the methods may prune "
-                            "(the weights of its Conv2d and Linear layers)")
-        for sparsity in grid.sparsities:
+        try:
+            prunable = count_prunable(model.skeleton(info.image_shape, info.num_classes))  # shapes only
+            if model.weights is not None:
+                model.build(info.image_shape, info.num_classes)
+        except ValueError as exc:  # model.prunable picks nothing, model.weights does not fit
+            problems.append(str(exc))
+            prunable = 0
+        else:
+            if not prunable:
+                problems.append(f"model {model.name!r} (model.name) has no weight the methods may prune "
+                                "(the weights of its Conv2d and Linear layers; model.prunable chooses others)")
+        for sparsity in grid.sparsities if prunable else ():  # (no weight to prune: said above)
             try:
                 kept_count(1.0 - sparsity, prunable)
             except ValueError as exc:
@@ -90,7 +100,7 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     if info.streamed and sections["training"].batch_size % nproc:
         problems.append(f"training.batch_size = {sections['training'].batch_size} must be a multiple of "
                         f"{named} = {nproc}: each process loads an equal part of every batch")
-    if not data.download:
+    if not data.download and not data.own:
         try:
             ensure_available(data.name, data.root, download=False)
         except FileNotFoundError as exc:
@@ -98,6 +108,31 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     if problems:
         raise ConfigError("invalid configuration:\n- " + "\n- ".join(problems))
     return sections
+
+
+def _data_info(data, load: Callable[[str], Any] | None, problems: list[str]) -> DatasetInfo | None:
+    """What the model is checked against: the registry's, or found in someone's folder or catalog
+    entries (None, with the problem added, where they cannot be read)."""
+    if not data.own:
+        return get_dataset_info(data.name)
+    try:
+        if data.name == user_folders.NAME:
+            scan = user_folders.scan(data.root, data.image_size)
+            user_folders.check_fits_in_memory(scan)
+            return DatasetInfo(user_folders.NAME, scan.image_shape, len(scan.classes), (), (), 255.0, "user-folder")
+        if load is None:
+            raise ValueError("data.name: catalog needs the run's Kedro catalog to read data.train and data.test")
+        loaded = []
+        for key in ("train", "test"):
+            try:
+                loaded.append(load(getattr(data, key)))
+            except Exception as exc:  # undeclared, a missing file, a malformed one: Kedro's DatasetError
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise DataFileError(f"data.{key}: catalog entry {getattr(data, key)!r} cannot be loaded: {reason}") from None
+        return tables.load(*loaded, data.label_column, (data.train, data.test))[2]
+    except (ValueError, FileNotFoundError) as exc:  # DataFileError, DatasetNotFoundError
+        problems.append(str(exc))
+        return None
 
 
 def _empty_pipelines(sweep, pipelines: Sequence[str]) -> list[str]:

@@ -56,10 +56,12 @@ CHILD_PARAMS = (
     "method", "family", "objective", "model", "dataset", "sparsity", "density", "seed", "rewind_epoch",
     "search_length", "search_epochs", "start", "start_epoch", "checked_method", "namespace", "hardware",
     "search_path", "search_micro_batches", "search_ranks_as_rows", "retrain_path", "search_shared_by", "retrain_shared_by", "dense_path", "dense_shared_by", "test_images",
+    "prunable",
 )
 CHILD_METRICS = (
     "test_accuracy", "test_loss", "achieved_sparsity", "achieved_density", "kept_weights",
     "prunable_weights", "dense_test_accuracy", "parameters", "effective_kept_weights", "inactive_kept_weights",
+    "prunable_layers",
 )
 
 
@@ -91,6 +93,9 @@ def _what_none_means(name: str, sections: Mapping[str, Any]) -> str:
     import torch
 
     data = sections.get("data")
+    if name in ("data.mean", "data.std") and data is not None and data.own:
+        return ("found in the training images" if data.name == "image_folder"
+                else "none (catalog inputs reach the model as they are)")
     if name in ("data.mean", "data.std") and data is not None:
         from ..core.data.registry import get_dataset_info
 
@@ -101,6 +106,9 @@ def _what_none_means(name: str, sections: Mapping[str, Any]) -> str:
         "grid.levels": "none (grid.sparsities)", "runtime.checkpoint_dir": "none (no checkpoints)",
         "runtime.distributed": "off (one process)",
         "runtime.num_threads": f"{torch.get_num_threads()} (torch's default)",
+        "model.prunable": "Conv and Linear weights (default)", "model.weights": "none (a fresh initialisation)",
+        "data.image_size": "the most common size (image_folder)", "data.train": "none (data.name is not catalog)",
+        "data.test": "none (data.name is not catalog)",
     }
     if name == "runtime.data_workers":
         from ..pipelines.common import default_data_workers

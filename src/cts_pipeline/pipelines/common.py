@@ -22,11 +22,12 @@ from ..config.identity import checkpoint_tag
 from ..config.sections import ModelConfig, RuntimeConfig
 from ..config.sweep import Branch
 from ..core.artifacts.checkpoints import Checkpoint, PendingRemovals
-from ..core.data.registry import get_dataset_info
+from ..core.data.registry import DatasetInfo, get_dataset_info
 from ..core.data.splits import Split
 from ..core.device.runtime import channels_last_hazard, generator, resolve_device, training_device
 from ..core.train.batched import stacks_ranks
 from ..core.train.batched import supports as stacked_training_supports
+from ..core.train.stacked import unsupported_layers
 from ..core.train.memory import release_cached_memory
 from ..core.train.recipe import TrainRecipe
 
@@ -137,14 +138,26 @@ def default_data_workers(processes: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // processes - 1)
 
 
-def split_from_payload(payload: Mapping, device: torch.device, workers: int | None = 0):
-    """The split a payload describes on ``device``; a streamed one reads its images with
-    ``workers`` loader processes (``runtime.data_workers``; None: this process's share of the
-    CPUs, less one for the process itself: decoding JPEGs is what keeps a GPU waiting)."""
+def payload_info(payload: Mapping) -> DatasetInfo:
+    """What the model and normaliser need to know of a prepared split: found when it was prepared
+    (someone's folder or catalog entries: ``info``), else the registry's, with ``data.mean`` /
+    ``data.std`` where the run set them."""
+    if "info" in payload:
+        found = payload["info"]
+        return DatasetInfo(**{**found, "image_shape": tuple(found["image_shape"]), "mean": tuple(found["mean"]),
+                              "std": tuple(found["std"])})
     info = get_dataset_info(payload["dataset"])
     if "normalization" in payload:  # data.mean / data.std set by the run
         norm = payload["normalization"]
         info = dataclasses.replace(info, mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    return info
+
+
+def split_from_payload(payload: Mapping, device: torch.device, workers: int | None = 0):
+    """The split a payload describes on ``device``; a streamed one reads its images with
+    ``workers`` loader processes (``runtime.data_workers``; None: this process's share of the
+    CPUs, less one for the process itself: decoding JPEGs is what keeps a GPU waiting)."""
+    info = payload_info(payload)
     if "streamed" in payload:
         from ..core.data.image_folders import open_streamed
         from ..core.device.distributed import rank_and_world
@@ -171,12 +184,18 @@ def build_network(
     return net.to(device)
 
 
-def may_train_stacked(net: nn.Module, training: TrainRecipe, runtime: RuntimeConfig, device: torch.device) -> bool:
+def may_train_stacked(net: nn.Module, training: TrainRecipe, runtime: RuntimeConfig, device: torch.device,
+                      stage: str | None = None) -> bool:
     """Whether rows (tickets, seeds) may train as one stacked network here: layers the stacked
     layout knows, the virtual ranks in one pass (``runtime.virtual_rank_passes``), and neither
-    ``runtime.compile`` nor several processes, which the stacked path does not have."""
-    return (stacked_training_supports(net, training, device) and stacks_ranks(training, runtime.virtual_rank_passes,
-                                                                              device)
+    ``runtime.compile`` nor several processes, which the stacked path does not have. Where the
+    layers are the reason, ``stage`` (the node's, when it has rows to stack) says so in one line."""
+    unknown = unsupported_layers(net)
+    if unknown and stage is not None:
+        logger.info("%s: one at a time, not stacked: the stacked layout does not know the model's %s layers",
+                    stage, ", ".join(unknown))
+    return (not unknown and stacked_training_supports(net, training, device)
+            and stacks_ranks(training, runtime.virtual_rank_passes, device)
             and not runtime.compile and runtime.distributed.nproc <= 1)
 
 
@@ -237,7 +256,7 @@ def uses_channels_last(runtime: RuntimeConfig, net: nn.Module) -> bool:
 
 def data_fingerprint(payload: Mapping) -> dict[str, Any]:
     """What identifies a prepared split cheaply: its dataset, shape and labels."""
-    extra = {k: payload[k] for k in ("normalization", "resized_crop") if k in payload}
+    extra = {k: payload[k] for k in ("normalization", "resized_crop", "info") if k in payload}
     if "streamed" in payload:
         return {"dataset": payload["dataset"], "files": payload["streamed"]["digest"], "labels": payload["labels"],
                 **extra}

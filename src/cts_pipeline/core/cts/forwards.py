@@ -30,11 +30,17 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
 
     Running statistics are detached for the duration, so they are neither used nor updated; the
     model is in eval mode otherwise (the search trains no weight and no BatchNorm parameter).
+
+    ``nn.MultiheadAttention``'s inference fast path is off for the duration: in eval mode it runs
+    whenever it sees no tensor that requires a gradient, and under ``torch.func.vmap`` it sees none,
+    yet it has no derivative.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.running_mean, m.running_var) for m in norms]
     was_training = model.training
+    fast_attention = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     for m in norms:
         m.running_mean = None
         m.running_var = None
@@ -45,6 +51,7 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             m.running_mean = mean
             m.running_var = var
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fast_attention)
 
 
 def masked_forward(model: nn.Module, relaxation: ConcreteMask, soft: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from ..nets.masks import prunable_parameters
 from ..train.loop import to_layout
 from ..train.stacked import rewired, unstack
 from ..train.stacked import supports as stacked_supports
+from ..train.stacked import unsupported_layers
 from .objectives import Objective
 from .relaxation import NOISE_EPS, ConcreteMask, soft_mask
 
@@ -49,7 +50,7 @@ def seed_rows_decline(model: nn.Module, objective: Objective, ranks: RankLayout)
     if ranks.processes > 1:
         return "several processes search one seed at a time"
     if not stacked_supports(model):
-        return "the model has layers the stacked layout does not know"
+        return f"the stacked layout does not know its {', '.join(unsupported_layers(model))} layers"
     return None
 
 

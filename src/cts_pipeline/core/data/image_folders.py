@@ -120,7 +120,12 @@ def folder_digest(name: str, root: str | Path) -> str:
     ImageNet's 1.33 M files), yet an image resized or re-encoded in place, a file added or removed,
     or ``data.root`` pointed at another copy all change it. The prepared data record it
     (``raw_digest``), and ``hooks.FreshnessHook`` compares it before trusting them."""
-    base = Path(root).expanduser().resolve() / LAYOUTS[name].folder
+    return tree_digest(Path(root).expanduser().resolve() / LAYOUTS[name].folder)
+
+
+def tree_digest(base: Path) -> str:
+    """A digest of the folder ``base`` (resolved) and every file's path under it, size and
+    modification time (:func:`folder_digest`)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{base}\n".encode())
     for folder, dirs, files in os.walk(base):

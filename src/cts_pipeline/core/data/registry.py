@@ -65,6 +65,13 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+# Data this project has never seen, found rather than registered: what ``data.name`` says to read.
+OWN_DATA = {
+    "image_folder": "a folder of class folders of images under data.root (core/data/user_folders.py)",
+    "catalog": "Kedro catalog entries data.train and data.test: tables or dicts of tensors (core/data/tables.py)",
+}
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are not under ``data.root`` and ``data.download`` is off (or failed)."""
 

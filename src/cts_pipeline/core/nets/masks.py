@@ -17,17 +17,24 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .selection import ATTRIBUTE, selected_names
+
 Mask = dict[str, torch.Tensor]
 
 MASK_FORMAT = "cts-pipeline/mask-v1"
 
 
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Weights of every convolution and linear layer, in module order.
+    """Weights of every convolution and linear layer, in module order; or, for a model given a
+    ``model.prunable`` selection (:func:`.selection.select_prunable`), the parameters it picks.
 
-    Biases and BatchNorm parameters are never prunable. A model can keep whole layers dense by
-    listing their module-name prefixes in a ``keep_dense`` attribute (VGG keeps its classifier).
+    By default biases and BatchNorm parameters are never prunable. A model can keep whole layers
+    dense by listing their module-name prefixes in a ``keep_dense`` attribute (VGG keeps its classifier).
     """
+    selection = getattr(model, ATTRIBUTE, None)
+    if selection is not None:
+        params = dict(model.named_parameters())
+        return {name: params[name] for name in selected_names(model, selection)}
     keep_dense = tuple(getattr(model, "keep_dense", ()))
     prunable = {}
     for module_name, module in model.named_modules():

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from ..data.splits import Split
 from ..device.runtime import generator
@@ -115,6 +117,20 @@ def _forward(model: nn.Module, tensors: Mapping[str, torch.Tensor], x: torch.Ten
     return functional_call(model, {**buffers, **tensors}, (x,))
 
 
+class _TwiceDifferentiable(TorchFunctionMode):
+    """Hard-sigmoid and hard-swish (MobileNetV3's activations) written as the clamp they are:
+    their fused backward kernels have no derivative of their own, which GraSP's Hessian-gradient
+    product needs. Same values; the result is returned, never written in place."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            return torch.clamp(args[0] + 3.0, 0.0, 6.0) / 6.0
+        if func is F.hardswish:
+            return args[0] * torch.clamp(args[0] + 3.0, 0.0, 6.0) / 6.0
+        return func(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # Scorers
 
@@ -154,7 +170,9 @@ def grasp(inputs: ScoringInputs) -> Scores:
     x, y = class_balanced_batch(inputs.data, SALIENCY_PER_CLASS, inputs.seed)
     weights = _leaf_weights(model)
     params = list(weights.values())
-    with _mode(model, training=True):
+    # Attention by the composite (math) kernel and hard activations as clamps: the fused kernels
+    # have no second derivative.
+    with _mode(model, training=True), sdpa_kernel(SDPBackend.MATH), _TwiceDifferentiable():
         loss = F.cross_entropy(_forward(model, weights, x) / GRASP_TEMPERATURE, y)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     # gᵀ·stopgrad(g): its gradient is H·g, the Hessian-gradient product.

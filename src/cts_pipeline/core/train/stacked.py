@@ -38,17 +38,28 @@ _CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Id
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def supports(model: nn.Module) -> bool:
-    """Whether every leaf module is a kind this module rewrites or one that needs no rewrite."""
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """The kinds of leaf module this module neither rewrites nor runs unchanged (sorted, each once):
+    why a model trains and searches one row at a time."""
+    unknown = set()
     for module in model.modules():
-        if next(module.children(), None) is not None:
+        if next(module.children(), None) is not None and not isinstance(module, nn.MultiheadAttention):
+            if next(module.parameters(recurse=False), None) is not None:
+                unknown.add(f"{type(module).__name__} (parameters of its own)")
             continue  # a container: its own forward only wires leaves together
         if isinstance(module, nn.Conv2d):
-            if module.groups != 1 or module.padding_mode != "zeros":
-                return False
+            if module.groups != 1:
+                unknown.add("grouped Conv2d")
+            elif module.padding_mode != "zeros":
+                unknown.add(f"Conv2d with {module.padding_mode} padding")
         elif not isinstance(module, (nn.Linear, *_NORMS, *_CHANNELWISE)):
-            return False
-    return True
+            unknown.add(type(module).__name__)
+    return sorted(unknown)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether every leaf module is a kind this module rewrites or one that needs no rewrite."""
+    return not unsupported_layers(model)
 
 
 def _row_param(module: nn.Module, name: str, params: Mapping[str, torch.Tensor], key: str, rows: int):

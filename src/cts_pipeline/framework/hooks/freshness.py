@@ -61,21 +61,22 @@ class FreshnessHook:
     @staticmethod
     def _disagreeing(pipeline, catalog, producer: dict) -> dict[Any, str]:
         """The nodes whose stored outputs contradict their inputs, each with the reason."""
-        from ...core.data.splits import raw_files_digest
         from ...core.nets.masks import kept_count, mask_digest, payload_to_mask
+        from ...pipelines.data_processing.nodes import current_raw_digest
 
         found: dict[Any, str] = {}
         prepared = producer.get("train_data")
         if prepared is not None and catalog.exists("train_data"):
             data = typed_sections(catalog.load("parameters"))["data"]
             recorded = load_fresh(catalog, "train_data").get("raw_digest")
-            current = raw_files_digest(data.name, data.root)
+            current = current_raw_digest(data, catalog.load)
             if recorded is None and current is not None:
                 found[prepared] = (f"the prepared data of dataset {data.name!r} record no digest of their raw files "
                                    "(prepared by an earlier version), so they cannot be checked: they are prepared "
                                    "again, with everything computed from them")
             elif recorded != current:
-                found[prepared] = (f"the raw files of dataset {data.name!r} under {data.root} changed since the data "
+                where = f"entries {data.train!r} and {data.test!r}" if data.name == "catalog" else f"files under {data.root}"
+                found[prepared] = (f"the raw {where} of dataset {data.name!r} changed since the data "
                                    "were prepared: everything computed from them is recomputed")
         masks: dict[str, tuple[dict, dict]] = {}  # stored masks that agree with their branch
         for name in (n for n in producer if n.endswith(".mask") and catalog.exists(n)):

@@ -34,7 +34,7 @@ class RunValidationHook:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self.running = []
-        validate_run(catalog.load("parameters"), run_params.get("pipeline_names"))
+        validate_run(catalog.load("parameters"), run_params.get("pipeline_names"), load=catalog.load)
         check_writable(self.data_root)
 
     @hook_impl

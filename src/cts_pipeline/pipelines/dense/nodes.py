@@ -11,8 +11,9 @@ from ...config.sections import ModelConfig, RuntimeConfig
 from ...config.sweep import Branch
 from ...core.device.distributed import rank_and_world
 from ...core.device.runtime import describe_hardware
-from ...core.nets.masks import count_prunable
+from ...core.nets.masks import count_prunable, prunable_parameters
 from ...core.nets.registry import count_parameters
+from ...core.nets.selection import describe
 from ...core.train.batched import eval_probe_step, probe_step, stacked_training_ratio, train_tickets
 from ...core.train.loop import TrainResult, state_on_cpu, train
 from ...core.train.memory import plan_rows, release_cached_memory
@@ -89,6 +90,8 @@ def _dense_metrics(branch: Branch, model: ModelConfig, net, train_split, test_sp
         "rewind_epoch": k,
         "parameters": count_parameters(net),
         "prunable_weights": count_prunable(net),
+        "prunable": describe(model.prunable),  # which weights the methods may prune (model.prunable)
+        "prunable_layers": len(prunable_parameters(net)),
         "kept_weights": count_prunable(net),
         "achieved_sparsity": 0.0,
         "test_accuracy": result.final["test_accuracy"],
@@ -169,7 +172,7 @@ def train_dense_seeds(
 
     everyone = list(range(len(branches)))
     # (Under torchrun, runtime.distributed.nproc is 1 but the processes are several: one at a time too.)
-    if not may_train_stacked(net, training, runtime, device) or rank_and_world()[1] > 1 \
+    if not may_train_stacked(net, training, runtime, device, stage) or rank_and_world()[1] > 1 \
             or not batched_if_faster(
                 runtime, stage,
                 lambda: stacked_training_ratio(net, [None] * len(seeds), train_split, training, seed=seeds,

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from ...config.sections import ReportConfig
+from ...core.nets.selection import describe
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 RUN_COLUMNS = ("run", "preset", "commit")
 COLUMNS = [
     "method", "family", "seed", "target_sparsity_pct", "achieved_sparsity_pct", "kept_weights",
-    "effective_kept_weights", "disconnected", "diverged", "prunable_weights", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
+    "effective_kept_weights", "disconnected", "diverged", "prunable_weights", "prunable_layers", "prunable", "test_accuracy", "dense_test_accuracy", "accuracy_drop", "to_rewind_s", "find_mask_s",
     "retrain_s", "total_s", "eval_s", "collapsed_layers", "thin_layers", "start", "model", "dataset", "rewind_epoch", "search_path",
     "retrain_path", "search_shared_by", "find_mask_group_s", "search_group_id", "retrain_shared_by",
     "retrain_group_s", "retrain_group_id", "dense_shared_by", "test_images", "hardware", *RUN_COLUMNS,
@@ -48,6 +49,8 @@ def results_table(metrics: Sequence[Mapping], run: Mapping[str, str] | None = No
             "disconnected": bool(m.get("disconnected", False)),
             "diverged": bool(m.get("diverged")),
             "prunable_weights": m["prunable_weights"],
+            "prunable_layers": m.get("prunable_layers"),  # (records written before model.prunable: none)
+            "prunable": m.get("prunable", describe(None)),
             "test_accuracy": m["test_accuracy"],
             "dense_test_accuracy": m["test_accuracy"] if dense else m["dense_test_accuracy"],
             "accuracy_drop": 0.0 if dense else m["dense_test_accuracy"] - m["test_accuracy"],

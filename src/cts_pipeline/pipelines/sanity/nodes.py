@@ -11,11 +11,11 @@ import pandas as pd
 
 from ...config.sections import ModelConfig
 from ...config.sweep import Branch
-from ...core.data.registry import get_dataset_info
 from ...core.device.runtime import generator
 from ...core.nets.masks import mask_to_payload, payload_to_mask
 from ...core.prune.sanity import invert, layerwise_shuffle, passes, reinitialised
 from ...core.train.loop import state_on_cpu
+from ..common import payload_info
 
 
 def shuffle_mask(mask: dict, branch: Branch) -> dict:
@@ -31,8 +31,9 @@ def invert_mask(scores: dict, branch: Branch) -> dict:
 
 def reinitialise(train_data: dict, model: ModelConfig, branch: Branch) -> dict:
     """A fresh random initialisation (another stream than the dense run's θ_0), same architecture."""
-    info = get_dataset_info(train_data["dataset"])
-    net = reinitialised(lambda init: model.build(info.image_shape, info.num_classes, generator=init), branch.seed)
+    info = payload_info(train_data)
+    fresh = model.replace(weights=None)  # a fresh initialisation, whatever the run started from
+    net = reinitialised(lambda init: fresh.build(info.image_shape, info.num_classes, generator=init), branch.seed)
     return state_on_cpu(net)
 
 

@@ -9,7 +9,6 @@ import torch
 
 from ...config.sections import ModelConfig, RuntimeConfig
 from ...config.sweep import Branch, group_namespace
-from ...core.data.registry import get_dataset_info
 from ...core.device.runtime import describe_hardware
 from ...core.nets.masks import (
     check_mask_matches,
@@ -23,6 +22,7 @@ from ...core.nets.masks import (
     prunable_parameters,
     thin_layers,
 )
+from ...core.nets.selection import describe
 from ...core.prune.connectivity import effective_report
 from ...core.train.batched import (
     eval_probe_step,
@@ -220,7 +220,7 @@ def retrain_tickets(
     # Several seeds stack where runtime.stack_seeds says (auto: the probe below), one seed's
     # sparsities where runtime.batch_sparsities does; both true: no probe.
     settings = ("batch_sparsities", "stack_seeds") if len(seeds) > 1 else ("batch_sparsities",)
-    if not may_train_stacked(net, training, runtime, device) \
+    if not may_train_stacked(net, training, runtime, device, stage) \
             or not batched_if_faster(
                 runtime, stage,
                 lambda: stacked_training_ratio(net, keeps, train_split, training, seed=[b.seed for b in branches],
@@ -318,6 +318,8 @@ def evaluate_ticket(
         "achieved_density": mask["density"],
         "kept_weights": mask["kept_weights"],
         "prunable_weights": mask["prunable_weights"],
+        "prunable": describe(model.prunable),  # which weights the methods may prune (model.prunable)
+        "prunable_layers": len(keep),
         "mask_digest": mask_digest(keep),  # the mask these numbers belong to (hooks.FreshnessHook)
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
@@ -352,18 +354,21 @@ def evaluate_ticket(
         "retrain_started_at": retrain_log.get("started_at"),
         "finished_at": time.time(),
     }
-    return metrics, {"mask": keep, "weights": final_weights, "manifest": ticket_manifest(metrics, model)}
+    return metrics, {"mask": keep, "weights": final_weights,
+                     "manifest": ticket_manifest(metrics, model, test_split.info)}
 
 
-def ticket_manifest(metrics: dict, model: ModelConfig) -> dict:
-    """What a ticket file says about itself: enough to rebuild and check the network."""
+def ticket_manifest(metrics: dict, model: ModelConfig, info) -> dict:
+    """What a ticket file says about itself: enough to rebuild and check the network (``info``:
+    the data's :class:`~cts_pipeline.core.data.registry.DatasetInfo`)."""
     from ... import __version__
 
-    info = get_dataset_info(metrics["dataset"])
     return {
         "format": "cts-pipeline/ticket-v1",
         "project_version": __version__,
         "model": model.name, "model_options": dict(model.options),
+        # Which weights are prunable; start weights were a file's (their digest names which one).
+        "model_prunable": None if model.prunable is None else list(model.prunable),
         "dataset": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
         **{k: metrics[k] for k in ("method", "namespace", "seed", "rewind_epoch", "start", "target_sparsity",
                                    "achieved_sparsity", "kept_weights", "prunable_weights", "mask_digest",
