@@ -199,3 +199,28 @@ def test_the_example_preset_is_ready_for_a_folder_laid_out_as_the_readme_shows(p
         params = context.params
         sections = validate_run(params, ["__default__"], load=context.catalog.load)
     assert sections["model"].name == "torchvision:resnet18" and sections["data"].image_size == 64
+
+
+def test_a_folder_too_large_for_memory_is_streamed_through_the_pipeline(project, monkeypatch):
+    """Above ``user_folders.IN_MEMORY_BYTES`` (here: any folder) the prepared data record where
+    the images are, not their pixels, and every stage reads them batch by batch."""
+    import torch
+
+    from cts_pipeline.core.data import user_folders
+
+    monkeypatch.setattr(user_folders, "IN_MEMORY_BYTES", 0)
+    write_image_folder(project / "data/01_raw/shapes", classes=3, train=16, test=4)
+    params = {"data": {"name": "image_folder", "root": "data/01_raw/shapes"},
+              "model": {"name": "tests.own_models:tiny_mlp", "options": {"hidden": 16}},
+              "grid": {"sparsities": [0.9]}, "runtime": {"data_workers": 0}}
+    env = own_env(project)
+    run_pipeline(project, env=env, params=params)
+    prepared = torch.load(next(project.glob("data/05_model_input/*/data-*/train.pt")), weights_only=True)
+    assert "images" not in prepared and prepared["streamed"]["split"] == "train"
+    assert prepared["info"]["source"] == "image-folder" and tuple(prepared["info"]["image_shape"]) == (3, 32, 32)
+    before = artifacts(project)
+    run_pipeline(project, env=env, params=params, only_missing_outputs=True)
+    assert artifacts(project) == before
+    found = records(project)
+    cts = next(r for r in found if r["method"] == "cts_kl")
+    assert cts["kept_weights"] == kept_count(0.1, 3 * 32 * 32 * 16 + 16 * 3)

@@ -135,7 +135,9 @@ def write_folder(root: Path, sizes: dict[str, list[tuple[int, int]]], mode: str 
             folder = root / split / label
             folder.mkdir(parents=True)
             for i, size in enumerate(listed):
-                Image.new(mode, size, 40 * i + (80 if label == "b" else 0)).save(folder / f"{i}.png")
+                rng = np.random.default_rng([i, len(label), ord(label[0]), len(split)])
+                shape = (size[1], size[0]) + (() if mode == "L" else (3,))
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
 
 
 def test_a_folder_finds_its_classes_the_most_common_size_and_grey_channels(tmp_path):
@@ -151,12 +153,31 @@ def test_a_folder_finds_its_classes_the_most_common_size_and_grey_channels(tmp_p
     assert user_folders.scan(tmp_path, (6, 4)).image_shape == (1, 6, 4)
 
 
-def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
-    write_folder(tmp_path, {"a": [(16, 16)], "b": [(16, 16)]})
-    monkeypatch.setattr(user_folders, "IN_MEMORY_BYTES", 4 * 3 * 16 * 16 - 1)
-    with pytest.raises(DataFileError, match="more than the 0 GiB held in memory; set data.image_size smaller"):
-        user_folders.check_fits_in_memory(user_folders.scan(tmp_path))
-    user_folders.check_fits_in_memory(user_folders.scan(tmp_path, 8))
+def test_a_folder_too_large_for_memory_is_streamed_with_the_same_pixels(tmp_path, monkeypatch):
+    """Above IN_MEMORY_BYTES the folder is read batch by batch: evaluation sees exactly the pixels
+    the in-memory decoding gives (the same resize), with the training sample's statistics."""
+    from cts_pipeline.core.data.transforms import normalize
+
+    write_folder(tmp_path, {"a": [(16, 16), (20, 12), (16, 16)], "b": [(16, 16), (16, 16), (9, 30)]})
+    found = user_folders.scan(tmp_path)
+    assert not user_folders.streams(found)
+    (images, labels), (test_images, test_labels), held = user_folders.load(found)
+    monkeypatch.setattr(user_folders, "IN_MEMORY_BYTES", found.pixel_bytes - 1)
+    assert user_folders.streams(found)
+    info = user_folders.streamed_info(found)
+    assert info.streamed and info.mean == pytest.approx(held.mean) and info.std == pytest.approx(held.std)
+    train = user_folders.open_streamed(info, tmp_path, "train", workers=0)
+    test = user_folders.open_streamed(info, tmp_path, "test", workers=0)
+    assert torch.equal(train.labels, labels) and torch.equal(test.labels, test_labels)
+    everything = torch.arange(len(labels))
+    assert torch.equal(train.take(everything), normalize(images, info))
+    (x, y), = list(test.batches(len(test), shuffle=False))
+    assert torch.equal(x, normalize(test_images, info)) and torch.equal(y, test_labels)
+    crops = torch.cat([x for x, _ in train.batches(2, shuffle=True, augment=True, generator=torch.Generator().manual_seed(0))])
+    assert crops.shape == images.shape  # random resized crops of the same size
+    (tmp_path / "train" / "a" / "3.png").write_bytes((tmp_path / "train" / "a" / "0.png").read_bytes())
+    with pytest.raises(DataFileError, match="changed since the data were prepared"):
+        user_folders.open_streamed(info, tmp_path, "train", digest=train.digest, workers=0)
 
 
 def test_test_classes_that_training_lacks_are_refused(tmp_path):

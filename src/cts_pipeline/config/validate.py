@@ -118,8 +118,8 @@ def _data_info(data, load: Callable[[str], Any] | None, problems: list[str]) -> 
     try:
         if data.name == user_folders.NAME:
             scan = user_folders.scan(data.root, data.image_size)
-            user_folders.check_fits_in_memory(scan)
-            return DatasetInfo(user_folders.NAME, scan.image_shape, len(scan.classes), (), (), 255.0, "user-folder")
+            source = "image-folder" if user_folders.streams(scan) else "user-folder"  # streamed, or held
+            return DatasetInfo(user_folders.NAME, scan.image_shape, len(scan.classes), (), (), 255.0, source)
         if load is None:
             raise ValueError("data.name: catalog needs the run's Kedro catalog to read data.train and data.test")
         loaded = []

@@ -27,9 +27,9 @@ from ..core.data.splits import Split
 from ..core.device.runtime import channels_last_hazard, generator, resolve_device, training_device
 from ..core.train.batched import stacks_ranks
 from ..core.train.batched import supports as stacked_training_supports
-from ..core.train.stacked import unsupported_layers
 from ..core.train.memory import release_cached_memory
 from ..core.train.recipe import TrainRecipe
+from ..core.train.stacked import unsupported_layers
 
 # Nodes that compute on the run's device; a distributed runner gives each one GPU
 # (cts_pipeline.runners.DaskRunner, workers started with --resources GPU=1).

@@ -32,9 +32,8 @@ from torch import nn
 from ..device.virtual_ranks import RankLayout
 from ..nets.masks import prunable_parameters
 from ..train.loop import to_layout
-from ..train.stacked import rewired, unstack
+from ..train.stacked import rewired, unstack, unsupported_layers
 from ..train.stacked import supports as stacked_supports
-from ..train.stacked import unsupported_layers
 from .objectives import Objective
 from .relaxation import NOISE_EPS, ConcreteMask, soft_mask
 

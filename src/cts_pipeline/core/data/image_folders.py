@@ -30,9 +30,10 @@ import logging
 import math
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
@@ -303,6 +304,9 @@ class StreamedSplit:
     # The scanned folder (every sample, evaluation transforms): scanning ImageNet's 1.28 M files
     # takes seconds, so it is done once per split and shared by every stage's dataset.
     folder: Dataset | None = dataclasses.field(default=None, repr=False, compare=False)
+    # The transforms of a stage (``train`` or ``eval``); None: the registered dataset's
+    # (transforms_for). Someone's folder brings its own (user_folders.transforms).
+    transforms: Callable[[str], Any] | None = dataclasses.field(default=None, repr=False, compare=False)
     _loaders: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     streamed = True
@@ -315,7 +319,8 @@ class StreamedSplit:
         if self.folder is None:
             self.folder = image_folder(self.info.name, self.root, self.split, "eval")
         staged = copy.copy(self.folder)  # the same sample list; ImageFolder and ours read .transform
-        staged.transform = transforms_for(self.info.name, stage, resized_crop=self.resized_crop)
+        staged.transform = (self.transforms(stage) if self.transforms is not None
+                            else transforms_for(self.info.name, stage, resized_crop=self.resized_crop))
         return staged
 
     def to(self, device: torch.device | str) -> StreamedSplit:
@@ -400,6 +405,10 @@ def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: l
                   digest: str | None = None, workers: int = 4, resized_crop: str = "torchvision") -> StreamedSplit:
     """A :class:`StreamedSplit` over the folder's samples (or those at ``indices``). With
     ``digest`` (from a prepared split), refuses a folder whose files or labels have changed."""
+    if info.name == "image_folder":  # someone's folder, too large to hold in memory
+        from .user_folders import open_streamed as open_own
+
+        return open_own(info, root, split, indices=indices, digest=digest, workers=workers)
     root = Path(root).expanduser().resolve()
     folder = image_folder(info.name, root, split, "eval")
     samples = folder.samples if indices is None else [folder.samples[i] for i in indices]

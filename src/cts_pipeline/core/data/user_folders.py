@@ -7,24 +7,30 @@ class folders, sorted, as torchvision's ``ImageFolder`` numbers them), the image
 every image is greyscale, else three) and the per-channel normalisation statistics (of the
 training images, on the [0, 1] scale, population std). Images are decoded once, resized where
 their size differs (bilinear, antialiased) and held as uint8 tensors like CIFAR's, so augmentation
-and batching are the in-memory datasets' own. A folder whose pixels would not fit
-:data:`IN_MEMORY_BYTES` is refused in one line.
+and batching are the in-memory datasets' own. A folder whose decoded pixels would exceed
+:data:`IN_MEMORY_BYTES` is streamed instead, as Tiny-ImageNet and ImageNet are
+(:class:`.image_folders.StreamedSplit`, DataLoader workers decoding per batch): resized as here
+for evaluation, a random resized crop and flip for training, statistics from an evenly spaced
+sample of :data:`STATISTICS_SAMPLE` training images.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from .registry import DataFileError, DatasetInfo, DatasetNotFoundError
 
 NAME = "image_folder"
 TEST_FOLDERS = ("val", "test")  # the first that exists is the test split
-IN_MEMORY_BYTES = 8 << 30  # the decoded uint8 pixels of both splits
+IN_MEMORY_BYTES = 8 << 30  # the decoded uint8 pixels of both splits held in memory; above: streamed
+STATISTICS_SAMPLE = 2048  # training images a streamed folder's statistics come from (evenly spaced)
 SIZE_SAMPLE = 512  # training images whose sizes decide the most common size (evenly spaced)
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 
@@ -130,27 +136,91 @@ def statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ..
     return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1, correction=0).tolist())
 
 
-def check_fits_in_memory(found: FolderScan) -> None:
-    """Refuse, at run start and again when loading, a folder whose decoded pixels exceed
-    :data:`IN_MEMORY_BYTES` (streaming someone's folder is not built)."""
-    if found.pixel_bytes > IN_MEMORY_BYTES:
-        raise DataFileError(f"{found.root}: {len(found.train) + len(found.test)} images of shape {found.image_shape} "
-                            f"take {found.pixel_bytes / 2**30:.1f} GiB decoded, more than the "
-                            f"{IN_MEMORY_BYTES >> 30} GiB held in memory; set data.image_size smaller")
+def streams(found: FolderScan) -> bool:
+    """Whether the folder is read batch by batch from its files rather than held in memory."""
+    return found.pixel_bytes > IN_MEMORY_BYTES
 
 
 def load(found: FolderScan) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], DatasetInfo]:
     """Both splits' uint8 images ``[N, C, H, W]`` and labels, and what the model and normaliser need
     to know of them (the statistics of the training images)."""
-    check_fits_in_memory(found)
     train = _decode(found.train, found.image_shape)
     test = _decode(found.test, found.image_shape)
-    mean, std = statistics(train[0])
+    return train, test, _info(found, train[0], "user-folder")
+
+
+def _info(found: FolderScan, images: torch.Tensor, source: str) -> DatasetInfo:
+    mean, std = statistics(images)
     if not all(s > 0 for s in std):
         raise DataFileError(f"{found.root / 'train'}: a channel has the same value in every pixel (std 0): "
                             "nothing to normalise by")
-    info = DatasetInfo(NAME, found.image_shape, len(found.classes), mean, std, 255.0, "user-folder")
-    return train, test, info
+    return DatasetInfo(NAME, found.image_shape, len(found.classes), mean, std, 255.0, source)
+
+
+def streamed_info(found: FolderScan) -> DatasetInfo:
+    """What the model and normaliser need to know of a streamed folder: its statistics from
+    :data:`STATISTICS_SAMPLE` evenly spaced training images (all of them, where fewer)."""
+    step = max(1, len(found.train) // STATISTICS_SAMPLE)
+    sample = _decode(found.train[::step][:STATISTICS_SAMPLE], found.image_shape)[0]
+    return _info(found, sample, "image-folder")
+
+
+class FolderImages(Dataset):
+    """A scanned split's images, decoded one at a time for a streamed folder: ``samples`` and
+    ``transform`` as torchvision's ``ImageFolder`` has them, which is what
+    :class:`.image_folders.StreamedSplit` reads. (``ImageFolder`` itself would number a test
+    folder's classes by its own sub-folders, and always decodes to RGB.)"""
+
+    def __init__(self, samples: tuple[tuple[Path, int], ...], channels: int, transform=None) -> None:
+        self.samples = [(str(path), label) for path, label in samples]
+        self.mode = "L" if channels == 1 else "RGB"
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            image = image.convert(self.mode)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+def transforms(image_shape: tuple[int, int, int], stage: str):
+    """A streamed folder's transforms, on the PIL image: ``eval`` resizes to ``image_shape`` as
+    :func:`load` does (the same pixels); ``train`` takes torchvision's random resized crop of that
+    size and a horizontal flip, as for the other streamed datasets."""
+    from torchvision.transforms import v2
+
+    size = list(image_shape[1:])
+    if stage == "train":
+        geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    elif stage == "eval":
+        geometry = [v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
+    else:
+        raise ValueError(f"stage must be 'train' or 'eval', got {stage!r}")
+    return v2.Compose([*geometry, v2.ToImage()])
+
+
+def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: list[int] | None = None,
+                  digest: str | None = None, workers: int = 4):
+    """The ``split`` (``train`` or ``test``) of a streamed folder, as
+    :func:`.image_folders.open_streamed` opens a registered one; with ``digest`` (from the prepared
+    split), refuses a folder whose files or labels changed."""
+    from .image_folders import StreamedSplit, samples_digest
+
+    found = scan(root, info.image_shape[1:])
+    folder = FolderImages(found.train if split == "train" else found.test, info.image_shape[0])
+    samples = folder.samples if indices is None else [folder.samples[i] for i in indices]
+    current = samples_digest(samples, found.root)
+    if digest is not None and current != digest:
+        raise DataFileError(f"the {split} images under {found.root} changed since the data were prepared "
+                            "(files or labels differ); rerun the data node (or the whole run)")
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return StreamedSplit(info, found.root, split, labels, indices, current, workers=workers, folder=folder,
+                         transforms=functools.partial(transforms, info.image_shape))
 
 
 def folder_digest(root: Path) -> str:

@@ -48,7 +48,12 @@ def prepare_catalog_data(data: DataConfig, train: Any, test: Any) -> tuple[dict,
 
 def _prepare_folder(data: DataConfig) -> tuple[dict, dict]:
     scan = user_folders.scan(data.root, data.image_size)
-    (train_x, train_y), (test_x, test_y), info = user_folders.load(scan)
+    if user_folders.streams(scan):
+        info = user_folders.streamed_info(scan)
+        logger.info("%s: %.1f GiB of pixels decoded, more than the %d GiB held in memory: streamed from its files",
+                    scan.root, scan.pixel_bytes / 2**30, user_folders.IN_MEMORY_BYTES >> 30)
+    else:
+        (train_x, train_y), (test_x, test_y), info = user_folders.load(scan)
     if data.mean is not None or data.std is not None:  # the recipe's own normalisation
         channels = info.image_shape[0]
         for key in ("mean", "std"):
@@ -59,7 +64,11 @@ def _prepare_folder(data: DataConfig) -> tuple[dict, dict]:
         info = dataclasses.replace(info, mean=tuple(data.mean or info.mean), std=tuple(data.std or info.std))
     found = {"raw_digest": user_folders.folder_digest(scan.root), "classes": list(scan.classes),
              "test_folder": scan.test_folder}
-    return _own_payloads(data, Split(train_x, train_y, info), Split(test_x, test_y, info), found)
+    if info.streamed:
+        train, test = (user_folders.open_streamed(info, scan.root, split) for split in ("train", "test"))
+    else:
+        train, test = Split(train_x, train_y, info), Split(test_x, test_y, info)
+    return _own_payloads(data, train, test, found)
 
 
 def _own_payloads(data: DataConfig, train: Split, test: Split, found: dict) -> tuple[dict, dict]:
@@ -76,7 +85,7 @@ def _subsets(data: DataConfig, train, test, *, evenly: bool = False):
     def cut(split, n):
         if n is None or n >= len(split):
             return split
-        if not evenly:
+        if not evenly or split.streamed:  # a streamed split's subset is evenly spaced already
             return split.subset(n)
         picked = torch.arange(n) * len(split) // n
         return dataclasses.replace(split, images=split.images[picked], labels=split.labels[picked])
