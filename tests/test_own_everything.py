@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cts_pipeline.core.nets.masks import kept_count
 
@@ -71,6 +72,14 @@ def test_a_transformer_with_its_attention_in_projection_pruned(project, logged):
     check_exact_counts(found, 16 * 8 + 48 * 16 + 16 * 16 + 10 * 16, layers)
     cts = next(r for r in found if r["method"] == "cts_kl" and r["target_sparsity"] == 0.9)
     assert 0 < cts["layer_kept"]["attention.in_proj_weight"] < 48 * 16
+    # the ticket rebuilds the model by importing its factory, with the same selection
+    from cts_pipeline.api import load_ticket
+
+    from .conftest import latest
+
+    model, mask, manifest = load_ticket(latest(project, "data/07_model_output/default/cts_kl-*/seed0/sp90_00/ticket.safetensors"))
+    assert manifest["model_prunable"] == ["Linear", "*.in_proj_weight"] and set(mask) == layers
+    assert int(mask["attention.in_proj_weight"].sum()) == cts["layer_kept"]["attention.in_proj_weight"]
 
 
 def digits_table(path: Path, rows: slice) -> None:
@@ -224,3 +233,31 @@ def test_a_folder_too_large_for_memory_is_streamed_through_the_pipeline(project,
     found = records(project)
     cts = next(r for r in found if r["method"] == "cts_kl")
     assert cts["kept_weights"] == kept_count(0.1, 3 * 32 * 32 * 16 + 16 * 3)
+
+
+def test_a_catalog_entry_whose_file_changed_is_prepared_again(project, logged):
+    """The entries' contents are the raw data's identity: a CSV edited after a run makes
+    ``--only-missing-outputs`` prepare the data again, and everything computed from them."""
+    import pandas as pd
+
+    digits_table(project / "data/01_raw/digits_train.csv", slice(0, 300))
+    digits_table(project / "data/01_raw/digits_test.csv", slice(300, 400))
+    (project / "conf/own").mkdir(exist_ok=True)
+    (project / "conf/own/catalog.yml").write_text(CSV_CATALOG)
+    params = {"data": {"name": "catalog", "train": "digits_train_table", "test": "digits_test_table",
+                       "label_column": "digit"},
+              "model": {"name": "tests.own_models:tabular_mlp", "options": {"width": 8}},
+              "grid": {"sparsities": [0.9]}}
+    env = own_env(project)
+    run_pipeline(project, env=env, params=params)
+    run_pipeline(project, env=env, params=params, only_missing_outputs=True)
+    assert not [r for r in logged if "changed since the data were prepared" in r.getMessage()]
+    edited = pd.read_csv(project / "data/01_raw/digits_train.csv")
+    edited.iloc[0, 0] += 1.0
+    edited.to_csv(project / "data/01_raw/digits_train.csv", index=False)
+    prepared = next(project.glob("data/05_model_input/*/data-*/train.pt"))
+    first = torch.load(prepared, weights_only=True)["images"][0, 0].item()
+    run_pipeline(project, env=env, params=params, only_missing_outputs=True)
+    said = [r.getMessage() for r in logged if "changed since the data were prepared" in r.getMessage()]
+    assert said and "entries 'digits_train_table' and 'digits_test_table'" in said[0]
+    assert torch.load(prepared, weights_only=True)["images"][0, 0].item() == first + 1
