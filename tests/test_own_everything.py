@@ -80,6 +80,17 @@ def test_a_transformer_with_its_attention_in_projection_pruned(project, logged):
     model, mask, manifest = load_ticket(latest(project, "data/07_model_output/default/cts_kl-*/seed0/sp90_00/ticket.safetensors"))
     assert manifest["model_prunable"] == ["Linear", "*.in_proj_weight"] and set(mask) == layers
     assert int(mask["attention.in_proj_weight"].sum()) == cts["layer_kept"]["attention.in_proj_weight"]
+    # the table and MLflow say how many weights are prunable, in how many layers, chosen how
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    table = pd.read_csv(latest(project, "data/08_reporting/default/report-*/compare_results.csv"))
+    assert set(table["prunable"]) == {"Linear, *.in_proj_weight"} and set(table["prunable_layers"]) == {4}
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("cts-pipeline").experiment_id])
+    child = next(r for r in runs if r.data.params.get("method") == "cts_kl")
+    assert child.data.params["prunable"] == "Linear, *.in_proj_weight"
+    assert child.data.metrics["prunable_layers"] == 4 and child.data.metrics["prunable_weights"] == 16 * 8 + 48 * 16 + 16 * 16 + 10 * 16
 
 
 def digits_table(path: Path, rows: slice) -> None:
@@ -150,9 +161,14 @@ def test_torchvision_networks_on_a_folder_of_jpegs(project, name, options, pruna
     from cts_pipeline.core.nets.selection import select_prunable
 
     write_image_folder(project / "data/01_raw/shapes")
+    # Tracking off: drawing every branch's per-layer figure for MLflow, on both runs, was a third
+    # of this test's time; the transformer's test checks what MLflow records of a selection.
+    (project / "conf/own").mkdir(exist_ok=True)
+    (project / "conf/own/mlflow.yml").write_text("enabled: false\n")
     params = {"data": {"name": "image_folder", "root": "data/01_raw/shapes"},
               "model": {"name": f"torchvision:{name}", "options": options, "prunable": prunable},
-              "grid": {"sparsities": [0.9]}, "sanity": {"sparsities": [0.9]}, "training": {"epochs": 2}}
+              "grid": {"sparsities": [0.9]}, "sanity": {"sparsities": [0.9], "methods": ["cts"]},
+              "training": {"epochs": 2}}
     found = run_everything(project, params)
     net = select_prunable(build_model(f"torchvision:{name}", image_shape=(3, 32, 32), num_classes=3, **options), prunable)
     layers = set(prunable_parameters(net))

@@ -90,8 +90,12 @@ def cts_method_name(cts: Mapping) -> str:
 def checkpoint_tag(stage: str, *decided_by: Any) -> str:
     """The tag of one loop's checkpoint: a digest of its stage and of everything that decides its
     result (typed sections or dicts, start weights, masks, the data's fingerprint)."""
-    from .sections import ModelConfig
-
-    parts = [(_model_identity(plain(k)) if isinstance(k, ModelConfig) else plain(k)) if is_section(k) else k
-             for k in decided_by]
+    parts = [_section_identity(k) if is_section(k) else k for k in decided_by]
     return digest(stage, *parts)
+
+
+def _section_identity(section: Any) -> Any:
+    """A typed section's plain values; the ``model`` section's as :func:`_model_identity` makes them
+    (told by its label, ``model.``, as catalog_key tells it by its key)."""
+    values = plain(section)
+    return _model_identity(values) if getattr(section, "label", None) == "model." else values

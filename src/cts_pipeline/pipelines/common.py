@@ -22,6 +22,7 @@ from ..config.identity import checkpoint_tag
 from ..config.sections import ModelConfig, RuntimeConfig
 from ..config.sweep import Branch
 from ..core.artifacts.checkpoints import Checkpoint, PendingRemovals
+from ..core.data import user_folders
 from ..core.data.registry import DatasetInfo, get_dataset_info
 from ..core.data.splits import Split
 from ..core.device.runtime import channels_last_hazard, generator, resolve_device, training_device
@@ -167,6 +168,9 @@ def split_from_payload(payload: Mapping, device: torch.device, workers: int | No
 
         where = payload["streamed"]
         indices = None if where["indices"] is None else where["indices"].tolist()
+        if info.name == user_folders.NAME:  # someone's folder, too large to hold in memory
+            return user_folders.open_streamed(info, where["root"], where["split"], indices=indices,
+                                              digest=where["digest"], workers=workers).to(device)
         return open_streamed(info, where["root"], where["split"], indices=indices, digest=where["digest"],
                              workers=workers, resized_crop=payload.get("resized_crop", "torchvision")).to(device)
     return Split(images=payload["images"], labels=payload["labels"], info=info).to(device)

@@ -405,10 +405,6 @@ def open_streamed(info: DatasetInfo, root: str | Path, split: str, *, indices: l
                   digest: str | None = None, workers: int = 4, resized_crop: str = "torchvision") -> StreamedSplit:
     """A :class:`StreamedSplit` over the folder's samples (or those at ``indices``). With
     ``digest`` (from a prepared split), refuses a folder whose files or labels have changed."""
-    if info.name == "image_folder":  # someone's folder, too large to hold in memory
-        from .user_folders import open_streamed as open_own
-
-        return open_own(info, root, split, indices=indices, digest=digest, workers=workers)
     root = Path(root).expanduser().resolve()
     folder = image_folder(info.name, root, split, "eval")
     samples = folder.samples if indices is None else [folder.samples[i] for i in indices]
