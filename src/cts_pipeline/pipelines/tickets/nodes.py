@@ -367,7 +367,7 @@ def ticket_manifest(metrics: dict, model: ModelConfig, info) -> dict:
         "format": "cts-pipeline/ticket-v1",
         "project_version": __version__,
         "model": model.name, "model_options": dict(model.options),
-        # Which weights are prunable; start weights were a file's (their digest names which one).
+        # Which weights the methods could prune (model.prunable; None: every Conv and Linear weight).
         "model_prunable": None if model.prunable is None else list(model.prunable),
         "dataset": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
         **{k: metrics[k] for k in ("method", "namespace", "seed", "rewind_epoch", "start", "target_sparsity",
