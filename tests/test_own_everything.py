@@ -277,3 +277,38 @@ def test_a_catalog_entry_whose_file_changed_is_prepared_again(project, logged):
     said = [r.getMessage() for r in logged if "changed since the data were prepared" in r.getMessage()]
     assert said and "entries 'digits_train_table' and 'digits_test_table'" in said[0]
     assert torch.load(prepared, weights_only=True)["images"][0, 0].item() == first + 1
+
+
+def test_the_readmes_table_example_passes_every_check_a_run_makes(project, monkeypatch):
+    """The README's ``conf/my_table`` files, as written there, with a ``my_lab.nets:mlp`` of the
+    signature it gives and CSVs of the columns it names: every run-start check passes."""
+    import re
+
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from cts_pipeline.config.validate import validate_run
+
+    from .conftest import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    for name in ("catalog.yml", "parameters.yml"):
+        block = re.search(rf"^```yaml\n# conf/my_table/{name}.*?\n(.*?)^```", readme, flags=re.S | re.M)
+        assert block, f"the README shows conf/my_table/{name}"
+        (project / "conf/my_table").mkdir(exist_ok=True)
+        (project / "conf/my_table" / name).write_text(block[1])
+    (project / "my_lab").mkdir()
+    (project / "my_lab/__init__.py").write_text("")
+    (project / "my_lab/nets.py").write_text(
+        "from torch import nn\n\n\ndef mlp(num_classes, image_shape, width=64):\n"
+        "    return nn.Sequential(nn.Linear(image_shape[0], width), nn.ReLU(), nn.Linear(width, num_classes))\n")
+    monkeypatch.syspath_prepend(str(project))
+    for split in ("train", "test"):
+        rows = "".join(f"{i / 10},{i % 7},{'yes' if i % 3 else 'no'}\n" for i in range(30))
+        (project / f"data/01_raw/patients_{split}.csv").parent.mkdir(parents=True, exist_ok=True)
+        (project / f"data/01_raw/patients_{split}.csv").write_text("age,dose,outcome\n" + rows)
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env="my_table") as session:
+        context = session.load_context()
+        sections = validate_run(context.params, ["__default__"], load=context.catalog.load)
+    assert sections["data"].label_column == "outcome" and sections["model"].options == {"width": 256}
