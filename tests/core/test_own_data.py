@@ -232,3 +232,20 @@ def test_the_contents_digest_sees_one_changed_value():
     changed = frame.assign(x=[1.0, 2.5])
     assert tables.contents_digest(frame, frame) == tables.contents_digest(frame.copy(), frame)
     assert tables.contents_digest(frame, frame) != tables.contents_digest(changed, frame)
+
+
+def test_a_parquet_file_and_a_pickled_dict_of_tensors_load_through_kedro_datasets(tmp_path):
+    """The two other kinds of entry the README names, loaded by Kedro's own datasets as the
+    catalog loads them: ``pandas.ParquetDataset`` and a dict of tensors (``pickle.PickleDataset``)."""
+    from kedro_datasets.pandas import ParquetDataset
+    from kedro_datasets.pickle import PickleDataset
+
+    frame = pd.DataFrame({"a": [0.5, 1.5, 2.5, 3.5], "b": [1, 0, 1, 0], "label": ["x", "y", "x", "y"]})
+    table = ParquetDataset(filepath=str(tmp_path / "t.parquet"))
+    table.save(frame)
+    tensors = PickleDataset(filepath=str(tmp_path / "t.pkl"))
+    tensors.save({"inputs": torch.arange(8.0).reshape(4, 2), "labels": torch.tensor([1, 0, 1, 0])})
+    (x, labels), _, info, classes = tables.load(table.load(), table.load(), "label", ("tr", "te"))
+    assert classes == ["x", "y"] and labels.tolist() == [0, 1, 0, 1] and x[:, 1].tolist() == [1.0, 0.0, 1.0, 0.0]
+    (x, labels), _, info, _ = tables.load(tensors.load(), tensors.load(), "label", ("tr", "te"))
+    assert x.tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]] and labels.tolist() == [1, 0, 1, 0]
