@@ -164,10 +164,14 @@ class ModelConfig(Section):
         return select_prunable(skeleton(self.name, image_shape=tuple(image_shape), num_classes=num_classes,
                                         **self.options), self.prunable)
 
-    def build(self, image_shape, num_classes, generator=None):
+    def build(self, image_shape, num_classes, generator=None, state=None):
+        """The model with its prunable selection, holding ``state`` (a state dict) when given, else
+        ``model.weights``' file when set, else its fresh initialisation from ``generator``."""
         net = build_model(self.name, image_shape=tuple(image_shape), num_classes=num_classes,
                           generator=generator, **self.options)
-        if self.weights is not None:
+        if state is not None:
+            net.load_state_dict(state)
+        elif self.weights is not None:
             load_weights(net, self.weights)
         return select_prunable(net, self.prunable)
 

@@ -28,8 +28,8 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     """Check the whole configuration before any training; return the typed sections.
 
     ``pipelines`` are the pipelines being run (None: the default); the sanity settings matter only
-    when they include the sanity checks. ``load`` reads a catalog entry (``data.name: catalog``). Raises :class:`ConfigError` listing every problem, each
-    naming its parameter.
+    when they include the sanity checks. ``load`` reads a catalog entry (``data.name: catalog``).
+    Raises :class:`ConfigError` listing every problem, each naming its parameter.
     """
     sections = typed_sections(params)
     data, model, grid, runtime = sections["data"], sections["model"], sections["grid"], sections["runtime"]
@@ -48,27 +48,7 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     info = _data_info(data, load, problems)
     if info is None:  # the data cannot be read: said above; the model needs their shape to be checked
         raise ConfigError("invalid configuration:\n- " + "\n- ".join(problems))
-    try:
-        check_model_fits(model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options)
-    except ValueError as exc:
-        problems.append(f"{exc} (data.name = {data.name!r})")
-    else:
-        try:
-            prunable = count_prunable(model.skeleton(info.image_shape, info.num_classes))  # shapes only
-            if model.weights is not None:
-                model.build(info.image_shape, info.num_classes)
-        except ValueError as exc:  # model.prunable picks nothing, model.weights does not fit
-            problems.append(str(exc))
-            prunable = 0
-        else:
-            if not prunable:
-                problems.append(f"model {model.name!r} (model.name) has no weight the methods may prune "
-                                "(the weights of its Conv2d and Linear layers; model.prunable chooses others)")
-        for sparsity in grid.sparsities if prunable else ():  # (no weight to prune: said above)
-            try:
-                kept_count(1.0 - sparsity, prunable)
-            except ValueError as exc:
-                problems.append(f"grid.sparsities: {sparsity}: {exc}")
+    problems += _model_problems(model, info, grid.sparsities, data.name)
     distributed = runtime.distributed
     # Under torchrun the processes are torchrun's (cts_pipeline.torchrun), not runtime.distributed's.
     nproc, named = ((int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE") if under_torchrun()
@@ -108,6 +88,31 @@ def validate_run(params: Mapping[str, Any], pipelines: Sequence[str] | None = No
     if problems:
         raise ConfigError("invalid configuration:\n- " + "\n- ".join(problems))
     return sections
+
+
+def _model_problems(model, info: DatasetInfo, sparsities: Sequence[float], data_name: str) -> list[str]:
+    """The model against its data: it builds for their shape, its selection picks something, its
+    start weights fit, and every sparsity keeps at least one of its prunable weights."""
+    try:
+        check_model_fits(model.name, image_shape=info.image_shape, num_classes=info.num_classes, **model.options)
+    except ValueError as exc:
+        return [f"{exc} (data.name = {data_name!r})"]
+    try:
+        prunable = count_prunable(model.skeleton(info.image_shape, info.num_classes))  # shapes only
+        if model.weights is not None:
+            model.build(info.image_shape, info.num_classes)
+    except ValueError as exc:  # model.prunable picks nothing, model.weights does not fit
+        return [str(exc)]
+    if not prunable:
+        return [f"model {model.name!r} (model.name) has no weight the methods may prune "
+                "(the weights of its Conv2d and Linear layers; model.prunable chooses others)"]
+    problems = []
+    for sparsity in sparsities:
+        try:
+            kept_count(1.0 - sparsity, prunable)
+        except ValueError as exc:
+            problems.append(f"grid.sparsities: {sparsity}: {exc}")
+    return problems
 
 
 def _data_info(data, load: Callable[[str], Any] | None, problems: list[str]) -> DatasetInfo | None:

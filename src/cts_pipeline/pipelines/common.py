@@ -182,10 +182,7 @@ def build_network(
 ) -> nn.Module:
     """The configured model for ``split``'s dataset on ``device``: fresh from ``seed``, or loaded from ``state``."""
     init = generator("cpu", seed, "model-init") if seed is not None else None
-    net = model.build(split.info.image_shape, split.info.num_classes, generator=init)
-    if state is not None:
-        net.load_state_dict(state)
-    return net.to(device)
+    return model.build(split.info.image_shape, split.info.num_classes, generator=init, state=state).to(device)
 
 
 def may_train_stacked(net: nn.Module, training: TrainRecipe, runtime: RuntimeConfig, device: torch.device,

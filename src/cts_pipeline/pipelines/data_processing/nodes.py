@@ -75,7 +75,7 @@ def _own_payloads(data: DataConfig, train: Split, test: Split, found: dict) -> t
     """Payloads of data the project has never seen: the split, and what was found of it (its
     :class:`~cts_pipeline.core.data.registry.DatasetInfo`, classes, digest)."""
     train, test = _subsets(data, train, test, evenly=True)
-    described = {"info": {**dataclasses.asdict(train.info)}, **found}
+    described = {"info": dataclasses.asdict(train.info), **found}
     return {**split_to_payload(train), **described}, {**split_to_payload(test), **described}
 
 
@@ -103,5 +103,5 @@ def current_raw_digest(data: DataConfig, load: Callable[[str], Any]) -> str | No
     if data.name == tables.NAME:
         return tables.contents_digest(load(data.train), load(data.test))
     if data.name == user_folders.NAME:
-        return user_folders.folder_digest(user_folders.scan(data.root, data.image_size).root)
+        return user_folders.folder_digest(data.root)
     return raw_files_digest(data.name, data.root)
